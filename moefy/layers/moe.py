@@ -1,0 +1,222 @@
+"""``moefy.MoE``: a routed mixture of FFN experts plus an always-on part.
+
+    x (..., H) → router → top-k (weights, indices) → experts (sparse dispatch) → combine
+               └──────────────────────────── shared (always on) ─────────────────┘ → + → y
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from moefy.activations import get_activation
+from moefy.runtime import ops as _ops  # noqa: F401  (registers torch.ops.moefy.*)
+from moefy.runtime.dispatch import PackedExperts, packed_path_applies, weights_key
+from moefy.runtime.experts import ExpertWeights, expert_forward
+
+COMBINES = ("softmax", "sum")
+ROUTERS = ("softmax",)
+
+
+def _uniform_(t: torch.Tensor, fan_in: int) -> torch.Tensor:
+    # nn.Linear's default initialisation, per expert.
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    return nn.init.uniform_(t, -bound, bound)
+
+
+class DenseFFN(nn.Module):
+    """A plain FFN ``W_out · act(W_in x + b_in) + b_out`` (gated: ``act(W_g x) * (W_in x)``)."""
+
+    def __init__(self, hidden_size: int, ffn_size: int, *, activation: str = "gelu",
+                 gated: bool = False, bias: bool = True):
+        super().__init__()
+        self.activation = get_activation(activation).name
+        self.fc_in = nn.Linear(hidden_size, ffn_size, bias=bias)
+        self.fc_gate = nn.Linear(hidden_size, ffn_size, bias=bias) if gated else None
+        self.fc_out = nn.Linear(ffn_size, hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = get_activation(self.activation).fn
+        h = self.fc_in(x)
+        h = act(h) if self.fc_gate is None else act(self.fc_gate(x)) * h
+        return self.fc_out(h)
+
+
+class SharedExperts(nn.Module):
+    """The always-on part of an MoE: shared experts (one dense FFN) and an output bias.
+
+    Either may be absent; with neither, ``forward`` returns zeros.
+    """
+
+    def __init__(self, hidden_size: int, ffn_size: int = 0, *, activation: str = "gelu",
+                 gated: bool = False, bias: bool = True):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.ffn = (
+            DenseFFN(hidden_size, ffn_size, activation=activation, gated=gated, bias=bias)
+            if ffn_size > 0 else None
+        )
+        self.bias: nn.Parameter | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        return self.ffn is None and self.bias is None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ffn is None:
+            y = x.new_zeros(x.shape[:-1] + (self.hidden_size,))
+        else:
+            y = self.ffn(x)
+        return y if self.bias is None else y + self.bias
+
+
+class _ExpertView(nn.Module):
+    """Routed expert ``index`` of an MoE as a standalone dense FFN sharing its weights."""
+
+    def __init__(self, moe: MoE, index: int):
+        super().__init__()
+        object.__setattr__(self, "_moe", moe)  # not a submodule: no cycle, no double parameters
+        self.index = index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return expert_forward(x, self._moe.expert_weights(), self.index)
+
+    def extra_repr(self) -> str:
+        return f"expert={self.index}"
+
+
+class MoE(nn.Module):
+    """A sparse Mixture-of-Experts FFN layer.
+
+    Experts are stored stacked in ONNX Runtime's layout: ``w_in`` (E, I, H), ``w_gate``
+    (E, I, H) when gated, ``w_out`` (E, H, I), biases (E, I) and (E, H).
+
+    Args:
+        hidden_size: H, the model width.
+        expert_size: I, each routed expert's hidden width.
+        num_experts: E, routed experts.
+        top_k: experts per token.
+        activation: relu | gelu | gelu_tanh | silu | squared_relu | quick_gelu.
+        gated: experts compute ``act(gate(x)) * in(x)`` (SwiGLU / GeGLU).
+        bias: experts carry biases.
+        shared_expert_size: width of the always-on shared FFN (0: none).
+        combine: "softmax" weights the k experts by a softmax over their logits (Mixtral);
+            "sum" adds them unweighted (function-preserving neuron splits).
+        router: "softmax" (a linear router with top-k).
+
+    Contract: ``moe(x)[t] == sum_j w[t, j] * moe.expert(i[t, j])(x[t]) + moe.shared(x[t])``
+    with ``w, i = moe.route(x)``.
+
+    >>> moe = MoE(16, 32, num_experts=4, top_k=2)
+    >>> moe(torch.randn(3, 5, 16)).shape
+    torch.Size([3, 5, 16])
+    """
+
+    def __init__(self, hidden_size: int, expert_size: int, num_experts: int, top_k: int, *,
+                 activation: str = "gelu", gated: bool = False, bias: bool = True,
+                 shared_expert_size: int = 0, combine: str = "softmax",
+                 router: str = "softmax"):
+        super().__init__()
+        for name, value in (("hidden_size", hidden_size), ("expert_size", expert_size),
+                            ("num_experts", num_experts), ("top_k", top_k)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"MoE: {name} must be a positive int, got {value!r}")
+        if top_k > num_experts:
+            raise ValueError(f"MoE: top_k ({top_k}) cannot exceed num_experts ({num_experts})")
+        if not isinstance(shared_expert_size, int) or shared_expert_size < 0:
+            raise ValueError(
+                f"MoE: shared_expert_size must be an int >= 0, got {shared_expert_size!r}")
+        if combine not in COMBINES:
+            raise ValueError(f"MoE: combine must be one of {COMBINES}, got {combine!r}")
+        if router not in ROUTERS:
+            raise ValueError(f"MoE: router must be one of {ROUTERS}, got {router!r}")
+        self.activation = get_activation(activation).name
+        self.hidden_size, self.expert_size = hidden_size, expert_size
+        self.num_experts, self.top_k = num_experts, top_k
+        self.gated, self.combine, self.router_type = gated, combine, router
+        # Keep a oneDNN-prepacked copy of the experts for CPU float32 inference.
+        self.prepack = True
+        # Set by split conversions: the dense FFN's neuron indices of each routed expert.
+        self.expert_neurons: list[list[int]] | None = None
+        self.shared_neurons: list[int] | None = None
+
+        E, I, H = num_experts, expert_size, hidden_size
+        self.router = nn.Linear(H, E, bias=False)
+        self.w_in = nn.Parameter(_uniform_(torch.empty(E, I, H), H))
+        self.w_gate = nn.Parameter(_uniform_(torch.empty(E, I, H), H)) if gated else None
+        self.w_out = nn.Parameter(_uniform_(torch.empty(E, H, I), I))
+        self.b_in = nn.Parameter(_uniform_(torch.empty(E, I), H)) if bias else None
+        self.b_gate = nn.Parameter(_uniform_(torch.empty(E, I), H)) if bias and gated else None
+        self.b_out = nn.Parameter(_uniform_(torch.empty(E, H), I)) if bias else None
+        self.shared = SharedExperts(H, shared_expert_size, activation=activation, gated=gated,
+                                    bias=bias)
+        self._packed: PackedExperts | None = None
+
+    # ------------------------------------------------------------------ public
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routing decision for the flattened tokens of ``x`` (..., H): (weights, indices),
+        each (tokens, top_k)."""
+        x = self._flatten(x)
+        logits = self.router(x)  # (T, E)
+        top, indices = torch.topk(logits, self.top_k, dim=-1)  # (T, k)
+        if self.combine == "softmax":
+            weights = torch.softmax(top.float(), dim=-1).to(x.dtype)
+        else:
+            weights = torch.ones_like(top)
+        return weights, indices
+
+    def expert(self, e: int) -> nn.Module:
+        """Routed expert ``e`` as a standalone dense FFN that shares this layer's weights."""
+        if not 0 <= e < self.num_experts:
+            raise IndexError(f"expert index {e} out of range for {self.num_experts} experts")
+        return _ExpertView(self, e)
+
+    def expert_weights(self) -> ExpertWeights:
+        return ExpertWeights(self.w_in, self.w_out, self.w_gate, self.b_in, self.b_gate,
+                             self.b_out, self.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = self._flatten(x)
+        weights, indices = self.route(x2)
+        y = self._routed(x2, weights, indices)
+        if not self.shared.is_empty:
+            y = y + self.shared(x2)
+        return y.reshape(*lead, self.hidden_size)
+
+    # ------------------------------------------------------------------ internals
+    def _flatten(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0 or x.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"MoE expects input of shape (..., {self.hidden_size}), got {tuple(x.shape)}")
+        return x.reshape(-1, self.hidden_size)
+
+    def _routed(self, x: torch.Tensor, weights: torch.Tensor,
+                indices: torch.Tensor) -> torch.Tensor:
+        ew = self.expert_weights()
+        if self.prepack and packed_path_applies(x) and not self._needs_grad(x, weights):
+            key = weights_key(ew)
+            if self._packed is None or self._packed.key != key:
+                self._packed = PackedExperts(ew)
+            return self._packed(x, weights, indices)
+        return torch.ops.moefy.expert_ffn(x, weights, indices, *ew[:6], ew.activation)
+
+    def _needs_grad(self, x: torch.Tensor, weights: torch.Tensor) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        return x.requires_grad or weights.requires_grad or any(
+            p.requires_grad for p in self.expert_weights()[:6] if p is not None)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_packed"] = None  # oneDNN-layout tensors do not pickle or deepcopy
+        return state
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.hidden_size}, expert_size={self.expert_size}, "
+                f"num_experts={self.num_experts}, top_k={self.top_k}, "
+                f"activation={self.activation!r}, gated={self.gated}, "
+                f"combine={self.combine!r}")
+

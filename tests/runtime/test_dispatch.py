@@ -1,0 +1,155 @@
+"""Every dispatch implementation equals the naive per-token oracle."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moefy.runtime.dispatch import (
+    PackedExperts,
+    _padded_rows,
+    grouped_ffn,
+    plan_dispatch,
+    small_batch_ffn,
+)
+from moefy.runtime.reference import reference_ffn
+from tests.runtime.helpers import make_experts, make_routing
+
+TOKENS = (0, 1, 7, 2048)
+EXPERTS = (1, 4, 64)
+TOP_K = ("1", "2", "E")
+GATED = (False, True)
+
+
+def packed_dispatch(x, w, i, ew):
+    packed = PackedExperts(ew)
+    packed.small_batch_slots = 0  # exercise the sorted path even for tiny batches
+    return packed(x, w, i)
+
+
+def packed_default(x, w, i, ew):
+    return PackedExperts(ew)(x, w, i)
+
+
+def custom_op(x, w, i, ew):
+    return torch.ops.moefy.expert_ffn(x, w, i, *ew[:6], ew.activation)
+
+
+IMPLS = {
+    "grouped_ffn": grouped_ffn,
+    "packed": packed_dispatch,
+    "packed_default": packed_default,
+    "small_batch": small_batch_ffn,
+    "custom_op": custom_op,
+}
+
+
+def assert_all_match(x, w, i, ew, rtol=1e-4, atol=1e-5):
+    ref = reference_ffn(x, w, i, ew)
+    for name, impl in IMPLS.items():
+        got = impl(x, w, i, ew)
+        assert got.shape == x.shape, name
+        torch.testing.assert_close(got, ref, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("gated", GATED)
+@pytest.mark.parametrize("k", TOP_K)
+@pytest.mark.parametrize("E", EXPERTS)
+@pytest.mark.parametrize("T", TOKENS)
+def test_dispatch_matches_oracle(T, E, k, gated):
+    k = E if k == "E" else min(int(k), E)
+    H, I = 32, 24
+    ew = make_experts(E, H, I, gated=gated)
+    x = torch.randn(T, H)
+    w, i = make_routing(T, E, k)
+    assert_all_match(x, w, i, ew)
+
+
+@pytest.mark.parametrize("activation",
+                         ("relu", "gelu", "gelu_tanh", "silu", "squared_relu", "quick_gelu"))
+@pytest.mark.parametrize("gated", GATED)
+def test_every_activation(activation, gated):
+    ew = make_experts(8, 48, 40, gated=gated, activation=activation)
+    x = torch.randn(300, 48)
+    w, i = make_routing(300, 8, 2)
+    assert_all_match(x, w, i, ew)
+
+
+@pytest.mark.parametrize("bias", (False, True))
+def test_all_tokens_on_one_expert_and_empty_experts(bias):
+    E, T = 16, 500
+    ew = make_experts(E, 64, 32, bias=bias)
+    x = torch.randn(T, 64)
+    i = torch.full((T, 1), 5)
+    w = torch.rand(T, 1)
+    assert_all_match(x, w, i, ew)
+    # two experts used, fourteen empty
+    i2 = torch.stack([torch.full((T,), 3), torch.full((T,), 11)], dim=1)
+    assert_all_match(x, torch.rand(T, 2), i2, ew)
+
+
+def test_duplicate_experts_in_a_row_add_up():
+    ew = make_experts(4, 16, 8)
+    x = torch.randn(50, 16)
+    i = torch.randint(0, 4, (50, 3))  # repeats allowed
+    assert_all_match(x, torch.rand(50, 3), i, ew)
+
+
+def test_large_shapes_use_bucketed_rows():
+    # Row counts not multiple of 16 exercise the padded layout at realistic widths.
+    ew = make_experts(8, 256, 96, gated=True, bias=False, activation="silu")
+    x = torch.randn(1000, 256)
+    w, i = make_routing(1000, 8, 2)
+    assert_all_match(x, w, i, ew, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("gated", GATED)
+@pytest.mark.parametrize("T", (1, 7, 300))
+def test_bfloat16_within_dtype_tolerance(T, gated):
+    ew = make_experts(8, 64, 32, gated=gated, dtype=torch.bfloat16)
+    x = torch.randn(T, 64).bfloat16()
+    w, i = make_routing(T, 8, 2, dtype=torch.bfloat16)
+    ref = reference_ffn(x, w, i, ew)
+    for impl in (grouped_ffn, small_batch_ffn, custom_op):
+        torch.testing.assert_close(impl(x, w, i, ew), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_plan_sorts_pairs_by_expert_stably():
+    i = torch.tensor([[2, 0], [0, 1], [2, 1]])
+    plan = plan_dispatch(i, 4)
+    assert plan.experts.tolist() == [0, 0, 1, 1, 2, 2]
+    assert plan.slots.tolist() == [1, 2, 3, 5, 0, 4]
+    assert plan.tokens.tolist() == [0, 1, 1, 2, 0, 2]
+    assert plan.counts.tolist() == [2, 2, 2, 0]
+
+
+@pytest.mark.parametrize("count", range(0, 5000, 37))
+def test_padded_rows_bounds(count):
+    rows = _padded_rows(count)
+    assert rows >= count and rows - count < max(16, count // 16 + 1)
+
+
+def test_packed_weights_are_a_snapshot():
+    ew = make_experts(4, 16, 8)
+    packed = PackedExperts(ew)
+    key = packed.key
+    with torch.no_grad():
+        ew.w_in.add_(1.0)
+    from moefy.runtime.dispatch import weights_key
+    assert weights_key(ew) != key, "an in-place update must change the key"
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    T=st.integers(0, 40), E=st.integers(1, 9), k=st.integers(1, 9), H=st.integers(1, 24),
+    I=st.integers(1, 24), gated=st.booleans(), bias=st.booleans(),
+    activation=st.sampled_from(("relu", "gelu", "silu", "squared_relu")),
+    seed=st.integers(0, 2**16),
+)
+def test_property_random_shapes(T, E, k, H, I, gated, bias, activation, seed):
+    torch.manual_seed(seed)
+    ew = make_experts(E, H, I, gated=gated, bias=bias, activation=activation)
+    x = torch.randn(T, H)
+    i = torch.randint(0, E, (T, k))
+    w = torch.rand(T, k)
+    assert_all_match(x, w, i, ew)
