@@ -9,8 +9,8 @@ Three implementations share that shape:
 - ``grouped_ffn``: plain PyTorch ops, differentiable, any device and dtype (the CUDA path
   uses ``torch.nn.functional.grouped_mm`` where it applies);
 - ``PackedExperts``: CPU float32 inference with expert weights prepacked for oneDNN, fused
-  activations, row counts bucketed so oneDNN's primitive cache hits, and a reused workspace;
-- ``small_batch_ffn``: decode-sized batches, where per-op overhead dominates.
+  activations, row counts bucketed so oneDNN's primitive cache hits, a reused workspace, and
+  for decode-sized batches a sort-free loop over the touched experts.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from moefy.activations import get_activation
 from moefy.runtime.experts import ExpertWeights, expert_forward, expert_hidden
 
-# At or below this many (token, slot) pairs the sort-and-gather machinery costs more than
-# it saves; a Python loop over the selected experts with plain GEMVs is faster (measured in
-# benchmarks/bench_layer.py, decode rows).
-SMALL_BATCH_SLOTS = 16
+# Up to this many tokens a GEMM costs about as much as reading its weights, whatever its row
+# count, so the CPU path runs every touched expert on all tokens (zero weight where it was not
+# chosen) and skips the sort, gather and scatter (benchmarks/bench_layer.py, decode rows).
+SMALL_BATCH_TOKENS = 16
 
 
 class DispatchPlan(NamedTuple):
@@ -154,41 +154,17 @@ def _grouped_mm_ffn(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tenso
     return y.index_add_(0, plan.tokens, out).to(x.dtype)
 
 
-# --------------------------------------------------------------------------- small batches
-
-
-def small_batch_ffn(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
-                    ew: ExpertWeights) -> torch.Tensor:
-    """Few tokens: group pairs by expert in Python and run plain GEMVs, no sort."""
-    y = x.new_zeros(x.shape)
-    groups: dict[int, list[int]] = {}
-    for pair, e in enumerate(indices.reshape(-1).tolist()):
-        groups.setdefault(e, []).append(pair)
-    k = indices.shape[1]
-    flat_w = weights.reshape(-1).to(x.dtype)
-    for e, pairs in groups.items():
-        if len(pairs) == 1 and x.shape[0] == 1:  # decode: skip the index bookkeeping
-            w = flat_w[pairs[0]]
-            y.add_(expert_forward(x, ew, e) * w)
-            continue
-        sel = torch.tensor(pairs, dtype=torch.long)
-        tok = torch.div(sel, k, rounding_mode="floor")
-        out = expert_forward(x.index_select(0, tok), ew, e)
-        y.index_add_(0, tok, out * flat_w.index_select(0, sel)[:, None])
-    return y
-
-
 # --------------------------------------------------------------------------- CPU fast path
 
 
 def _padded_rows(count: int) -> int:
     """Round a row count up so few distinct GEMM shapes occur (oneDNN JITs one per shape).
 
-    Granularity 16 rows, or 1/16 of the count's power of two when larger: at most ~6% padding
-    and about 16 shapes per doubling of the count.
+    Below 16 rows: exact. Then granularity 16 rows, or 1/16 of the count's power of two when
+    larger: at most ~6% padding and about 16 shapes per doubling of the count.
     """
-    if count == 0:
-        return 0
+    if count < 16:
+        return count  # at most 15 shapes; padding would multiply a decode batch's work
     step = max(16, (1 << (count.bit_length() - 1)) >> 4)
     return (count + step - 1) // step * step
 
@@ -203,12 +179,13 @@ def weights_key(ew: ExpertWeights) -> tuple:
 
 def packed_path_applies(x: torch.Tensor) -> bool:
     """True when ``PackedExperts`` can run ``x``: eager CPU float32 with oneDNN present."""
+    if torch.compiler.is_compiling():
+        return False
     return (
         type(x) is torch.Tensor  # not a FakeTensor, proxy or other subclass (tracing)
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and torch.backends.mkldnn.is_available()
-        and not torch.compiler.is_compiling()
     )
 
 
@@ -236,7 +213,7 @@ class PackedExperts:
         self._act = act
         self._post = act.onednn or ("none", "")
         self._xs = torch.empty(0)
-        self.small_batch_slots = SMALL_BATCH_SLOTS
+        self.small_batch_tokens = SMALL_BATCH_TOKENS
 
     def _workspace(self, rows: int, cols: int) -> torch.Tensor:
         # Grow-only: a fresh multi-MB buffer per call costs page faults on every forward.
@@ -257,14 +234,29 @@ class PackedExperts:
             g = self._act.fn(g)
         return linear.binary(xe, g, self._in[e], b_in, "mul")  # (xe W_in^T + b_in) * g
 
+    def _all_tokens(self, x: torch.Tensor, weights: torch.Tensor,
+                    indices: torch.Tensor) -> torch.Tensor:
+        """Decode batches: each touched expert on every token, weighted 0 where not chosen."""
+        T, E = x.shape[0], self.ew.num_experts
+        combine = x.new_zeros(T, E).scatter_add_(1, indices.long(), weights.to(x.dtype))
+        if self.ew.b_out is None:
+            y = x.new_zeros(T, self.ew.hidden_size)
+        else:
+            y = combine @ self.ew.b_out  # sum_j w_j b_out[e_j]
+        linear = torch.ops.mkldnn._linear_pointwise
+        for e in sorted(set(indices.reshape(-1).tolist())):
+            h = self._hidden(x, e).mul_(combine[:, e : e + 1])  # (T, I)
+            y = linear.binary(h, y, self._out[e], None, "add")  # h W_out^T + y
+        return y
+
     def __call__(self, x: torch.Tensor, weights: torch.Tensor,
                  indices: torch.Tensor) -> torch.Tensor:
         T, k = indices.shape
         if T == 0:
             return x.new_zeros(x.shape)
-        if T * k <= self.small_batch_slots:
-            return small_batch_ffn(x, weights, indices, self.ew)
         x = x.contiguous()
+        if T <= self.small_batch_tokens:
+            return self._all_tokens(x, weights, indices)
         E, H = self.ew.num_experts, self.ew.hidden_size
         plan = plan_dispatch(indices, E)
         counts = plan.counts.tolist()

@@ -10,7 +10,6 @@ from moefy.runtime.dispatch import (
     _padded_rows,
     grouped_ffn,
     plan_dispatch,
-    small_batch_ffn,
 )
 from moefy.runtime.reference import reference_ffn
 from tests.runtime.helpers import make_experts, make_routing
@@ -23,12 +22,18 @@ GATED = (False, True)
 
 def packed_dispatch(x, w, i, ew):
     packed = PackedExperts(ew)
-    packed.small_batch_slots = 0  # exercise the sorted path even for tiny batches
+    packed.small_batch_tokens = 0  # exercise the sorted path even for tiny batches
     return packed(x, w, i)
 
 
 def packed_default(x, w, i, ew):
     return PackedExperts(ew)(x, w, i)
+
+
+def packed_all_tokens(x, w, i, ew):
+    packed = PackedExperts(ew)
+    packed.small_batch_tokens = 1 << 30  # exercise the decode path at every size
+    return packed(x, w, i)
 
 
 def custom_op(x, w, i, ew):
@@ -39,7 +44,7 @@ IMPLS = {
     "grouped_ffn": grouped_ffn,
     "packed": packed_dispatch,
     "packed_default": packed_default,
-    "small_batch": small_batch_ffn,
+    "packed_all_tokens": packed_all_tokens,
     "custom_op": custom_op,
 }
 
@@ -110,7 +115,7 @@ def test_bfloat16_within_dtype_tolerance(T, gated):
     x = torch.randn(T, 64).bfloat16()
     w, i = make_routing(T, 8, 2, dtype=torch.bfloat16)
     ref = reference_ffn(x, w, i, ew)
-    for impl in (grouped_ffn, small_batch_ffn, custom_op):
+    for impl in (grouped_ffn, custom_op):
         torch.testing.assert_close(impl(x, w, i, ew), ref, rtol=2e-2, atol=2e-2)
 
 
