@@ -245,7 +245,8 @@ def main() -> None:
                 unit = f"{t * 1e6:8.0f}µs" if t < 1e-2 else f"{t * 1e3:8.2f}ms"
                 print(f"{name:<11} {impl:<26} {unit:>10} {gf} {eff} "
                       f"{t / med['torch dense FFN (same width)']:9.2f} {diff:16.2e}")
-            peers = [v for n, v in med.items() if n not in ("moefy", "torch dense FFN (same width)")]
+            dense_name = "torch dense FFN (same width)"
+            peers = [v for n, v in med.items() if n not in ("moefy", dense_name)]
             summary.append((name, flops / med["moefy"] / 1e9 / roof_best,
                             med["moefy"] / med["torch dense FFN (same width)"],
                             min(peers) / med["moefy"]))

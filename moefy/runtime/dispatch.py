@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from moefy.activations import get_activation
-from moefy.runtime.experts import ExpertWeights, expert_forward, expert_hidden
+from moefy.runtime.experts import ExpertWeights, expert_forward
 
 # Up to this many tokens a GEMM costs about as much as reading its weights, whatever its row
 # count, so the CPU path runs every touched expert on all tokens (zero weight where it was not

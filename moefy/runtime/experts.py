@@ -61,8 +61,10 @@ def check_routing(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
     if x.dim() != 2 or x.shape[1] != ew.hidden_size:
         raise ValueError(f"expected x of shape (tokens, {ew.hidden_size}), got {tuple(x.shape)}")
     if indices.dim() != 2 or indices.shape[0] != x.shape[0]:
-        raise ValueError(f"expected indices of shape ({x.shape[0]}, top_k), got {tuple(indices.shape)}")
+        raise ValueError(
+            f"expected indices of shape ({x.shape[0]}, top_k), got {tuple(indices.shape)}")
     if weights.shape != indices.shape:
-        raise ValueError(f"weights {tuple(weights.shape)} and indices {tuple(indices.shape)} differ")
+        raise ValueError(
+            f"weights {tuple(weights.shape)} and indices {tuple(indices.shape)} differ")
     if indices.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"indices must be int32 or int64, got {indices.dtype}")

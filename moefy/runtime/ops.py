@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from moefy.runtime.dispatch import grouped_ffn, grouped_ffn_backward
-from moefy.runtime.experts import ExpertWeights
+from moefy.runtime.experts import ExpertWeights, check_routing
 
 Tensor = torch.Tensor
 
@@ -25,6 +25,7 @@ def expert_ffn(
     activation: str,
 ) -> Tensor:
     ew = ExpertWeights(w_in, w_out, w_gate, b_in, b_gate, b_out, activation)
+    check_routing(x, weights, indices, ew)
     return grouped_ffn(x, weights, indices, ew)
 
 
@@ -65,7 +66,7 @@ def _backward(ctx, grad):
     rest = iter(saved[3:])
     w = [next(rest) if p else None for p in ctx.present]
     grads = expert_ffn_backward(grad.contiguous(), x, weights, indices, *w, ctx.activation)
-    g = [None if t is None else gr for t, gr in zip([x, weights, *w], grads)]
+    g = [None if t is None else gr for t, gr in zip([x, weights, *w], grads, strict=True)]
     # order of expert_ffn's inputs: x, weights, indices, w_in, w_out, w_gate, b_in, b_gate, b_out
     return g[0], g[1], None, *g[2:], None
 

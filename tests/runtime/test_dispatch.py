@@ -54,7 +54,8 @@ def assert_all_match(x, w, i, ew, rtol=1e-4, atol=1e-5):
     for name, impl in IMPLS.items():
         got = impl(x, w, i, ew)
         assert got.shape == x.shape, name
-        torch.testing.assert_close(got, ref, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got, ref, rtol=rtol, atol=atol,
+                                   msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("gated", GATED)

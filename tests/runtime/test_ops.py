@@ -63,3 +63,20 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.moefy.expert_ffn.default,
                           (x, w, i, *ew[:6], "silu"),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+BAD_CALLS = (
+    ("x", lambda x, w, i: (x[:, :7], w, i), "tokens, 8"),
+    ("indices rows", lambda x, w, i: (x, w, i[:3]), "indices of shape"),
+    ("weights shape", lambda x, w, i: (x, w[:, :1], i), "differ"),
+    ("indices dtype", lambda x, w, i: (x, w, i.float()), "int32 or int64"),
+)
+
+
+@pytest.mark.parametrize("name,mutate,message", BAD_CALLS)
+def test_bad_inputs_raise_readable_errors(name, mutate, message):
+    ew = make_experts(4, 8, 6)
+    x = torch.randn(5, 8)
+    w, i = make_routing(5, 4, 2)
+    with pytest.raises((ValueError, TypeError), match=message):
+        op(*mutate(x, w, i), ew)
