@@ -21,12 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from moefy.activations import get_activation
+from moefy.runtime._kernels import decode_kernels_available
 from moefy.runtime.experts import ExpertWeights, expert_forward
 
 # Up to this many tokens a GEMM costs about as much as reading its weights, whatever its row
 # count, so the CPU path runs every touched expert on all tokens (zero weight where it was not
 # chosen) and skips the sort, gather and scatter (benchmarks/bench_layer.py, decode rows).
 SMALL_BATCH_TOKENS = 16
+KERNEL_MAX_TOKENS = 64  # kMaxTokens in csrc/decode.cpp
 
 
 class DispatchPlan(NamedTuple):
@@ -199,7 +201,8 @@ class PackedExperts:
 
     def __init__(self, ew: ExpertWeights):
         reorder = torch.ops.mkldnn._reorder_linear_weight
-        detached = ExpertWeights(*(t.detach() if isinstance(t, torch.Tensor) else t for t in ew))
+        detached = ExpertWeights(
+            *(t.detach().contiguous() if isinstance(t, torch.Tensor) else t for t in ew))
         self.ew = detached
         self.key = weights_key(ew)
         E = ew.num_experts
@@ -238,15 +241,19 @@ class PackedExperts:
                     indices: torch.Tensor) -> torch.Tensor:
         """Decode batches: each touched expert on every token, weighted 0 where not chosen."""
         T, E = x.shape[0], self.ew.num_experts
+        if T <= KERNEL_MAX_TOKENS and decode_kernels_available():
+            ew = self.ew
+            return torch.ops.moefy_cpu.decode_ffn(
+                x, weights.to(x.dtype).contiguous(), indices.long().contiguous(), ew.w_in,
+                ew.w_gate, ew.b_in, ew.b_gate, ew.w_out, ew.b_out, ew.activation)
         combine = x.new_zeros(T, E).scatter_add_(1, indices.long(), weights.to(x.dtype))
-        if self.ew.b_out is None:
-            y = x.new_zeros(T, self.ew.hidden_size)
-        else:
-            y = combine @ self.ew.b_out  # sum_j w_j b_out[e_j]
+        y = x.new_zeros(T, self.ew.hidden_size)
         linear = torch.ops.mkldnn._linear_pointwise
         for e in sorted(set(indices.reshape(-1).tolist())):
             h = self._hidden(x, e).mul_(combine[:, e : e + 1])  # (T, I)
             y = linear.binary(h, y, self._out[e], None, "add")  # h W_out^T + y
+        if self.ew.b_out is not None:
+            y.addmm_(combine, self.ew.b_out)  # sum_j w_j b_out[e_j]
         return y
 
     def __call__(self, x: torch.Tensor, weights: torch.Tensor,

@@ -1,5 +1,7 @@
 """Every dispatch implementation equals the naive per-token oracle."""
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -36,6 +38,13 @@ def packed_all_tokens(x, w, i, ew):
     return packed(x, w, i)
 
 
+def packed_all_tokens_without_kernels(x, w, i, ew):
+    packed = PackedExperts(ew)
+    packed.small_batch_tokens = 1 << 30
+    with mock.patch("moefy.runtime.dispatch.decode_kernels_available", return_value=False):
+        return packed(x, w, i)
+
+
 def custom_op(x, w, i, ew):
     return torch.ops.moefy.expert_ffn(x, w, i, *ew[:6], ew.activation)
 
@@ -45,6 +54,7 @@ IMPLS = {
     "packed": packed_dispatch,
     "packed_default": packed_default,
     "packed_all_tokens": packed_all_tokens,
+    "packed_all_tokens_without_kernels": packed_all_tokens_without_kernels,
     "custom_op": custom_op,
 }
 
@@ -159,3 +169,37 @@ def test_property_random_shapes(T, E, k, H, I, gated, bias, activation, seed):
     i = torch.randint(0, E, (T, k))
     w = torch.rand(T, k)
     assert_all_match(x, w, i, ew)
+
+
+def test_decode_kernels_build_here():
+    # CI has a compiler: the fast decode path must really be in use, not the fallback.
+    from moefy.runtime._kernels import decode_kernels_available
+    assert decode_kernels_available()
+
+
+@pytest.mark.parametrize("gated", GATED)
+@pytest.mark.parametrize("T", (1, 5, 16, 64))
+def test_decode_kernel_odd_sizes(T, gated):
+    # Odd widths exercise the vector loops' remainders; repeated experts per token add up.
+    from moefy.runtime._kernels import decode_kernels_available
+    assert decode_kernels_available()
+    ew = make_experts(6, 53, 37, gated=gated)
+    x = torch.randn(T, 53)
+    i = torch.randint(0, 6, (T, 3))
+    w = torch.rand(T, 3)
+    got = torch.ops.moefy_cpu.decode_ffn(x, w, i, ew.w_in, ew.w_gate, ew.b_in, ew.b_gate,
+                                         ew.w_out, ew.b_out, ew.activation)
+    torch.testing.assert_close(got, reference_ffn(x, w, i, ew), rtol=1e-4, atol=1e-5)
+
+
+def test_decode_kernel_rejects_bad_input():
+    ew = make_experts(4, 8, 6)
+    x = torch.randn(3, 8)
+    w, i = make_routing(3, 4, 2)
+    args = (ew.w_in, ew.w_gate, ew.b_in, ew.b_gate, ew.w_out, ew.b_out)
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.moefy_cpu.decode_ffn(x, w, i + 4, *args, "gelu")
+    with pytest.raises(RuntimeError, match="at most 64 tokens"):
+        torch.ops.moefy_cpu.decode_ffn(torch.randn(65, 8), *make_routing(65, 4, 2), *args, "gelu")
+    with pytest.raises(RuntimeError, match="unknown activation"):
+        torch.ops.moefy_cpu.decode_ffn(x, w, i, *args, "tanh")

@@ -1,0 +1,226 @@
+// The routed experts for decode-sized batches (a few tokens, float32, CPU), as one call.
+//
+// At a handful of tokens an expert FFN costs what reading its weights costs. This kernel reads
+// each touched expert's weights straight from the stacked tensors, once for all tokens — no
+// copy of the weights into a batch (which would double the memory traffic) and no operator
+// call per expert. Every touched expert runs on every token; a token that did not choose it
+// gets weight 0.
+//
+//   decode_ffn(x (T, H), weights (T, k), indices (T, k),
+//              w_in (E, I, H), w_gate (E, I, H)?, b_in (E, I)?, b_gate (E, I)?,
+//              w_out (E, H, I), b_out (E, H)?, activation) -> y (T, H)
+//   y[t] = sum_j weights[t, j] * expert(indices[t, j])(x[t])
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Optional.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kMaxTokens = 64;
+
+// 16 floats: one AVX-512 register, two AVX2 ones; GCC/Clang lower it to what the target has.
+typedef float v16 __attribute__((vector_size(64)));
+
+inline v16 load16(const float* p) {
+  v16 v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline float hsum(v16 v) {
+  float s = 0.f;
+  for (int l = 0; l < 16; ++l) s += v[l];
+  return s;
+}
+
+// out[t] = dot(row, X + t * ldx) for t < TT: the row is loaded once per 16 columns and
+// multiplied into TT register accumulators; with few tokens, R independent accumulators per
+// token hide the FMA latency.
+template <int TT>
+inline void multi_dot(const float* __restrict row, const float* __restrict X, int64_t ldx,
+                      int64_t n, float* __restrict out) {
+  constexpr int R = TT >= 4 ? 1 : 4 / TT;
+  v16 acc[TT][R];
+  for (int t = 0; t < TT; ++t)
+    for (int r = 0; r < R; ++r) acc[t][r] = v16{};
+  int64_t k = 0;
+  for (; k + 16 * R <= n; k += 16 * R) {
+    for (int r = 0; r < R; ++r) {
+      const v16 w = load16(row + k + 16 * r);
+      for (int t = 0; t < TT; ++t) acc[t][r] += w * load16(X + t * ldx + k + 16 * r);
+    }
+  }
+  for (; k + 16 <= n; k += 16) {
+    const v16 w = load16(row + k);
+    for (int t = 0; t < TT; ++t) acc[t][0] += w * load16(X + t * ldx + k);
+  }
+  for (int t = 0; t < TT; ++t) {
+    for (int r = 1; r < R; ++r) acc[t][0] += acc[t][r];
+    float s = hsum(acc[t][0]);
+    for (int64_t j = k; j < n; ++j) s += row[j] * X[t * ldx + j];
+    out[t] = s;
+  }
+}
+
+// out[t] = dot(row, X + t * ldx) for all T tokens, in tiles of 8, 4, 2, 1.
+inline void dots(const float* row, const float* X, int64_t ldx, int64_t n, int64_t T,
+                 float* out) {
+  int64_t t = 0;
+  for (; t + 8 <= T; t += 8) multi_dot<8>(row, X + t * ldx, ldx, n, out + t);
+  if (t + 4 <= T) {
+    multi_dot<4>(row, X + t * ldx, ldx, n, out + t);
+    t += 4;
+  }
+  if (t + 2 <= T) {
+    multi_dot<2>(row, X + t * ldx, ldx, n, out + t);
+    t += 2;
+  }
+  if (t < T) multi_dot<1>(row, X + t * ldx, ldx, n, out + t);
+}
+
+enum class Act { relu, gelu, gelu_tanh, silu, squared_relu, quick_gelu };
+
+Act parse_activation(const std::string& name) {
+  if (name == "relu") return Act::relu;
+  if (name == "gelu") return Act::gelu;
+  if (name == "gelu_tanh") return Act::gelu_tanh;
+  if (name == "silu") return Act::silu;
+  if (name == "squared_relu") return Act::squared_relu;
+  if (name == "quick_gelu") return Act::quick_gelu;
+  TORCH_CHECK(false, "moefy decode kernel: unknown activation '", name, "'");
+}
+
+inline float activate(Act act, float v) {
+  switch (act) {
+    case Act::relu: return v > 0.f ? v : 0.f;
+    case Act::gelu: return 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f));
+    case Act::gelu_tanh: {
+      const float inner = 0.79788456080286536f * (v + 0.044715f * v * v * v);
+      return 0.5f * v * (1.f + std::tanh(inner));
+    }
+    case Act::silu: return v / (1.f + std::exp(-v));
+    case Act::squared_relu: return v > 0.f ? v * v : 0.f;
+    case Act::quick_gelu: return v / (1.f + std::exp(-1.702f * v));
+  }
+  return v;
+}
+
+void check_weight(const at::Tensor& w, int64_t E, int64_t rows, int64_t cols, const char* name) {
+  TORCH_CHECK(w.scalar_type() == at::kFloat && w.is_contiguous() && w.dim() == 3 &&
+                  w.size(0) == E && w.size(1) == rows && w.size(2) == cols,
+              "moefy decode kernel: ", name, " must be contiguous float32 (", E, ", ", rows,
+              ", ", cols, "), got ", w.sizes());
+}
+
+const float* bias_ptr(const c10::optional<at::Tensor>& b, int64_t E, int64_t n,
+                      const char* name) {
+  if (!b.has_value()) return nullptr;
+  TORCH_CHECK(b->scalar_type() == at::kFloat && b->is_contiguous() && b->dim() == 2 &&
+                  b->size(0) == E && b->size(1) == n,
+              "moefy decode kernel: ", name, " must be contiguous float32 (", E, ", ", n, ")");
+  return b->data_ptr<float>();
+}
+
+at::Tensor decode_ffn(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& indices,
+                      const at::Tensor& w_in, const c10::optional<at::Tensor>& w_gate,
+                      const c10::optional<at::Tensor>& b_in,
+                      const c10::optional<at::Tensor>& b_gate, const at::Tensor& w_out,
+                      const c10::optional<at::Tensor>& b_out, const std::string& activation) {
+  const int64_t T = x.size(0), H = x.size(1), k = indices.size(1);
+  const int64_t E = w_in.size(0), I = w_in.size(1);
+  TORCH_CHECK(T <= kMaxTokens, "moefy decode kernel: at most ", kMaxTokens, " tokens, got ", T);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2,
+              "moefy decode kernel: x must be contiguous float32 (T, H)");
+  TORCH_CHECK(indices.scalar_type() == at::kLong && indices.is_contiguous() &&
+                  indices.dim() == 2 && indices.size(0) == T,
+              "moefy decode kernel: indices must be contiguous int64 (T, k)");
+  TORCH_CHECK(weights.scalar_type() == at::kFloat && weights.is_contiguous() &&
+                  weights.sizes() == indices.sizes(),
+              "moefy decode kernel: weights must be contiguous float32 like indices");
+  check_weight(w_in, E, I, H, "w_in");
+  check_weight(w_out, E, H, I, "w_out");
+  if (w_gate.has_value()) check_weight(*w_gate, E, I, H, "w_gate");
+  const float* bi = bias_ptr(b_in, E, I, "b_in");
+  const float* bg = bias_ptr(b_gate, E, I, "b_gate");
+  const float* bo = bias_ptr(b_out, E, H, "b_out");
+  const Act act = parse_activation(activation);
+
+  // Routing as a dense (E, T) table; the touched experts in ascending order.
+  const float* wp = weights.data_ptr<float>();
+  const int64_t* ip = indices.data_ptr<int64_t>();
+  std::vector<float> route(E * T, 0.f);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t e = ip[t * k + j];
+      TORCH_CHECK(e >= 0 && e < E, "moefy decode kernel: expert index ", e, " out of range");
+      route[e * T + t] += wp[t * k + j];
+    }
+  std::vector<int64_t> experts;
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t t = 0; t < T; ++t)
+      if (route[e * T + t] != 0.f) {
+        experts.push_back(e);
+        break;
+      }
+  const int64_t U = static_cast<int64_t>(experts.size());
+
+  const float* xp = x.data_ptr<float>();
+  const float* wi = w_in.data_ptr<float>();
+  const float* wg = w_gate.has_value() ? w_gate->data_ptr<float>() : nullptr;
+  // Hidden activations, already scaled by the routing weight: (U, T, I).
+  std::vector<float> h(U * T * I);
+  at::parallel_for(0, U * I, 16, [&](int64_t begin, int64_t end) {
+    float a[kMaxTokens], g[kMaxTokens];
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t u = r / I, i = r % I, e = experts[u];
+      dots(wi + (e * I + i) * H, xp, H, H, T, a);
+      if (wg) dots(wg + (e * I + i) * H, xp, H, H, T, g);
+      for (int64_t t = 0; t < T; ++t) {
+        const float av = a[t] + (bi ? bi[e * I + i] : 0.f);
+        float v;
+        if (wg) {
+          v = activate(act, g[t] + (bg ? bg[e * I + i] : 0.f)) * av;
+        } else {
+          v = activate(act, av);
+        }
+        h[(u * T + t) * I + i] = v * route[e * T + t];
+      }
+    }
+  });
+
+  at::Tensor y = at::empty({T, H}, x.options());
+  float* yp = y.data_ptr<float>();
+  const float* wo = w_out.data_ptr<float>();
+  // One task = a block of output features; it owns y[:, block].
+  at::parallel_for(0, H, 16, [&](int64_t begin, int64_t end) {
+    float acc[kMaxTokens], part[kMaxTokens];
+    for (int64_t o = begin; o < end; ++o) {
+      for (int64_t t = 0; t < T; ++t) acc[t] = 0.f;
+      for (int64_t u = 0; u < U; ++u) {
+        const int64_t e = experts[u];
+        dots(wo + (e * H + o) * I, h.data() + u * T * I, I, I, T, part);
+        for (int64_t t = 0; t < T; ++t)
+          acc[t] += part[t] + (bo ? route[e * T + t] * bo[e * H + o] : 0.f);
+      }
+      for (int64_t t = 0; t < T; ++t) yp[t * H + o] = acc[t];
+    }
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(moefy_cpu, m) {
+  m.def(
+      "decode_ffn(Tensor x, Tensor weights, Tensor indices, Tensor w_in, Tensor? w_gate, "
+      "Tensor? b_in, Tensor? b_gate, Tensor w_out, Tensor? b_out, str activation) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(moefy_cpu, CPU, m) { m.impl("decode_ffn", decode_ffn); }
