@@ -13,7 +13,14 @@ import torch.nn as nn
 
 from moefy.activations import get_activation
 from moefy.runtime import ops as _ops  # noqa: F401  (registers torch.ops.moefy.*)
-from moefy.runtime.dispatch import PackedExperts, packed_path_applies, weights_key
+from moefy.runtime._kernels import decode_kernels_available
+from moefy.runtime.dispatch import (
+    SMALL_BATCH_TOKENS,
+    PackedExperts,
+    decode_ffn,
+    packed_path_applies,
+    weights_key,
+)
 from moefy.runtime.experts import ExpertWeights, expert_forward
 
 COMBINES = ("softmax", "sum")
@@ -196,11 +203,14 @@ class MoE(nn.Module):
     def _routed(self, x: torch.Tensor, weights: torch.Tensor,
                 indices: torch.Tensor) -> torch.Tensor:
         ew = self.expert_weights()
-        if self.prepack and packed_path_applies(x) and not self._needs_grad(x, weights):
-            key = weights_key(ew)
-            if self._packed is None or self._packed.key != key:
-                self._packed = PackedExperts(ew)
-            return self._packed(x, weights, indices)
+        if packed_path_applies(x) and not self._needs_grad(x, weights):
+            if x.shape[0] <= SMALL_BATCH_TOKENS and decode_kernels_available():
+                return decode_ffn(x, weights, indices, ew)  # reads the weights as they are
+            if self.prepack:
+                key = weights_key(ew)
+                if self._packed is None or self._packed.key != key:
+                    self._packed = PackedExperts(ew)
+                return self._packed(x, weights, indices)
         return torch.ops.moefy.expert_ffn(x, weights, indices, *ew[:6], ew.activation)
 
     def _needs_grad(self, x: torch.Tensor, weights: torch.Tensor) -> bool:

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import warnings
 from pathlib import Path
@@ -34,6 +35,18 @@ def _cpu_digest() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:10]
 
 
+def _find_ninja() -> None:
+    """torch looks for ``ninja`` on PATH; the PyPI wheel installs it beside the interpreter,
+    which is not on PATH when a virtual environment's python is run without activating it."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 @functools.cache
 def decode_kernels_available() -> bool:
     """True once ``torch.ops.moefy_cpu.decode_ffn`` is loaded."""
@@ -41,6 +54,7 @@ def decode_kernels_available() -> bool:
         return False
     from torch.utils import cpp_extension
 
+    _find_ninja()
     _log.info("moefy: building the C++ decode kernels (once per machine)")
     try:
         cpp_extension.load(

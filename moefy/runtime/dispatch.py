@@ -171,6 +171,17 @@ def _padded_rows(count: int) -> int:
     return (count + step - 1) // step * step
 
 
+def decode_ffn(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+               ew: ExpertWeights) -> torch.Tensor:
+    """The C++ decode kernel (needs ``decode_kernels_available()``; float32, ≤ 64 tokens):
+    every touched expert on every token, its weights read once from the stacked tensors."""
+    w_in, w_out, w_gate, b_in, b_gate, b_out = (
+        None if t is None else t.contiguous() for t in ew[:6])
+    return torch.ops.moefy_cpu.decode_ffn(
+        x.contiguous(), weights.to(x.dtype).contiguous(), indices.long().contiguous(),
+        w_in, w_gate, b_in, b_gate, w_out, b_out, ew.activation)
+
+
 def weights_key(ew: ExpertWeights) -> tuple:
     """Identity and version of every weight: a prepacked copy is stale when this changes."""
     return tuple(
@@ -240,12 +251,9 @@ class PackedExperts:
     def _all_tokens(self, x: torch.Tensor, weights: torch.Tensor,
                     indices: torch.Tensor) -> torch.Tensor:
         """Decode batches: each touched expert on every token, weighted 0 where not chosen."""
+        if x.shape[0] <= KERNEL_MAX_TOKENS and decode_kernels_available():
+            return decode_ffn(x, weights, indices, self.ew)
         T, E = x.shape[0], self.ew.num_experts
-        if T <= KERNEL_MAX_TOKENS and decode_kernels_available():
-            ew = self.ew
-            return torch.ops.moefy_cpu.decode_ffn(
-                x, weights.to(x.dtype).contiguous(), indices.long().contiguous(), ew.w_in,
-                ew.w_gate, ew.b_in, ew.b_gate, ew.w_out, ew.b_out, ew.activation)
         combine = x.new_zeros(T, E).scatter_add_(1, indices.long(), weights.to(x.dtype))
         y = x.new_zeros(T, self.ew.hidden_size)
         linear = torch.ops.mkldnn._linear_pointwise

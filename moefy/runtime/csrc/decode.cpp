@@ -17,6 +17,7 @@
 #include <c10/util/Optional.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -198,18 +199,26 @@ at::Tensor decode_ffn(const at::Tensor& x, const at::Tensor& weights, const at::
   at::Tensor y = at::empty({T, H}, x.options());
   float* yp = y.data_ptr<float>();
   const float* wo = w_out.data_ptr<float>();
-  // One task = a block of output features; it owns y[:, block].
-  at::parallel_for(0, H, 16, [&](int64_t begin, int64_t end) {
-    float acc[kMaxTokens], part[kMaxTokens];
-    for (int64_t o = begin; o < end; ++o) {
-      for (int64_t t = 0; t < T; ++t) acc[t] = 0.f;
+  // One task = a range of output features; it owns y[:, range]. Within it, blocks of kBlock
+  // features: for each expert the block's rows of w_out are contiguous, so each expert is one
+  // memory stream rather than U streams interleaved row by row.
+  constexpr int64_t kBlock = 32;
+  at::parallel_for(0, H, kBlock, [&](int64_t begin, int64_t end) {
+    float acc[kBlock * kMaxTokens], part[kMaxTokens];
+    for (int64_t o0 = begin; o0 < end; o0 += kBlock) {
+      const int64_t o1 = std::min(end, o0 + kBlock);
+      for (int64_t j = 0; j < (o1 - o0) * T; ++j) acc[j] = 0.f;
       for (int64_t u = 0; u < U; ++u) {
         const int64_t e = experts[u];
-        dots(wo + (e * H + o) * I, h.data() + u * T * I, I, I, T, part);
-        for (int64_t t = 0; t < T; ++t)
-          acc[t] += part[t] + (bo ? route[e * T + t] * bo[e * H + o] : 0.f);
+        for (int64_t o = o0; o < o1; ++o) {
+          dots(wo + (e * H + o) * I, h.data() + u * T * I, I, I, T, part);
+          float* a = acc + (o - o0) * T;
+          for (int64_t t = 0; t < T; ++t)
+            a[t] += part[t] + (bo ? route[e * T + t] * bo[e * H + o] : 0.f);
+        }
       }
-      for (int64_t t = 0; t < T; ++t) yp[t * H + o] = acc[t];
+      for (int64_t o = o0; o < o1; ++o)
+        for (int64_t t = 0; t < T; ++t) yp[t * H + o] = acc[(o - o0) * T + t];
     }
   });
   return y;
