@@ -169,7 +169,8 @@ class MoE(nn.Module):
         logits = self.router(x)  # (T, E)
         top, indices = torch.topk(logits, self.top_k, dim=-1)  # (T, k)
         if self.combine == "softmax":
-            weights = torch.softmax(top.float(), dim=-1).to(x.dtype)
+            # softmax over the k selected logits == softmax over all E, renormalised over k
+            weights = torch.softmax(top, dim=-1, dtype=torch.float32).to(x.dtype)
         else:
             weights = torch.ones_like(top)
         return weights, indices
