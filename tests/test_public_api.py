@@ -2,5 +2,6 @@ import moefy
 
 
 def test_public_surface_is_pinned():
-    assert sorted(moefy.__all__) == ["MoE", "__version__", "runtime"]
+    assert sorted(moefy.__all__) == [
+        "MoE", "MoEConfig", "__version__", "convert", "report", "runtime"]
     assert sorted(moefy.runtime.__all__) == ["ExpertWeights", "expert_ffn", "reference_ffn"]

@@ -1,0 +1,176 @@
+"""``moefy.convert``: dense model ⇒ MoE model, as one explicit pipeline of passes."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_leaves
+
+from moefy.config import MoEConfig
+from moefy.errors import (
+    AlreadyConvertedError,
+    ConversionError,
+    NoFFNFoundError,
+    VerificationError,
+)
+from moefy.layers.moe import MoE
+from moefy.passes import build, find_ffn, rewrite, trace
+
+
+def convert(model: nn.Module, config: MoEConfig, *, example_inputs=None, calibration_data=None,
+            inplace: bool = False, verify: bool = True, explain: bool = False) -> nn.Module:
+    """Rewrite every feed-forward block of ``model`` into a ``moefy.MoE``.
+
+    Args:
+        model: a dense model (Hugging Face models need no example inputs).
+        config: a ``MoEConfig``.
+        example_inputs: a tuple of positional tensors or a dict of keyword tensors.
+        calibration_data: not supported yet (calibrated partitions and routers come later).
+        inplace: change ``model`` itself instead of a copy.
+        verify: where the method preserves the function (upcycle; split with
+            top_k == num_experts), check the converted model's outputs against the dense one.
+        explain: print every candidate projection and why it was taken or rejected.
+
+    Returns the converted model (the same class as ``model``; its FFN modules swapped).
+
+    >>> mlp = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16))
+    >>> moe = convert(mlp, MoEConfig(num_experts=4, top_k=4), example_inputs=(torch.randn(2, 16),))
+    >>> isinstance(moe[0], MoE)
+    True
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
+    if not isinstance(config, MoEConfig):
+        raise TypeError(f"convert expects a moefy.MoEConfig, got {type(config).__name__}")
+    if calibration_data is not None:
+        raise ConversionError("calibration_data is not supported in this version; convert "
+                              "without it (partitions and routers are then data-free)")
+    existing = [name for name, m in model.named_modules() if isinstance(m, MoE)]
+    if existing:
+        raise AlreadyConvertedError(
+            f"the model already holds {len(existing)} moefy MoE layer(s) ({', '.join(existing[:4])}"
+            f"{', ...' if len(existing) > 4 else ''}): every FFN is already converted. Convert "
+            "the original dense model instead.")
+
+    # 1. trace: dense model → exported graph (module and parameter names on every node)
+    args, kwargs = trace.split_inputs(model, example_inputs)
+    ep = trace.export_model(model, args, kwargs)
+    # 2. find: graph → FFN matches (structure, not class names), plus rejected candidates
+    matches, rejections = find_ffn.find_ffns(ep)
+    # 3. plan: each match → the modules to swap; unswappable ones become rejections
+    scopes = rewrite._scopes(ep.graph)
+    plans = []
+    for match in matches:
+        plan = rewrite.plan_surgery(match, ep.graph, model, scopes)
+        if isinstance(plan, str):
+            rejections.append(find_ffn.Rejection(match.output.name, f"{match.name}: {plan}"))
+        else:
+            plans.append((match, plan))
+    if explain:
+        _print_explanation(plans, rejections)
+    if not plans:
+        raise NoFFNFoundError(_no_ffn_message(model, rejections))
+    # 4. select: only / skip / keep_first / keep_last
+    plans = _select(plans, config)
+    # 5. build: read the dense weights and make each MoE (all checks before any change)
+    generator = torch.Generator().manual_seed(config.seed)
+    built = []
+    for match, plan in plans:
+        dense = build.dense_weights(model, match)
+        build.check_divisible(plan.name, dense, config)
+        builder = build.upcycle if config.method == "upcycle" else build.split
+        moe = builder(dense, config, generator)
+        moe.train(model.training)
+        moe.conversion = {"name": plan.name, "method": config.method,
+                          "dense_ffn_size": dense.ffn_size}
+        built.append((plan, moe))
+    # 6. rewrite: swap modules in a copy (or in place)
+    target = model if inplace else copy.deepcopy(model)
+    for plan, moe in built:
+        rewrite.apply_surgery(target, plan, moe)
+    # 7. verify: outputs equal where the method preserves the function
+    if verify and (config.method == "upcycle" or config.top_k == config.num_experts):
+        _verify(model, target, args, kwargs)
+    return target
+
+
+def _select(plans, config: MoEConfig):
+    chosen = plans[config.keep_first: len(plans) - config.keep_last]
+    if config.only:
+        chosen = [p for p in chosen if any(fnmatch.fnmatch(p[1].name, g) for g in config.only)]
+    if config.skip:
+        chosen = [p for p in chosen
+                  if not any(fnmatch.fnmatch(p[1].name, g) for g in config.skip)]
+    if not chosen:
+        names = ", ".join(p[1].name for p in plans)
+        raise NoFFNFoundError(f"found FFNs ({names}) but only / skip / keep_first / keep_last "
+                              "left none to convert")
+    return chosen
+
+
+def _verify(dense: nn.Module, moe_model: nn.Module, args: tuple, kwargs: dict,
+            rtol: float = 1e-5) -> None:
+    with torch.no_grad():
+        ref = [t for t in tree_leaves(dense(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+        got = [t for t in tree_leaves(moe_model(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+    if len(ref) != len(got):
+        raise VerificationError(f"the converted model returns {len(got)} tensors, the dense "
+                                f"model {len(ref)}")
+    for i, (r, g) in enumerate(zip(ref, got, strict=True)):
+        if not r.is_floating_point():
+            continue
+        scale = r.abs().max().clamp_min(1e-12)
+        err = ((g - r).abs().max() / scale).item()
+        if not err <= rtol * 10:  # relative to the output's largest magnitude
+            raise VerificationError(
+                f"output {i} differs from the dense model: max difference {err:.2e} relative "
+                f"to its largest value (tolerance {rtol * 10:.0e})")
+
+
+def _print_explanation(plans, rejections) -> None:
+    print(f"moefy: {len(plans)} FFN(s) found")
+    for match, plan in plans:
+        extra = f", identities {plan.identities}" if plan.identities else ""
+        print(f"  + {plan.name}: {match.activation}{', gated' if match.gate else ''}"
+              f"{', fused gate_up' if match.fused_gate_first is not None else ''}; "
+              f"swap {plan.replace}{extra}")
+    for r in rejections:
+        print(f"  - {r.node}: {r.reason}")
+
+
+def _no_ffn_message(model: nn.Module, rejections) -> str:
+    lines = [f"no feed-forward block found in {type(model).__name__}. Searched for "
+             "projection → activation → projection (plain, gated, fused gate_up; activations "
+             "relu, gelu, gelu_tanh, silu, squared relu, quick-gelu)."]
+    if rejections:
+        lines.append("Candidates examined:")
+        lines += [f"  {r.node}: {r.reason}" for r in rejections[:40]]
+    else:
+        lines.append("The traced graph has no projection by a parameter (nn.Linear, F.linear "
+                     "on a parameter, or Conv1D).")
+    return "\n".join(lines)
+
+
+def report(model: nn.Module) -> str:
+    """One row per MoE layer: name, method, E, k, shared, parameters total / active per token,
+    FFN FLOP fraction (active FFN work per token relative to the dense FFN)."""
+    rows = [("name", "method", "E", "k", "shared", "params", "active", "FFN FLOPs")]
+    for name, m in model.named_modules():
+        if not isinstance(m, MoE):
+            continue
+        info = getattr(m, "conversion", {})
+        per_neuron = m.hidden_size * (3 if m.gated else 2)  # weights touched per hidden neuron
+        shared_size = 0 if m.shared.ffn is None else m.shared.ffn.fc_in.out_features
+        active = (m.top_k * m.expert_size + shared_size) * per_neuron
+        total = sum(p.numel() for p in m.parameters())
+        dense_size = info.get("dense_ffn_size")
+        frac = ("—" if dense_size is None else
+                f"{(m.top_k * m.expert_size + shared_size) / dense_size:.0%}")
+        rows.append((info.get("name", name), info.get("method", "—"), str(m.num_experts),
+                     str(m.top_k), str(shared_size), f"{total / 1e6:.2f}M",
+                     f"{(active + m.router.weight.numel()) / 1e6:.2f}M", frac))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)

@@ -1,0 +1,1 @@
+"""FX passes: tracing, FFN matching, partitioning, builders, module surgery."""

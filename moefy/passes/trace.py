@@ -1,0 +1,78 @@
+"""Tracing: dense nn.Module ⇒ torch.export graph whose nodes know their modules.
+
+``torch.export`` (non-strict) of the whole model. Nodes carry ``meta["nn_module_stack"]`` and
+parameter placeholders map to parameter names through the graph signature — together they tie
+every matched node back to module and parameter names. Hugging Face models get example inputs
+built from their config when none are given, and ``use_cache=False`` (a cache object in the
+output breaks export).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from moefy.errors import TraceError
+
+ExampleInputs = tuple | dict
+
+
+def hf_example_inputs(model: nn.Module, tokens: int = 8) -> dict[str, torch.Tensor]:
+    """Inputs for a Hugging Face model built from its config (batch 1, ``tokens`` tokens)."""
+    config = getattr(model, "config", None)
+    main = getattr(model, "main_input_name", None)
+    if config is None or main is None:
+        raise TraceError(
+            f"{type(model).__name__} is not a Hugging Face model and no example_inputs were "
+            "given: pass example_inputs=(tensor, ...) or a dict of keyword tensors")
+    if main == "input_ids":
+        vocab = int(getattr(config, "vocab_size", 100) or 100)
+        ids = torch.randint(0, min(vocab, 1000), (1, tokens))
+        inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if getattr(config, "is_encoder_decoder", False):
+            inputs["decoder_input_ids"] = ids.clone()
+        return inputs
+    if main == "pixel_values":
+        size = getattr(config, "image_size", 224)
+        size = size if isinstance(size, int) else size[0]
+        channels = getattr(config, "num_channels", 3)
+        return {"pixel_values": torch.randn(1, channels, size, size)}
+    raise TraceError(
+        f"cannot build example inputs for {type(model).__name__} (main input {main!r}); "
+        "pass example_inputs")
+
+
+def split_inputs(model: nn.Module, example_inputs: ExampleInputs | None
+                 ) -> tuple[tuple, dict[str, Any]]:
+    """(args, kwargs) to call ``model`` with; HF defaults and ``use_cache=False`` filled in."""
+    if example_inputs is None:
+        example_inputs = hf_example_inputs(model)
+    if isinstance(example_inputs, dict):
+        args, kwargs = (), dict(example_inputs)
+    elif isinstance(example_inputs, tuple):
+        args, kwargs = example_inputs, {}
+    elif isinstance(example_inputs, torch.Tensor):
+        args, kwargs = (example_inputs,), {}
+    else:
+        raise TraceError(
+            "example_inputs must be a tuple of positional tensors or a dict of keyword tensors, "
+            f"got {type(example_inputs).__name__}")
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "use_cache") and "use_cache" not in kwargs:
+        kwargs["use_cache"] = False
+    return args, kwargs
+
+
+def export_model(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+    """dense model ⇒ ExportedProgram (ATen graph, nn_module_stack on every node)."""
+    try:
+        with torch.no_grad():
+            return torch.export.export(model, args, kwargs=kwargs, strict=False)
+    except Exception as exc:  # export raises many types; all mean "cannot trace"
+        raise TraceError(
+            f"torch.export could not trace {type(model).__name__}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}\n"
+            "Check that the model runs on the example inputs; pass example_inputs matching "
+            "its forward() (a tuple of tensors or a dict of keyword tensors).") from exc
