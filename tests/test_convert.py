@@ -1,0 +1,179 @@
+"""convert(): every FFN found in many architectures; exact where the method preserves the
+function; the caller's model untouched; clear errors."""
+
+import copy
+
+import pytest
+import torch
+from torch.utils._pytree import tree_leaves
+
+import moefy
+from moefy.errors import AlreadyConvertedError, ConversionError, NoFFNFoundError
+from moefy.passes.trace import split_inputs
+from tests.passes.models import custom_models, hf_configs
+
+HF = hf_configs()
+CUSTOM = custom_models()
+EXACT_CONFIGS = (
+    ("split", dict(method="split", num_experts=4, top_k=4)),
+    ("split_shared_random", dict(method="split", num_experts=6, top_k=6, shared_experts=2,
+                                 partition="random")),
+    ("upcycle", dict(method="upcycle", num_experts=4, top_k=2)),
+)
+
+
+def build(name):
+    if name in HF:
+        config, cls, n = HF[name]
+        torch.manual_seed(0)
+        return cls(config).eval(), None, n
+    model, inputs, n = CUSTOM[name]
+    return copy.deepcopy(model).eval(), inputs, n
+
+
+def outputs(model, inputs):
+    args, kwargs = split_inputs(model, inputs)
+    with torch.no_grad():
+        return [t for t in tree_leaves(model(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+
+
+@pytest.mark.parametrize("cfg_name,cfg", EXACT_CONFIGS)
+@pytest.mark.parametrize("name", sorted(HF) + sorted(CUSTOM))
+def test_convert_finds_every_ffn_and_is_exact(name, cfg_name, cfg):
+    model, inputs, expected = build(name)
+    if inputs is None:
+        inputs = split_inputs(model, None)[1]
+    before = copy.deepcopy(model.state_dict())
+    moe_model = moefy.convert(model, moefy.MoEConfig(**cfg), example_inputs=inputs)
+    moes = [m for m in moe_model.modules() if isinstance(m, moefy.MoE)]
+    assert len(moes) == expected
+    assert type(moe_model) is type(model)
+    for ref, got in zip(outputs(model, inputs), outputs(moe_model, inputs), strict=True):
+        if ref.is_floating_point():
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    # the caller's model is untouched
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(isinstance(m, moefy.MoE) for m in model.modules())
+    with pytest.raises(AlreadyConvertedError, match="already"):
+        moefy.convert(moe_model, moefy.MoEConfig(**cfg), example_inputs=inputs)
+
+
+def test_generate_and_save_pretrained_still_work(tmp_path):
+    import transformers as tf
+    model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=2,
+                                             n_positions=64)).eval()
+    moe_model = moefy.convert(model, moefy.MoEConfig(method="upcycle", num_experts=4, top_k=2))
+    ids = torch.randint(0, 99, (1, 5))
+    with torch.no_grad():
+        dense_out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        moe_out = moe_model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(dense_out, moe_out)  # upcycling is exact at initialisation
+    moe_model.save_pretrained(tmp_path)
+    assert any(p.suffix == ".safetensors" for p in tmp_path.iterdir())
+
+
+def test_only_skip_keep_first_last():
+    model, inputs, _ = build("nanogpt")
+    def names(m):
+        return [x.conversion["name"] for x in m.modules() if isinstance(x, moefy.MoE)]
+
+    cfg = dict(method="split", num_experts=4, top_k=4)
+    assert names(moefy.convert(model, moefy.MoEConfig(**cfg, keep_first=1), example_inputs=inputs)
+                 ) == ["blocks.1.mlp", "blocks.2.mlp"]
+    assert names(moefy.convert(model, moefy.MoEConfig(**cfg, keep_last=2), example_inputs=inputs)
+                 ) == ["blocks.0.mlp"]
+    assert names(moefy.convert(model, moefy.MoEConfig(**cfg, only=["blocks.1.*"]),
+                               example_inputs=inputs)) == ["blocks.1.mlp"]
+    assert names(moefy.convert(model, moefy.MoEConfig(**cfg, skip=["blocks.1.*"]),
+                               example_inputs=inputs)) == ["blocks.0.mlp", "blocks.2.mlp"]
+    with pytest.raises(NoFFNFoundError, match="left none"):
+        moefy.convert(model, moefy.MoEConfig(**cfg, only=["nothing*"]), example_inputs=inputs)
+
+
+def test_split_records_neurons_and_partitions_cover_the_ffn():
+    model, inputs, _ = build("sequential")
+    for partition in ("contiguous", "random", "kmeans"):
+        cfg = moefy.MoEConfig(method="split", num_experts=4, top_k=2, shared_experts=4,
+                              partition=partition)
+        moe = moefy.convert(model, cfg, example_inputs=inputs)[0]
+        flat = sorted(sum(moe.expert_neurons, []) + moe.shared_neurons)
+        assert flat == list(range(128))
+        assert len(moe.shared_neurons) == 4 * 16 and all(len(e) == 16 for e in moe.expert_neurons)
+
+
+def test_report_rows():
+    model, inputs, _ = build("sequential")
+    cfg = moefy.MoEConfig(method="split", num_experts=4, top_k=1, shared_experts=4)
+    text = moefy.report(moefy.convert(model, cfg, example_inputs=inputs))
+    lines = text.splitlines()
+    assert lines[0].split()[:5] == ["name", "method", "E", "k", "shared"]
+    assert len(lines) == 3
+    assert "62%" in lines[1]  # (1 routed + 4 shared) of 8 groups of 16 neurons = 62.5%
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+class NoFFN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))  # tanh is not an FFN activation
+
+
+class SharedHidden(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.b(h) + h.sum(-1, keepdim=True)  # the hidden activation is used elsewhere
+
+
+def test_no_ffn_found_says_what_was_searched():
+    with pytest.raises(NoFFNFoundError, match="not an activation of a projection"):
+        moefy.convert(NoFFN(), moefy.MoEConfig(), example_inputs=(torch.randn(2, 8),))
+
+
+def test_hidden_activation_used_elsewhere_is_rejected_with_reason():
+    with pytest.raises(NoFFNFoundError, match="also used by"):
+        moefy.convert(SharedHidden(), moefy.MoEConfig(num_experts=4, top_k=2),
+                      example_inputs=(torch.randn(2, 8),))
+
+
+def test_bad_config_values():
+    with pytest.raises(ValueError, match="top_k"):
+        moefy.MoEConfig(num_experts=4, top_k=8)
+    with pytest.raises(ValueError, match="method"):
+        moefy.MoEConfig(method="merge")
+    with pytest.raises(ValueError, match="partition"):
+        moefy.MoEConfig(partition="spectral")
+
+
+def test_width_not_divisible_names_layer_and_options():
+    model, inputs, _ = build("sequential")
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ConversionError, match=r"width 128 .* 5 equal experts.*\[2, 4, 8"):
+        moefy.convert(model, moefy.MoEConfig(num_experts=5, top_k=2), example_inputs=inputs,
+                      inplace=True)
+    # raised before anything changed, even in place
+    assert not any(isinstance(m, moefy.MoE) for m in model.modules())
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_untraceable_model_without_example_inputs():
+    from moefy.errors import TraceError
+    with pytest.raises(TraceError, match="pass example_inputs"):
+        moefy.convert(CUSTOM["sequential"][0], moefy.MoEConfig())
+
+
+def test_inplace_changes_the_model_itself():
+    model, inputs, _ = build("sequential")
+    out = moefy.convert(model, moefy.MoEConfig(num_experts=4, top_k=4), example_inputs=inputs,
+                        inplace=True)
+    assert out is model and isinstance(model[0], moefy.MoE)
