@@ -75,26 +75,35 @@ def convert(model: nn.Module, config: MoEConfig, *, example_inputs=None, calibra
         raise NoFFNFoundError(_no_ffn_message(model, rejections))
     # 4. select: only / skip / keep_first / keep_last
     plans = _select(plans, config)
-    # 5. build: read the dense weights and make each MoE (all checks before any change)
+    for match, plan in plans:  # every check that can fail, before anything changes
+        build.check_divisible(plan.name, build.dense_weights(model, match), config)
+    del ep  # it holds references to every parameter; let swapped-out weights be freed
+    # 5. build + rewrite, one FFN at a time (peak memory: the result plus one FFN)
+    target = model if inplace else _copy_without(model, [p for _, p in plans])
     generator = torch.Generator().manual_seed(config.seed)
-    built = []
+    builder = build.upcycle if config.method == "upcycle" else build.split
     for match, plan in plans:
         dense = build.dense_weights(model, match)
-        build.check_divisible(plan.name, dense, config)
-        builder = build.upcycle if config.method == "upcycle" else build.split
-        moe = builder(dense, config, generator)
-        moe.train(model.training)
+        moe = builder(dense, config, generator).train(model.training)
         moe.conversion = {"name": plan.name, "method": config.method,
                           "dense_ffn_size": dense.ffn_size}
-        built.append((plan, moe))
-    # 6. rewrite: swap modules in a copy (or in place)
-    target = model if inplace else copy.deepcopy(model)
-    for plan, moe in built:
+        del dense
         rewrite.apply_surgery(target, plan, moe)
     # 7. verify: outputs equal where the method preserves the function
     if verify and (config.method == "upcycle" or config.top_k == config.num_experts):
         _verify(model, target, args, kwargs)
     return target
+
+
+def _copy_without(model: nn.Module, plans) -> nn.Module:
+    """deepcopy of ``model``, except the modules about to be swapped out: the copy shares
+    them for the moment instead of duplicating weights that are dropped right after."""
+    memo: dict[int, object] = {}
+    for plan in plans:
+        for path in [plan.replace, *plan.identities]:
+            module = model.get_submodule(path)
+            memo[id(module)] = module
+    return copy.deepcopy(model, memo)
 
 
 def _select(plans, config: MoEConfig):

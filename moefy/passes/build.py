@@ -82,10 +82,11 @@ def check_divisible(name: str, dense: DenseWeights, config: MoEConfig) -> None:
 def _new_moe(dense: DenseWeights, expert_size: int, config: MoEConfig, *, combine: str,
              shared_size: int = 0) -> MoE:
     bias = dense.b_in is not None or dense.b_out is not None
-    moe = MoE(dense.hidden_size, expert_size, config.num_experts, config.top_k,
-              activation=dense.activation, gated=dense.w_gate is not None, bias=bias,
-              shared_expert_size=shared_size, combine=combine, router=config.router)
-    return moe.to(dense.w_in.dtype)
+    with torch.device("meta"):  # no random init of weights the builder overwrites anyway
+        moe = MoE(dense.hidden_size, expert_size, config.num_experts, config.top_k,
+                  activation=dense.activation, gated=dense.w_gate is not None, bias=bias,
+                  shared_expert_size=shared_size, combine=combine, router=config.router)
+    return moe.to(dense.w_in.dtype).to_empty(device=dense.w_in.device)
 
 
 def _zeros_if_none(t: torch.Tensor | None, n: int, like: torch.Tensor) -> torch.Tensor:
