@@ -34,7 +34,9 @@ def convert(model: nn.Module, config: MoEConfig, *, example_inputs=None, calibra
             top_k == num_experts), check the converted model's outputs against the dense one.
         explain: print every candidate projection and why it was taken or rejected.
 
-    Returns the converted model (the same class as ``model``; its FFN modules swapped).
+    Returns the converted model: the same class as ``model`` with its FFN modules swapped, or,
+    when an FFN runs inline in a larger forward with no module to swap, a ``GraphModule`` of
+    the exported graph with each FFN replaced by a call of its MoE (graph mode).
 
     >>> mlp = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16))
     >>> moe = convert(mlp, MoEConfig(num_experts=4, top_k=4), example_inputs=(torch.randn(2, 16),))
@@ -61,34 +63,52 @@ def convert(model: nn.Module, config: MoEConfig, *, example_inputs=None, calibra
     # 2. find: graph → FFN matches (structure, not class names), plus rejected candidates
     matches, rejections = find_ffn.find_ffns(ep)
     # 3. plan: each match → the modules to swap; unswappable ones become rejections
+    if not matches:
+        if explain:
+            _print_explanation([], rejections)
+        raise NoFFNFoundError(_no_ffn_message(model, rejections))
     scopes = rewrite._scopes(ep.graph)
-    plans = []
+    plans, inline = [], []
     for match in matches:
         plan = rewrite.plan_surgery(match, ep.graph, model, scopes)
-        if isinstance(plan, str):
-            rejections.append(find_ffn.Rejection(match.output.name, f"{match.name}: {plan}"))
-        else:
-            plans.append((match, plan))
+        if isinstance(plan, str):  # no module boundary: graph mode for this model
+            inline.append(f"{match.name or match.output.name}: {plan}")
+            plan = rewrite.SurgeryPlan(match.name or match.output.name, "", [], None)
+        plans.append((match, plan))
     if explain:
         _print_explanation(plans, rejections)
-    if not plans:
-        raise NoFFNFoundError(_no_ffn_message(model, rejections))
+        for line in inline:
+            print(f"  ! graph mode: {line}")
+    if inline and inplace:
+        raise ConversionError(
+            "these FFNs run inline in a larger forward and can only be converted in graph "
+            "mode, which returns a new GraphModule; call convert with inplace=False:\n  "
+            + "\n  ".join(inline))
     # 4. select: only / skip / keep_first / keep_last
     plans = _select(plans, config)
     for match, plan in plans:  # every check that can fail, before anything changes
         build.check_divisible(plan.name, build.dense_weights(model, match), config)
-    del ep  # it holds references to every parameter; let swapped-out weights be freed
-    # 5. build + rewrite, one FFN at a time (peak memory: the result plus one FFN)
-    target = model if inplace else _copy_without(model, [p for _, p in plans])
     generator = torch.Generator().manual_seed(config.seed)
     builder = build.upcycle if config.method == "upcycle" else build.split
-    for match, plan in plans:
+
+    def make_moe(match, plan):
         dense = build.dense_weights(model, match)
         moe = builder(dense, config, generator).train(model.training)
         moe.conversion = {"name": plan.name, "method": config.method,
                           "dense_ffn_size": dense.ffn_size}
-        del dense
-        rewrite.apply_surgery(target, plan, moe)
+        return moe
+
+    if inline:
+        # 5'. graph mode: the exported graph with each FFN's nodes replaced by its MoE
+        gm = copy.deepcopy(ep.module())  # ep.module() shares the caller's parameters
+        target = rewrite.rewrite_graph(gm, [(m, make_moe(m, p)) for m, p in plans])
+        del ep
+    else:
+        del ep  # it holds references to every parameter; let swapped-out weights be freed
+        # 5. build + rewrite, one FFN at a time (peak memory: the result plus one FFN)
+        target = model if inplace else _copy_without(model, [p for _, p in plans])
+        for match, plan in plans:
+            rewrite.apply_surgery(target, plan, make_moe(match, plan))
     # 7. verify: outputs equal where the method preserves the function
     if verify and (config.method == "upcycle" or config.top_k == config.num_experts):
         _verify(model, target, args, kwargs)

@@ -47,7 +47,10 @@ def test_convert_finds_every_ffn_and_is_exact(name, cfg_name, cfg):
     moe_model = moefy.convert(model, moefy.MoEConfig(**cfg), example_inputs=inputs)
     moes = [m for m in moe_model.modules() if isinstance(m, moefy.MoE)]
     assert len(moes) == expected
-    assert type(moe_model) is type(model)
+    if name == "transformer_encoder":  # FFN inline in the layer's forward: graph mode
+        assert isinstance(moe_model, torch.fx.GraphModule)
+    else:
+        assert type(moe_model) is type(model)
     for ref, got in zip(outputs(model, inputs), outputs(moe_model, inputs), strict=True):
         if ref.is_floating_point():
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
@@ -177,3 +180,20 @@ def test_inplace_changes_the_model_itself():
     out = moefy.convert(model, moefy.MoEConfig(num_experts=4, top_k=4), example_inputs=inputs,
                         inplace=True)
     assert out is model and isinstance(model[0], moefy.MoE)
+
+
+def test_graph_mode_refuses_inplace_before_changing_anything():
+    model, inputs, _ = build("transformer_encoder")
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ConversionError, match="inplace=False"):
+        moefy.convert(model, moefy.MoEConfig(num_experts=4, top_k=4), example_inputs=inputs,
+                      inplace=True)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_graph_mode_drops_dense_ffn_weights():
+    model, inputs, _ = build("transformer_encoder")
+    gm = moefy.convert(model, moefy.MoEConfig(num_experts=4, top_k=4), example_inputs=inputs)
+    names = [n for n, _ in gm.named_parameters()]
+    assert not any("linear1" in n or "linear2" in n for n in names if "moefy_ffn" not in n)
+    assert any("self_attn" in n for n in names)

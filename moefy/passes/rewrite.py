@@ -6,8 +6,11 @@
 One module holding the whole block (LlamaMLP, GPT2MLP) is the case n = 1; BERT's
 ``BertIntermediate`` + ``BertOutput.dense`` is n = 2; ``nn.Sequential(Linear, GELU, Linear)``
 is n = 3. A module that also holds a dropout after the block is kept as
-``Sequential(MoE, Dropout)``. Blocks whose pieces sit inline in a larger forward cannot be
-swapped module by module; they are reported with the reason.
+``Sequential(MoE, Dropout)``. Blocks whose pieces sit inline in a larger forward (``nn.TransformerEncoderLayer`` calls
+``F.relu`` between its two linears) have no module boundary to swap; for them graph mode
+rewrites the exported graph instead:
+
+    x → [FFN nodes] → y   ⇒   x → call_module(MoE) → y       (returns a GraphModule)
 """
 
 from __future__ import annotations
@@ -107,3 +110,30 @@ def apply_surgery(model: nn.Module, plan: SurgeryPlan, moe: nn.Module) -> None:
     model.set_submodule(plan.replace, replacement.train(old.training))
     for path in plan.identities:
         model.set_submodule(path, nn.Identity())
+
+
+def rewrite_graph(gm: torch.fx.GraphModule, swaps: list[tuple[FFNMatch, nn.Module]]
+                  ) -> torch.fx.GraphModule:
+    """Graph mode: replace each match's nodes in ``gm`` (``ExportedProgram.module()``, whose
+    node names are the exported graph's) by one call of its MoE. Dense weights left unused
+    are dropped from ``gm``."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for i, (match, moe) in enumerate(swaps):
+        target = f"moefy_ffn_{i}"
+        gm.add_submodule(target, moe)
+        x, out = nodes[match.input.name], nodes[match.output.name]
+        with gm.graph.inserting_after(out):
+            call = gm.graph.call_module(target, (x,))
+        out.replace_all_uses_with(call)
+        for node in reversed([nodes[n.name] for n in match.nodes]):
+            if not node.users:
+                gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name not in used and not name.startswith("moefy_ffn_"):
+            owner, _, leaf = name.rpartition(".")
+            delattr(gm.get_submodule(owner) if owner else gm, leaf)
+    gm.graph.lint()
+    gm.recompile()
+    return gm

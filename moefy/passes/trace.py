@@ -67,9 +67,10 @@ def split_inputs(model: nn.Module, example_inputs: ExampleInputs | None
 
 def export_model(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
     """dense model ⇒ ExportedProgram (ATen graph, nn_module_stack on every node)."""
+    # Grad mode stays on: under no_grad some modules (nn.TransformerEncoderLayer) switch to a
+    # fused fast path that hides their FFN inside one opaque op.
     try:
-        with torch.no_grad():
-            return torch.export.export(model, args, kwargs=kwargs, strict=False)
+        return torch.export.export(model, args, kwargs=kwargs, strict=False)
     except Exception as exc:  # export raises many types; all mean "cannot trace"
         raise TraceError(
             f"torch.export could not trace {type(model).__name__}: {type(exc).__name__}: "

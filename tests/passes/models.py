@@ -112,4 +112,11 @@ def custom_models():
         "sequential": (sequential(), (x,), 2),
         "nanogpt": (NanoGPT(), (x,), 3),
         "raw_f_linear": (RawModel(), (x,), 2),
+        "transformer_encoder": (transformer_encoder(), (x,), 2),
     }
+
+
+def transformer_encoder():
+    """FFN inline in nn.TransformerEncoderLayer.forward: F.relu between two linears."""
+    layer = nn.TransformerEncoderLayer(32, 2, 64, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
