@@ -21,7 +21,8 @@ class MoEConfig:
         shared_experts: always-on experts (split: carved from the FFN's neurons).
         partition: split only — "contiguous", "random" or "kmeans" (balanced, on normalised
             input-weight rows).
-        granularity: upcycle only — reserved; must be 1 in this version.
+        granularity: upcycle only — cut each copy into this many shards of d_ff/G neurons
+            (granular upcycling); num_experts and top_k must be multiples of it.
         router: "softmax".
         capacity_factor: None (dropless) — the only value supported in this version.
         only / skip: glob patterns on FFN names (their module paths); ``only`` keeps matches,
@@ -69,9 +70,15 @@ class MoEConfig:
         if self.top_k > self.num_experts:
             raise ValueError(
                 f"MoEConfig.top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
-        if self.granularity != 1:
-            raise ValueError("MoEConfig.granularity > 1 (granular upcycling) is not supported "
-                             "yet; use granularity=1")
+        if self.granularity > 1:
+            if self.method != "upcycle":
+                raise ValueError("MoEConfig.granularity applies to method='upcycle' only")
+            for name in ("num_experts", "top_k"):
+                if getattr(self, name) % self.granularity:
+                    raise ValueError(
+                        f"MoEConfig.{name} ({getattr(self, name)}) must be a multiple of "
+                        f"granularity ({self.granularity}): experts come in virtual groups of "
+                        "granularity shards, and top-k selects whole groups")
         if self.capacity_factor is not None:
             raise ValueError("MoEConfig.capacity_factor is not supported yet; use None "
                              "(dropless)")

@@ -19,6 +19,7 @@ EXACT_CONFIGS = (
     ("split_shared_random", dict(method="split", num_experts=6, top_k=6, shared_experts=2,
                                  partition="random")),
     ("upcycle", dict(method="upcycle", num_experts=4, top_k=2)),
+    ("upcycle_granular", dict(method="upcycle", num_experts=8, top_k=4, granularity=2)),
 )
 
 

@@ -70,6 +70,10 @@ def dense_weights(model: nn.Module, match: FFNMatch) -> DenseWeights:
 def check_divisible(name: str, dense: DenseWeights, config: MoEConfig) -> None:
     """Raise (before anything changes) when the FFN cannot be cut as asked."""
     width = dense.ffn_size
+    if config.method == "upcycle" and width % config.granularity:
+        raise ConversionError(
+            f"{name}: the FFN width {width} does not cut into granularity="
+            f"{config.granularity} equal shards")
     groups = config.num_experts + config.shared_experts
     if config.method == "split" and width % groups:
         options = [g for g in range(2, min(width, 256) + 1) if width % g == 0]
@@ -95,20 +99,33 @@ def _zeros_if_none(t: torch.Tensor | None, n: int, like: torch.Tensor) -> torch.
 
 @torch.no_grad()
 def upcycle(dense: DenseWeights, config: MoEConfig, generator: torch.Generator) -> MoE:
-    """E exact copies of the FFN and a small random router: the MoE equals the FFN."""
-    E, I, H = config.num_experts, dense.ffn_size, dense.hidden_size
-    moe = _new_moe(dense, I, config, combine="softmax")
-    moe.w_in.copy_(dense.w_in.expand(E, I, H))
-    moe.w_out.copy_(dense.w_out.expand(E, H, I))
-    if moe.w_gate is not None:
-        moe.w_gate.copy_(dense.w_gate.expand(E, I, H))
-    if moe.b_in is not None:
-        moe.b_in.copy_(_zeros_if_none(dense.b_in, I, dense.w_in).expand(E, I))
-        moe.b_out.copy_(_zeros_if_none(dense.b_out, H, dense.w_in).expand(E, H))
-    if moe.b_gate is not None:
-        moe.b_gate.copy_(_zeros_if_none(dense.b_gate, I, dense.w_in).expand(E, I))
-    router = torch.randn(E, H, generator=generator) * 0.02
-    moe.router.weight.copy_(router.to(moe.router.weight.dtype))
+    """E/G copies of the FFN, each cut into G shards, and a small random router: exact.
+
+    G = 1 is sparse upcycling: E exact copies; softmax weights over the k chosen sum to 1.
+    G > 1 is granular upcycling with virtual groups: the G shards of a copy share one router
+    row, so top-k (k a multiple of G) takes whole copies and gives each shard 1/G of its
+    copy's weight; shard outputs are scaled by G (biases: b_out once per copy), so the sum
+    over a copy's shards is the dense FFN again.
+    """
+    E, G, H = config.num_experts, config.granularity, dense.hidden_size
+    size = dense.ffn_size // G
+    moe = _new_moe(dense, size, config, combine="softmax")
+    b_in = _zeros_if_none(dense.b_in, dense.ffn_size, dense.w_in)
+    b_gate = _zeros_if_none(dense.b_gate, dense.ffn_size, dense.w_in)
+    b_out = _zeros_if_none(dense.b_out, H, dense.w_in)
+    for e in range(E):
+        rows = slice((e % G) * size, (e % G + 1) * size)  # shard e % G of copy e // G
+        moe.w_in[e] = dense.w_in[rows]
+        moe.w_out[e] = dense.w_out[:, rows] * G
+        if moe.w_gate is not None:
+            moe.w_gate[e] = dense.w_gate[rows]
+        if moe.b_in is not None:
+            moe.b_in[e] = b_in[rows]
+            moe.b_out[e] = b_out
+        if moe.b_gate is not None:
+            moe.b_gate[e] = b_gate[rows]
+    router = torch.randn(E // G, H, generator=generator) * 0.02
+    moe.router.weight.copy_(router.repeat_interleave(G, dim=0).to(moe.router.weight.dtype))
     return moe
 
 

@@ -6,9 +6,9 @@
 One module holding the whole block (LlamaMLP, GPT2MLP) is the case n = 1; BERT's
 ``BertIntermediate`` + ``BertOutput.dense`` is n = 2; ``nn.Sequential(Linear, GELU, Linear)``
 is n = 3. A module that also holds a dropout after the block is kept as
-``Sequential(MoE, Dropout)``. Blocks whose pieces sit inline in a larger forward (``nn.TransformerEncoderLayer`` calls
-``F.relu`` between its two linears) have no module boundary to swap; for them graph mode
-rewrites the exported graph instead:
+``Sequential(MoE, Dropout)``. Blocks whose pieces sit inline in a larger forward
+(``nn.TransformerEncoderLayer`` calls ``F.relu`` between its two linears) have no module
+boundary to swap; for them graph mode rewrites the exported graph instead:
 
     x → [FFN nodes] → y   ⇒   x → call_module(MoE) → y       (returns a GraphModule)
 """
