@@ -198,3 +198,11 @@ def test_graph_mode_drops_dense_ffn_weights():
     names = [n for n, _ in gm.named_parameters()]
     assert not any("linear1" in n or "linear2" in n for n in names if "moefy_ffn" not in n)
     assert any("self_attn" in n for n in names)
+
+
+def test_graph_mode_result_takes_other_shapes():
+    model, inputs, _ = build("transformer_encoder")
+    gm = moefy.convert(model, moefy.MoEConfig(num_experts=4, top_k=4), example_inputs=inputs)
+    x = torch.randn(3, 9, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)

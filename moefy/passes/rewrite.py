@@ -90,7 +90,8 @@ def plan_surgery(match: FFNMatch, graph: torch.fx.Graph, model: nn.Module,
         return "the FFN's modules interleave; no module boundary to swap"
     first_path, first_nodes = groups[0]
     module_inputs = {a for n in first_nodes for a in n.all_input_nodes
-                     if a not in inside and a.op != "placeholder"}
+                     if a not in inside and a.op != "placeholder"
+                     and isinstance(a.meta.get("val"), torch.Tensor)}  # not shape symbols
     if module_inputs - {match.input}:
         return f"module {first_path} takes inputs besides the FFN input"
     for path in paths:

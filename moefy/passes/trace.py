@@ -9,10 +9,12 @@ output breaks export).
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_map
 
 from moefy.errors import TraceError
 
@@ -20,7 +22,8 @@ ExampleInputs = tuple | dict
 
 
 def hf_example_inputs(model: nn.Module, tokens: int = 8) -> dict[str, torch.Tensor]:
-    """Inputs for a Hugging Face model built from its config (batch 1, ``tokens`` tokens)."""
+    """Inputs for a Hugging Face model built from its config (batch 2 — a batch of 1 would be
+    specialised into the graph — of ``tokens`` tokens)."""
     config = getattr(model, "config", None)
     main = getattr(model, "main_input_name", None)
     if config is None or main is None:
@@ -29,7 +32,7 @@ def hf_example_inputs(model: nn.Module, tokens: int = 8) -> dict[str, torch.Tens
             "given: pass example_inputs=(tensor, ...) or a dict of keyword tensors")
     if main == "input_ids":
         vocab = int(getattr(config, "vocab_size", 100) or 100)
-        ids = torch.randint(0, min(vocab, 1000), (1, tokens))
+        ids = torch.randint(0, min(vocab, 1000), (2, tokens))
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if getattr(config, "is_encoder_decoder", False):
             inputs["decoder_input_ids"] = ids.clone()
@@ -38,7 +41,7 @@ def hf_example_inputs(model: nn.Module, tokens: int = 8) -> dict[str, torch.Tens
         size = getattr(config, "image_size", 224)
         size = size if isinstance(size, int) else size[0]
         channels = getattr(config, "num_channels", 3)
-        return {"pixel_values": torch.randn(1, channels, size, size)}
+        return {"pixel_values": torch.randn(2, channels, size, size)}
     raise TraceError(
         f"cannot build example inputs for {type(model).__name__} (main input {main!r}); "
         "pass example_inputs")
@@ -60,7 +63,8 @@ def split_inputs(model: nn.Module, example_inputs: ExampleInputs | None
             "example_inputs must be a tuple of positional tensors or a dict of keyword tensors, "
             f"got {type(example_inputs).__name__}")
     config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "use_cache") and "use_cache" not in kwargs:
+    takes_use_cache = "use_cache" in inspect.signature(model.forward).parameters
+    if takes_use_cache and hasattr(config, "use_cache") and "use_cache" not in kwargs:
         kwargs["use_cache"] = False
     return args, kwargs
 
@@ -68,9 +72,21 @@ def split_inputs(model: nn.Module, example_inputs: ExampleInputs | None
 def export_model(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
     """dense model ⇒ ExportedProgram (ATen graph, nn_module_stack on every node)."""
     # Grad mode stays on: under no_grad some modules (nn.TransformerEncoderLayer) switch to a
-    # fused fast path that hides their FFN inside one opaque op.
+    # fused fast path that hides their FFN inside one opaque op. Every tensor dimension is
+    # Dim.AUTO, so the graph (graph mode's result, calibration runs) takes other batch and
+    # sequence sizes wherever the model allows it.
+    def auto(t):
+        return {i: torch.export.Dim.AUTO for i in range(t.dim())} if isinstance(
+            t, torch.Tensor) else None
+
+    if not kwargs:
+        dynamic = tuple(tree_map(auto, a) for a in args)
+    else:  # with keyword inputs, dynamic_shapes is keyed by forward()'s parameter names
+        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
+        dynamic = {name: tree_map(auto, value) for name, value in bound.items()}
     try:
-        return torch.export.export(model, args, kwargs=kwargs, strict=False)
+        return torch.export.export(model, args, kwargs=kwargs, strict=False,
+                                   dynamic_shapes=dynamic)
     except Exception as exc:  # export raises many types; all mean "cannot trace"
         raise TraceError(
             f"torch.export could not trace {type(model).__name__}: {type(exc).__name__}: "
