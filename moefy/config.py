@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 METHODS = ("upcycle", "split")
-PARTITIONS = ("contiguous", "random", "kmeans")
+PARTITIONS = ("contiguous", "random", "kmeans", "coactivation")
 ROUTERS = ("softmax",)
 
 
@@ -19,8 +19,9 @@ class MoEConfig:
         num_experts: routed experts per FFN.
         top_k: experts per token.
         shared_experts: always-on experts (split: carved from the FFN's neurons).
-        partition: split only — "contiguous", "random" or "kmeans" (balanced, on normalised
-            input-weight rows).
+        partition: split only — "contiguous", "random", "kmeans" (balanced, on normalised
+            input-weight rows) or "coactivation" (neurons that fire together, from
+            ``calibration_data``).
         granularity: upcycle only — cut each copy into this many shards of d_ff/G neurons
             (granular upcycling); num_experts and top_k must be multiples of it.
         router: "softmax".

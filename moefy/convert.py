@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
+from moefy.calibrate import collect_stats
 from moefy.config import MoEConfig
 from moefy.errors import (
     AlreadyConvertedError,
@@ -28,7 +29,9 @@ def convert(model: nn.Module, config: MoEConfig, *, example_inputs=None, calibra
         model: a dense model (Hugging Face models need no example inputs).
         config: a ``MoEConfig``.
         example_inputs: a tuple of positional tensors or a dict of keyword tensors.
-        calibration_data: not supported yet (calibrated partitions and routers come later).
+        calibration_data: an iterable of inputs like ``example_inputs`` (a DataLoader works);
+            split conversions then choose shared experts by activation frequency and, with
+            ``partition="coactivation"``, group neurons that fire together.
         inplace: change ``model`` itself instead of a copy.
         verify: where the method preserves the function (upcycle; split with
             top_k == num_experts), check the converted model's outputs against the dense one.
@@ -47,9 +50,10 @@ def convert(model: nn.Module, config: MoEConfig, *, example_inputs=None, calibra
         raise TypeError(f"convert expects an nn.Module, got {type(model).__name__}")
     if not isinstance(config, MoEConfig):
         raise TypeError(f"convert expects a moefy.MoEConfig, got {type(config).__name__}")
-    if calibration_data is not None:
-        raise ConversionError("calibration_data is not supported in this version; convert "
-                              "without it (partitions and routers are then data-free)")
+    if config.partition == "coactivation" and config.method == "split" and (
+            calibration_data is None):
+        raise ConversionError("partition='coactivation' needs calibration_data: an iterable of "
+                              "model inputs (tuples or dicts of tensors, e.g. a DataLoader)")
     existing = [name for name, m in model.named_modules() if isinstance(m, MoE)]
     if existing:
         raise AlreadyConvertedError(
@@ -88,12 +92,19 @@ def convert(model: nn.Module, config: MoEConfig, *, example_inputs=None, calibra
     plans = _select(plans, config)
     for match, plan in plans:  # every check that can fail, before anything changes
         build.check_divisible(plan.name, build.dense_weights(model, match), config)
+    # 4'. calibrate: stream the data through the graph; per-FFN activation statistics
+    stats = {}
+    if calibration_data is not None and config.method == "split":
+        stats = collect_stats(model, ep, [m for m, _ in plans], calibration_data)
     generator = torch.Generator().manual_seed(config.seed)
-    builder = build.upcycle if config.method == "upcycle" else build.split
 
     def make_moe(match, plan):
         dense = build.dense_weights(model, match)
-        moe = builder(dense, config, generator).train(model.training)
+        if config.method == "split":
+            moe = build.split(dense, config, generator, stats.get(match.output.name))
+        else:
+            moe = build.upcycle(dense, config, generator)
+        moe.train(model.training)
         moe.conversion = {"name": plan.name, "method": config.method,
                           "dense_ffn_size": dense.ffn_size}
         return moe

@@ -206,3 +206,33 @@ def test_graph_mode_result_takes_other_shapes():
     x = torch.randn(3, 9, 32)
     with torch.no_grad():
         torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_coactivation_partition_from_calibration_data():
+    model, inputs, _ = build("nanogpt")
+    data = [(torch.randn(4, 6, 32),) for _ in range(3)]
+    cfg = moefy.MoEConfig(method="split", num_experts=8, top_k=8, shared_experts=0,
+                          partition="coactivation")
+    moe_model = moefy.convert(model, cfg, example_inputs=inputs, calibration_data=data)
+    for ref, got in zip(outputs(model, inputs), outputs(moe_model, inputs), strict=True):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    moe = next(m for m in moe_model.modules() if isinstance(m, moefy.MoE))
+    assert sorted(sum(moe.expert_neurons, [])) == list(range(128))
+    with pytest.raises(ConversionError, match="needs calibration_data"):
+        moefy.convert(model, cfg, example_inputs=inputs)
+
+
+def test_calibration_picks_the_most_active_neurons_as_shared():
+    from moefy.calibrate import collect_stats
+    from moefy.passes.find_ffn import find_ffns
+    from moefy.passes.trace import export_model
+    model, inputs, _ = build("sequential")
+    data = [(torch.randn(8, 5, 32),) for _ in range(2)]
+    cfg = moefy.MoEConfig(method="split", num_experts=4, top_k=2, shared_experts=4)
+    moe = moefy.convert(model, cfg, example_inputs=inputs, calibration_data=data)[0]
+    ep = export_model(model, *split_inputs(model, inputs))
+    stats = collect_stats(model, ep, find_ffns(ep)[0], data)
+    first = next(iter(stats.values()))
+    assert first.tokens == 2 * 8 * 5
+    top = set(torch.argsort(first.active, descending=True, stable=True)[:64].tolist())
+    assert set(moe.shared_neurons) == top

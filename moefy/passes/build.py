@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from moefy.calibrate import FFNStats
 from moefy.config import MoEConfig
 from moefy.errors import ConversionError
 from moefy.layers.moe import MoE
@@ -130,28 +131,40 @@ def upcycle(dense: DenseWeights, config: MoEConfig, generator: torch.Generator) 
 
 
 @torch.no_grad()
-def split(dense: DenseWeights, config: MoEConfig, generator: torch.Generator) -> MoE:
-    """Partition the neurons into E routed + S shared experts; their sum is the FFN."""
-    E, S = config.num_experts, config.shared_experts
-    size = dense.ffn_size // (E + S)
-    groups = partition_neurons(dense.w_in, dense.w_gate, E + S, config.partition, generator)
-    # Shared experts: the groups with the largest weight mass (calibration refines this).
-    mass = dense.w_in.norm(dim=1) * dense.w_out.norm(dim=0)  # (I,)
-    order = sorted(range(E + S), key=lambda g: -float(mass[groups[g]].sum()))
-    shared_groups, routed = order[:S], sorted(order[S:])
+def split(dense: DenseWeights, config: MoEConfig, generator: torch.Generator,
+          stats: FFNStats | None = None) -> MoE:
+    """Partition the neurons into E routed + S shared experts; their sum is the FFN.
+
+    Shared neurons: the most often active on calibration data (CMoE), or without data the
+    largest weight mass ‖W1 row‖·‖W2 column‖. The rest are partitioned into E experts.
+    """
+    E, S, n = config.num_experts, config.shared_experts, dense.ffn_size
+    size = n // (E + S)
+    if stats is not None:
+        score = stats.active
+    else:
+        score = dense.w_in.float().norm(dim=1) * dense.w_out.float().norm(dim=0)  # (I,)
+    order = torch.argsort(score, descending=True, stable=True)
+    shared_idx = order[: S * size].sort().values
+    rest = order[S * size:].sort().values
+    coact = None if stats is None else stats.correlation()[rest][:, rest]
+    parts = partition_neurons(dense.w_in[rest],
+                              None if dense.w_gate is None else dense.w_gate[rest], E,
+                              config.partition, generator, coactivation=coact)
+    groups = [rest[p] for p in parts]
     moe = _new_moe(dense, size, config, combine="sum", shared_size=S * size)
-    for e, g in enumerate(routed):
-        idx = groups[g]
+    b_in = _zeros_if_none(dense.b_in, n, dense.w_in)
+    b_gate = _zeros_if_none(dense.b_gate, n, dense.w_in)
+    for e, idx in enumerate(groups):
         moe.w_in[e] = dense.w_in[idx]
         moe.w_out[e] = dense.w_out[:, idx]
         if moe.w_gate is not None:
             moe.w_gate[e] = dense.w_gate[idx]
         if moe.b_in is not None:
-            moe.b_in[e] = _zeros_if_none(dense.b_in, dense.ffn_size, dense.w_in)[idx]
+            moe.b_in[e] = b_in[idx]
             moe.b_out[e].zero_()  # the output bias is added once, by the shared part
         if moe.b_gate is not None:
-            moe.b_gate[e] = _zeros_if_none(dense.b_gate, dense.ffn_size, dense.w_in)[idx]
-    shared_idx = torch.cat([groups[g] for g in shared_groups]) if S else None
+            moe.b_gate[e] = b_gate[idx]
     if S:
         ffn = moe.shared.ffn
         ffn.fc_in.weight.copy_(dense.w_in[shared_idx])
@@ -159,19 +172,18 @@ def split(dense: DenseWeights, config: MoEConfig, generator: torch.Generator) ->
         if ffn.fc_gate is not None:
             ffn.fc_gate.weight.copy_(dense.w_gate[shared_idx])
         if ffn.fc_in.bias is not None:
-            ffn.fc_in.bias.copy_(_zeros_if_none(dense.b_in, dense.ffn_size, dense.w_in)[shared_idx])
+            ffn.fc_in.bias.copy_(b_in[shared_idx])
             ffn.fc_out.bias.zero_()
         if ffn.fc_gate is not None and ffn.fc_gate.bias is not None:
-            ffn.fc_gate.bias.copy_(
-                _zeros_if_none(dense.b_gate, dense.ffn_size, dense.w_in)[shared_idx])
+            ffn.fc_gate.bias.copy_(b_gate[shared_idx])
     if dense.b_out is not None:
         moe.shared.bias = nn.Parameter(dense.b_out.clone())
     # Training-free similarity router: each expert's centre, the mean direction of its
     # neurons' input weights (the gate's for gated FFNs, which decides what fires).
     key = dense.w_gate if dense.w_gate is not None else dense.w_in
     unit = nn.functional.normalize(key.float(), dim=1)
-    centres = torch.stack([unit[groups[g]].mean(0) for g in routed])
+    centres = torch.stack([unit[idx].mean(0) for idx in groups])
     moe.router.weight.copy_(centres.to(moe.router.weight.dtype))
-    moe.expert_neurons = [groups[g].tolist() for g in routed]
-    moe.shared_neurons = [] if shared_idx is None else shared_idx.tolist()
+    moe.expert_neurons = [idx.tolist() for idx in groups]
+    moe.shared_neurons = shared_idx.tolist()
     return moe

@@ -4,6 +4,8 @@
 - random: a seeded permutation cut in G pieces
 - kmeans: balanced k-means on the L2-normalised input-weight rows (gate and up rows
   concatenated for gated FFNs): neurons that respond to similar inputs share an expert
+- coactivation: balanced k-means on the rows of the calibration co-activation matrix:
+  neurons that fire on the same tokens share an expert
 """
 
 from __future__ import annotations
@@ -13,8 +15,12 @@ import torch
 
 
 def partition_neurons(w_in: torch.Tensor, w_gate: torch.Tensor | None, groups: int, method: str,
-                      generator: torch.Generator, iterations: int = 15) -> list[torch.Tensor]:
-    """``groups`` disjoint sorted index tensors of equal size covering ``range(d_ff)``."""
+                      generator: torch.Generator, iterations: int = 15,
+                      coactivation: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """``groups`` disjoint sorted index tensors of equal size covering ``range(d_ff)``.
+
+    ``coactivation`` (d_ff, d_ff), normalised co-activation from calibration data, is needed
+    by ``method="coactivation"``."""
     n = w_in.shape[0]
     if n % groups:
         raise ValueError(f"{n} neurons do not split into {groups} equal groups")
@@ -27,6 +33,12 @@ def partition_neurons(w_in: torch.Tensor, w_gate: torch.Tensor | None, groups: i
     if method == "kmeans":
         feats = w_in if w_gate is None else torch.cat([w_gate, w_in], dim=1)
         return _balanced_kmeans(feats.float(), groups, generator, iterations)
+    if method == "coactivation":
+        if coactivation is None:
+            raise ValueError("partition='coactivation' needs calibration statistics")
+        # Each neuron described by whom it fires with: neurons that fire together share an
+        # expert (a balanced cut of the co-activation graph, by k-means on its rows).
+        return _balanced_kmeans(coactivation.float(), groups, generator, iterations)
     raise ValueError(f"unknown partition {method!r}")
 
 
