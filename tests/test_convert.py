@@ -236,3 +236,30 @@ def test_calibration_picks_the_most_active_neurons_as_shared():
     assert first.tokens == 2 * 8 * 5
     top = set(torch.argsort(first.active, descending=True, stable=True)[:64].tolist())
     assert set(moe.shared_neurons) == top
+
+
+def test_explain_lists_every_candidate(capsys):
+    model, inputs, _ = build("nanogpt")
+    moefy.convert(model, moefy.MoEConfig(num_experts=4, top_k=4), example_inputs=inputs,
+                  explain=True)
+    out = capsys.readouterr().out
+    assert "3 FFN(s) found" in out
+    assert out.count("+ blocks.") == 3
+    assert "not an activation of a projection" in out  # the attention projections
+
+
+def test_verification_failure_is_a_typed_error(monkeypatch):
+    from moefy.errors import VerificationError
+    from moefy.passes import build as build_pass
+    real = build_pass.split
+
+    def broken(*args, **kwargs):
+        moe = real(*args, **kwargs)
+        with torch.no_grad():
+            moe.w_out.mul_(1.5)
+        return moe
+
+    monkeypatch.setattr(build_pass, "split", broken)
+    model, inputs, _ = build("sequential")
+    with pytest.raises(VerificationError, match="max difference"):
+        moefy.convert(model, moefy.MoEConfig(num_experts=4, top_k=4), example_inputs=inputs)
