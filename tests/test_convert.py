@@ -14,6 +14,7 @@ from tests.passes.models import custom_models, hf_configs
 
 HF = hf_configs()
 CUSTOM = custom_models()
+GRAPH_MODE = {"transformer_encoder", "sliced_glu"}
 EXACT_CONFIGS = (
     ("split", dict(method="split", num_experts=4, top_k=4)),
     ("split_shared_random", dict(method="split", num_experts=6, top_k=6, shared_experts=2,
@@ -48,7 +49,7 @@ def test_convert_finds_every_ffn_and_is_exact(name, cfg_name, cfg):
     moe_model = moefy.convert(model, moefy.MoEConfig(**cfg), example_inputs=inputs)
     moes = [m for m in moe_model.modules() if isinstance(m, moefy.MoE)]
     assert len(moes) == expected
-    if name == "transformer_encoder":  # FFN inline in the layer's forward: graph mode
+    if name in GRAPH_MODE:  # FFN inline in a larger forward: graph mode
         assert isinstance(moe_model, torch.fx.GraphModule)
     else:
         assert type(moe_model) is type(model)

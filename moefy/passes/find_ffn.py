@@ -196,23 +196,52 @@ def match_activation(node) -> tuple[str, Node, list[Node]] | None:
     return _arithmetic_gelu(node)
 
 
+def _last_dim_half(src: Node, dim) -> int | None:
+    """Half the size of ``src``'s last dimension when ``dim`` names that dimension."""
+    val = src.meta.get("val") if isinstance(src, Node) else None
+    if not isinstance(val, torch.Tensor) or not isinstance(dim, int):
+        return None
+    if dim not in (-1, val.dim() - 1):
+        return None
+    size = val.shape[-1]
+    return size // 2 if isinstance(size, int) and size % 2 == 0 else None
+
+
 def _fused_part(node) -> tuple[Node, int, Node | None] | None:
-    """(source, part index, splitter) when ``node`` is half of a chunk/split/slice in two."""
+    """(source, half index, splitter) when ``node`` is one of two equal halves of its source's
+    last dimension (chunk / split / slice)."""
     if not isinstance(node, Node):
         return None
     if node.target is operator.getitem:
         split, index = node.args
-        if isinstance(split, Node) and split.target in (aten.chunk.default, aten.split.Tensor,
-                                                        aten.split_with_sizes.default):
-            dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
-            if split.target == aten.chunk.default and split.args[1] != 2:
-                return None
-            if dim in (-1,) or (isinstance(dim, int) and dim > 0):
-                return split.args[0], index, split
+        if not isinstance(split, Node) or split.target not in (
+                aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default):
+            return None
+        src = split.args[0]
+        dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+        half = _last_dim_half(src, dim)
+        if half is None:
+            return None
+        sizes = split.args[1]
+        if split.target == aten.chunk.default and sizes != 2:
+            return None
+        if split.target == aten.split.Tensor and sizes != half:
+            return None
+        if split.target == aten.split_with_sizes.default and list(sizes) != [half, half]:
+            return None
+        return src, index, split
     if node.target == aten.slice.Tensor:
-        src, dim, start = node.args[0], node.args[1], node.args[2]
-        if dim == -1 or (isinstance(dim, int) and dim > 0):
-            return src, (0 if start in (0, None) else 1), None
+        src, dim = node.args[0], node.args[1]
+        start = node.args[2] if len(node.args) > 2 else None
+        end = node.args[3] if len(node.args) > 3 else None
+        step = node.args[4] if len(node.args) > 4 else 1
+        half = _last_dim_half(src, dim)
+        if half is None or step != 1:
+            return None
+        if start in (0, None) and end == half:
+            return src, 0, None
+        if start == half and (end is None or end >= 2 * half):
+            return src, 1, None
     return None
 
 

@@ -113,6 +113,7 @@ def custom_models():
         "nanogpt": (NanoGPT(), (x,), 3),
         "raw_f_linear": (RawModel(), (x,), 2),
         "transformer_encoder": (transformer_encoder(), (x,), 2),
+        "sliced_glu": (SlicedGLU(), (x,), 1),
     }
 
 
@@ -120,3 +121,17 @@ def transformer_encoder():
     """FFN inline in nn.TransformerEncoderLayer.forward: F.relu between two linears."""
     layer = nn.TransformerEncoderLayer(32, 2, 64, dropout=0.0, batch_first=True)
     return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+
+
+class SlicedGLU(nn.Module):
+    """Fused gate/up projection split by slicing, up half first."""
+
+    def __init__(self, d=32, f=48):
+        super().__init__()
+        self.f = f
+        self.wi = nn.Linear(d, 2 * f, bias=False)
+        self.wo = nn.Linear(f, d, bias=False)
+
+    def forward(self, x):
+        h = self.wi(x)
+        return x + self.wo(h[..., : self.f] * F.gelu(h[..., self.f:]))
