@@ -1,6 +1,7 @@
 """Activation statistics from calibration data, streamed (memory bounded by d_ff² per FFN).
 
-    calibration batches → exported graph, run node by node → each FFN's hidden activation h
+    calibration batches → each traced unit's inputs → its exported graph, node by node
+      → each FFN's hidden activation h
       → per FFN: tokens seen, how often each neuron is active (h > 0), co-activation counts
 """
 
@@ -13,7 +14,6 @@ import torch
 import torch.fx._pytree as fx_pytree
 
 from moefy.passes.find_ffn import FFNMatch, _strip
-from moefy.passes.trace import split_inputs
 
 
 @dataclass
@@ -42,17 +42,16 @@ class _Recorder(torch.fx.Interpreter):
 
 
 @torch.no_grad()
-def collect_stats(model: torch.nn.Module, ep: torch.export.ExportedProgram,
-                  matches: list[FFNMatch], calibration_data: Iterable) -> dict[str, FFNStats]:
-    """Run ``calibration_data`` (an iterable of inputs: tuples, dicts or tensors, e.g. a
-    DataLoader) through the exported graph and accumulate each FFN's activation statistics,
-    keyed by the name of the FFN's output node."""
+def collect_stats(ep: torch.export.ExportedProgram, matches: list[FFNMatch],
+                  calls: Iterable[tuple[tuple, dict]], stats: dict | None = None,
+                  prefix: str = "") -> dict[str, FFNStats]:
+    """Run each (args, kwargs) of ``calls`` through the exported graph and accumulate each
+    FFN's activation statistics into ``stats``, keyed ``prefix:output-node-name``."""
     gm = ep.module()
     spec = gm.graph._codegen.pytree_info.in_spec
-    wanted = {_strip(m.down.input)[0].name: m.output.name for m in matches}
-    stats: dict[str, FFNStats] = {}
-    for batch in calibration_data:
-        args, kwargs = split_inputs(model, batch)
+    wanted = {_strip(m.down.input)[0].name: f"{prefix}:{m.output.name}" for m in matches}
+    stats = {} if stats is None else stats
+    for args, kwargs in calls:
         recorder = _Recorder(gm, wanted)
         recorder.run(*fx_pytree.tree_flatten_spec((args, kwargs), spec))
         for name, h in recorder.values.items():
@@ -64,6 +63,4 @@ def collect_stats(model: torch.nn.Module, ep: torch.export.ExportedProgram,
             s.tokens += active.shape[0]
             s.active += active.sum(0)
             s.coactive.addmm_(active.t(), active)
-    if not stats:
-        raise ValueError("calibration_data yielded no batches")
     return stats

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -61,69 +62,103 @@ def convert(model: nn.Module, config: MoEConfig, *, example_inputs=None, calibra
             f"{', ...' if len(existing) > 4 else ''}): every FFN is already converted. Convert "
             "the original dense model instead.")
 
-    # 1. trace: dense model → exported graph (module and parameter names on every node)
+    # 1. trace: dense model → exported graph(s), module and parameter names on every node
     args, kwargs = trace.split_inputs(model, example_inputs)
-    ep = trace.export_model(model, args, kwargs)
+    units = trace.trace_units(model, args, kwargs)
     # 2. find: graph → FFN matches (structure, not class names), plus rejected candidates
-    matches, rejections = find_ffn.find_ffns(ep)
-    # 3. plan: each match → the modules to swap; unswappable ones become rejections
-    if not matches:
-        if explain:
-            _print_explanation([], rejections)
-        raise NoFFNFoundError(_no_ffn_message(model, rejections))
-    scopes = rewrite._scopes(ep.graph)
-    plans, inline = [], []
-    for match in matches:
-        plan = rewrite.plan_surgery(match, ep.graph, model, scopes)
-        if isinstance(plan, str):  # no module boundary: graph mode for this model
-            inline.append(f"{match.name or match.output.name}: {plan}")
-            plan = rewrite.SurgeryPlan(match.name or match.output.name, "", [], None)
-        plans.append((match, plan))
+    # 3. plan: each match → the modules to swap, or graph mode for its unit
+    plans: list[_Planned] = []
+    rejections: list[find_ffn.Rejection] = []
+    inline: dict[str, list[str]] = {}  # unit path -> why it needs graph mode
+    for unit in units:
+        matches, rejected = find_ffn.find_ffns(unit.ep)
+        rejections += [find_ffn.Rejection(_join(unit.path, r.node), r.reason) for r in rejected]
+        scopes = rewrite._scopes(unit.ep.graph)
+        for match in matches:
+            plan = rewrite.plan_surgery(match, unit.ep.graph, unit.module, scopes)
+            name = _join(unit.path, match.name or match.output.name)
+            if isinstance(plan, str):  # no module boundary: graph mode for this unit
+                inline.setdefault(unit.path, []).append(f"{name}: {plan}")
+                plan = rewrite.SurgeryPlan(name, "", [], None)
+            else:
+                plan = rewrite.SurgeryPlan(
+                    _join(unit.path, plan.name), _join(unit.path, plan.replace),
+                    [_join(unit.path, p) for p in plan.identities], plan.dropout)
+            plans.append(_Planned(unit, match, plan))
     if explain:
-        _print_explanation(plans, rejections)
-        for line in inline:
-            print(f"  ! graph mode: {line}")
-    if inline and inplace:
+        _print_explanation(plans, rejections, inline)
+    if not plans:
+        raise NoFFNFoundError(_no_ffn_message(model, rejections))
+    if inplace and "" in inline:
         raise ConversionError(
-            "these FFNs run inline in a larger forward and can only be converted in graph "
-            "mode, which returns a new GraphModule; call convert with inplace=False:\n  "
-            + "\n  ".join(inline))
+            "these FFNs run inline in the model's own forward and can only be converted in "
+            "graph mode, which returns a new GraphModule; call convert with inplace=False:\n  "
+            + "\n  ".join(inline[""]))
     # 4. select: only / skip / keep_first / keep_last
     plans = _select(plans, config)
-    for match, plan in plans:  # every check that can fail, before anything changes
-        build.check_divisible(plan.name, build.dense_weights(model, match), config)
-    # 4'. calibrate: stream the data through the graph; per-FFN activation statistics
-    stats = {}
+    for p in plans:  # every check that can fail, before anything changes
+        build.check_divisible(p.plan.name, build.dense_weights(p.unit.module, p.match), config)
+    # 4'. calibrate: stream the data through each unit's graph; per-FFN statistics
+    stats: dict = {}
     if calibration_data is not None and config.method == "split":
-        stats = collect_stats(model, ep, [m for m, _ in plans], calibration_data)
+        for batch in calibration_data:
+            calls = trace.record_calls(model, *trace.split_inputs(model, batch),
+                                       paths={u.path for u in units})
+            for unit in units:
+                matches = [p.match for p in plans if p.unit is unit]
+                if matches:
+                    collect_stats(unit.ep, matches, [calls[unit.path]], stats, unit.path)
+        if not stats:
+            raise ConversionError("calibration_data yielded no batches")
     generator = torch.Generator().manual_seed(config.seed)
 
-    def make_moe(match, plan):
-        dense = build.dense_weights(model, match)
+    def make_moe(p: _Planned) -> MoE:
+        dense = build.dense_weights(p.unit.module, p.match)
         if config.method == "split":
-            moe = build.split(dense, config, generator, stats.get(match.output.name))
+            key = f"{p.unit.path}:{p.match.output.name}"
+            moe = build.split(dense, config, generator, stats.get(key))
         else:
             moe = build.upcycle(dense, config, generator)
         moe.train(model.training)
-        moe.conversion = {"name": plan.name, "method": config.method,
+        moe.conversion = {"name": p.plan.name, "method": config.method,
                           "dense_ffn_size": dense.ffn_size}
         return moe
 
-    if inline:
-        # 5'. graph mode: the exported graph with each FFN's nodes replaced by its MoE
-        gm = copy.deepcopy(ep.module())  # ep.module() shares the caller's parameters
-        target = rewrite.rewrite_graph(gm, [(m, make_moe(m, p)) for m, p in plans])
-        del ep
+    # 5. build + rewrite, one FFN at a time (peak memory: the result plus one FFN). Units in
+    # graph mode become their exported graph with each FFN's nodes replaced by its MoE.
+    graph_units = [u for u in units if u.path in inline]
+    swapped = [p.plan for p in plans if p.unit.path not in inline]
+    swapped += [rewrite.SurgeryPlan(u.path, u.path, [], None) for u in graph_units if u.path]
+    if "" in inline:
+        target = None
     else:
-        del ep  # it holds references to every parameter; let swapped-out weights be freed
-        # 5. build + rewrite, one FFN at a time (peak memory: the result plus one FFN)
-        target = model if inplace else _copy_without(model, [p for _, p in plans])
-        for match, plan in plans:
-            rewrite.apply_surgery(target, plan, make_moe(match, plan))
-    # 7. verify: outputs equal where the method preserves the function
+        target = model if inplace else _copy_without(model, swapped)
+    for unit in graph_units:
+        gm = copy.deepcopy(unit.ep.module())  # ep.module() shares the caller's parameters
+        gm = rewrite.rewrite_graph(gm, [(p.match, make_moe(p)) for p in plans if p.unit is unit])
+        if unit.path:
+            target.set_submodule(unit.path, gm)
+        else:
+            target = gm
+    for p in plans:
+        if p.unit.path not in inline:
+            rewrite.apply_surgery(target, p.plan, make_moe(p))
+    del units, plans  # the exported programs hold references to every dense parameter
+    # 6. verify: outputs equal where the method preserves the function
     if verify and (config.method == "upcycle" or config.top_k == config.num_experts):
         _verify(model, target, args, kwargs)
     return target
+
+
+@dataclass
+class _Planned:
+    unit: trace.TracedUnit
+    match: find_ffn.FFNMatch
+    plan: rewrite.SurgeryPlan
+
+
+def _join(prefix: str, path: str) -> str:
+    return f"{prefix}.{path}" if prefix and path else prefix or path
 
 
 def _copy_without(model: nn.Module, plans) -> nn.Module:
@@ -140,12 +175,12 @@ def _copy_without(model: nn.Module, plans) -> nn.Module:
 def _select(plans, config: MoEConfig):
     chosen = plans[config.keep_first: len(plans) - config.keep_last]
     if config.only:
-        chosen = [p for p in chosen if any(fnmatch.fnmatch(p[1].name, g) for g in config.only)]
+        chosen = [p for p in chosen if any(fnmatch.fnmatch(p.plan.name, g) for g in config.only)]
     if config.skip:
         chosen = [p for p in chosen
-                  if not any(fnmatch.fnmatch(p[1].name, g) for g in config.skip)]
+                  if not any(fnmatch.fnmatch(p.plan.name, g) for g in config.skip)]
     if not chosen:
-        names = ", ".join(p[1].name for p in plans)
+        names = ", ".join(p.plan.name for p in plans)
         raise NoFFNFoundError(f"found FFNs ({names}) but only / skip / keep_first / keep_last "
                               "left none to convert")
     return chosen
@@ -170,15 +205,20 @@ def _verify(dense: nn.Module, moe_model: nn.Module, args: tuple, kwargs: dict,
                 f"to its largest value (tolerance {rtol * 10:.0e})")
 
 
-def _print_explanation(plans, rejections) -> None:
+def _print_explanation(plans, rejections, inline) -> None:
     print(f"moefy: {len(plans)} FFN(s) found")
-    for match, plan in plans:
-        extra = f", identities {plan.identities}" if plan.identities else ""
-        print(f"  + {plan.name}: {match.activation}{', gated' if match.gate else ''}"
-              f"{', fused gate_up' if match.fused_gate_first is not None else ''}; "
-              f"swap {plan.replace}{extra}")
+    for p in plans:
+        m, plan = p.match, p.plan
+        how = (f"graph mode in {p.unit.path or 'the model'}" if p.unit.path in inline
+               else f"swap {plan.replace}" + (f", identities {plan.identities}"
+                                              if plan.identities else ""))
+        print(f"  + {plan.name}: {m.activation}{', gated' if m.gate else ''}"
+              f"{', fused gate_up' if m.fused_gate_first is not None else ''}; {how}")
     for r in rejections:
         print(f"  - {r.node}: {r.reason}")
+    for reasons in inline.values():
+        for line in reasons:
+            print(f"  ! graph mode: {line}")
 
 
 def _no_ffn_message(model: nn.Module, rejections) -> str:

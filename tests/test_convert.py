@@ -232,7 +232,7 @@ def test_calibration_picks_the_most_active_neurons_as_shared():
     cfg = moefy.MoEConfig(method="split", num_experts=4, top_k=2, shared_experts=4)
     moe = moefy.convert(model, cfg, example_inputs=inputs, calibration_data=data)[0]
     ep = export_model(model, *split_inputs(model, inputs))
-    stats = collect_stats(model, ep, find_ffns(ep)[0], data)
+    stats = collect_stats(ep, find_ffns(ep)[0], [((x,), {}) for (x,) in data])
     first = next(iter(stats.values()))
     assert first.tokens == 2 * 8 * 5
     top = set(torch.argsort(first.active, descending=True, stable=True)[:64].tolist())
@@ -264,3 +264,32 @@ def test_verification_failure_is_a_typed_error(monkeypatch):
     model, inputs, _ = build("sequential")
     with pytest.raises(VerificationError, match="max difference"):
         moefy.convert(model, moefy.MoEConfig(num_experts=4, top_k=4), example_inputs=inputs)
+
+
+class DataDependentTop(torch.nn.Module):
+    """Top-level forward with data-dependent control flow (does not export as a whole); its
+    blocks do, and are converted one by one."""
+
+    def __init__(self):
+        super().__init__()
+        from tests.passes.models import NanoBlock
+        self.a, self.b = NanoBlock(), NanoBlock()
+
+    def forward(self, x):
+        x = self.a(x)
+        if x.sum() > 0:  # data-dependent branch
+            return self.b(x)
+        return self.b(-x)
+
+
+def test_untraceable_top_level_falls_back_to_submodules():
+    model = DataDependentTop().eval()
+    x = torch.randn(2, 5, 32)
+    moe_model = moefy.convert(model, moefy.MoEConfig(num_experts=4, top_k=4),
+                              example_inputs=(x,))
+    assert type(moe_model) is DataDependentTop
+    names = sorted(m.conversion["name"] for m in moe_model.modules() if isinstance(m, moefy.MoE))
+    assert names == ["a.mlp", "b.mlp"]
+    for sign in (1, -1):
+        with torch.no_grad():
+            torch.testing.assert_close(moe_model(sign * x), model(sign * x), rtol=1e-5, atol=1e-5)

@@ -1,15 +1,17 @@
-"""Tracing: dense nn.Module ⇒ torch.export graph whose nodes know their modules.
+"""Tracing: dense nn.Module ⇒ torch.export graph(s) whose nodes know their modules.
 
 ``torch.export`` (non-strict) of the whole model. Nodes carry ``meta["nn_module_stack"]`` and
 parameter placeholders map to parameter names through the graph signature — together they tie
 every matched node back to module and parameter names. Hugging Face models get example inputs
 built from their config when none are given, and ``use_cache=False`` (a cache object in the
-output breaks export).
+output breaks export). A model that does not export as a whole (data-dependent control flow
+at the top) is traced as its largest submodules that do.
 """
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -93,3 +95,62 @@ def export_model(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Ex
             f"{str(exc).splitlines()[0] if str(exc) else ''}\n"
             "Check that the model runs on the example inputs; pass example_inputs matching "
             "its forward() (a tuple of tensors or a dict of keyword tensors).") from exc
+
+
+@dataclass
+class TracedUnit:
+    """A module of the model and its exported graph; ``path`` "" is the whole model."""
+
+    path: str
+    module: nn.Module
+    ep: torch.export.ExportedProgram
+
+
+def record_calls(model: nn.Module, args: tuple, kwargs: dict,
+                 paths: set[str] | None = None) -> dict[str, tuple[tuple, dict]]:
+    """Run ``model`` once (eagerly, no grad) and return each module's first (args, kwargs)."""
+    calls: dict[str, tuple[tuple, dict]] = {}
+    handles = []
+
+    def hook_for(path):
+        def hook(module, a, k):
+            calls.setdefault(path, (a, dict(k)))
+        return hook
+
+    for path, module in model.named_modules():
+        if paths is None or path in paths:
+            handles.append(module.register_forward_pre_hook(hook_for(path), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as exc:  # any failure here means the inputs do not fit the model
+        raise TraceError(f"{type(model).__name__} does not run on the example inputs: "
+                         f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def trace_units(model: nn.Module, args: tuple, kwargs: dict) -> list[TracedUnit]:
+    """The whole model as one exported graph; when it does not export, the largest
+    submodules that do (top-down), each with the inputs it received on the example inputs."""
+    try:
+        return [TracedUnit("", model, export_model(model, args, kwargs))]
+    except TraceError as whole:
+        error = whole
+    calls = record_calls(model, args, kwargs)
+    units: list[TracedUnit] = []
+    for path, module in model.named_modules():
+        if not path or path not in calls or any(path.startswith(u.path + ".") for u in units):
+            continue
+        if next(module.parameters(), None) is None:
+            continue
+        try:
+            ep = export_model(module, *calls[path])
+        except TraceError:
+            continue
+        units.append(TracedUnit(path, module, ep))
+    if not units:
+        raise TraceError(f"{error}\nNo submodule exported on its own either.") from error
+    return units
