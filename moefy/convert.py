@@ -140,10 +140,11 @@ def convert(model: nn.Module, config: MoEConfig, *, example_inputs=None, calibra
             target.set_submodule(unit.path, gm)
         else:
             target = gm
+    for unit in units:
+        unit.ep = None  # it holds references to every dense parameter: let swapped ones go
     for p in plans:
         if p.unit.path not in inline:
             rewrite.apply_surgery(target, p.plan, make_moe(p))
-    del units, plans  # the exported programs hold references to every dense parameter
     # 6. verify: outputs equal where the method preserves the function
     if verify and (config.method == "upcycle" or config.top_k == config.num_experts):
         _verify(model, target, args, kwargs)

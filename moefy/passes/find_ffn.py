@@ -113,29 +113,29 @@ def _const(v, target: float, rel: float = 1e-4) -> bool:
     return isinstance(v, (int, float)) and math.isclose(float(v), target, rel_tol=rel)
 
 
-def _mul_by(node, constant: float) -> Node | None:
-    """``x`` when ``node`` is ``x * constant`` (either order), else None."""
-    if isinstance(node, Node) and node.target == aten.mul.Tensor:
+def _with_const(node, op, constant: float) -> Node | None:
+    """``x`` when ``node`` is ``op(x, constant)`` or ``op(constant, x)``, else None."""
+    if isinstance(node, Node) and node.target == op:
         a, b = node.args[:2]
         if isinstance(a, Node) and _const(b, constant):
             return a
         if isinstance(b, Node) and _const(a, constant):
             return b
-    if isinstance(node, Node) and node.target == aten.div.Tensor and constant != 0:
-        a, b = node.args[:2]
-        if isinstance(a, Node) and _const(b, 1.0 / constant):
-            return a
     return None
+
+
+def _mul_by(node, constant: float) -> Node | None:
+    """``x`` when ``node`` is ``x * constant`` (either order) or ``x / (1 / constant)``."""
+    x = _with_const(node, aten.mul.Tensor, constant)
+    if x is None and constant != 0 and isinstance(node, Node) and (
+            node.target == aten.div.Tensor and isinstance(node.args[0], Node)
+            and _const(node.args[1], 1.0 / constant)):
+        x = node.args[0]
+    return x
 
 
 def _add_const(node, constant: float) -> Node | None:
-    if isinstance(node, Node) and node.target == aten.add.Tensor:
-        a, b = node.args[:2]
-        if isinstance(a, Node) and _const(b, constant):
-            return a
-        if isinstance(b, Node) and _const(a, constant):
-            return b
-    return None
+    return _with_const(node, aten.add.Tensor, constant)
 
 
 def _cube_of(node) -> Node | None:
