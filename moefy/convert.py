@@ -89,13 +89,14 @@ def convert(model: nn.Module, config: MoEConfig, *, example_inputs=None, calibra
         _print_explanation(plans, rejections, inline)
     if not plans:
         raise NoFFNFoundError(_no_ffn_message(model, rejections))
-    if inplace and "" in inline:
+    # 4. select: only / skip / keep_first / keep_last
+    plans = _select(plans, config)
+    graph_paths = {p.unit.path for p in plans if p.unit.path in inline}
+    if inplace and "" in graph_paths:
         raise ConversionError(
             "these FFNs run inline in the model's own forward and can only be converted in "
             "graph mode, which returns a new GraphModule; call convert with inplace=False:\n  "
             + "\n  ".join(inline[""]))
-    # 4. select: only / skip / keep_first / keep_last
-    plans = _select(plans, config)
     for p in plans:  # every check that can fail, before anything changes
         build.check_divisible(p.plan.name, build.dense_weights(p.unit.module, p.match), config)
     # 4'. calibrate: stream the data through each unit's graph; per-FFN statistics
@@ -126,10 +127,10 @@ def convert(model: nn.Module, config: MoEConfig, *, example_inputs=None, calibra
 
     # 5. build + rewrite, one FFN at a time (peak memory: the result plus one FFN). Units in
     # graph mode become their exported graph with each FFN's nodes replaced by its MoE.
-    graph_units = [u for u in units if u.path in inline]
-    swapped = [p.plan for p in plans if p.unit.path not in inline]
+    graph_units = [u for u in units if u.path in graph_paths]
+    swapped = [p.plan for p in plans if p.unit.path not in graph_paths]
     swapped += [rewrite.SurgeryPlan(u.path, u.path, [], None) for u in graph_units if u.path]
-    if "" in inline:
+    if "" in graph_paths:
         target = None
     else:
         target = model if inplace else _copy_without(model, swapped)
@@ -143,7 +144,7 @@ def convert(model: nn.Module, config: MoEConfig, *, example_inputs=None, calibra
     for unit in units:
         unit.ep = None  # it holds references to every dense parameter: let swapped ones go
     for p in plans:
-        if p.unit.path not in inline:
+        if p.unit.path not in graph_paths:
             rewrite.apply_surgery(target, p.plan, make_moe(p))
     # 6. verify: outputs equal where the method preserves the function
     if verify and (config.method == "upcycle" or config.top_k == config.num_experts):

@@ -293,3 +293,11 @@ def test_untraceable_top_level_falls_back_to_submodules():
     for sign in (1, -1):
         with torch.no_grad():
             torch.testing.assert_close(moe_model(sign * x), model(sign * x), rtol=1e-5, atol=1e-5)
+
+
+def test_graph_mode_only_where_selected_ffns_need_it():
+    # skip the inline FFNs of the encoder layers: nothing needs graph mode, nothing converts
+    model, inputs, _ = build("transformer_encoder")
+    with pytest.raises(NoFFNFoundError, match="left none"):
+        moefy.convert(model, moefy.MoEConfig(num_experts=4, top_k=4, skip=["layers.*"]),
+                      example_inputs=inputs)

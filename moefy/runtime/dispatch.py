@@ -217,11 +217,11 @@ class PackedExperts:
         self.ew = detached
         self.key = weights_key(ew)
         E = ew.num_experts
-        self._in = [reorder(detached.w_in[e].contiguous(), None) for e in range(E)]
-        self._out = [reorder(detached.w_out[e].contiguous(), None) for e in range(E)]
+        self._in = [reorder(detached.w_in[e], None) for e in range(E)]
+        self._out = [reorder(detached.w_out[e], None) for e in range(E)]
         self._gate = (
             None if ew.w_gate is None
-            else [reorder(detached.w_gate[e].contiguous(), None) for e in range(E)]
+            else [reorder(detached.w_gate[e], None) for e in range(E)]
         )
         act = get_activation(ew.activation)
         self._act = act
