@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -20,6 +20,7 @@ from moefy.errors import (
 )
 from moefy.layers.moe import MoE
 from moefy.passes import build, find_ffn, rewrite, trace
+from moefy.passes.base import Pass, PassResult
 
 
 def convert(model: nn.Module, config: MoEConfig, *, example_inputs=None, calibration_data=None,
@@ -62,94 +63,185 @@ def convert(model: nn.Module, config: MoEConfig, *, example_inputs=None, calibra
             f"{', ...' if len(existing) > 4 else ''}): every FFN is already converted. Convert "
             "the original dense model instead.")
 
-    # 1. trace: dense model → exported graph(s), module and parameter names on every node
-    args, kwargs = trace.split_inputs(model, example_inputs)
-    units = trace.trace_units(model, args, kwargs)
-    # 2. find: graph → FFN matches (structure, not class names), plus rejected candidates
-    # 3. plan: each match → the modules to swap, or graph mode for its unit
-    plans: list[_Planned] = []
-    rejections: list[find_ffn.Rejection] = []
-    inline: dict[str, list[str]] = {}  # unit path -> why it needs graph mode
-    for unit in units:
-        matches, rejected = find_ffn.find_ffns(unit.ep)
-        rejections += [find_ffn.Rejection(_join(unit.path, r.node), r.reason) for r in rejected]
-        scopes = rewrite._scopes(unit.ep.graph)
-        for match in matches:
-            plan = rewrite.plan_surgery(match, unit.ep.graph, unit.module, scopes)
+    state = _State(model, config, *trace.split_inputs(model, example_inputs),
+                   calibration_data=calibration_data, inplace=inplace, explain=explain)
+    pipeline = [
+        TraceUnits(),  # graphs first: everything after reads structure, not class names
+        FindFFNs(),  # matches and the reason for every rejected candidate
+        PlanRewrite(),  # needs the graph's module scopes; decides surgery or graph mode
+        Select(),  # after planning, so only / skip see the final FFN names
+        CheckBeforeChange(),  # every failure that input can cause, before anything changes
+        Calibrate(),  # statistics the split builder reads
+        BuildAndRewrite(),  # one FFN at a time: peak memory is the result plus one FFN
+        Verify(enabled=verify),  # last: compares the finished model with the dense one
+    ]
+    for step in pipeline:
+        step(state)
+    return state.target
+
+
+@dataclass
+class _State:
+    """What the passes read and write, in pipeline order."""
+
+    model: nn.Module
+    config: MoEConfig
+    args: tuple
+    kwargs: dict
+    calibration_data: object = None
+    inplace: bool = False
+    explain: bool = False
+    units: list = field(default_factory=list)  # TracedUnit
+    found: list = field(default_factory=list)  # (unit, FFNMatch)
+    rejections: list = field(default_factory=list)  # Rejection
+    plans: list = field(default_factory=list)  # _Planned
+    inline: dict = field(default_factory=dict)  # unit path -> why it needs graph mode
+    graph_paths: set = field(default_factory=set)  # units converted in graph mode
+    stats: dict = field(default_factory=dict)  # FFN key -> FFNStats
+    target: nn.Module | None = None
+
+
+class TraceUnits(Pass):
+    """dense model ⇒ exported graph(s) (whole model, else its largest exportable modules)."""
+
+    def call(self, s: _State) -> PassResult:
+        s.units = trace.trace_units(s.model, s.args, s.kwargs)
+        return PassResult(True, {"graphs": len(s.units)})
+
+
+class FindFFNs(Pass):
+    """graphs ⇒ FFN matches, plus every rejected candidate and why."""
+
+    def call(self, s: _State) -> PassResult:
+        for unit in s.units:
+            matches, rejected = find_ffn.find_ffns(unit.ep)
+            s.found += [(unit, m) for m in matches]
+            s.rejections += [find_ffn.Rejection(_join(unit.path, r.node), r.reason)
+                             for r in rejected]
+        return PassResult(bool(s.found), {"ffns": len(s.found), "rejected": len(s.rejections)})
+
+
+class PlanRewrite(Pass):
+    """matches ⇒ the modules to swap (surgery plan), or graph mode for their unit."""
+
+    def call(self, s: _State) -> PassResult:
+        scopes = {id(u): rewrite._scopes(u.ep.graph) for u in s.units}
+        for unit, match in s.found:
+            plan = rewrite.plan_surgery(match, unit.ep.graph, unit.module, scopes[id(unit)])
             name = _join(unit.path, match.name or match.output.name)
             if isinstance(plan, str):  # no module boundary: graph mode for this unit
-                inline.setdefault(unit.path, []).append(f"{name}: {plan}")
+                s.inline.setdefault(unit.path, []).append(f"{name}: {plan}")
                 plan = rewrite.SurgeryPlan(name, "", [], None)
             else:
                 plan = rewrite.SurgeryPlan(
                     _join(unit.path, plan.name), _join(unit.path, plan.replace),
                     [_join(unit.path, p) for p in plan.identities], plan.dropout)
-            plans.append(_Planned(unit, match, plan))
-    if explain:
-        _print_explanation(plans, rejections, inline)
-    if not plans:
-        raise NoFFNFoundError(_no_ffn_message(model, rejections))
-    # 4. select: only / skip / keep_first / keep_last
-    plans = _select(plans, config)
-    graph_paths = {p.unit.path for p in plans if p.unit.path in inline}
-    if inplace and "" in graph_paths:
-        raise ConversionError(
-            "these FFNs run inline in the model's own forward and can only be converted in "
-            "graph mode, which returns a new GraphModule; call convert with inplace=False:\n  "
-            + "\n  ".join(inline[""]))
-    for p in plans:  # every check that can fail, before anything changes
-        build.check_divisible(p.plan.name, build.dense_weights(p.unit.module, p.match), config)
-    # 4'. calibrate: stream the data through each unit's graph; per-FFN statistics
-    stats: dict = {}
-    if calibration_data is not None and config.method == "split":
-        for batch in calibration_data:
-            calls = trace.record_calls(model, *trace.split_inputs(model, batch),
-                                       paths={u.path for u in units})
-            for unit in units:
-                matches = [p.match for p in plans if p.unit is unit]
-                if matches:
-                    collect_stats(unit.ep, matches, [calls[unit.path]], stats, unit.path)
-        if not stats:
-            raise ConversionError("calibration_data yielded no batches")
-    generator = torch.Generator().manual_seed(config.seed)
+            s.plans.append(_Planned(unit, match, plan))
+        if s.explain:
+            _print_explanation(s.plans, s.rejections, s.inline)
+        if not s.plans:
+            raise NoFFNFoundError(_no_ffn_message(s.model, s.rejections))
+        return PassResult(True, {"surgery": sum(p.unit.path not in s.inline for p in s.plans),
+                                 "graph_mode": sum(p.unit.path in s.inline for p in s.plans)})
 
-    def make_moe(p: _Planned) -> MoE:
+
+class Select(Pass):
+    """plans ⇒ the plans that only / skip / keep_first / keep_last leave."""
+
+    def call(self, s: _State) -> PassResult:
+        before = len(s.plans)
+        s.plans = _select(s.plans, s.config)
+        s.graph_paths = {p.unit.path for p in s.plans if p.unit.path in s.inline}
+        return PassResult(len(s.plans) != before, {"selected": len(s.plans)})
+
+
+class CheckBeforeChange(Pass):
+    """Raise now for anything the rewrite would fail on; the model is still untouched."""
+
+    def call(self, s: _State) -> PassResult:
+        if s.inplace and "" in s.graph_paths:
+            raise ConversionError(
+                "these FFNs run inline in the model's own forward and can only be converted "
+                "in graph mode, which returns a new GraphModule; call convert with "
+                "inplace=False:\n  " + "\n  ".join(s.inline[""]))
+        for p in s.plans:
+            dense = build.dense_weights(p.unit.module, p.match)
+            build.check_divisible(p.plan.name, dense, s.config)
+        return PassResult(False, {"checked": len(s.plans)})
+
+
+class Calibrate(Pass):
+    """calibration batches ⇒ per-FFN activation statistics (split only)."""
+
+    def call(self, s: _State) -> PassResult:
+        if s.calibration_data is None or s.config.method != "split":
+            return PassResult(False)
+        batches = 0
+        for batch in s.calibration_data:
+            calls = trace.record_calls(s.model, *trace.split_inputs(s.model, batch),
+                                       paths={u.path for u in s.units})
+            for unit in s.units:
+                matches = [p.match for p in s.plans if p.unit is unit]
+                if matches:
+                    collect_stats(unit.ep, matches, [calls[unit.path]], s.stats, unit.path)
+            batches += 1
+        if not batches:
+            raise ConversionError("calibration_data yielded no batches")
+        return PassResult(True, {"batches": batches, "ffns": len(s.stats)})
+
+
+class BuildAndRewrite(Pass):
+    """dense weights ⇒ MoEs, swapped into a copy (or the model, in place) one at a time;
+    graph-mode units become their exported graph with each FFN replaced by its MoE."""
+
+    def call(self, s: _State) -> PassResult:
+        generator = torch.Generator().manual_seed(s.config.seed)
+        graph_units = [u for u in s.units if u.path in s.graph_paths]
+        swapped = [p.plan for p in s.plans if p.unit.path not in s.graph_paths]
+        swapped += [rewrite.SurgeryPlan(u.path, u.path, [], None) for u in graph_units if u.path]
+        if "" not in s.graph_paths:
+            s.target = s.model if s.inplace else _copy_without(s.model, swapped)
+        for unit in graph_units:
+            gm = copy.deepcopy(unit.ep.module())  # ep.module() shares the caller's parameters
+            swaps = [(p.match, self._moe(s, p, generator)) for p in s.plans if p.unit is unit]
+            gm = rewrite.rewrite_graph(gm, swaps)
+            if unit.path:
+                s.target.set_submodule(unit.path, gm)
+            else:
+                s.target = gm
+        for unit in s.units:
+            unit.ep = None  # it holds references to every dense parameter: let swapped ones go
+        for p in s.plans:
+            if p.unit.path not in s.graph_paths:
+                rewrite.apply_surgery(s.target, p.plan, self._moe(s, p, generator))
+        return PassResult(True, {"moe": len(s.plans), "graph_units": len(graph_units)})
+
+    @staticmethod
+    def _moe(s: _State, p: _Planned, generator: torch.Generator) -> MoE:
         dense = build.dense_weights(p.unit.module, p.match)
-        if config.method == "split":
-            key = f"{p.unit.path}:{p.match.output.name}"
-            moe = build.split(dense, config, generator, stats.get(key))
+        if s.config.method == "split":
+            stats = s.stats.get(f"{p.unit.path}:{p.match.output.name}")
+            moe = build.split(dense, s.config, generator, stats)
         else:
-            moe = build.upcycle(dense, config, generator)
-        moe.train(model.training)
-        moe.conversion = {"name": p.plan.name, "method": config.method,
+            moe = build.upcycle(dense, s.config, generator)
+        moe.train(s.model.training)
+        moe.conversion = {"name": p.plan.name, "method": s.config.method,
                           "dense_ffn_size": dense.ffn_size}
         return moe
 
-    # 5. build + rewrite, one FFN at a time (peak memory: the result plus one FFN). Units in
-    # graph mode become their exported graph with each FFN's nodes replaced by its MoE.
-    graph_units = [u for u in units if u.path in graph_paths]
-    swapped = [p.plan for p in plans if p.unit.path not in graph_paths]
-    swapped += [rewrite.SurgeryPlan(u.path, u.path, [], None) for u in graph_units if u.path]
-    if "" in graph_paths:
-        target = None
-    else:
-        target = model if inplace else _copy_without(model, swapped)
-    for unit in graph_units:
-        gm = copy.deepcopy(unit.ep.module())  # ep.module() shares the caller's parameters
-        gm = rewrite.rewrite_graph(gm, [(p.match, make_moe(p)) for p in plans if p.unit is unit])
-        if unit.path:
-            target.set_submodule(unit.path, gm)
-        else:
-            target = gm
-    for unit in units:
-        unit.ep = None  # it holds references to every dense parameter: let swapped ones go
-    for p in plans:
-        if p.unit.path not in graph_paths:
-            rewrite.apply_surgery(target, p.plan, make_moe(p))
-    # 6. verify: outputs equal where the method preserves the function
-    if verify and (config.method == "upcycle" or config.top_k == config.num_experts):
-        _verify(model, target, args, kwargs)
-    return target
+
+class Verify(Pass):
+    """Where the method preserves the function, the converted outputs equal the dense ones."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+
+    def call(self, s: _State) -> PassResult:
+        preserves = s.config.method == "upcycle" or s.config.top_k == s.config.num_experts
+        if not (self.enabled and preserves):
+            return PassResult(False)
+        _verify(s.model, s.target, s.args, s.kwargs)
+        return PassResult(False, {"outputs_checked": 1})
 
 
 @dataclass
