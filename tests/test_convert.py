@@ -301,3 +301,21 @@ def test_graph_mode_only_where_selected_ffns_need_it():
     with pytest.raises(NoFFNFoundError, match="left none"):
         moefy.convert(model, moefy.MoEConfig(num_experts=4, top_k=4, skip=["layers.*"]),
                       example_inputs=inputs)
+
+
+def test_model_in_training_mode_converts_and_keeps_its_mode():
+    config, cls, _ = HF["bert"]
+    model = cls(config).train()
+    moe_model = moefy.convert(model, moefy.MoEConfig(num_experts=4, top_k=4))
+    assert model.training and moe_model.training
+    assert all(m.training for m in moe_model.modules() if isinstance(m, moefy.MoE))
+
+
+@pytest.mark.parametrize("method", ("split", "upcycle"))
+def test_bfloat16_model(method):
+    config, cls, _ = HF["llama"]
+    model = cls(config).eval().bfloat16()
+    k = 4 if method == "split" else 2
+    moe_model = moefy.convert(model, moefy.MoEConfig(method=method, num_experts=4, top_k=k))
+    moe = next(m for m in moe_model.modules() if isinstance(m, moefy.MoE))
+    assert moe.w_in.dtype == torch.bfloat16
