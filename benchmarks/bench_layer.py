@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable
 from types import SimpleNamespace
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
@@ -255,7 +254,6 @@ def main() -> None:
     for name, eff, vs_dense, over_peer in summary:
         print(f"  {name:<11} eff {eff:5.2f}   vs dense {vs_dense:5.2f}   "
               f"{over_peer:5.2f}× faster than the best peer")
-    np.set_printoptions()
 
 
 if __name__ == "__main__":

@@ -204,7 +204,7 @@ class MoE(nn.Module):
     def _routed(self, x: torch.Tensor, weights: torch.Tensor,
                 indices: torch.Tensor) -> torch.Tensor:
         ew = self.expert_weights()
-        if packed_path_applies(x) and not self._needs_grad(x, weights):
+        if packed_path_applies(x) and not self._needs_grad(x, weights, ew):
             if x.shape[0] <= SMALL_BATCH_TOKENS and decode_kernels_available():
                 return decode_ffn(x, weights, indices, ew)  # reads the weights as they are
             if self.prepack:
@@ -214,11 +214,12 @@ class MoE(nn.Module):
                 return self._packed(x, weights, indices)
         return torch.ops.moefy.expert_ffn(x, weights, indices, *ew[:6], ew.activation)
 
-    def _needs_grad(self, x: torch.Tensor, weights: torch.Tensor) -> bool:
+    @staticmethod
+    def _needs_grad(x: torch.Tensor, weights: torch.Tensor, ew: ExpertWeights) -> bool:
         if not torch.is_grad_enabled():
             return False
         return x.requires_grad or weights.requires_grad or any(
-            p.requires_grad for p in self.expert_weights()[:6] if p is not None)
+            p.requires_grad for p in ew[:6] if p is not None)
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 
 from moefy.activations import get_activation
-from moefy.runtime._kernels import decode_kernels_available
 from moefy.runtime.experts import ExpertWeights, expert_forward
 
 # Up to this many tokens a GEMM costs about as much as reading its weights, whatever its row
@@ -250,9 +249,8 @@ class PackedExperts:
 
     def _all_tokens(self, x: torch.Tensor, weights: torch.Tensor,
                     indices: torch.Tensor) -> torch.Tensor:
-        """Decode batches: each touched expert on every token, weighted 0 where not chosen."""
-        if x.shape[0] <= KERNEL_MAX_TOKENS and decode_kernels_available():
-            return decode_ffn(x, weights, indices, self.ew)
+        """Decode batches without the C++ kernel (``decode_ffn``, which ``MoE`` prefers): each
+        touched expert on every token, weighted 0 where not chosen."""
         T, E = x.shape[0], self.ew.num_experts
         combine = x.new_zeros(T, E).scatter_add_(1, indices.long(), weights.to(x.dtype))
         y = x.new_zeros(T, self.ew.hidden_size)

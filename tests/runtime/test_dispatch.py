@@ -1,15 +1,15 @@
 """Every dispatch implementation equals the naive per-token oracle."""
 
-from unittest import mock
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moefy.runtime.dispatch import (
+    KERNEL_MAX_TOKENS,
     PackedExperts,
     _padded_rows,
+    decode_ffn,
     grouped_ffn,
     plan_dispatch,
 )
@@ -34,15 +34,16 @@ def packed_default(x, w, i, ew):
 
 def packed_all_tokens(x, w, i, ew):
     packed = PackedExperts(ew)
-    packed.small_batch_tokens = 1 << 30  # exercise the decode path at every size
+    packed.small_batch_tokens = 1 << 30  # the oneDNN decode loop at every size
     return packed(x, w, i)
 
 
-def packed_all_tokens_without_kernels(x, w, i, ew):
-    packed = PackedExperts(ew)
-    packed.small_batch_tokens = 1 << 30
-    with mock.patch("moefy.runtime.dispatch.decode_kernels_available", return_value=False):
-        return packed(x, w, i)
+def decode_kernel(x, w, i, ew):
+    # the C++ kernel takes at most KERNEL_MAX_TOKENS tokens per call
+    rows = [decode_ffn(x[s : s + KERNEL_MAX_TOKENS], w[s : s + KERNEL_MAX_TOKENS],
+                       i[s : s + KERNEL_MAX_TOKENS], ew)
+            for s in range(0, x.shape[0], KERNEL_MAX_TOKENS)]
+    return torch.cat(rows) if rows else x.new_zeros(x.shape)
 
 
 def custom_op(x, w, i, ew):
@@ -54,7 +55,7 @@ IMPLS = {
     "packed": packed_dispatch,
     "packed_default": packed_default,
     "packed_all_tokens": packed_all_tokens,
-    "packed_all_tokens_without_kernels": packed_all_tokens_without_kernels,
+    "decode_kernel": decode_kernel,
     "custom_op": custom_op,
 }
 
