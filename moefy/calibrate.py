@@ -1,66 +1,179 @@
-"""Activation statistics from calibration data, streamed (memory bounded by d_ff² per FFN).
+"""Activation statistics from calibration data, streamed in bounded memory.
 
     calibration batches → each traced unit's inputs → its exported graph, node by node
-      → each FFN's hidden activation h
-      → per FFN: tokens seen, how often each neuron is active (h > 0), co-activation counts
+      → each FFN's input x and hidden activation h (padding tokens dropped)
+      → per FFN: tokens seen; per neuron how often active (h > 0), how often among the token's
+        strongest (top 1/8 by |h|: the "markers" of CMoE), mean h, mean |h|; co-marker counts;
+        a reservoir of FFN inputs (uniform sample of every token seen) for fitting routers
+
+Memory per FFN: d_ff² for co-marker counts plus ``reservoir × hidden`` for the inputs,
+however much data is given.
 """
 
 from __future__ import annotations
 
+import math
+import sys
+import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx._pytree as fx_pytree
 
 from moefy.passes.find_ffn import FFNMatch, _strip
 
+MARKER_FRACTION = 0.125  # share of each token's neurons counted as its markers
+RESERVOIR_TOKENS = 16384  # FFN inputs kept per FFN for router fitting and evaluation
+
 
 @dataclass
 class FFNStats:
-    tokens: int
-    active: torch.Tensor  # (d_ff,) tokens on which each neuron was active
-    coactive: torch.Tensor  # (d_ff, d_ff) tokens on which both neurons were active
+    """Streaming statistics of one FFN's hidden activation ``h`` (tokens, d_ff)."""
+
+    d_ff: int
+    hidden: int
+    capacity: int = RESERVOIR_TOKENS
+    tokens: int = 0
+    active: torch.Tensor = None  # (d_ff,) tokens on which h > 0
+    marked: torch.Tensor = None  # (d_ff,) tokens on which the neuron is a marker
+    comarked: torch.Tensor = None  # (d_ff, d_ff) tokens on which both are markers
+    sum_h: torch.Tensor = None  # (d_ff,) float64
+    sum_abs: torch.Tensor = None  # (d_ff,) float64
+    reservoir: torch.Tensor = None  # (≤ capacity, hidden) FFN inputs
+    _filled: int = 0
+    _generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
+
+    def __post_init__(self):
+        d = self.d_ff
+        self.active = torch.zeros(d)
+        self.marked = torch.zeros(d)
+        self.comarked = torch.zeros(d, d)
+        self.sum_h = torch.zeros(d, dtype=torch.float64)
+        self.sum_abs = torch.zeros(d, dtype=torch.float64)
+        self.reservoir = torch.empty(self.capacity, self.hidden)
+
+    @property
+    def mean_h(self) -> torch.Tensor:
+        return (self.sum_h / max(self.tokens, 1)).float()
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        """The sampled FFN inputs (≤ capacity, hidden), in arrival order."""
+        return self.reservoir[: self._filled]
 
     def correlation(self) -> torch.Tensor:
-        """Co-activation normalised by each neuron's activity (cosine of activity vectors)."""
-        norm = self.active.clamp_min(1).sqrt()
-        return self.coactive / norm[:, None] / norm[None, :]
+        """Co-marker counts normalised by each neuron's marker count (cosine of the
+        neurons' marker vectors over tokens)."""
+        norm = self.marked.clamp_min(1).sqrt()
+        return self.comarked / norm[:, None] / norm[None, :]
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor, h: torch.Tensor) -> None:
+        """Accumulate a batch of tokens: x (T, hidden), h (T, d_ff)."""
+        h = h.float()
+        t = h.shape[0]
+        m = max(1, math.ceil(self.d_ff * MARKER_FRACTION))
+        markers = torch.zeros_like(h).scatter_(1, h.abs().topk(m, dim=1).indices, 1.0)
+        self.active += (h > 0).sum(0)
+        self.marked += markers.sum(0)
+        self.comarked.addmm_(markers.t(), markers)
+        self.sum_h += h.sum(0, dtype=torch.float64)
+        self.sum_abs += h.abs().sum(0, dtype=torch.float64)
+        self._sample(x.float())
+        self.tokens += t
+
+    def _sample(self, x: torch.Tensor) -> None:
+        # Reservoir sampling (algorithm R, vectorised): every token seen so far is kept with
+        # equal probability capacity / tokens.
+        room = self.capacity - self._filled
+        take = min(room, x.shape[0])
+        if take:
+            self.reservoir[self._filled: self._filled + take] = x[:take]
+            self._filled += take
+        rest = x[take:]
+        if not rest.shape[0]:
+            return
+        seen = self.tokens + take + torch.arange(1, rest.shape[0] + 1, dtype=torch.float64)
+        slot = (torch.rand(rest.shape[0], generator=self._generator, dtype=torch.float64)
+                * seen).long()
+        keep = slot < self.capacity
+        self.reservoir[slot[keep]] = rest[keep]
 
 
 class _Recorder(torch.fx.Interpreter):
-    def __init__(self, gm: torch.fx.GraphModule, wanted: dict[str, str]):
+    def __init__(self, gm: torch.fx.GraphModule, wanted: dict[str, list[tuple[str, str]]]):
         super().__init__(gm)
-        self.wanted = wanted  # hidden-activation node name -> FFN key
-        self.values: dict[str, torch.Tensor] = {}
+        self.wanted = wanted  # node name -> [(FFN key, "x" | "h")]: one FFN's h may feed another
+        self.values: dict[str, dict[str, torch.Tensor]] = {}
 
     def run_node(self, n):
         out = super().run_node(n)
-        if n.name in self.wanted:
-            self.values[self.wanted[n.name]] = out
+        for key, what in self.wanted.get(n.name, ()):
+            self.values.setdefault(key, {})[what] = out
         return out
+
+
+def _token_mask(kwargs: dict, rows: int) -> torch.Tensor | None:
+    """The attention mask flattened to tokens, when it fits ``rows`` (padding is not data)."""
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.numel() == rows:
+        return mask.reshape(-1) > 0
+    return None
 
 
 @torch.no_grad()
 def collect_stats(ep: torch.export.ExportedProgram, matches: list[FFNMatch],
                   calls: Iterable[tuple[tuple, dict]], stats: dict | None = None,
-                  prefix: str = "") -> dict[str, FFNStats]:
+                  prefix: str = "", mask: torch.Tensor | None = None) -> dict[str, FFNStats]:
     """Run each (args, kwargs) of ``calls`` through the exported graph and accumulate each
-    FFN's activation statistics into ``stats``, keyed ``prefix:output-node-name``."""
+    FFN's statistics into ``stats``, keyed ``prefix:output-node-name``. ``mask`` (tokens,)
+    marks the tokens to count (None: all)."""
     gm = ep.module()
     spec = gm.graph._codegen.pytree_info.in_spec
-    wanted = {_strip(m.down.input)[0].name: f"{prefix}:{m.output.name}" for m in matches}
+    # ep.module() may rename user-input placeholders ("input" -> "input_1"): map by position
+    user = [n.name for n in ep.graph.nodes if n.op == "placeholder"
+            and n.name in ep.graph_signature.user_inputs]
+    renamed = dict(zip(user, [n.name for n in gm.graph.nodes if n.op == "placeholder"],
+                       strict=False))
+    wanted = {}
+    for m in matches:
+        key = f"{prefix}:{m.output.name}"
+        wanted.setdefault(_strip(m.down.input)[0].name, []).append((key, "h"))
+        wanted.setdefault(renamed.get(m.input.name, m.input.name), []).append((key, "x"))
     stats = {} if stats is None else stats
     for args, kwargs in calls:
         recorder = _Recorder(gm, wanted)
         recorder.run(*fx_pytree.tree_flatten_spec((args, kwargs), spec))
-        for name, h in recorder.values.items():
-            active = (h.reshape(-1, h.shape[-1]) > 0).float()  # (tokens, d_ff)
-            s = stats.get(name)
+        for key, v in recorder.values.items():
+            x = v["x"].reshape(-1, v["x"].shape[-1])
+            h = v["h"].reshape(-1, v["h"].shape[-1])
+            keep = mask if mask is not None and mask.numel() == h.shape[0] else None
+            if keep is not None:
+                x, h = x[keep], h[keep]
+            s = stats.get(key)
             if s is None:
-                d = active.shape[1]
-                s = stats[name] = FFNStats(0, torch.zeros(d), torch.zeros(d, d))
-            s.tokens += active.shape[0]
-            s.active += active.sum(0)
-            s.coactive.addmm_(active.t(), active)
+                s = stats[key] = FFNStats(h.shape[1], x.shape[1])
+            s.add(x, h)
     return stats
+
+
+class Progress:
+    """A one-line progress report on stderr (tokens processed), only on a terminal."""
+
+    def __init__(self, what: str, enabled: bool | None = None):
+        self.what = what
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.start = time.perf_counter()
+        self.last = 0.0
+
+    def update(self, message: str, force: bool = False) -> None:
+        now = time.perf_counter()
+        if self.enabled and (force or now - self.last > 0.5):
+            self.last = now
+            sys.stderr.write(f"\rmoefy {self.what}: {message} [{now - self.start:.0f} s]  ")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")

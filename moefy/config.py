@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 METHODS = ("upcycle", "split")
 PARTITIONS = ("contiguous", "random", "kmeans", "coactivation")
-ROUTERS = ("softmax",)
+ROUTERS = ("softmax", "noisy", "sigmoid", "topp", "expert_choice", "hash")
+ROUTER_INITS = ("similarity", "representative", "fit")
 
 
 @dataclass
@@ -24,8 +25,22 @@ class MoEConfig:
             ``calibration_data``).
         granularity: upcycle only — cut each copy into this many shards of d_ff/G neurons
             (granular upcycling); num_experts and top_k must be multiples of it.
-        router: "softmax".
-        capacity_factor: None (dropless) — the only value supported in this version.
+        router: how routing scores become a selection ("softmax" top-k; "noisy" top-k, noise
+            in training; "sigmoid" scores with aux-loss-free bias balancing; "topp" experts by
+            descending probability until their sum reaches ``top_p``, at most ``top_k``;
+            "expert_choice" each expert takes its top tokens; "hash" expert = token id mod a
+            fixed hash). See ``moefy.MoE``.
+        router_init: split only — "similarity" (expert centres of the neurons' input weights),
+            "representative" (each expert's most typical neuron, CMoE) or "fit" (a linear
+            router trained on calibration tokens to rank experts by their output). Default:
+            "fit" with calibration_data, else "similarity".
+        compensate: split only — move each expert's mean calibration output into the always-on
+            part so skipping an expert costs its deviation from the mean. Default: on with
+            calibration_data (it needs the data). Exact at top_k == num_experts either way.
+        capacity_factor: None (dropless) or > 0: each expert takes at most
+            ceil(tokens · top_k / num_experts · capacity_factor) tokens per forward; overflow
+            assignments are dropped (contribute zero) and counted.
+        top_p: the probability mass for router="topp".
         only / skip: glob patterns on FFN names (their module paths); ``only`` keeps matches,
             ``skip`` drops them.
         keep_first / keep_last: leave this many FFNs (in model order) dense.
@@ -42,7 +57,10 @@ class MoEConfig:
     partition: str = "kmeans"
     granularity: int = 1
     router: str = "softmax"
+    router_init: str | None = None
+    compensate: bool | None = None
     capacity_factor: float | None = None
+    top_p: float = 0.5
     only: list[str] = field(default_factory=list)
     skip: list[str] = field(default_factory=list)
     keep_first: int = 0
@@ -80,9 +98,15 @@ class MoEConfig:
                         f"MoEConfig.{name} ({getattr(self, name)}) must be a multiple of "
                         f"granularity ({self.granularity}): experts come in virtual groups of "
                         "granularity shards, and top-k selects whole groups")
-        if self.capacity_factor is not None:
-            raise ValueError("MoEConfig.capacity_factor is not supported yet; use None "
-                             "(dropless)")
+        if self.router_init is not None and self.router_init not in ROUTER_INITS:
+            raise ValueError(f"MoEConfig.router_init must be None or one of {ROUTER_INITS}, "
+                             f"got {self.router_init!r}")
+        if self.capacity_factor is not None and not (
+                isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0):
+            raise ValueError("MoEConfig.capacity_factor must be None (dropless) or a number "
+                             f"> 0, got {self.capacity_factor!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"MoEConfig.top_p must be in (0, 1], got {self.top_p!r}")
         if self.method == "upcycle" and self.shared_experts:
             raise ValueError("MoEConfig.shared_experts applies to method='split' only")
         if isinstance(self.only, str) or isinstance(self.skip, str):

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
-from moefy.calibrate import collect_stats
+from moefy.calibrate import Progress, _token_mask, collect_stats
 from moefy.config import MoEConfig
 from moefy.errors import (
     AlreadyConvertedError,
@@ -24,20 +24,24 @@ from moefy.passes.base import Pass, PassResult
 
 
 def convert(model: nn.Module, config: MoEConfig, *, example_inputs=None, calibration_data=None,
-            inplace: bool = False, verify: bool = True, explain: bool = False) -> nn.Module:
+            inplace: bool = False, verify: bool = True, explain: bool = False,
+            progress: bool | None = None) -> nn.Module:
     """Rewrite every feed-forward block of ``model`` into a ``moefy.MoE``.
 
     Args:
         model: a dense model (Hugging Face models need no example inputs).
         config: a ``MoEConfig``.
         example_inputs: a tuple of positional tensors or a dict of keyword tensors.
-        calibration_data: an iterable of inputs like ``example_inputs`` (a DataLoader works);
-            split conversions then choose shared experts by activation frequency and, with
-            ``partition="coactivation"``, group neurons that fire together.
+        calibration_data: an iterable of inputs like ``example_inputs`` (a DataLoader works),
+            streamed once in bounded memory (padding tokens are skipped via
+            ``attention_mask``). Split conversions then choose shared experts by activation
+            frequency, group neurons that fire together (``partition="coactivation"``),
+            compensate skipped experts by their mean output and fit the router.
         inplace: change ``model`` itself instead of a copy.
         verify: where the method preserves the function (upcycle; split with
             top_k == num_experts), check the converted model's outputs against the dense one.
         explain: print every candidate projection and why it was taken or rejected.
+        progress: show calibration progress on stderr (default: when stderr is a terminal).
 
     Returns the converted model: the same class as ``model`` with its FFN modules swapped, or,
     when an FFN runs inline in a larger forward with no module to swap, a ``GraphModule`` of
@@ -56,6 +60,11 @@ def convert(model: nn.Module, config: MoEConfig, *, example_inputs=None, calibra
             calibration_data is None):
         raise ConversionError("partition='coactivation' needs calibration_data: an iterable of "
                               "model inputs (tuples or dicts of tensors, e.g. a DataLoader)")
+    if calibration_data is None and config.method == "split" and (
+            config.router_init in ("fit", "representative") or config.compensate):
+        what = ("compensate=True" if config.compensate
+                else f"router_init={config.router_init!r}")
+        raise ConversionError(f"{what} needs calibration_data: an iterable of model inputs")
     existing = [name for name, m in model.named_modules() if isinstance(m, MoE)]
     if existing:
         raise AlreadyConvertedError(
@@ -64,7 +73,8 @@ def convert(model: nn.Module, config: MoEConfig, *, example_inputs=None, calibra
             "the original dense model instead.")
 
     state = _State(model, config, *trace.split_inputs(model, example_inputs),
-                   calibration_data=calibration_data, inplace=inplace, explain=explain)
+                   calibration_data=calibration_data, inplace=inplace, explain=explain,
+                   progress=progress)
     pipeline = [
         TraceUnits(),  # graphs first: everything after reads structure, not class names
         FindFFNs(),  # matches and the reason for every rejected candidate
@@ -91,6 +101,7 @@ class _State:
     calibration_data: object = None
     inplace: bool = False
     explain: bool = False
+    progress: bool | None = None
     units: list = field(default_factory=list)  # TracedUnit
     found: list = field(default_factory=list)  # (unit, FFNMatch)
     rejections: list = field(default_factory=list)  # Rejection
@@ -177,14 +188,21 @@ class Calibrate(Pass):
         if s.calibration_data is None or s.config.method != "split":
             return PassResult(False)
         batches = 0
+        progress = Progress("calibration", s.progress)
         for batch in s.calibration_data:
-            calls = trace.record_calls(s.model, *trace.split_inputs(s.model, batch),
-                                       paths={u.path for u in s.units})
+            args, kwargs = trace.split_inputs(s.model, batch)
+            calls = trace.record_calls(s.model, args, kwargs, paths={u.path for u in s.units})
+            mask = _token_mask(kwargs, kwargs["attention_mask"].numel()) if (
+                "attention_mask" in kwargs) else None
             for unit in s.units:
                 matches = [p.match for p in s.plans if p.unit is unit]
                 if matches:
-                    collect_stats(unit.ep, matches, [calls[unit.path]], s.stats, unit.path)
+                    collect_stats(unit.ep, matches, [calls[unit.path]], s.stats, unit.path,
+                                  mask=mask)
             batches += 1
+            tokens = max((st.tokens for st in s.stats.values()), default=0)
+            progress.update(f"{batches} batches, {tokens:,} tokens")
+        progress.close()
         if not batches:
             raise ConversionError("calibration_data yielded no batches")
         return PassResult(True, {"batches": batches, "ffns": len(s.stats)})
@@ -226,7 +244,7 @@ class BuildAndRewrite(Pass):
             moe = build.upcycle(dense, s.config, generator)
         moe.train(s.model.training)
         moe.conversion = {"name": p.plan.name, "method": s.config.method,
-                          "dense_ffn_size": dense.ffn_size}
+                          "dense_ffn_size": dense.ffn_size, **getattr(moe, "conversion", {})}
         return moe
 
 

@@ -223,7 +223,7 @@ def test_coactivation_partition_from_calibration_data():
         moefy.convert(model, cfg, example_inputs=inputs)
 
 
-def test_calibration_picks_the_most_active_neurons_as_shared():
+def test_calibration_picks_the_most_often_marked_neurons_as_shared():
     from moefy.calibrate import collect_stats
     from moefy.passes.find_ffn import find_ffns
     from moefy.passes.trace import export_model
@@ -235,7 +235,9 @@ def test_calibration_picks_the_most_active_neurons_as_shared():
     stats = collect_stats(ep, find_ffns(ep)[0], [((x,), {}) for (x,) in data])
     first = next(iter(stats.values()))
     assert first.tokens == 2 * 8 * 5
-    top = set(torch.argsort(first.active, descending=True, stable=True)[:64].tolist())
+    # CMoE: shared = the neurons most often among a token's strongest activations
+    score = first.marked + first.active / first.tokens
+    top = set(torch.argsort(score, descending=True, stable=True)[:64].tolist())
     assert set(moe.shared_neurons) == top
 
 

@@ -24,7 +24,8 @@ from moefy.runtime.dispatch import (
 from moefy.runtime.experts import ExpertWeights, expert_forward
 
 COMBINES = ("softmax", "sum")
-ROUTERS = ("softmax",)
+ROUTERS = ("softmax", "noisy", "sigmoid", "topp", "expert_choice", "hash")
+_HASH_MULTIPLIERS = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F)  # odd: bijective mod 2^32
 
 
 def _uniform_(t: torch.Tensor, fan_in: int) -> torch.Tensor:
@@ -111,7 +112,26 @@ class MoE(nn.Module):
         shared_expert_size: width of the always-on shared FFN (0: none).
         combine: "softmax" weights the k experts by a softmax over their logits (Mixtral);
             "sum" adds them unweighted (function-preserving neuron splits).
-        router: "softmax" (a linear router with top-k).
+        router: how the linear router's logits select experts:
+            "softmax": top-k of the logits (Mixtral);
+            "noisy": as softmax, plus N(0,1)·softplus(W_noise x) on the logits in training;
+            "sigmoid": s = σ(logits), top-k of s + b where b is a per-expert bias nudged after
+            every training forward toward balance (DeepSeek-V3, no aux loss), weights s
+            renormalised over the k;
+            "topp": experts in descending probability until their sum reaches ``top_p``,
+            at least 1 and at most ``top_k`` (unused slots carry weight 0);
+            "expert_choice": each expert takes its ceil(T·k/E) highest-probability tokens,
+            so a token gets 0..E experts (padded with weight-0 slots; not causal);
+            "hash": expert = a fixed hash of the token id mod E (``token_ids`` needed; no
+            parameters are used).
+        capacity_factor: None (dropless) or > 0: each expert takes at most
+            ceil(T·k/E·capacity_factor) assignments per forward, in token order; the rest are
+            dropped (weight 0) and counted in ``last_dropped``.
+        top_p: probability mass for ``router="topp"``.
+
+    In training mode each forward leaves ``last_aux`` (Switch load-balancing loss and router
+    z-loss, differentiable; see ``moefy.aux_loss``). ``expert_dropout`` (default 0) drops
+    routed assignments at random in training.
 
     Contract: ``moe(x)[t] == sum_j w[t, j] * moe.expert(i[t, j])(x[t]) + moe.shared(x[t])``
     with ``w, i = moe.route(x)``.
@@ -124,7 +144,8 @@ class MoE(nn.Module):
     def __init__(self, hidden_size: int, expert_size: int, num_experts: int, top_k: int, *,
                  activation: str = "gelu", gated: bool = False, bias: bool = True,
                  shared_expert_size: int = 0, combine: str = "softmax",
-                 router: str = "softmax"):
+                 router: str = "softmax", capacity_factor: float | None = None,
+                 top_p: float = 0.5):
         super().__init__()
         for name, value in (("hidden_size", hidden_size), ("expert_size", expert_size),
                             ("num_experts", num_experts), ("top_k", top_k)):
@@ -139,10 +160,19 @@ class MoE(nn.Module):
             raise ValueError(f"MoE: combine must be one of {COMBINES}, got {combine!r}")
         if router not in ROUTERS:
             raise ValueError(f"MoE: router must be one of {ROUTERS}, got {router!r}")
+        if capacity_factor is not None and not capacity_factor > 0:
+            raise ValueError(f"MoE: capacity_factor must be None or > 0, got {capacity_factor!r}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"MoE: top_p must be in (0, 1], got {top_p!r}")
         self.activation = get_activation(activation).name
         self.hidden_size, self.expert_size = hidden_size, expert_size
         self.num_experts, self.top_k = num_experts, top_k
         self.gated, self.combine, self.router_type = gated, combine, router
+        self.capacity_factor, self.top_p = capacity_factor, top_p
+        self.expert_dropout = 0.0
+        self.bias_update_rate = 1e-3  # router="sigmoid": balancing step per training forward
+        self.last_aux: dict[str, torch.Tensor] | None = None
+        self.last_dropped = 0
         # Keep a oneDNN-prepacked copy of the experts for CPU float32 inference.
         self.prepack = True
         # Set by split conversions: the dense FFN's neuron indices of each routed expert.
@@ -151,6 +181,11 @@ class MoE(nn.Module):
 
         E, I, H = num_experts, expert_size, hidden_size
         self.router = nn.Linear(H, E, bias=False)
+        self.router_noise = nn.Linear(H, E, bias=False) if router == "noisy" else None
+        if self.router_noise is not None:
+            nn.init.zeros_(self.router_noise.weight)
+        if router == "sigmoid":
+            self.register_buffer("selection_bias", torch.zeros(E))
         self.w_in = nn.Parameter(_uniform_(torch.empty(E, I, H), H))
         self.w_gate = nn.Parameter(_uniform_(torch.empty(E, I, H), H)) if gated else None
         self.w_out = nn.Parameter(_uniform_(torch.empty(E, H, I), I))
@@ -160,20 +195,105 @@ class MoE(nn.Module):
         self.shared = SharedExperts(H, shared_expert_size, activation=activation, gated=gated,
                                     bias=bias)
         self._packed: PackedExperts | None = None
+        self._token_ids: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ public
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, x: torch.Tensor, token_ids: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Routing decision for the flattened tokens of ``x`` (..., H): (weights, indices),
-        each (tokens, top_k)."""
+        each (tokens, slots) — slots is ``top_k`` except for "topp" (≤ top_k) and
+        "expert_choice" (≤ E), where unused slots carry weight 0."""
         x = self._flatten(x)
         logits = self.router(x)  # (T, E)
-        top, indices = torch.topk(logits, self.top_k, dim=-1)  # (T, k)
-        if self.combine == "softmax":
-            # softmax over the k selected logits == softmax over all E, renormalised over k
-            weights = torch.softmax(top, dim=-1, dtype=torch.float32).to(x.dtype)
+        if self.router_noise is not None and self.training:
+            noise = nn.functional.softplus(self.router_noise(x))
+            logits = logits + torch.randn_like(logits) * noise
+        kind, k = self.router_type, self.top_k
+        if kind == "hash":
+            weights, indices = self._hash(x, token_ids)
+        elif kind == "sigmoid":
+            scores = torch.sigmoid(logits.float())
+            indices = torch.topk(scores + self.selection_bias, k, dim=-1).indices
+            top = scores.gather(1, indices)
+            weights = top / top.sum(-1, keepdim=True).clamp_min(1e-20)
+        elif kind == "expert_choice":
+            weights, indices = self._expert_choice(logits)
         else:
-            weights = torch.ones_like(top)
+            top, indices = torch.topk(logits, k, dim=-1)  # (T, k)
+            # softmax over the k selected == softmax over all E, renormalised over the k
+            weights = torch.softmax(top, dim=-1, dtype=torch.float32)
+            if kind == "topp":
+                probs = torch.softmax(logits, dim=-1, dtype=torch.float32).gather(1, indices)
+                keep = (probs.cumsum(-1) - probs) < self.top_p  # mass before this one < p
+                weights = weights * keep
+                weights = weights / weights.sum(-1, keepdim=True)
+        used = weights > 0
+        if self.combine == "sum":
+            # unweighted; in training the router's gradient passes straight through
+            grad = weights - weights.detach() if self.training else 0
+            weights = used.float() + grad
+        if self.capacity_factor is not None:
+            used = self._apply_capacity(indices, used)
+            weights = weights * used
+        if self.training and self.expert_dropout > 0:
+            keep = torch.rand_like(weights) >= self.expert_dropout
+            weights = weights * keep / (1 - self.expert_dropout)
+        if self.training:
+            self._record_training(logits, indices, used)
+        return weights.to(x.dtype), indices
+
+    def _hash(self, x: torch.Tensor, token_ids: torch.Tensor | None):
+        if token_ids is None:
+            raise ValueError("router='hash' needs token_ids (the input ids of the tokens, one "
+                             "per row of x); converted models pass them from input_ids")
+        ids = token_ids.reshape(-1).long()
+        if ids.shape[0] != x.shape[0]:
+            raise ValueError(f"token_ids has {ids.shape[0]} ids for {x.shape[0]} tokens")
+        cols = []
+        for j in range(self.top_k):
+            mult = _HASH_MULTIPLIERS[j % len(_HASH_MULTIPLIERS)] + 2 * (j // 4)
+            h = (ids * mult) & 0xFFFFFFFF
+            cols.append((h >> 7) % self.num_experts)
+        indices = torch.stack(cols, dim=1)
+        weights = torch.full(indices.shape, 1.0 / self.top_k, device=x.device)
         return weights, indices
+
+    def _expert_choice(self, logits: torch.Tensor):
+        t, e = logits.shape
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # (T, E)
+        cap = min(t, math.ceil(t * self.top_k / e))
+        chosen = torch.zeros_like(probs)
+        if cap:
+            chosen.scatter_(0, probs.topk(cap, dim=0).indices, 1.0)  # each expert's tokens
+        slots = max(1, int(chosen.sum(1).max().item())) if t else 1
+        top, indices = (probs * chosen + chosen).topk(slots, dim=1)  # chosen ones first
+        weights = torch.where(top > 1, top - 1, torch.zeros_like(top))
+        return weights, indices
+
+    def _apply_capacity(self, indices: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+        t, slots = indices.shape
+        capacity = math.ceil(t * self.top_k / self.num_experts * self.capacity_factor)
+        onehot = nn.functional.one_hot(indices.reshape(-1), self.num_experts)
+        onehot = onehot * used.reshape(-1, 1)  # (T·slots, E), token order
+        position = (onehot.cumsum(0) * onehot).sum(1).reshape(t, slots)  # 1-based
+        keep = used & (position <= capacity)
+        self.last_dropped = int((used & ~keep).sum())
+        return keep
+
+    def _record_training(self, logits: torch.Tensor, indices: torch.Tensor,
+                         used: torch.Tensor) -> None:
+        e = self.num_experts
+        load = torch.zeros(e, device=logits.device).index_add_(
+            0, indices.reshape(-1), used.reshape(-1).float())  # assignments per expert
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        frac = load / load.sum().clamp_min(1)
+        self.last_aux = {
+            "balance": e * (frac * probs.mean(0)).sum(),  # Switch: E·Σ f_e·P_e
+            "z": torch.logsumexp(logits.float(), dim=-1).pow(2).mean(),  # ST-MoE z-loss
+        }
+        if self.router_type == "sigmoid":
+            with torch.no_grad():
+                self.selection_bias += self.bias_update_rate * torch.sign(load.mean() - load)
 
     def expert(self, e: int) -> nn.Module:
         """Routed expert ``e`` as a standalone dense FFN that shares this layer's weights."""
@@ -185,10 +305,12 @@ class MoE(nn.Module):
         return ExpertWeights(self.w_in, self.w_out, self.w_gate, self.b_in, self.b_gate,
                              self.b_out, self.activation)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = self._flatten(x)
-        weights, indices = self.route(x2)
+        if token_ids is None:
+            token_ids = self._token_ids  # set around a converted model's forward (hash)
+        weights, indices = self.route(x2, token_ids)
         y = self._routed(x2, weights, indices)
         if not self.shared.is_empty:
             y = y + self.shared(x2)

@@ -85,12 +85,13 @@ def check_divisible(name: str, dense: DenseWeights, config: MoEConfig) -> None:
 
 
 def _new_moe(dense: DenseWeights, expert_size: int, config: MoEConfig, *, combine: str,
-             shared_size: int = 0) -> MoE:
-    bias = dense.b_in is not None or dense.b_out is not None
+             shared_size: int = 0, bias: bool = False) -> MoE:
+    bias = bias or dense.b_in is not None or dense.b_out is not None
     with torch.device("meta"):  # no random init of weights the builder overwrites anyway
         moe = MoE(dense.hidden_size, expert_size, config.num_experts, config.top_k,
                   activation=dense.activation, gated=dense.w_gate is not None, bias=bias,
-                  shared_expert_size=shared_size, combine=combine, router=config.router)
+                  shared_expert_size=shared_size, combine=combine, router=config.router,
+                  capacity_factor=config.capacity_factor, top_p=config.top_p)
     return moe.to(dense.w_in.dtype).to_empty(device=dense.w_in.device)
 
 
@@ -135,13 +136,17 @@ def split(dense: DenseWeights, config: MoEConfig, generator: torch.Generator,
           stats: FFNStats | None = None) -> MoE:
     """Partition the neurons into E routed + S shared experts; their sum is the FFN.
 
-    Shared neurons: the most often active on calibration data (CMoE), or without data the
-    largest weight mass ‖W1 row‖·‖W2 column‖. The rest are partitioned into E experts.
+    Shared neurons: the most often marked on calibration data (CMoE: among a token's
+    strongest activations), or without data the largest weight mass ‖W1 row‖·‖W2 column‖.
+    The rest are partitioned into E experts. With statistics and ``config.compensate``,
+    each expert's mean calibration output c_e moves into the always-on part: expert e
+    outputs f_e(x) − c_e and the shared bias gains Σ_e c_e, so skipping an expert costs
+    its deviation from its mean, and with every expert selected the sum is unchanged.
     """
     E, S, n = config.num_experts, config.shared_experts, dense.ffn_size
     size = n // (E + S)
     if stats is not None:
-        score = stats.active
+        score = stats.marked + stats.active / max(stats.tokens, 1)  # ties: plain activity
     else:
         score = dense.w_in.float().norm(dim=1) * dense.w_out.float().norm(dim=0)  # (I,)
     order = torch.argsort(score, descending=True, stable=True)
@@ -152,9 +157,16 @@ def split(dense: DenseWeights, config: MoEConfig, generator: torch.Generator,
                               None if dense.w_gate is None else dense.w_gate[rest], E,
                               config.partition, generator, coactivation=coact)
     groups = [rest[p] for p in parts]
-    moe = _new_moe(dense, size, config, combine="sum", shared_size=S * size)
+    compensate = stats is not None and config.compensate is not False
+    moe = _new_moe(dense, size, config, combine="sum", shared_size=S * size,
+                   bias=compensate)
     b_in = _zeros_if_none(dense.b_in, n, dense.w_in)
     b_gate = _zeros_if_none(dense.b_gate, n, dense.w_in)
+    b_out = _zeros_if_none(dense.b_out, dense.hidden_size, dense.w_in)
+    means = torch.zeros(E, dense.hidden_size)
+    if compensate:
+        mean_h = stats.mean_h
+        means = torch.stack([dense.w_out[:, idx].float() @ mean_h[idx] for idx in groups])
     for e, idx in enumerate(groups):
         moe.w_in[e] = dense.w_in[idx]
         moe.w_out[e] = dense.w_out[:, idx]
@@ -162,7 +174,7 @@ def split(dense: DenseWeights, config: MoEConfig, generator: torch.Generator,
             moe.w_gate[e] = dense.w_gate[idx]
         if moe.b_in is not None:
             moe.b_in[e] = b_in[idx]
-            moe.b_out[e].zero_()  # the output bias is added once, by the shared part
+            moe.b_out[e] = -means[e]  # the output bias itself is added once, by the shared part
         if moe.b_gate is not None:
             moe.b_gate[e] = b_gate[idx]
     if S:
@@ -176,14 +188,88 @@ def split(dense: DenseWeights, config: MoEConfig, generator: torch.Generator,
             ffn.fc_out.bias.zero_()
         if ffn.fc_gate is not None and ffn.fc_gate.bias is not None:
             ffn.fc_gate.bias.copy_(b_gate[shared_idx])
-    if dense.b_out is not None:
-        moe.shared.bias = nn.Parameter(dense.b_out.clone())
-    # Training-free similarity router: each expert's centre, the mean direction of its
-    # neurons' input weights (the gate's for gated FFNs, which decides what fires).
-    key = dense.w_gate if dense.w_gate is not None else dense.w_in
-    unit = nn.functional.normalize(key.float(), dim=1)
-    centres = torch.stack([unit[idx].mean(0) for idx in groups])
-    moe.router.weight.copy_(centres.to(moe.router.weight.dtype))
+    if dense.b_out is not None or compensate:
+        moe.shared.bias = nn.Parameter((b_out.float() + means.sum(0)).to(dense.w_in.dtype))
     moe.expert_neurons = [idx.tolist() for idx in groups]
     moe.shared_neurons = shared_idx.tolist()
+    init = config.router_init or ("fit" if stats is not None else "similarity")
+    if init in ("fit", "representative") and stats is None:
+        raise ConversionError(f"router_init={init!r} needs calibration_data")
+    fit_info = set_router(moe, dense, groups, init, stats, generator)
+    moe.conversion = {"router_init": init, "compensated": compensate, **fit_info}
     return moe
+
+
+def set_router(moe: MoE, dense: DenseWeights, groups: list[torch.Tensor], init: str,
+               stats: FFNStats | None, generator: torch.Generator) -> dict:
+    """Initialise a split MoE's router; returns what was measured (router recall).
+
+    - similarity: each expert's centre, the mean direction of its neurons' input weights
+      (the gate's for gated FFNs, which decides what fires) — training-free;
+    - representative (CMoE): the input weights of each expert's most typical neuron (the one
+      most co-marked with the rest of its group): the logit is that neuron's pre-activation;
+    - fit: a linear router trained on the calibration reservoir to rank experts by how far
+      each expert's output on the token is from its mean (what skipping it would cost).
+    """
+    key = (dense.w_gate if dense.w_gate is not None else dense.w_in).float()
+    bias = None
+    if init == "representative":
+        corr = stats.correlation()
+        reps = [idx[corr[idx][:, idx].sum(1).argmax()] for idx in groups]
+        weight = key[torch.stack(reps)]
+        info = {}
+    else:
+        unit = nn.functional.normalize(key, dim=1)
+        weight = torch.stack([unit[idx].mean(0) for idx in groups])
+        info = {}
+    if stats is not None and stats.inputs.shape[0] >= 16:
+        x = stats.inputs
+        cost = _skip_cost(moe, x)  # (T, E)
+        held = max(1, x.shape[0] // 10)
+        info["router_recall_init"] = _recall(x[-held:] @ weight.t(), cost[-held:], moe.top_k)
+        if init == "fit":
+            weight, bias = _fit_router(x[:-held], cost[:-held], moe.top_k, weight, generator)
+            info["router_recall"] = _recall(x[-held:] @ weight.t() + bias, cost[-held:],
+                                            moe.top_k)
+        else:
+            info["router_recall"] = info["router_recall_init"]
+    moe.router.weight.copy_(weight.to(moe.router.weight.dtype))
+    if bias is not None:
+        moe.router.bias = nn.Parameter(bias.to(moe.router.weight.dtype))
+    return info
+
+
+def _skip_cost(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """‖f_e(x) − c_e‖ per token and expert (T, E): the output lost when e is not chosen."""
+    from moefy.runtime.experts import expert_forward
+    ew = moe.expert_weights()
+    ew = type(ew)(*(None if t is None else t.detach().float() for t in ew[:6]), ew.activation)
+    return torch.stack([expert_forward(x, ew, e).norm(dim=-1) for e in range(moe.num_experts)],
+                       dim=1)
+
+
+def _recall(logits: torch.Tensor, cost: torch.Tensor, k: int) -> float:
+    """Mean overlap of the router's top-k with the top-k by true cost (1.0: oracle)."""
+    chosen = torch.zeros_like(cost).scatter_(1, logits.topk(k, dim=1).indices, 1.0)
+    oracle = torch.zeros_like(cost).scatter_(1, cost.topk(k, dim=1).indices, 1.0)
+    return float((chosen * oracle).sum() / oracle.sum())
+
+
+@torch.enable_grad()
+def _fit_router(x: torch.Tensor, cost: torch.Tensor, k: int, init: torch.Tensor,
+                generator: torch.Generator, steps: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear router trained to put the k costliest experts on top: binary cross-entropy
+    on top-k membership, full batch, Adam. Seconds on CPU for 16k tokens."""
+    target = torch.zeros_like(cost).scatter_(1, cost.topk(k, dim=1).indices, 1.0)
+    scale = x.norm(dim=1).mean().clamp_min(1e-6)
+    xs = x / scale
+    w = (init * 0).requires_grad_(True)  # (E, H), zero start: scale of init is arbitrary
+    bias = torch.zeros(cost.shape[1], requires_grad=True)
+    opt = torch.optim.Adam([w, bias], lr=0.05)
+    for _ in range(steps):
+        logits = xs @ w.t() + bias
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return w.detach() / scale, bias.detach()
