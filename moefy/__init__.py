@@ -2,9 +2,12 @@
 
 from moefy import runtime
 from moefy.config import MoEConfig
-from moefy.convert import convert, report
+from moefy.convert import convert
 from moefy.layers import MoE
+from moefy.report import report
+from moefy.training import aux_loss, distill, freeze
 
 __version__ = "0.1.0"
 
-__all__ = ["MoE", "MoEConfig", "convert", "report", "runtime", "__version__"]
+__all__ = ["MoE", "MoEConfig", "aux_loss", "convert", "distill", "freeze", "report", "runtime",
+           "__version__"]

@@ -34,9 +34,12 @@ class MoEConfig:
             "representative" (each expert's most typical neuron, CMoE) or "fit" (a linear
             router trained on calibration tokens to rank experts by their output). Default:
             "fit" with calibration_data, else "similarity".
-        compensate: split only — move each expert's mean calibration output into the always-on
-            part so skipping an expert costs its deviation from the mean. Default: on with
-            calibration_data (it needs the data). Exact at top_k == num_experts either way.
+        compensate: split only — what the skipped experts would have added: "mean" moves each
+            expert's mean calibration output into the always-on part (skipping an expert then
+            costs only its deviation from its mean); "linear" adds to that a low-rank linear map
+            of the token (rank hidden/3, about 2/3·hidden/d_ff of the FFN's work) fitted by least squares to what
+            the routed experts still miss on calibration tokens; False: none. Default "linear"
+            with calibration_data (both need it). Exact at top_k == num_experts either way.
         capacity_factor: None (dropless) or > 0: each expert takes at most
             ceil(tokens · top_k / num_experts · capacity_factor) tokens per forward; overflow
             assignments are dropped (contribute zero) and counted.
@@ -58,7 +61,7 @@ class MoEConfig:
     granularity: int = 1
     router: str = "softmax"
     router_init: str | None = None
-    compensate: bool | None = None
+    compensate: bool | str | None = None
     capacity_factor: float | None = None
     top_p: float = 0.5
     only: list[str] = field(default_factory=list)
@@ -101,6 +104,9 @@ class MoEConfig:
         if self.router_init is not None and self.router_init not in ROUTER_INITS:
             raise ValueError(f"MoEConfig.router_init must be None or one of {ROUTER_INITS}, "
                              f"got {self.router_init!r}")
+        if self.compensate not in (None, False, "mean", "linear"):
+            raise ValueError("MoEConfig.compensate must be None, False, 'mean' or 'linear', "
+                             f"got {self.compensate!r}")
         if self.capacity_factor is not None and not (
                 isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0):
             raise ValueError("MoEConfig.capacity_factor must be None (dropless) or a number "

@@ -62,7 +62,7 @@ def convert(model: nn.Module, config: MoEConfig, *, example_inputs=None, calibra
                               "model inputs (tuples or dicts of tensors, e.g. a DataLoader)")
     if calibration_data is None and config.method == "split" and (
             config.router_init in ("fit", "representative") or config.compensate):
-        what = ("compensate=True" if config.compensate
+        what = (f"compensate={config.compensate!r}" if config.compensate
                 else f"router_init={config.router_init!r}")
         raise ConversionError(f"{what} needs calibration_data: an iterable of model inputs")
     existing = [name for name, m in model.named_modules() if isinstance(m, MoE)]
@@ -191,7 +191,11 @@ class Calibrate(Pass):
         progress = Progress("calibration", s.progress)
         for batch in s.calibration_data:
             args, kwargs = trace.split_inputs(s.model, batch)
-            calls = trace.record_calls(s.model, args, kwargs, paths={u.path for u in s.units})
+            if [u.path for u in s.units] == [""]:  # the whole model is one graph: no hooks
+                calls = {"": (args, kwargs)}
+            else:
+                calls = trace.record_calls(s.model, args, kwargs,
+                                           paths={u.path for u in s.units})
             mask = _token_mask(kwargs, kwargs["attention_mask"].numel()) if (
                 "attention_mask" in kwargs) else None
             for unit in s.units:
@@ -355,25 +359,3 @@ def _no_ffn_message(model: nn.Module, rejections) -> str:
         lines.append("The traced graph has no projection by a parameter (nn.Linear, F.linear "
                      "on a parameter, or Conv1D).")
     return "\n".join(lines)
-
-
-def report(model: nn.Module) -> str:
-    """One row per MoE layer: name, method, E, k, shared, parameters total / active per token,
-    FFN FLOP fraction (active FFN work per token relative to the dense FFN)."""
-    rows = [("name", "method", "E", "k", "shared", "params", "active", "FFN FLOPs")]
-    for name, m in model.named_modules():
-        if not isinstance(m, MoE):
-            continue
-        info = getattr(m, "conversion", {})
-        per_neuron = m.hidden_size * (3 if m.gated else 2)  # weights touched per hidden neuron
-        shared_size = 0 if m.shared.ffn is None else m.shared.ffn.fc_in.out_features
-        active = (m.top_k * m.expert_size + shared_size) * per_neuron
-        total = sum(p.numel() for p in m.parameters())
-        dense_size = info.get("dense_ffn_size")
-        frac = ("—" if dense_size is None else
-                f"{(m.top_k * m.expert_size + shared_size) / dense_size:.0%}")
-        rows.append((info.get("name", name), info.get("method", "—"), str(m.num_experts),
-                     str(m.top_k), str(shared_size), f"{total / 1e6:.2f}M",
-                     f"{(active + m.router.weight.numel()) / 1e6:.2f}M", frac))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)

@@ -25,6 +25,10 @@ from moefy.runtime.experts import ExpertWeights, expert_forward
 
 COMBINES = ("softmax", "sum")
 ROUTERS = ("softmax", "noisy", "sigmoid", "topp", "expert_choice", "hash")
+# Training with small experts: every expert for every token in two large GEMMs, unselected
+# entries masked to zero, beats a per-expert loop of small GEMMs forward and backward when
+# the (tokens, E·I) hidden tensor stays this small.
+_MASKED_MAX_ELEMENTS = 1 << 26
 _HASH_MULTIPLIERS = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F)  # odd: bijective mod 2^32
 
 
@@ -32,6 +36,30 @@ def _uniform_(t: torch.Tensor, fan_in: int) -> torch.Tensor:
     # nn.Linear's default initialisation, per expert.
     bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
     return nn.init.uniform_(t, -bound, bound)
+
+
+def _masked_dense(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                  ew: ExpertWeights) -> torch.Tensor:
+    """Σ_j weights[t, j] · expert_{indices[t, j]}(x[t]) computed as one masked dense FFN
+    (differentiable by autograd; same values as the sparse dispatch)."""
+    E, I, H = ew.w_in.shape
+    t = x.shape[0]
+    gate = x.new_zeros(t, E).index_put_(  # (T, E) routing weight of every expert
+        (torch.arange(t, device=x.device).unsqueeze(1).expand_as(indices), indices),
+        weights.to(x.dtype), accumulate=True)
+    act = get_activation(ew.activation).fn
+    flat = lambda w: w.reshape(E * I, H)  # noqa: E731
+    bias = lambda b: None if b is None else b.reshape(E * I)  # noqa: E731
+    h = nn.functional.linear(x, flat(ew.w_in), bias(ew.b_in))  # (T, E·I)
+    if ew.w_gate is not None:
+        h = act(nn.functional.linear(x, flat(ew.w_gate), bias(ew.b_gate))) * h
+    else:
+        h = act(h)
+    h = (h.view(t, E, I) * gate.unsqueeze(-1)).view(t, E * I)
+    y = h @ ew.w_out.permute(1, 0, 2).reshape(H, E * I).t()  # (T, H)
+    if ew.b_out is not None:
+        y = y + gate @ ew.b_out
+    return y
 
 
 class DenseFFN(nn.Module):
@@ -53,9 +81,11 @@ class DenseFFN(nn.Module):
 
 
 class SharedExperts(nn.Module):
-    """The always-on part of an MoE: shared experts (one dense FFN) and an output bias.
+    """The always-on part of an MoE: shared experts (one dense FFN), an output bias and a
+    low-rank linear compensation ``up(down(x))`` (an estimate of what the skipped experts
+    would have added, fitted on calibration data).
 
-    Either may be absent; with neither, ``forward`` returns zeros.
+    Any may be absent; with none, ``forward`` returns zeros.
     """
 
     def __init__(self, hidden_size: int, ffn_size: int = 0, *, activation: str = "gelu",
@@ -67,16 +97,29 @@ class SharedExperts(nn.Module):
             if ffn_size > 0 else None
         )
         self.bias: nn.Parameter | None = None
+        self.compensation: nn.Sequential | None = None  # Linear(H, r) → Linear(r, H)
 
     @property
     def is_empty(self) -> bool:
-        return self.ffn is None and self.bias is None
+        return self.ffn is None and self.bias is None and self.compensation is None
+
+    def set_compensation(self, down: torch.Tensor, up: torch.Tensor) -> None:
+        """Install the linear compensation x ↦ up @ (down @ x): down (r, H), up (H, r)."""
+        r, h = down.shape
+        lin = nn.Sequential(nn.Linear(h, r, bias=False), nn.Linear(r, h, bias=False))
+        lin = lin.to(device=down.device, dtype=down.dtype)
+        with torch.no_grad():
+            lin[0].weight.copy_(down)
+            lin[1].weight.copy_(up)
+        self.compensation = lin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ffn is None:
             y = x.new_zeros(x.shape[:-1] + (self.hidden_size,))
         else:
             y = self.ffn(x)
+        if self.compensation is not None:
+            y = y + self.compensation(x)
         return y if self.bias is None else y + self.bias
 
 
@@ -326,7 +369,11 @@ class MoE(nn.Module):
     def _routed(self, x: torch.Tensor, weights: torch.Tensor,
                 indices: torch.Tensor) -> torch.Tensor:
         ew = self.expert_weights()
-        if packed_path_applies(x) and not self._needs_grad(x, weights, ew):
+        needs_grad = self._needs_grad(x, weights, ew)
+        if needs_grad and self.training and not torch.compiler.is_compiling() and (
+                x.shape[0] * self.num_experts * self.expert_size <= _MASKED_MAX_ELEMENTS):
+            return _masked_dense(x, weights, indices, ew)
+        if packed_path_applies(x) and not needs_grad:
             if x.shape[0] <= SMALL_BATCH_TOKENS and decode_kernels_available():
                 return decode_ffn(x, weights, indices, ew)  # reads the weights as they are
             if self.prepack:

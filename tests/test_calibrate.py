@@ -1,0 +1,44 @@
+"""moefy.calibrate: streamed statistics equal brute force; the reservoir stays bounded."""
+
+import math
+
+import torch
+
+from moefy.calibrate import MARKER_FRACTION, FFNStats, _token_mask
+
+
+def test_stats_equal_brute_force_over_batches():
+    h = torch.randn(300, 40)
+    x = torch.randn(300, 8)
+    s = FFNStats(40, 8)
+    for rows in torch.arange(300).split(70):
+        s.add(x[rows], h[rows])
+    m = math.ceil(40 * MARKER_FRACTION)
+    markers = torch.zeros_like(h).scatter_(1, h.abs().topk(m, dim=1).indices, 1.0)
+    assert s.tokens == 300
+    torch.testing.assert_close(s.active, (h > 0).float().sum(0))
+    torch.testing.assert_close(s.marked, markers.sum(0))
+    torch.testing.assert_close(s.comarked, markers.t() @ markers)
+    torch.testing.assert_close(s.mean_h, h.mean(0))
+    torch.testing.assert_close(s.inputs, x)  # under capacity: every token, in order
+
+
+def test_reservoir_is_bounded_and_uniform():
+    s = FFNStats(4, 1, capacity=500)
+    n = 20000
+    ids = torch.arange(n, dtype=torch.float32).unsqueeze(1)
+    for rows in ids.split(1000):
+        s.add(rows, torch.randn(rows.shape[0], 4))
+    kept = s.inputs.squeeze(1)
+    assert kept.shape == (500,) and s.reservoir.shape == (500, 1)
+    assert len(set(kept.tolist())) == 500  # distinct tokens of the stream
+    # uniform over the stream: each quarter holds about a quarter of the sample
+    quarters = torch.bincount((kept / (n / 4)).long(), minlength=4).float() / 500
+    assert (quarters - 0.25).abs().max() < 0.08
+
+
+def test_padding_is_not_data():
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    keep = _token_mask({"attention_mask": mask}, 6)
+    assert keep.tolist() == [True, True, False, True, False, False]
+    assert _token_mask({"attention_mask": mask}, 7) is None
