@@ -236,6 +236,8 @@ class BuildAndRewrite(Pass):
         for p in s.plans:
             if p.unit.path not in s.graph_paths:
                 rewrite.apply_surgery(s.target, p.plan, self._moe(s, p, generator))
+        if s.config.router == "hash":
+            s.target.register_forward_pre_hook(_pass_token_ids, with_kwargs=True)
         return PassResult(True, {"moe": len(s.plans), "graph_units": len(graph_units)})
 
     @staticmethod
@@ -264,6 +266,18 @@ class Verify(Pass):
             return PassResult(False)
         _verify(s.model, s.target, s.args, s.kwargs)
         return PassResult(False, {"outputs_checked": 1})
+
+
+def _pass_token_ids(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of a model converted with router="hash": hand the model's token ids
+    (``input_ids``, else its first tensor argument) to its hash-routed MoE layers."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point():
+        raise ValueError("router='hash' routes by token id: call the model with input_ids "
+                         "(an integer tensor)")
+    for m in model.modules():
+        if isinstance(m, MoE) and m.router_type == "hash":
+            m._token_ids = ids
 
 
 @dataclass

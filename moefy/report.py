@@ -140,8 +140,8 @@ def _measure(model: nn.Module, moes: list[MoE], layers: list[dict], data) -> Non
 
 
 def _all_experts(m: MoE, x: torch.Tensor) -> torch.Tensor:
-    """The layer with every routed expert active: unweighted for "sum", else weighted by the
-    softmax over all E logits."""
+    """The layer with every routed expert active (so no compensation): unweighted for "sum",
+    else weighted by the softmax over all E logits."""
     t = x.shape[0]
     indices = torch.arange(m.num_experts).expand(t, -1)
     if m.combine == "sum":
@@ -149,7 +149,12 @@ def _all_experts(m: MoE, x: torch.Tensor) -> torch.Tensor:
     else:
         weights = torch.softmax(m.router(x), dim=-1, dtype=torch.float32).to(x.dtype)
     y = m._routed(x, weights, indices)
-    return y if m.shared.is_empty else y + m.shared(x)
+    use = m.shared.use_compensation
+    try:
+        m.shared.use_compensation = False
+        return y if m.shared.is_empty else y + m.shared(x)
+    finally:
+        m.shared.use_compensation = use
 
 
 # ---------------------------------------------------------------------------- heatmap PNG

@@ -321,3 +321,22 @@ def test_bfloat16_model(method):
     moe_model = moefy.convert(model, moefy.MoEConfig(method=method, num_experts=4, top_k=k))
     moe = next(m for m in moe_model.modules() if isinstance(m, moefy.MoE))
     assert moe.w_in.dtype == torch.bfloat16
+
+
+def test_hash_routing_follows_token_ids():
+    from transformers import BertConfig, BertModel
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64)
+    model = BertModel(cfg).eval()
+    moe_model = moefy.convert(model, moefy.MoEConfig(method="upcycle", num_experts=4, top_k=1,
+                                                     router="hash"))
+    moe = next(m for m in moe_model.modules() if isinstance(m, moefy.MoE))
+    ids = torch.tensor([[5, 9, 5, 17]])
+    seen = []
+    moe.register_forward_hook(lambda m, a, out: seen.append(m.route(a[0], m._token_ids)[1]))
+    with torch.no_grad():
+        y = moe_model(input_ids=ids).last_hidden_state
+        ref = model(input_ids=ids).last_hidden_state
+    routed = seen[0].reshape(-1)
+    assert routed[0] == routed[2]  # same token, same expert
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)  # upcycled copies: exact

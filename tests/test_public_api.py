@@ -3,6 +3,9 @@ import moefy
 
 def test_public_surface_is_pinned():
     assert sorted(moefy.__all__) == [
-        "MoE", "MoEConfig", "__version__", "aux_loss", "convert", "distill", "freeze", "report",
-        "runtime"]
-    assert sorted(moefy.runtime.__all__) == ["ExpertWeights", "expert_ffn", "reference_ffn"]
+        "MoE", "MoEConfig", "__version__", "aux_loss", "convert", "distill", "export_onnx",
+        "freeze", "onnx", "report", "runtime"]
+    assert sorted(moefy.runtime.__all__) == ["ExpertWeights", "Session", "expert_ffn",
+                                             "reference_ffn"]
+    assert sorted(moefy.onnx.__all__) == ["ExportError", "ExportResult", "check_tensorrt_ops",
+                                          "export_onnx"]

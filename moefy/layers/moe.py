@@ -97,20 +97,25 @@ class SharedExperts(nn.Module):
             if ffn_size > 0 else None
         )
         self.bias: nn.Parameter | None = None
-        self.compensation: nn.Sequential | None = None  # Linear(H, r) → Linear(r, H)
+        self.compensation: nn.Sequential | None = None  # Linear(H, r) → Linear(r, H) + bias
+        # Off when the MoE selects every expert: nothing is skipped, nothing to compensate.
+        self.use_compensation = True
 
     @property
     def is_empty(self) -> bool:
         return self.ffn is None and self.bias is None and self.compensation is None
 
-    def set_compensation(self, down: torch.Tensor, up: torch.Tensor) -> None:
-        """Install the linear compensation x ↦ up @ (down @ x): down (r, H), up (H, r)."""
+    def set_compensation(self, down: torch.Tensor, up: torch.Tensor,
+                         bias: torch.Tensor) -> None:
+        """Install the linear compensation x ↦ up @ (down @ x) + bias: down (r, H),
+        up (H, r), bias (H,)."""
         r, h = down.shape
-        lin = nn.Sequential(nn.Linear(h, r, bias=False), nn.Linear(r, h, bias=False))
+        lin = nn.Sequential(nn.Linear(h, r, bias=False), nn.Linear(r, h, bias=True))
         lin = lin.to(device=down.device, dtype=down.dtype)
         with torch.no_grad():
             lin[0].weight.copy_(down)
             lin[1].weight.copy_(up)
+            lin[1].bias.copy_(bias)
         self.compensation = lin
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,7 +123,7 @@ class SharedExperts(nn.Module):
             y = x.new_zeros(x.shape[:-1] + (self.hidden_size,))
         else:
             y = self.ffn(x)
-        if self.compensation is not None:
+        if self.compensation is not None and self.use_compensation:
             y = y + self.compensation(x)
         return y if self.bias is None else y + self.bias
 
@@ -209,7 +214,7 @@ class MoE(nn.Module):
             raise ValueError(f"MoE: top_p must be in (0, 1], got {top_p!r}")
         self.activation = get_activation(activation).name
         self.hidden_size, self.expert_size = hidden_size, expert_size
-        self.num_experts, self.top_k = num_experts, top_k
+        self.num_experts, self._top_k = num_experts, top_k
         self.gated, self.combine, self.router_type = gated, combine, router
         self.capacity_factor, self.top_p = capacity_factor, top_p
         self.expert_dropout = 0.0
@@ -241,6 +246,17 @@ class MoE(nn.Module):
         self._token_ids: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ public
+    @property
+    def top_k(self) -> int:
+        return self._top_k
+
+    @top_k.setter
+    def top_k(self, k: int) -> None:
+        if not isinstance(k, int) or not 1 <= k <= self.num_experts:
+            raise ValueError(f"MoE: top_k must be an int in [1, {self.num_experts}], got {k!r}")
+        self._top_k = k
+        self.shared.use_compensation = k < self.num_experts
+
     def route(self, x: torch.Tensor, token_ids: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Routing decision for the flattened tokens of ``x`` (..., H): (weights, indices),
@@ -295,8 +311,9 @@ class MoE(nn.Module):
         cols = []
         for j in range(self.top_k):
             mult = _HASH_MULTIPLIERS[j % len(_HASH_MULTIPLIERS)] + 2 * (j // 4)
-            h = (ids * mult) & 0xFFFFFFFF
-            cols.append((h >> 7) % self.num_experts)
+            h = torch.remainder(ids * mult, 1 << 31)  # arithmetic only: exports to Mul/Mod/Div
+            cols.append(torch.remainder(torch.div(h, 128, rounding_mode="floor"),
+                                        self.num_experts))
         indices = torch.stack(cols, dim=1)
         weights = torch.full(indices.shape, 1.0 / self.top_k, device=x.device)
         return weights, indices
@@ -320,7 +337,8 @@ class MoE(nn.Module):
         onehot = onehot * used.reshape(-1, 1)  # (T·slots, E), token order
         position = (onehot.cumsum(0) * onehot).sum(1).reshape(t, slots)  # 1-based
         keep = used & (position <= capacity)
-        self.last_dropped = int((used & ~keep).sum())
+        if not torch.compiler.is_compiling():  # a count, not part of the traced graph
+            self.last_dropped = int((used & ~keep).sum())
         return keep
 
     def _record_training(self, logits: torch.Tensor, indices: torch.Tensor,
@@ -381,7 +399,8 @@ class MoE(nn.Module):
                 if self._packed is None or self._packed.key != key:
                     self._packed = PackedExperts(ew)
                 return self._packed(x, weights, indices)
-        return torch.ops.moefy.expert_ffn(x, weights, indices, *ew[:6], ew.activation)
+        return torch.ops.moefy.expert_ffn(x, weights, indices, *ew[:6], ew.activation,
+                                          float(self.capacity_factor or 0.0))
 
     @staticmethod
     def _needs_grad(x: torch.Tensor, weights: torch.Tensor, ew: ExpertWeights) -> bool:

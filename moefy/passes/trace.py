@@ -71,21 +71,27 @@ def split_inputs(model: nn.Module, example_inputs: ExampleInputs | None
     return args, kwargs
 
 
+def auto_dynamic_shapes(model: nn.Module, args: tuple, kwargs: dict):
+    """``dynamic_shapes`` for torch.export marking every dimension of every tensor input
+    Dim.AUTO (export keeps dynamic what the model allows and specialises the rest)."""
+    def auto(t):
+        return {i: torch.export.Dim.AUTO for i in range(t.dim())} if isinstance(
+            t, torch.Tensor) else None
+
+    if not kwargs:
+        return tuple(tree_map(auto, a) for a in args)
+    # with keyword inputs, dynamic_shapes is keyed by forward()'s parameter names
+    bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
+    return {name: tree_map(auto, value) for name, value in bound.items()}
+
+
 def export_model(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
     """dense model ⇒ ExportedProgram (ATen graph, nn_module_stack on every node)."""
     # Grad mode stays on: under no_grad some modules (nn.TransformerEncoderLayer) switch to a
     # fused fast path that hides their FFN inside one opaque op. Every tensor dimension is
     # Dim.AUTO, so the graph (graph mode's result, calibration runs) takes other batch and
     # sequence sizes wherever the model allows it.
-    def auto(t):
-        return {i: torch.export.Dim.AUTO for i in range(t.dim())} if isinstance(
-            t, torch.Tensor) else None
-
-    if not kwargs:
-        dynamic = tuple(tree_map(auto, a) for a in args)
-    else:  # with keyword inputs, dynamic_shapes is keyed by forward()'s parameter names
-        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
-        dynamic = {name: tree_map(auto, value) for name, value in bound.items()}
+    dynamic = auto_dynamic_shapes(model, args, kwargs)
     try:
         return torch.export.export(model, args, kwargs=kwargs, strict=False,
                                    dynamic_shapes=dynamic)

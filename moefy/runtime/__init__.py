@@ -1,11 +1,13 @@
 """The sparse-dispatch runtime: sort by expert → grouped GEMM → weighted combine.
 
 ``moefy.runtime.expert_ffn`` is the routed-experts operator (``torch.ops.moefy.expert_ffn``);
-``reference_ffn`` is the naive per-token oracle it is tested against.
+``reference_ffn`` is the naive per-token oracle it is tested against; ``Session`` runs an
+exported model in ONNX Runtime.
 """
 
 from moefy.runtime.experts import ExpertWeights
 from moefy.runtime.ops import expert_ffn
 from moefy.runtime.reference import reference_ffn
+from moefy.runtime.session import Session
 
-__all__ = ["ExpertWeights", "expert_ffn", "reference_ffn"]
+__all__ = ["ExpertWeights", "Session", "expert_ffn", "reference_ffn"]

@@ -22,15 +22,19 @@ Tensor = torch.Tensor
 def expert_ffn(
     x: Tensor, weights: Tensor, indices: Tensor, w_in: Tensor, w_out: Tensor,
     w_gate: Tensor | None, b_in: Tensor | None, b_gate: Tensor | None, b_out: Tensor | None,
-    activation: str,
+    activation: str, capacity_factor: float = 0.0,
 ) -> Tensor:
+    """``capacity_factor`` > 0 promises that no expert receives more than
+    ceil(T·k/E·capacity_factor) assignments with a non-zero weight (the router dropped the
+    rest); static-shape lowerings size their buffers by it. 0: dropless."""
     ew = ExpertWeights(w_in, w_out, w_gate, b_in, b_gate, b_out, activation)
     check_routing(x, weights, indices, ew)
     return grouped_ffn(x, weights, indices, ew)
 
 
 @expert_ffn.register_fake
-def _expert_ffn_fake(x, weights, indices, w_in, w_out, w_gate, b_in, b_gate, b_out, activation):
+def _expert_ffn_fake(x, weights, indices, w_in, w_out, w_gate, b_in, b_gate, b_out, activation,
+                     capacity_factor=0.0):
     return torch.empty_like(x)
 
 
@@ -68,7 +72,7 @@ def _backward(ctx, grad):
     grads = expert_ffn_backward(grad.contiguous(), x, weights, indices, *w, ctx.activation)
     g = [None if t is None else gr for t, gr in zip([x, weights, *w], grads, strict=True)]
     # order of expert_ffn's inputs: x, weights, indices, w_in, w_out, w_gate, b_in, b_gate, b_out
-    return g[0], g[1], None, *g[2:], None
+    return g[0], g[1], None, *g[2:], None, None
 
 
 expert_ffn.register_autograd(_backward, setup_context=_setup_context)

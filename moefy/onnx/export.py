@@ -1,0 +1,206 @@
+"""``moefy.export_onnx``: a converted model ⇒ an ONNX file, checked against PyTorch.
+
+    model ──torch.export (every input dim Dim.AUTO)──▶ ExportedProgram
+          ──torch.onnx (dynamo) + moefy::expert_ffn lowered per target──▶ ONNX model
+          ──onnx.checker (full) → shape inference → ONNX Runtime vs PyTorch on the example
+            inputs and on inputs of another token count──▶ file (written only when it passed)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_leaves
+
+from moefy.errors import MoefyError
+from moefy.layers.moe import MoE
+from moefy.onnx.lowering import ort_expressible, translation_table
+from moefy.passes.trace import auto_dynamic_shapes, split_inputs
+
+TARGETS = ("ort", "standard")
+# Max |ONNX Runtime − PyTorch| relative to the output's largest magnitude, per target.
+TOLERANCE = {"ort": 1e-4, "standard": 1e-4}
+# ONNX Runtime's MoE computes GELU in its tanh form; an erf-GELU model drifts by that much.
+ERF_GELU_ON_ORT_TOLERANCE = 1e-2
+
+
+class ExportError(MoefyError):
+    """The model cannot be exported as asked, or the export failed validation."""
+
+
+@dataclass
+class ExportResult:
+    """What ``export_onnx`` wrote and measured."""
+
+    path: Path
+    target: str
+    moe_layers: int
+    opset: int
+    max_diff: list[float] = field(default_factory=list)  # per validation input, relative
+    tolerance: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, *,
+                target: str = "ort", opset: int | None = None, dynamic: bool = True,
+                validate: bool = True) -> ExportResult:
+    """Export ``model`` to ONNX with every MoE lowered for ``target``.
+
+    Args:
+        model: a model holding ``moefy.MoE`` layers (a model with none exports as plain
+            ``torch.onnx`` would, with a warning).
+        path: the .onnx file to write; nothing is left there when export or validation fails.
+        example_inputs: a tuple of positional tensors or a dict of keyword tensors
+            (optional for Hugging Face models).
+        target: "ort" — each MoE becomes ONNX Runtime's ``com.microsoft.MoE`` (router and
+            always-on part as ordinary nodes); "standard" — standard ONNX ops only, static
+            per-expert buffers (capacity from the token count and the layer's
+            ``capacity_factor``; dropless when None), in the subset TensorRT parses.
+        opset: ONNX opset (default: the exporter's).
+        dynamic: keep batch / sequence / token axes dynamic (else the example's sizes).
+        validate: full ``onnx.checker``, shape inference, then ONNX Runtime against PyTorch on
+            the example inputs and on inputs with another token count; raises
+            ``ExportError`` with the largest difference when outside the target's tolerance.
+
+    >>> moe = MoE(16, 8, num_experts=4, top_k=2).eval()
+    >>> import tempfile, os
+    >>> out = export_onnx(moe, os.path.join(tempfile.mkdtemp(), "m.onnx"),
+    ...                   (torch.randn(5, 16),))
+    >>> out.max_diff[0] < 1e-4
+    True
+    """
+    if target not in TARGETS:
+        raise ValueError(f"export_onnx: target must be one of {TARGETS}, got {target!r}")
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise ValueError(f"export_onnx: path should end in .onnx, got {str(path)!r}")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ExportError(f"cannot write {path}: {parent} is not a writable directory")
+    moes = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+    notes = _check_lowerable(moes, target)
+    if not moes:
+        warnings.warn(f"{type(model).__name__} holds no moefy.MoE layer: exporting it as plain "
+                      "torch.onnx would", stacklevel=2)
+    args, kwargs = split_inputs(model, example_inputs)
+
+    modes = [(m, m.training) for m in model.modules()]
+    workdir = Path(tempfile.mkdtemp(prefix=".moefy-export-", dir=parent))
+    try:
+        model.eval()
+        tmp = workdir / path.name
+        dynamic_shapes = auto_dynamic_shapes(model, args, kwargs) if dynamic else None
+        try:
+            ep = torch.export.export(model, args, kwargs=kwargs, strict=False,
+                                     dynamic_shapes=dynamic_shapes)
+            big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.8e9
+            program = torch.onnx.export(ep, (), None, dynamo=True, opset_version=opset,
+                                        custom_translation_table=translation_table(target))
+            program.save(str(tmp), external_data=big)
+        except Exception as exc:  # the exporter raises many types; report them as one
+            raise ExportError(f"torch.onnx could not export {type(model).__name__} for "
+                              f"target={target!r}: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
+        result = ExportResult(path, target, len(moes), _opset(tmp), notes=notes)
+        if validate:
+            result.tolerance = (ERF_GELU_ON_ORT_TOLERANCE if any("tanh form" in n for n in notes)
+                                else TOLERANCE[target])
+            result.max_diff = _validate(model, tmp, args, kwargs, result.tolerance,
+                                        dynamic=dynamic)
+        for f in workdir.iterdir():  # only now does anything appear at ``path``
+            os.replace(f, parent / f.name)
+        return result
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        for m, training in modes:
+            m.training = training
+
+
+def _check_lowerable(moes: list[tuple[str, MoE]], target: str) -> list[str]:
+    notes = []
+    for name, m in moes:
+        if m.router_type == "expert_choice":
+            raise ExportError(f"{name}: router='expert_choice' gives tokens a data-dependent "
+                              "number of experts; no export target expresses it")
+        if target == "ort":
+            why = ort_expressible(m.activation, m.gated)
+            if why:
+                raise ExportError(f"{name}: target='ort' cannot express {why}; use "
+                                  "target='standard'")
+            if m.router_type == "hash" and m.top_k > 1:
+                raise ExportError(f"{name}: router='hash' with top_k > 1 may choose one expert "
+                                  "twice, which ONNX Runtime's MoE cannot express; use "
+                                  "target='standard'")
+            if m.w_in.dtype != torch.float32:
+                raise ExportError(f"{name}: target='ort' runs float32 experts on CPU, this "
+                                  f"layer is {m.w_in.dtype}; convert with model.float()")
+            if m.activation == "gelu" and not m.gated:
+                notes.append(f"{name}: ONNX Runtime's MoE computes GELU in its tanh form; this "
+                             "layer uses erf-GELU (difference per activation ≤ 5e-4)")
+    return notes
+
+
+def _opset(path: Path) -> int:
+    import onnx
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _other_size(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The same inputs with another token count: sequences (dim 1 of integer ids, masks and
+    3-D states) or, for 2-D float inputs, the token rows (dim 0) grow by a few entries."""
+    def grow(t):
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return t
+        axis = 0 if (t.is_floating_point() and t.dim() == 2) or t.dim() == 1 else 1
+        extra = t.narrow(axis, 0, min(3, t.shape[axis]))
+        return torch.cat([t, extra], dim=axis)
+    return tuple(grow(a) for a in args), {k: grow(v) for k, v in kwargs.items()}
+
+
+def _validate(model: nn.Module, path: Path, args: tuple, kwargs: dict, tol: float, *,
+              dynamic: bool) -> list[float]:
+    import onnx
+
+    from moefy.runtime.session import Session
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+        onnx.shape_inference.infer_shapes_path(str(path), str(path.with_suffix(".inferred")))
+        path.with_suffix(".inferred").unlink()
+    except Exception as exc:  # checker and inference raise their own types
+        raise ExportError(f"the exported model fails ONNX's checks: {exc}") from exc
+    session = Session(path, device="cpu")
+    cases = [(args, kwargs)] + ([_other_size(args, kwargs)] if dynamic else [])
+    diffs = []
+    for a, k in cases:
+        with torch.no_grad():
+            ref = [t for t in tree_leaves(model(*a, **k)) if isinstance(t, torch.Tensor)]
+        feeds = dict(zip(session.input_names,
+                         [t for t in tree_leaves((a, k)) if isinstance(t, torch.Tensor)],
+                         strict=False))
+        got = list(session.run(feeds).values())
+        if len(got) != len(ref):
+            raise ExportError(f"the ONNX model returns {len(got)} outputs, PyTorch {len(ref)}")
+        worst = 0.0
+        for r, g in zip(ref, got, strict=True):
+            r = r.detach().float().numpy()
+            g = np.asarray(g, dtype=np.float32)
+            if r.shape != g.shape:
+                raise ExportError(f"output shape {g.shape} from ONNX Runtime, {r.shape} from "
+                                  "PyTorch")
+            scale = max(float(np.abs(r).max()), 1e-12)
+            worst = max(worst, float(np.abs(g - r).max()) / scale)
+        if not worst <= tol:
+            raise ExportError(f"ONNX Runtime differs from PyTorch by {worst:.2e} (relative to "
+                              f"the largest output), above the tolerance {tol:.0e}; inputs "
+                              f"{[tuple(t.shape) for t in tree_leaves((a, k))]}")
+        diffs.append(worst)
+    return diffs

@@ -1,0 +1,179 @@
+"""Lowering of ``moefy::expert_ffn`` for the ONNX exporter, one translation per target.
+
+    target "ort":       expert_ffn(x, w, i, experts)  ⇒  logits = scatter(log w at i, −1e30)
+                        → com.microsoft.MoE(x, logits, fc1, fc2; k, normalize=1) · Σ_j w_j
+    target "standard":  expert_ffn(x, w, i, experts)  ⇒  OneHot → CumSum (slot of each
+                        assignment in its expert) → ScatterND into (E, C + 1, H) buffers
+                        → batched MatMul, activation, MatMul → GatherND back → weighted sum
+
+ONNX Runtime's MoE weights the experts it picks by a softmax of the logits it is given,
+renormalised over its top-k. Handing it log(w) at the chosen experts (and −1e30 elsewhere)
+makes it pick exactly moefy's experts with weights w / Σw; multiplying by Σw afterwards gives
+any weights moefy's router produced (softmax, unweighted sums, sigmoid, top-p, dropped
+assignments), so one translation covers every combine mode.
+
+The standard target has only static shapes: each expert gets a buffer of C rows, C = T
+(dropless) or ceil(T·k/E·capacity_factor); a spare row C takes what the router dropped.
+"""
+
+from __future__ import annotations
+
+import math
+
+import onnx
+import torch
+from onnxscript import FLOAT, INT64
+from onnxscript import opset18 as op
+from onnxscript.values import Op, Opset
+
+_NEG = -1e30  # "not chosen" logit: exp(_NEG − max) is exactly 0 in float32
+
+
+def _moe_schema() -> onnx.defs.OpSchema:
+    P = onnx.defs.OpSchema.FormalParameter
+    Opt = onnx.defs.OpSchema.FormalParameterOption.Optional
+    A = onnx.defs.OpSchema.Attribute
+    AT = onnx.defs.OpSchema.AttrType
+    inputs = [P("input", "T"), P("router_probs", "T"), P("fc1_experts_weights", "T"),
+              P("fc1_experts_bias", "T", param_option=Opt), P("fc2_experts_weights", "T"),
+              P("fc2_experts_bias", "T", param_option=Opt),
+              P("fc3_experts_weights", "T", param_option=Opt),
+              P("fc3_experts_bias", "T", param_option=Opt)]
+    attrs = [A("activation_type", AT.STRING, "relu | gelu | silu | swiglu | identity"),
+             A("k", AT.INT, "experts per token"),
+             A("normalize_routing_weights", AT.INT, "renormalise over the top-k"),
+             A("swiglu_fusion", AT.INT, "1: fc1 rows interleaved gate/up"),
+             A("activation_alpha", AT.FLOAT, "swiglu alpha"),
+             A("activation_beta", AT.FLOAT, "swiglu beta"),
+             A("use_sparse_mixer", AT.INT, "sparse mixer routing")]
+    return onnx.defs.OpSchema(
+        "MoE", "com.microsoft", 1, inputs=inputs, outputs=[P("output", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"],
+                           "float types")],
+        attributes=attrs)
+
+
+MSFT = Opset("com.microsoft", 1)
+ORT_MOE = Op(MSFT, "MoE", _moe_schema())
+
+# moefy activation → ONNX Runtime MoE activation_type (plain experts)
+ORT_ACTIVATIONS = {"relu": "relu", "gelu_tanh": "gelu", "gelu": "gelu", "silu": "silu"}
+
+
+def ort_expressible(activation: str, gated: bool) -> str | None:
+    """None when ONNX Runtime's MoE op can run these experts, else why not."""
+    if gated:
+        return None if activation == "silu" else (
+            f"gated {activation} experts (ONNX Runtime's MoE has only SwiGLU among gated "
+            "activations)")
+    return None if activation in ORT_ACTIVATIONS else (
+        f"activation {activation!r} (ONNX Runtime's MoE has relu, gelu (tanh form), silu)")
+
+
+def _interleave(gate, up, experts: int, rows: int, *tail: int):
+    """[g0, u0, g1, u1, ...] along the row axis: ONNX Runtime's fused SwiGLU layout."""
+    both = op.Concat(op.Unsqueeze(gate, [2]), op.Unsqueeze(up, [2]), axis=2)
+    return op.Reshape(both, op.Constant(value_ints=[experts, 2 * rows, *tail]))
+
+
+def ort_expert_ffn(x, weights, indices, w_in, w_out, w_gate, b_in, b_gate, b_out,
+                   activation: str, capacity_factor: float = 0.0):
+    E, I, H = (int(d) for d in w_in.shape)
+    k = int(weights.shape[1])
+    logw = op.Max(op.Log(weights), op.Constant(value_float=_NEG))  # log 0 = −inf → −1e30
+    rows = op.Shape(x, start=0, end=1)
+    base = op.Expand(op.Constant(value_float=_NEG),
+                     op.Concat(rows, op.Constant(value_ints=[E]), axis=0))  # (T, E)
+    logits = op.ScatterElements(base, indices, logw, axis=1)
+    attrs = dict(k=k, normalize_routing_weights=1)
+    if w_gate is not None:
+        fc1 = _interleave(w_gate, w_in, E, I, H)
+        fc1_bias = None if b_in is None else _interleave(b_gate, b_in, E, I)
+        attrs.update(activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
+                     activation_beta=0.0)
+    else:
+        fc1, fc1_bias = w_in, b_in
+        attrs.update(activation_type=ORT_ACTIVATIONS[activation])
+    y = ORT_MOE(x, logits, fc1, fc1_bias, w_out, b_out, **attrs)
+    return op.Mul(y, op.ReduceSum(weights, op.Constant(value_ints=[1]), keepdims=1))
+
+
+def _activate(h, activation: str):
+    if activation == "relu":
+        return op.Relu(h)
+    if activation == "squared_relu":
+        r = op.Relu(h)
+        return op.Mul(r, r)
+    if activation == "gelu":  # exact: x · Φ(x) = x/2 · (1 + erf(x/√2))
+        half = op.Mul(h, op.Constant(value_float=0.5))
+        return op.Mul(half, op.Add(op.Constant(value_float=1.0),
+                                   op.Erf(op.Mul(h, op.Constant(value_float=2 ** -0.5)))))
+    if activation == "gelu_tanh":
+        inner = op.Mul(op.Constant(value_float=math.sqrt(2 / math.pi)),
+                       op.Add(h, op.Mul(op.Constant(value_float=0.044715),
+                                        op.Mul(h, op.Mul(h, h)))))
+        return op.Mul(op.Mul(h, op.Constant(value_float=0.5)),
+                      op.Add(op.Constant(value_float=1.0), op.Tanh(inner)))
+    if activation == "silu":
+        return op.Mul(h, op.Sigmoid(h))
+    if activation == "quick_gelu":
+        return op.Mul(h, op.Sigmoid(op.Mul(h, op.Constant(value_float=1.702))))
+    raise ValueError(f"no standard-ops lowering for activation {activation!r}")
+
+
+def standard_expert_ffn(x, weights, indices, w_in, w_out, w_gate, b_in, b_gate, b_out,
+                        activation: str, capacity_factor: float = 0.0):
+    E, I, H = (int(d) for d in w_in.shape)
+    k = int(weights.shape[1])
+    c = lambda v: op.Constant(value_ints=v)  # noqa: E731
+    t = op.Shape(x, start=0, end=1)  # (1,) tokens, int64
+    used = op.Cast(op.Greater(weights, op.Constant(value_float=0.0)), to=FLOAT.dtype)  # (T, k)
+    flat_idx = op.Reshape(indices, c([-1]))  # (T·k,) token-major: earlier tokens first
+    onehot = op.OneHot(flat_idx, op.Constant(value_int=E),
+                       op.Constant(value_floats=[0.0, 1.0]), axis=-1)  # (T·k, E)
+    onehot = op.Mul(onehot, op.Reshape(used, c([-1, 1])))
+    # slot of each assignment inside its expert: running count (CumSum in float: TensorRT)
+    slot = op.ReduceSum(op.Mul(op.CumSum(onehot, op.Constant(value_int=0)), onehot), c([1]),
+                        keepdims=0)  # (T·k,) 1-based, 0 when unused
+    slot = op.Sub(slot, op.Constant(value_float=1.0))
+    if capacity_factor > 0:  # C = ceil(T·k/E·cf)
+        cap = op.Ceil(op.Mul(op.Cast(t, to=FLOAT.dtype),
+                             op.Constant(value_float=k / E * capacity_factor)))
+    else:
+        cap = op.Cast(t, to=FLOAT.dtype)  # dropless: an expert can get every token
+    cap_i = op.Cast(cap, to=INT64.dtype)  # (1,)
+    fits = op.And(op.GreaterOrEqual(slot, op.Constant(value_float=0.0)), op.Less(slot, cap))
+    slot_i = op.Where(fits, op.Cast(slot, to=INT64.dtype), op.Reshape(cap_i, c([])))  # spare
+    where = op.Concat(op.Unsqueeze(flat_idx, c([1])), op.Unsqueeze(slot_i, c([1])), axis=1)
+    token = op.Div(op.Range(op.Constant(value_int=0), op.Mul(op.Reshape(t, c([])),
+                                                             op.Constant(value_int=k)),
+                            op.Constant(value_int=1)), op.Constant(value_int=k))  # (T·k,)
+    rows = op.Gather(x, token, axis=0)  # (T·k, H)
+    buf_shape = op.Concat(c([E]), op.Add(cap_i, c([1])), c([H]), axis=0)
+    buf = op.ScatterND(op.Expand(op.Constant(value_float=0.0), buf_shape), where, rows)
+    # batched expert FFN on (E, C + 1, H)
+    h = op.MatMul(buf, op.Transpose(w_in, perm=[0, 2, 1]))  # (E, C + 1, I)
+    if b_in is not None:
+        h = op.Add(h, op.Unsqueeze(b_in, c([1])))
+    if w_gate is not None:
+        g = op.MatMul(buf, op.Transpose(w_gate, perm=[0, 2, 1]))
+        if b_gate is not None:
+            g = op.Add(g, op.Unsqueeze(b_gate, c([1])))
+        h = op.Mul(_activate(g, activation), h)
+    else:
+        h = _activate(h, activation)
+    y = op.MatMul(h, op.Transpose(w_out, perm=[0, 2, 1]))  # (E, C + 1, H)
+    if b_out is not None:
+        y = op.Add(y, op.Unsqueeze(b_out, c([1])))
+    back = op.GatherND(y, where)  # (T·k, H)
+    scale = op.Mul(op.Reshape(weights, c([-1, 1])), op.Cast(op.Reshape(fits, c([-1, 1])),
+                                                            to=FLOAT.dtype))
+    out = op.Reshape(op.Mul(back, scale), op.Concat(op.Reshape(t, c([1])), c([k, H]), axis=0))
+    return op.ReduceSum(out, c([1]), keepdims=0)
+
+
+TRANSLATIONS = {"ort": ort_expert_ffn, "standard": standard_expert_ffn}
+
+
+def translation_table(target: str) -> dict:
+    return {torch.ops.moefy.expert_ffn.default: TRANSLATIONS[target]}

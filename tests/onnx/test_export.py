@@ -1,0 +1,153 @@
+"""moefy.export_onnx: both targets equal PyTorch in ONNX Runtime; bad input fails cleanly."""
+
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+
+import moefy
+from moefy.onnx import ExportError, check_tensorrt_ops
+
+LAYERS = (
+    dict(activation="relu"),
+    dict(activation="silu", gated=True, bias=False),
+    dict(activation="gelu", combine="sum", shared_expert_size=8),
+    dict(activation="gelu_tanh", router="sigmoid"),
+    dict(activation="relu", router="topp", top_p=0.4),
+    dict(activation="silu", capacity_factor=1.0),
+)
+STANDARD_ONLY = (
+    dict(activation="squared_relu"),
+    dict(activation="gelu", gated=True),
+    dict(activation="quick_gelu"),
+)
+
+
+def layer(**cfg):
+    torch.manual_seed(0)
+    cfg = {"top_k": 2, **cfg}
+    moe = moefy.MoE(16, 8, num_experts=4, **cfg).eval()
+    nn.init.normal_(moe.router.weight, std=1.0)
+    return moe
+
+
+@pytest.mark.parametrize("target", ("ort", "standard"))
+@pytest.mark.parametrize("cfg", LAYERS)
+def test_layer_exports_and_matches(tmp_path, target, cfg):
+    moe = layer(**cfg)
+    out = moefy.export_onnx(moe, tmp_path / "m.onnx", (torch.randn(7, 16),), target=target)
+    assert len(out.max_diff) == 2 and max(out.max_diff) <= out.tolerance
+    bad = check_tensorrt_ops(out.path)
+    if target == "standard":
+        assert bad == []
+    else:
+        assert any("com.microsoft::MoE" in b for b in bad)
+    x = torch.randn(11, 16)  # a third token count, through the session
+    session = moefy.runtime.Session(out.path)
+    got = next(iter(session.run({session.input_names[0]: x}).values()))
+    with torch.no_grad():
+        torch.testing.assert_close(got, moe(x), rtol=1e-4, atol=3e-4 if "gelu" == cfg[
+            "activation"] and target == "ort" else 1e-5)
+
+
+@pytest.mark.parametrize("cfg", STANDARD_ONLY)
+def test_ort_refuses_what_its_op_cannot_run_and_standard_takes_it(tmp_path, cfg):
+    moe = layer(**cfg)
+    x = torch.randn(6, 16)
+    with pytest.raises(ExportError, match="target='standard'"):
+        moefy.export_onnx(moe, tmp_path / "m.onnx", (x,), target="ort")
+    assert list(tmp_path.iterdir()) == []
+    out = moefy.export_onnx(moe, tmp_path / "m.onnx", (x,), target="standard")
+    assert check_tensorrt_ops(out.path) == []
+
+
+def test_expert_choice_is_refused(tmp_path):
+    moe = layer(router="expert_choice")
+    with pytest.raises(ExportError, match="expert_choice"):
+        moefy.export_onnx(moe, tmp_path / "m.onnx", (torch.randn(6, 16),), target="standard")
+
+
+def test_failed_validation_leaves_no_file(tmp_path, monkeypatch):
+    from moefy.onnx import export as export_mod
+    monkeypatch.setitem(export_mod.TOLERANCE, "standard", 0.0)
+    moe = layer(activation="silu")
+    with pytest.raises(ExportError, match="differs from PyTorch"):
+        moefy.export_onnx(moe, tmp_path / "m.onnx", (torch.randn(6, 16),), target="standard")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_path_and_bad_arguments(tmp_path):
+    moe = layer()
+    x = (torch.randn(6, 16),)
+    with pytest.raises(ExportError, match="not a writable directory"):
+        moefy.export_onnx(moe, tmp_path / "missing" / "m.onnx", x)
+    with pytest.raises(ValueError, match="target must be one of"):
+        moefy.export_onnx(moe, tmp_path / "m.onnx", x, target="tensorrt")
+    with pytest.raises(ValueError, match="end in .onnx"):
+        moefy.export_onnx(moe, tmp_path / "m.txt", x)
+
+
+def test_model_without_moe_exports_with_a_warning(tmp_path):
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = moefy.export_onnx(mlp, tmp_path / "m.onnx", (torch.randn(3, 8),))
+    assert any("no moefy.MoE" in str(w.message) for w in caught)
+    assert out.moe_layers == 0 and out.path.exists()
+
+
+def test_static_shapes_when_not_dynamic(tmp_path):
+    out = moefy.export_onnx(layer(), tmp_path / "m.onnx", (torch.randn(6, 16),),
+                            target="standard", dynamic=False)
+    dims = onnx.load(str(out.path)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims] == [6, 16] and len(out.max_diff) == 1
+
+
+def test_session_inputs_and_errors(tmp_path):
+    out = moefy.export_onnx(layer(), tmp_path / "m.onnx", (torch.randn(6, 16),))
+    session = moefy.runtime.Session(out.path, threads=1)
+    name = session.input_names[0]
+    x = np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)
+    res = session.run({name: x, "unused": 1})
+    assert isinstance(next(iter(res.values())), np.ndarray)
+    with pytest.raises(ValueError, match="missing inputs"):
+        session.run({})
+    with pytest.raises(ValueError, match="device must be one of"):
+        moefy.runtime.Session(out.path, device="tpu")
+    with pytest.raises(FileNotFoundError):
+        moefy.runtime.Session(tmp_path / "nothing.onnx")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA|onnxruntime-gpu"):
+            moefy.runtime.Session(out.path, device="cuda")
+
+
+def hf_models():
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+    bert = BertModel(BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2,
+                                num_attention_heads=2, intermediate_size=64)).eval()
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1,
+                                         intermediate_size=64)).eval()
+    return {"bert_split": (bert, moefy.MoEConfig(method="split", num_experts=8, top_k=2)),
+            "llama_upcycle": (llama, moefy.MoEConfig(method="upcycle", num_experts=8,
+                                                     top_k=2)),
+            "bert_hash": (bert, moefy.MoEConfig(method="upcycle", num_experts=4, top_k=1,
+                                                router="hash"))}
+
+
+@pytest.mark.parametrize("target", ("ort", "standard"))
+@pytest.mark.parametrize("name", ("bert_split", "llama_upcycle", "bert_hash"))
+def test_hugging_face_models_export(tmp_path, name, target):
+    pytest.importorskip("transformers")
+    model, cfg = hf_models()[name]
+    torch.manual_seed(0)
+    moe_model = moefy.convert(model, cfg)
+    ids = torch.randint(0, 200, (2, 9))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    out = moefy.export_onnx(moe_model, tmp_path / "m.onnx", inputs, target=target)
+    assert out.moe_layers == 2 and max(out.max_diff) <= out.tolerance
+    if target == "standard":
+        assert check_tensorrt_ops(out.path) == []
