@@ -5,9 +5,13 @@
 2. Split every FFN's 1536 neurons into 16 experts of 96 (balanced k-means on the neurons'
    input weights); print moefy's report.
 3. With all 16 experts active the converted model *is* the dense model: check it.
-4. Route each token to 8 (50%) or 4 (25%) experts with the training-free similarity router:
-   print how close the sentence embeddings stay (calibration and distillation, coming next,
-   close this gap), and time the FFN layers.
+4. Route each token to 8 (50%) or 4 (25%) experts with the training-free similarity router,
+   then convert again with calibration on 480 standard-library docstring sentences
+   (co-activation partition, compensation, fitted router): print how close the sentence
+   embeddings stay to the dense model's on other sentences.
+5. Export the calibrated 50% model to ONNX (ONNX Runtime's grouped MoE op), run it in a
+   moefy.runtime.Session and compare with PyTorch; time dense vs moefy, both in PyTorch and
+   in ONNX Runtime.
 
 Run: ``make demo`` (or ``python examples/demo.py``).
 """
@@ -16,11 +20,18 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
+import tempfile
 import time
+import warnings
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+warnings.filterwarnings("ignore", category=FutureWarning)
 
 import torch  # noqa: E402
+from corpus import sentences  # noqa: E402
 from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
 import moefy  # noqa: E402
@@ -44,17 +55,6 @@ def embed(model, batch) -> torch.Tensor:
     mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
     pooled = (states * mask).sum(1) / mask.sum(1)
     return torch.nn.functional.normalize(pooled, dim=-1)
-
-
-def ffn_time_ms(model, batch, repeats=10) -> float:
-    model(**batch)
-    times = []
-    with torch.no_grad():
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(**batch)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:
@@ -88,11 +88,55 @@ def main() -> None:
         print(f"  top-{k} of 16 ({k / 16:.0%} of FFN neurons): embedding cosine to dense "
               f"mean {cos.mean():.3f}, min {cos.min():.3f}")
 
-    long = tokenizer([" ".join(SENTENCES * 8)] * 8, truncation=True, max_length=256,
-                     padding=True, return_tensors="pt")
-    t_dense, t_moe = ffn_time_ms(dense, long), ffn_time_ms(moe_model, long)
-    print(f"\nwhole model, 8 × 256 tokens, top-4: dense {t_dense:.1f} ms, moefy {t_moe:.1f} ms "
-          f"(the FFNs are about 2/3 of this model's FLOPs)")
+    # --- calibration: real text, evaluated on other sentences than it saw
+    text = sentences("stdlib", 640)
+    calib = [dict(tokenizer(text[i:i + 32], padding=True, return_tensors="pt"))
+             for i in range(0, 480, 32)]
+    held = dict(tokenizer(text[480:], padding=True, return_tensors="pt"))
+    held_ref = embed(dense, held)
+    print(f"\ncalibrated on {len(calib) * 32} docstring sentences (co-activation partition, "
+          f"compensation, fitted router); cosine on {held_ref.shape[0]} other sentences:")
+    calibrated = {}
+    for k in (8, 4):
+        cfg = moefy.MoEConfig(method="split", num_experts=16, top_k=k, partition="coactivation")
+        t0 = time.perf_counter()
+        calibrated[k] = moefy.convert(dense, cfg, calibration_data=calib)
+        cos = (embed(calibrated[k], held) * held_ref).sum(-1)
+        print(f"  top-{k} of 16: mean {cos.mean():.3f}, min {cos.min():.3f} "
+              f"(converted in {time.perf_counter() - t0:.0f} s)")
+
+    # --- ONNX: export the 50% model for ONNX Runtime's grouped MoE op, run it in a Session
+    long = dict(tokenizer([" ".join(SENTENCES * 8)] * 8, truncation=True, max_length=256,
+                          padding=True, return_tensors="pt"))
+    with tempfile.TemporaryDirectory() as d:
+        out = moefy.export_onnx(calibrated[8], os.path.join(d, "moe.onnx"), dict(batch))
+        plain = moefy.export_onnx(dense, os.path.join(d, "dense.onnx"), dict(batch))
+        session = moefy.runtime.Session(out.path, threads=torch.get_num_threads())
+        dense_session = moefy.runtime.Session(plain.path, threads=torch.get_num_threads())
+        states = session.run(held)[session.output_names[0]]
+        mask = held["attention_mask"].unsqueeze(-1).float()
+        onnx_emb = torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1)
+        agree = (onnx_emb * embed(calibrated[8], held)).sum(-1).min().item()
+        print(f"\nexported to ONNX (com.microsoft.MoE), validated: max relative difference "
+              f"{max(out.max_diff):.1e}; ONNX Runtime vs PyTorch embedding cosine ≥ {agree:.6f}")
+        t_ort_dense = run_time_ms(lambda: dense_session.run(long))
+        t_ort_moe = run_time_ms(lambda: session.run(long))
+    t_dense = run_time_ms(lambda: dense(**long))
+    t_moe = run_time_ms(lambda: calibrated[8](**long))
+    print(f"\nwhole model, 8 × 256 tokens, top-8 of 16 (50%): PyTorch dense {t_dense:.1f} ms, "
+          f"moefy {t_moe:.1f} ms; ONNX Runtime dense {t_ort_dense:.1f} ms, moefy "
+          f"{t_ort_moe:.1f} ms (the FFNs are about 2/3 of this model's FLOPs)")
+
+
+def run_time_ms(fn, repeats: int = 10) -> float:
+    with torch.no_grad():
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
 
 
 if __name__ == "__main__":

@@ -66,6 +66,21 @@ def neighbour_overlap(emb: torch.Tensor, ref: torch.Tensor, k: int = 10) -> floa
     return float(hits.mean() / k)
 
 
+def ffn_flops(moes) -> float:
+    """Multiply-adds per token of the MoE layers (experts, shared part, compensation, router)
+    relative to the dense FFNs they replaced."""
+    used = dense = 0
+    for m in moes:
+        h = m.hidden_size
+        used += m.top_k * m.expert_size * 2 * h + m.router.weight.numel()
+        if m.shared.ffn is not None:
+            used += m.shared.ffn.fc_in.out_features * 2 * h
+        if m.shared.compensation is not None:
+            used += sum(lin.weight.numel() for lin in m.shared.compensation)
+        dense += m.conversion["dense_ffn_size"] * 2 * h
+    return used / dense
+
+
 def embedding_loss(student_out, teacher_out, batch) -> torch.Tensor:
     """1 − cosine of the pooled embeddings, plus the hidden states' relative MSE (keeps every
     token's state close, not only their mean)."""
@@ -82,14 +97,20 @@ SETTINGS = [
     ("E16 k8 kmeans, no data", dict(num_experts=16, top_k=8, partition="kmeans"), 0),
     ("E16 k8 coact+comp+fit", dict(num_experts=16, top_k=8, partition="coactivation"), 0),
     ("E64 k32 coact+comp+fit", dict(num_experts=64, top_k=32, partition="coactivation"), 0),
+    ("E64 k32 + layer fit", dict(num_experts=64, top_k=32, partition="coactivation",
+                                 fit_steps=300), 0),
     ("E16 k4 coact, no comp", dict(num_experts=16, top_k=4, partition="coactivation",
                                    compensate=False), 0),
+    ("E16 k4 coact+mean comp", dict(num_experts=16, top_k=4, partition="coactivation",
+                                    compensate="mean"), 0),
     ("E16 k4 coact+comp+fit", dict(num_experts=16, top_k=4, partition="coactivation"), 0),
     ("E64 k16 coact+comp+fit", dict(num_experts=64, top_k=16, partition="coactivation"), 0),
-    ("S2+E14 k2 coact+comp", dict(num_experts=14, top_k=2, shared_experts=2,
-                                  partition="coactivation"), 0),
-    ("E16 k4 + distil", dict(num_experts=16, top_k=4, partition="coactivation"), 480),
-    ("E64 k16 + distil", dict(num_experts=64, top_k=16, partition="coactivation"), 480),
+    ("S4+E60 k12 shared", dict(num_experts=60, top_k=12, shared_experts=4,
+                               partition="coactivation"), 0),
+    ("E64 k16 + layer fit", dict(num_experts=64, top_k=16, partition="coactivation",
+                                 fit_steps=300), 0),
+    ("E64 k16 + fit + distil", dict(num_experts=64, top_k=16, partition="coactivation",
+                                    fit_steps=300), 360),
 ]
 
 
@@ -120,13 +141,14 @@ def main() -> None:
                            by_length=True)
     evaluation = tokenise(tokenizer, sentences("stdlib", args.eval), batch_size=64)
     ref = embed(dense, evaluation)
+    print(f"torch threads: {torch.get_num_threads()}")
     print(f"calibration: {sum(b['attention_mask'].sum().item() for b in calib):,} tokens "
           f"({args.calibration} package docstring sentences); distillation: "
           f"{len(train_text) - args.calibration} more; evaluation: {ref.shape[0]} stdlib "
           "sentences (disjoint)\n")
 
-    header = (f"{'setting':<26} {'active':>6} {'cos mean':>8} {'cos p5':>7} {'top10':>6} "
-              f"{'recall':>6} {'time s':>7}")
+    header = (f"{'setting':<26} {'neurons':>7} {'FLOPs':>6} {'cos mean':>8} {'cos p5':>7} "
+              f"{'top10':>6} {'recall':>6} {'time s':>7}")
     print(header)
     print("-" * len(header))
     for name, cfg, seconds in settings:
@@ -135,7 +157,7 @@ def main() -> None:
         data = calib if "no data" not in name else None
         model = moefy.convert(dense, config, calibration_data=data, progress=False)
         if seconds:
-            moefy.distill(model, dense, distil_data, steps=100_000, lr=float(os.environ.get("LR", "1e-3")),
+            moefy.distill(model, dense, distil_data, steps=100_000, lr=1e-3,
                           loss=embedding_loss, max_seconds=seconds, progress=False)
         wall = time.perf_counter() - t0
         emb = embed(model, evaluation)
@@ -146,7 +168,8 @@ def main() -> None:
         recall = [m.conversion.get("router_recall") for m in moes]
         recall = (f"{sum(recall) / len(recall):.2f}" if all(r is not None for r in recall)
                   else "—")
-        print(f"{name:<26} {active:>6.0%} {cos.mean():>8.4f} {cos.quantile(0.05):>7.4f} "
+        print(f"{name:<26} {active:>7.0%} {ffn_flops(moes):>6.0%} {cos.mean():>8.4f} "
+              f"{cos.quantile(0.05):>7.4f} "
               f"{neighbour_overlap(emb, ref):>6.3f} {recall:>6} {wall:>7.0f}", flush=True)
 
 

@@ -37,9 +37,10 @@ class MoEConfig:
         compensate: split only — what the skipped experts would have added: "mean" moves each
             expert's mean calibration output into the always-on part (skipping an expert then
             costs only its deviation from its mean); "linear" adds to that a low-rank linear map
-            of the token (rank hidden/3, about 2/3·hidden/d_ff of the FFN's work) fitted by least squares to what
-            the routed experts still miss on calibration tokens; False: none. Default "linear"
-            with calibration_data (both need it). Exact at top_k == num_experts either way.
+            of the token (rank hidden/3: hidden/(3·d_ff) of the dense FFN's work, 8% for a
+            4× FFN) fitted by least squares to what the routed experts still miss on
+            calibration tokens; False: none. Default "linear" with calibration_data (both need
+            it). Compensation is off whenever top_k == num_experts: exact then either way.
         fit_steps: split only, with calibration_data — after building, train each MoE layer
             (experts, router, compensation) for this many Adam steps on its calibration
             tokens to reproduce the dense FFN (a layer-local fit: about 1/20 s per step on

@@ -32,7 +32,7 @@ def test_with_data_measures_load_usage_and_error():
     _, moe_model = converted(2)
     data = [(torch.randn(50, 16),) for _ in range(3)]
     rep = moefy.report(moe_model, data)
-    for row, moe in zip(rep.layers, [moe_model[0], moe_model[1]], strict=True):
+    for row in rep.layers:
         assert row["tokens"] == 150
         assert math.isclose(float(row["load"].sum()), 1.0, rel_tol=1e-6)
         z = row["load"][row["load"] > 0]

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -193,11 +194,23 @@ def split(dense: DenseWeights, config: MoEConfig, generator: torch.Generator,
     moe.expert_neurons = [idx.tolist() for idx in groups]
     moe.shared_neurons = shared_idx.tolist()
     init = config.router_init or ("fit" if stats is not None else "similarity")
+    if init == "fit" and stats is not None and stats.inputs.shape[0] < 64 * E:
+        if config.router_init == "fit":
+            warnings.warn(f"router_init='fit' on {stats.inputs.shape[0]} calibration tokens "
+                          f"(fewer than {64 * E} for {E} experts) may overfit", stacklevel=2)
+        else:  # the default: fall back quietly to the training-free router
+            init = "similarity"
     if init in ("fit", "representative") and stats is None:
         raise ConversionError(f"router_init={init!r} needs calibration_data")
     fit_info = set_router(moe, dense, groups, init, stats, generator)
     mode = "none" if not compensate else (config.compensate or "linear")
-    if mode == "linear" and config.top_k < E and stats.inputs.shape[0] >= 32:
+    if mode == "linear" and stats.inputs.shape[0] < 8 * dense.hidden_size:
+        # a (hidden × hidden) least-squares fit on fewer tokens would learn their noise
+        warnings.warn(f"compensate='linear' needs at least {8 * dense.hidden_size} calibration "
+                      f"tokens for this FFN, got {stats.inputs.shape[0]}: using 'mean'",
+                      stacklevel=2)
+        mode = "mean"
+    if mode == "linear" and config.top_k < E:
         fit_info.update(fit_compensation(moe, dense, stats.inputs, dense.hidden_size // 3))
     if config.fit_steps and stats is not None and config.top_k < E:
         fit_info.update(fit_layer(moe, dense, stats.inputs, config.fit_steps, generator))
