@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -28,8 +29,6 @@ from moefy.passes.trace import auto_dynamic_shapes, split_inputs
 TARGETS = ("ort", "standard")
 # Max |ONNX Runtime − PyTorch| relative to the output's largest magnitude, per target.
 TOLERANCE = {"ort": 1e-4, "standard": 1e-4}
-# ONNX Runtime's MoE computes GELU in its tanh form; an erf-GELU model drifts by that much.
-ERF_GELU_ON_ORT_TOLERANCE = 1e-2
 
 
 class ExportError(MoefyError):
@@ -111,10 +110,18 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
         result = ExportResult(path, target, len(moes), _opset(tmp), notes=notes)
         if validate:
-            result.tolerance = (ERF_GELU_ON_ORT_TOLERANCE if any("tanh form" in n for n in notes)
-                                else TOLERANCE[target])
-            result.max_diff = _validate(model, tmp, args, kwargs, result.tolerance,
-                                        dynamic=dynamic)
+            result.tolerance = TOLERANCE[target]
+            # ONNX Runtime's MoE computes GELU in its tanh form: check the lowering against
+            # the model with that GELU (exact up to rounding), then measure the drift from
+            # the erf-GELU model it stands for (a routing decision near a tie can flip).
+            tanh = [m for _, m in moes if target == "ort" and m.activation == "gelu"]
+            with _activation(tanh, "gelu_tanh"):
+                result.max_diff = _validate(model, tmp, args, kwargs, result.tolerance,
+                                            dynamic=dynamic)
+            if tanh:
+                drift = _validate(model, tmp, args, kwargs, float("inf"), dynamic=dynamic)
+                result.notes.append(f"drift from the erf-GELU model on the validation inputs: "
+                                    f"{max(drift):.1e} relative to the largest output")
         for f in workdir.iterdir():  # only now does anything appear at ``path``
             os.replace(f, parent / f.name)
         return result
@@ -122,6 +129,18 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
         shutil.rmtree(workdir, ignore_errors=True)
         for m, training in modes:
             m.training = training
+
+
+@contextlib.contextmanager
+def _activation(moes: list[MoE], name: str):
+    saved = [m.activation for m in moes]
+    try:
+        for m in moes:
+            m.activation = name
+        yield
+    finally:
+        for m, a in zip(moes, saved, strict=True):
+            m.activation = a
 
 
 def _check_lowerable(moes: list[tuple[str, MoE]], target: str) -> list[str]:
@@ -199,8 +218,9 @@ def _validate(model: nn.Module, path: Path, args: tuple, kwargs: dict, tol: floa
             scale = max(float(np.abs(r).max()), 1e-12)
             worst = max(worst, float(np.abs(g - r).max()) / scale)
         if not worst <= tol:
+            shapes = [tuple(t.shape) for t in tree_leaves((a, k)) if isinstance(t, torch.Tensor)]
             raise ExportError(f"ONNX Runtime differs from PyTorch by {worst:.2e} (relative to "
                               f"the largest output), above the tolerance {tol:.0e}; inputs "
-                              f"{[tuple(t.shape) for t in tree_leaves((a, k))]}")
+                              f"{shapes}")
         diffs.append(worst)
     return diffs

@@ -40,6 +40,8 @@ def test_layer_exports_and_matches(tmp_path, target, cfg):
     moe = layer(**cfg)
     out = moefy.export_onnx(moe, tmp_path / "m.onnx", (torch.randn(7, 16),), target=target)
     assert len(out.max_diff) == 2 and max(out.max_diff) <= out.tolerance
+    if target == "ort" and cfg["activation"] == "gelu":  # checked against tanh-GELU, drift told
+        assert any("drift from the erf-GELU model" in n for n in out.notes)
     bad = check_tensorrt_ops(out.path)
     if target == "standard":
         assert bad == []
