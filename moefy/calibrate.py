@@ -58,6 +58,11 @@ class FFNStats:
         return (self.sum_h / max(self.tokens, 1)).float()
 
     @property
+    def mean_abs(self) -> torch.Tensor:
+        """Mean activation magnitude per neuron."""
+        return (self.sum_abs / max(self.tokens, 1)).float()
+
+    @property
     def inputs(self) -> torch.Tensor:
         """The sampled FFN inputs (≤ capacity, hidden), in arrival order."""
         return self.reservoir[: self._filled]
@@ -114,10 +119,11 @@ class _Recorder(torch.fx.Interpreter):
         return out
 
 
-def _token_mask(kwargs: dict, rows: int) -> torch.Tensor | None:
-    """The attention mask flattened to tokens, when it fits ``rows`` (padding is not data)."""
+def token_mask(kwargs: dict) -> torch.Tensor | None:
+    """The (batch, seq) ``attention_mask`` among keyword inputs, flattened to tokens (True:
+    a real token); None when there is none. Padding is not data."""
     mask = kwargs.get("attention_mask")
-    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.numel() == rows:
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         return mask.reshape(-1) > 0
     return None
 

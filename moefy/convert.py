@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
-from moefy.calibrate import Progress, _token_mask, collect_stats
+from moefy.calibrate import Progress, collect_stats, token_mask
 from moefy.config import MoEConfig
 from moefy.errors import (
     AlreadyConvertedError,
@@ -196,8 +196,7 @@ class Calibrate(Pass):
             else:
                 calls = trace.record_calls(s.model, args, kwargs,
                                            paths={u.path for u in s.units})
-            mask = _token_mask(kwargs, kwargs["attention_mask"].numel()) if (
-                "attention_mask" in kwargs) else None
+            mask = token_mask(kwargs)
             for unit in s.units:
                 matches = [p.match for p in s.plans if p.unit is unit]
                 if matches:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from moefy.calibrate import token_mask
 from moefy.layers.moe import MoE
 from moefy.passes.trace import split_inputs
 
@@ -116,8 +117,7 @@ def _measure(model: nn.Module, moes: list[MoE], layers: list[dict], data) -> Non
         model.eval()
         for batch in data:
             args, kwargs = split_inputs(model, batch)
-            am = kwargs.get("attention_mask")
-            mask[0] = am.reshape(-1) > 0 if isinstance(am, torch.Tensor) else None
+            mask[0] = token_mask(kwargs)
             model(*args, **kwargs)
     finally:
         for h in handles:

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from moefy.calibrate import MARKER_FRACTION, FFNStats, _token_mask
+from moefy.calibrate import MARKER_FRACTION, FFNStats, token_mask
 
 
 def test_stats_equal_brute_force_over_batches():
@@ -20,6 +20,7 @@ def test_stats_equal_brute_force_over_batches():
     torch.testing.assert_close(s.marked, markers.sum(0))
     torch.testing.assert_close(s.comarked, markers.t() @ markers)
     torch.testing.assert_close(s.mean_h, h.mean(0))
+    torch.testing.assert_close(s.mean_abs, h.abs().mean(0))
     torch.testing.assert_close(s.inputs, x)  # under capacity: every token, in order
 
 
@@ -39,6 +40,6 @@ def test_reservoir_is_bounded_and_uniform():
 
 def test_padding_is_not_data():
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
-    keep = _token_mask({"attention_mask": mask}, 6)
+    keep = token_mask({"attention_mask": mask})
     assert keep.tolist() == [True, True, False, True, False, False]
-    assert _token_mask({"attention_mask": mask}, 7) is None
+    assert token_mask({"attention_mask": mask[0]}) is None and token_mask({}) is None

@@ -286,7 +286,10 @@ class MoE(nn.Module):
                 keep = (probs.cumsum(-1) - probs) < self.top_p  # mass before this one < p
                 weights = weights * keep
                 weights = weights / weights.sum(-1, keepdim=True)
-        used = weights > 0
+        # which slots hold an expert (top-p and expert choice pad with weight 0); the plain
+        # inference path does not need it
+        needs_used = self.combine == "sum" or self.capacity_factor is not None or self.training
+        used = weights > 0 if needs_used else None
         if self.combine == "sum":
             # unweighted; in training the router's gradient passes straight through
             grad = weights - weights.detach() if self.training else 0

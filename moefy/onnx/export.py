@@ -25,6 +25,7 @@ from moefy.errors import MoefyError
 from moefy.layers.moe import MoE
 from moefy.onnx.lowering import ort_expressible, translation_table
 from moefy.passes.trace import auto_dynamic_shapes, split_inputs
+from moefy.runtime.session import Session
 
 TARGETS = ("ort", "standard")
 # Max |ONNX Runtime − PyTorch| relative to the output's largest magnitude, per target.
@@ -114,12 +115,14 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
             # ONNX Runtime's MoE computes GELU in its tanh form: check the lowering against
             # the model with that GELU (exact up to rounding), then measure the drift from
             # the erf-GELU model it stands for (a routing decision near a tie can flip).
+            _check_onnx(tmp)
+            session = Session(tmp, device="cpu")
+            cases = [(args, kwargs)] + ([_other_size(args, kwargs)] if dynamic else [])
             tanh = [m for _, m in moes if target == "ort" and m.activation == "gelu"]
             with _activation(tanh, "gelu_tanh"):
-                result.max_diff = _validate(model, tmp, args, kwargs, result.tolerance,
-                                            dynamic=dynamic)
+                result.max_diff = _compare(model, session, cases, result.tolerance)
             if tanh:
-                drift = _validate(model, tmp, args, kwargs, float("inf"), dynamic=dynamic)
+                drift = _compare(model, session, cases, float("inf"))
                 result.notes.append(f"drift from the erf-GELU model on the validation inputs: "
                                     f"{max(drift):.1e} relative to the largest output")
         for f in workdir.iterdir():  # only now does anything appear at ``path``
@@ -185,19 +188,21 @@ def _other_size(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return tuple(grow(a) for a in args), {k: grow(v) for k, v in kwargs.items()}
 
 
-def _validate(model: nn.Module, path: Path, args: tuple, kwargs: dict, tol: float, *,
-              dynamic: bool) -> list[float]:
+def _check_onnx(path: Path) -> None:
+    """Full ``onnx.checker`` and shape inference."""
     import onnx
-
-    from moefy.runtime.session import Session
     try:
         onnx.checker.check_model(str(path), full_check=True)
         onnx.shape_inference.infer_shapes_path(str(path), str(path.with_suffix(".inferred")))
         path.with_suffix(".inferred").unlink()
     except Exception as exc:  # checker and inference raise their own types
         raise ExportError(f"the exported model fails ONNX's checks: {exc}") from exc
-    session = Session(path, device="cpu")
-    cases = [(args, kwargs)] + ([_other_size(args, kwargs)] if dynamic else [])
+
+
+def _compare(model: nn.Module, session: Session, cases: list[tuple[tuple, dict]],
+             tol: float) -> list[float]:
+    """ONNX Runtime vs PyTorch on each (args, kwargs): the largest difference relative to the
+    largest output, per case; ``ExportError`` above ``tol``."""
     diffs = []
     for a, k in cases:
         with torch.no_grad():

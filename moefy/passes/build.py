@@ -219,13 +219,12 @@ def split(dense: DenseWeights, config: MoEConfig, generator: torch.Generator,
 
 
 def _dense_forward(dense: DenseWeights, x: torch.Tensor) -> torch.Tensor:
-    from moefy.activations import get_activation
-    act = get_activation(dense.activation).fn
-    f = lambda w, b: nn.functional.linear(x, w.float(), None if b is None else b.float())  # noqa: E731
-    h = f(dense.w_in, dense.b_in)
-    h = act(h) if dense.w_gate is None else act(f(dense.w_gate, dense.b_gate)) * h
-    return nn.functional.linear(h, dense.w_out.float(),
-                                None if dense.b_out is None else dense.b_out.float())
+    """The dense FFN on rows ``x`` (float32): the dispatch's own expert forward, on the FFN
+    as a single expert."""
+    from moefy.runtime.experts import ExpertWeights, expert_forward
+    one = [None if t is None else t.float()[None] for t in (
+        dense.w_in, dense.w_out, dense.w_gate, dense.b_in, dense.b_gate, dense.b_out)]
+    return expert_forward(x, ExpertWeights(*one, dense.activation), 0)
 
 
 @torch.enable_grad()
@@ -263,12 +262,12 @@ def fit_layer(moe: MoE, dense: DenseWeights, x: torch.Tensor, steps: int,
 def fit_compensation(moe: MoE, dense: DenseWeights, x: torch.Tensor, rank: int) -> dict:
     """Least-squares low-rank linear map of the token onto what the routed MoE still misses
     (dense(x) − moe(x)), installed in ``moe.shared``; reduced-rank ridge regression on 90% of
-    the calibration tokens, measured on the rest."""
+    the calibration tokens, measured on the other 10%."""
     x = x.float()
     mode = moe.training
     moe.eval()
-    moe_f = moe.float()
-    residual = _dense_forward(dense, x) - moe_f(x)  # (T, H)
+    target = _dense_forward(dense, x)
+    residual = target - moe(x.to(moe.w_in.dtype)).float()  # (T, H)
     held = max(1, x.shape[0] // 10)
     xa = torch.cat([x, torch.ones(x.shape[0], 1)], dim=1)  # intercept
     xt, rt = xa[:-held], residual[:-held]
@@ -281,11 +280,10 @@ def fit_compensation(moe: MoE, dense: DenseWeights, x: torch.Tensor, rank: int) 
     basis = torch.linalg.eigh(fitted.t() @ fitted).eigenvectors.flip(1)[:, :rank]  # (H, r)
     coef = coef @ basis @ basis.t()
     down = (coef[:-1] @ basis).t()  # (r, H)
-    before = residual[-held:].norm() / (residual[-held:] + moe_f(x[-held:])).norm()
-    after = (residual[-held:] - xa[-held:] @ coef).norm() / (
-        residual[-held:] + moe_f(x[-held:])).norm()
+    norm = target[-held:].norm()
+    before = residual[-held:].norm() / norm
+    after = (residual[-held:] - xa[-held:] @ coef).norm() / norm
     dtype = moe.w_in.dtype
-    moe.to(dtype)
     moe.shared.set_compensation(down.to(dtype), basis.to(dtype), coef[-1].to(dtype))
     moe.train(mode)
     return {"rel_err_calibration": float(before), "rel_err_compensated": float(after)}
@@ -303,23 +301,21 @@ def set_router(moe: MoE, dense: DenseWeights, groups: list[torch.Tensor], init: 
       each expert's output on the token is from its mean (what skipping it would cost).
     """
     key = (dense.w_gate if dense.w_gate is not None else dense.w_in).float()
-    bias = None
+    bias, info = None, {}
     if init == "representative":
         corr = stats.correlation()
         reps = [idx[corr[idx][:, idx].sum(1).argmax()] for idx in groups]
         weight = key[torch.stack(reps)]
-        info = {}
     else:
         unit = nn.functional.normalize(key, dim=1)
         weight = torch.stack([unit[idx].mean(0) for idx in groups])
-        info = {}
     if stats is not None and stats.inputs.shape[0] >= 16:
         x = stats.inputs
         cost = _skip_cost(moe, x)  # (T, E)
         held = max(1, x.shape[0] // 10)
         info["router_recall_init"] = _recall(x[-held:] @ weight.t(), cost[-held:], moe.top_k)
         if init == "fit":
-            weight, bias = _fit_router(x[:-held], cost[:-held], moe.top_k, weight, generator)
+            weight, bias = _fit_router(x[:-held], cost[:-held], moe.top_k, generator)
             info["router_recall"] = _recall(x[-held:] @ weight.t() + bias, cost[-held:],
                                             moe.top_k)
         else:
@@ -347,15 +343,14 @@ def _recall(logits: torch.Tensor, cost: torch.Tensor, k: int) -> float:
 
 
 @torch.enable_grad()
-def _fit_router(x: torch.Tensor, cost: torch.Tensor, k: int, init: torch.Tensor,
-                generator: torch.Generator, steps: int = 200,
-                batch: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+def _fit_router(x: torch.Tensor, cost: torch.Tensor, k: int, generator: torch.Generator,
+                steps: int = 200, batch: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """A linear router trained to put the k costliest experts on top: binary cross-entropy
     on top-k membership, Adam on random mini-batches. About a second on CPU."""
     target = torch.zeros_like(cost).scatter_(1, cost.topk(k, dim=1).indices, 1.0)
     scale = x.norm(dim=1).mean().clamp_min(1e-6)
     xs = x / scale
-    w = (init * 0).requires_grad_(True)  # (E, H), zero start: scale of init is arbitrary
+    w = torch.zeros(cost.shape[1], x.shape[1], requires_grad=True)  # (E, H)
     bias = torch.zeros(cost.shape[1], requires_grad=True)
     opt = torch.optim.Adam([w, bias], lr=0.05)
     for _ in range(steps):
