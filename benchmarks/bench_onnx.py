@@ -33,15 +33,23 @@ import moefy  # noqa: E402
 
 
 def timed(sessions: dict, feeds: dict, rounds: int) -> dict[str, float]:
-    """Median seconds per call; models interleaved round by round so drift hits all alike."""
+    """Median seconds per call. Each model runs in its own block (ONNX Runtime's spinning
+    worker threads otherwise tax whichever session runs next), the blocks in forward then
+    reverse order so drift hits all alike."""
     times = {name: [] for name in sessions}
-    for r in range(-2, rounds):
-        for name, s in sessions.items():
-            t0 = time.perf_counter()
-            s.run(feeds[name])
-            if r >= 0:
-                times[name].append(time.perf_counter() - t0)
+    half = max(1, rounds // 2)
+    for order in (list(sessions), list(sessions)[::-1]):
+        for name in order:
+            s = sessions[name]
+            for r in range(-1, half):
+                t0 = time.perf_counter()
+                s.run(feeds[name])
+                if r >= 0:
+                    times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+EXPORTS = (("ort", "loop"), ("ort", "moe_op"), ("standard", None))
 
 
 def minilm(args, workdir: Path) -> None:
@@ -68,10 +76,10 @@ def minilm(args, workdir: Path) -> None:
             moefy.convert(dense, cfg, calibration_data=calib, progress=False), cfg)
     sessions, diffs = {}, {}
     for name, (model, _) in models.items():
-        for target in (("ort",) if name == "dense" else ("ort", "standard")):
-            label = name if name == "dense" else f"{name} {target}"
+        for target, kernel in ((("ort", None),) if name == "dense" else EXPORTS):
+            label = name if name == "dense" else f"{name} {kernel or target}"
             out = moefy.export_onnx(model, workdir / f"{len(sessions)}.onnx", example,
-                                    target=target)
+                                    target=target, kernel=kernel)
             diffs[label] = max(out.max_diff)
             sessions[label] = moefy.runtime.Session(out.path, threads=args.threads)
     print("all-MiniLM-L6-v2 in ONNX Runtime (CPU EP), median ms over "
@@ -103,8 +111,10 @@ def layer_c1(args, workdir: Path) -> None:
     sessions = {}
     out = moefy.export_onnx(dense, workdir / "c1_dense.onnx", (x[:64],))
     sessions["dense FFN"] = moefy.runtime.Session(out.path, threads=args.threads)
-    out = moefy.export_onnx(moe_model, workdir / "c1_ort.onnx", (x[:64],), target="ort")
-    sessions["moefy ort"] = moefy.runtime.Session(out.path, threads=args.threads)
+    for kernel in ("loop", "moe_op"):
+        out = moefy.export_onnx(moe_model, workdir / f"c1_{kernel}.onnx", (x[:64],),
+                                target="ort", kernel=kernel)
+        sessions[f"moefy ort {kernel}"] = moefy.runtime.Session(out.path, threads=args.threads)
     for cf in (None, 2.0):
         moe_model[0].capacity_factor = cf
         out = moefy.export_onnx(moe_model, workdir / f"c1_std_{cf}.onnx", (x[:64],),

@@ -28,6 +28,7 @@ from moefy.passes.trace import auto_dynamic_shapes, split_inputs
 from moefy.runtime.session import Session
 
 TARGETS = ("ort", "standard")
+KERNELS = {"ort": ("loop", "moe_op"), "standard": ("buffers",)}  # first: the default
 # Max |ONNX Runtime − PyTorch| relative to the output's largest magnitude, per target.
 TOLERANCE = {"ort": 1e-4, "standard": 1e-4}
 
@@ -44,14 +45,15 @@ class ExportResult:
     target: str
     moe_layers: int
     opset: int
+    kernel: str
     max_diff: list[float] = field(default_factory=list)  # per validation input, relative
     tolerance: float | None = None
     notes: list[str] = field(default_factory=list)
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, *,
-                target: str = "ort", opset: int | None = None, dynamic: bool = True,
-                validate: bool = True) -> ExportResult:
+                target: str = "ort", kernel: str | None = None, opset: int | None = None,
+                dynamic: bool = True, validate: bool = True) -> ExportResult:
     """Export ``model`` to ONNX with every MoE lowered for ``target``.
 
     Args:
@@ -60,10 +62,17 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
         path: the .onnx file to write; nothing is left there when export or validation fails.
         example_inputs: a tuple of positional tensors or a dict of keyword tensors
             (optional for Hugging Face models).
-        target: "ort" — each MoE becomes ONNX Runtime's ``com.microsoft.MoE`` (router and
-            always-on part as ordinary nodes); "standard" — standard ONNX ops only, static
-            per-expert buffers (capacity from the token count and the layer's
-            ``capacity_factor``; dropless when None), in the subset TensorRT parses.
+        target: "ort" — for ONNX Runtime (data-dependent shapes allowed); "standard" —
+            standard ONNX ops only, static per-expert buffers (capacity from the token count
+            and the layer's ``capacity_factor``; dropless when None), in the subset TensorRT
+            parses. Router and always-on part are ordinary nodes in both.
+        kernel: how target "ort" runs the experts. "loop" (default): per expert, NonZero
+            picks its rows, Gather → MatMul → activation → MatMul → ScatterND-add; standard
+            ops, any activation, exact GELU; faster than ONNX Runtime's fused kernel on its
+            CPU EP at every shape measured (``benchmarks/bench_onnx.py``). "moe_op": one
+            ``com.microsoft.MoE`` node per layer (ONNX Runtime's grouped kernel, the one to
+            try on its CUDA EP); GELU in tanh form, SwiGLU only among gated activations.
+            Target "standard" has one kernel, "buffers".
         opset: ONNX opset (default: the exporter's).
         dynamic: keep batch / sequence / token axes dynamic (else the example's sizes).
         validate: full ``onnx.checker``, shape inference, then ONNX Runtime against PyTorch on
@@ -79,6 +88,13 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
     """
     if target not in TARGETS:
         raise ValueError(f"export_onnx: target must be one of {TARGETS}, got {target!r}")
+    kernel = KERNELS[target][0] if kernel is None else kernel
+    if kernel not in KERNELS[target]:
+        raise ValueError(f"export_onnx: target={target!r} has kernels {KERNELS[target]}, got "
+                         f"kernel={kernel!r}")
+    if kernel == "loop" and opset is not None and opset < 16:
+        raise ValueError(f"export_onnx: kernel='loop' needs ScatterND's reduction (opset ≥ "
+                         f"16), got opset={opset}")
     path = Path(path)
     if path.suffix != ".onnx":
         raise ValueError(f"export_onnx: path should end in .onnx, got {str(path)!r}")
@@ -86,7 +102,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise ExportError(f"cannot write {path}: {parent} is not a writable directory")
     moes = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
-    notes = _check_lowerable(moes, target)
+    notes = _check_lowerable(moes, target, kernel)
     if not moes:
         warnings.warn(f"{type(model).__name__} holds no moefy.MoE layer: exporting it as plain "
                       "torch.onnx would", stacklevel=2)
@@ -103,13 +119,13 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
                                      dynamic_shapes=dynamic_shapes)
             big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.8e9
             program = torch.onnx.export(ep, (), None, dynamo=True, opset_version=opset,
-                                        custom_translation_table=translation_table(target))
+                                        custom_translation_table=translation_table(target, kernel))
             program.save(str(tmp), external_data=big)
         except Exception as exc:  # the exporter raises many types; report them as one
             raise ExportError(f"torch.onnx could not export {type(model).__name__} for "
                               f"target={target!r}: {type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
-        result = ExportResult(path, target, len(moes), _opset(tmp), notes=notes)
+        result = ExportResult(path, target, len(moes), _opset(tmp), kernel, notes=notes)
         if validate:
             result.tolerance = TOLERANCE[target]
             # ONNX Runtime's MoE computes GELU in its tanh form: check the lowering against
@@ -118,7 +134,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
             _check_onnx(tmp)
             session = Session(tmp, device="cpu")
             cases = [(args, kwargs)] + ([_other_size(args, kwargs)] if dynamic else [])
-            tanh = [m for _, m in moes if target == "ort" and m.activation == "gelu"]
+            tanh = [m for _, m in moes if kernel == "moe_op" and m.activation == "gelu"]
             with _activation(tanh, "gelu_tanh"):
                 result.max_diff = _compare(model, session, cases, result.tolerance)
             if tanh:
@@ -146,26 +162,26 @@ def _activation(moes: list[MoE], name: str):
             m.activation = a
 
 
-def _check_lowerable(moes: list[tuple[str, MoE]], target: str) -> list[str]:
+def _check_lowerable(moes: list[tuple[str, MoE]], target: str, kernel: str) -> list[str]:
     notes = []
     for name, m in moes:
         if m.router_type == "expert_choice":
             raise ExportError(f"{name}: router='expert_choice' gives tokens a data-dependent "
                               "number of experts; no export target expresses it")
-        if target == "ort":
-            why = ort_expressible(m.activation, m.gated)
-            if why:
-                raise ExportError(f"{name}: target='ort' cannot express {why}; use "
-                                  "target='standard'")
+        if kernel == "moe_op":
             if m.router_type == "hash" and m.top_k > 1:
                 raise ExportError(f"{name}: router='hash' with top_k > 1 may choose one expert "
-                                  "twice, which ONNX Runtime's MoE cannot express; use "
-                                  "target='standard'")
+                                  "twice for a token, which ONNX Runtime's MoE op cannot "
+                                  "express; use kernel='loop' or target='standard'")
+            why = ort_expressible(m.activation, m.gated)
+            if why:
+                raise ExportError(f"{name}: kernel='moe_op' cannot express {why}; use "
+                                  "kernel='loop' or target='standard'")
             if m.w_in.dtype != torch.float32:
-                raise ExportError(f"{name}: target='ort' runs float32 experts on CPU, this "
+                raise ExportError(f"{name}: kernel='moe_op' runs float32 experts on CPU, this "
                                   f"layer is {m.w_in.dtype}; convert with model.float()")
             if m.activation == "gelu" and not m.gated:
-                notes.append(f"{name}: ONNX Runtime's MoE computes GELU in its tanh form; this "
+                notes.append(f"{name or type(m).__name__}: ONNX Runtime's MoE computes GELU in its tanh form; this "
                              "layer uses erf-GELU (difference per activation ≤ 5e-4)")
     return notes
 

@@ -143,9 +143,9 @@ def standard_expert_ffn(x, weights, indices, w_in, w_out, w_gate, b_in, b_gate, 
         cap = op.Cast(t, to=FLOAT.dtype)  # dropless: an expert can get every token
     cap_i = op.Cast(cap, to=INT64.dtype)  # (1,)
     fits = op.And(op.GreaterOrEqual(slot, op.Constant(value_float=0.0)), op.Less(slot, cap))
-    slot_i = op.Where(fits, op.Cast(slot, to=INT64.dtype), op.Reshape(cap_i, c([])))  # spare
+    slot_i = op.Where(fits, op.Cast(slot, to=INT64.dtype), op.Squeeze(cap_i))  # spare
     where = op.Concat(op.Unsqueeze(flat_idx, c([1])), op.Unsqueeze(slot_i, c([1])), axis=1)
-    token = op.Div(op.Range(op.Constant(value_int=0), op.Mul(op.Reshape(t, c([])),
+    token = op.Div(op.Range(op.Constant(value_int=0), op.Mul(op.Squeeze(t),
                                                              op.Constant(value_int=k)),
                             op.Constant(value_int=1)), op.Constant(value_int=k))  # (T·k,)
     rows = op.Gather(x, token, axis=0)  # (T·k, H)
@@ -172,8 +172,63 @@ def standard_expert_ffn(x, weights, indices, w_in, w_out, w_gate, b_in, b_gate, 
     return op.ReduceSum(out, c([1]), keepdims=0)
 
 
-TRANSLATIONS = {"ort": ort_expert_ffn, "standard": standard_expert_ffn}
+def loop_expert_ffn(x, weights, indices, w_in, w_out, w_gate, b_in, b_gate, b_out,
+                    activation: str, capacity_factor: float = 0.0):
+    """One block of ordinary nodes per expert, sized by the data: the assignments routed to
+    expert e (NonZero), Gather of their token rows, MatMul → activation → × routing weight →
+    MatMul; then all experts' rows are concatenated and gathered back per (token, slot)
+    through the inverse permutation, and the k slots of each token summed.
+
+    The routing weight multiplies the hidden rows (I wide, not H); the output biases of all
+    experts are added at once as dense_weights (T, E) @ b_out (E, H). Assignments with weight
+    0 (dropped by capacity) are not computed: their slots gather a zero row. One expert chosen
+    twice for a token (hash routing) is two assignments like any other.
+    """
+    E, I, H = (int(d) for d in w_in.shape)
+    k = int(weights.shape[1])
+    c = lambda v: op.Constant(value_ints=v)  # noqa: E731
+    flat_idx = op.Reshape(indices, c([-1]))  # (T·k,) slot p = token p // k, choice p % k
+    flat_w = op.Reshape(weights, c([-1, 1]))
+    live = op.Greater(op.Reshape(weights, c([-1])), op.Constant(value_float=0.0))
+    ys, slots = [], []
+    for e in range(E):
+        pick = op.Constant(value_int=e)
+        pos = op.Reshape(op.NonZero(op.And(op.Equal(flat_idx, pick), live)), c([-1]))
+        rows = op.Gather(x, op.Div(pos, op.Constant(value_int=k)), axis=0)  # (n_e, H)
+        h = op.MatMul(rows, op.Transpose(op.Gather(w_in, pick, axis=0), perm=[1, 0]))
+        if b_in is not None:
+            h = op.Add(h, op.Gather(b_in, pick, axis=0))
+        if w_gate is not None:
+            g = op.MatMul(rows, op.Transpose(op.Gather(w_gate, pick, axis=0), perm=[1, 0]))
+            if b_gate is not None:
+                g = op.Add(g, op.Gather(b_gate, pick, axis=0))
+            h = op.Mul(_activate(g, activation), h)
+        else:
+            h = _activate(h, activation)
+        h = op.Mul(h, op.Gather(flat_w, pos, axis=0))
+        ys.append(op.MatMul(h, op.Transpose(op.Gather(w_out, pick, axis=0), perm=[1, 0])))
+        slots.append(pos)
+    slots = op.Concat(*slots, axis=0)  # (n,) the slot each computed row belongs to
+    n = op.Shape(slots)  # (1,)
+    ycat = op.Concat(*ys, op.Expand(op.Constant(value_float=0.0), c([1, H])), axis=0)
+    # inverse permutation: row of ycat for each slot; slots not computed get row n (zeros)
+    inv = op.ScatterElements(op.Expand(op.Squeeze(n), op.Shape(flat_idx)), slots,
+                             op.Range(op.Constant(value_int=0), op.Squeeze(n),
+                                      op.Constant(value_int=1)), axis=0)
+    out = op.ReduceSum(op.Gather(ycat, op.Reshape(inv, c([-1, k])), axis=0), c([1]),
+                       keepdims=0)  # (T, H)
+    if b_out is not None:
+        t = op.Shape(x, start=0, end=1)
+        dense_w = op.ScatterElements(
+            op.Expand(op.Constant(value_float=0.0), op.Concat(t, c([E]), axis=0)),
+            indices, weights, axis=1)  # (T, E)
+        out = op.Add(out, op.MatMul(dense_w, b_out))  # Σ_j w_j · b_out[e_j]
+    return out
 
 
-def translation_table(target: str) -> dict:
-    return {torch.ops.moefy.expert_ffn.default: TRANSLATIONS[target]}
+TRANSLATIONS = {("ort", "loop"): loop_expert_ffn, ("ort", "moe_op"): ort_expert_ffn,
+                ("standard", "buffers"): standard_expert_ffn}
+
+
+def translation_table(target: str, kernel: str) -> dict:
+    return {torch.ops.moefy.expert_ffn.default: TRANSLATIONS[target, kernel]}

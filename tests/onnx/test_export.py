@@ -19,7 +19,8 @@ LAYERS = (
     dict(activation="relu", router="topp", top_p=0.4),
     dict(activation="silu", capacity_factor=1.0),
 )
-STANDARD_ONLY = (
+EXPORTS = (("ort", "loop"), ("ort", "moe_op"), ("standard", None))
+NOT_FOR_MOE_OP = (
     dict(activation="squared_relu"),
     dict(activation="gelu", gated=True),
     dict(activation="quick_gelu"),
@@ -28,42 +29,78 @@ STANDARD_ONLY = (
 
 def layer(**cfg):
     torch.manual_seed(0)
-    cfg = {"top_k": 2, **cfg}
-    moe = moefy.MoE(16, 8, num_experts=4, **cfg).eval()
+    cfg = {"top_k": 2, "num_experts": 4, **cfg}
+    moe = moefy.MoE(16, 8, **cfg).eval()
     nn.init.normal_(moe.router.weight, std=1.0)
     return moe
 
 
-@pytest.mark.parametrize("target", ("ort", "standard"))
+def domains(path):
+    return {n.domain or "ai.onnx" for n in onnx.load(str(path)).graph.node}
+
+
+@pytest.mark.parametrize("target,kernel", EXPORTS)
 @pytest.mark.parametrize("cfg", LAYERS)
-def test_layer_exports_and_matches(tmp_path, target, cfg):
+def test_layer_exports_and_matches(tmp_path, target, kernel, cfg):
     moe = layer(**cfg)
-    out = moefy.export_onnx(moe, tmp_path / "m.onnx", (torch.randn(7, 16),), target=target)
+    out = moefy.export_onnx(moe, tmp_path / "m.onnx", (torch.randn(7, 16),), target=target,
+                            kernel=kernel)
     assert len(out.max_diff) == 2 and max(out.max_diff) <= out.tolerance
-    if target == "ort" and cfg["activation"] == "gelu":  # checked against tanh-GELU, drift told
-        assert any("drift from the erf-GELU model" in n for n in out.notes)
+    assert out.kernel == (kernel or "buffers")
+    # only the fused op computes GELU in tanh form: its lowering is checked against tanh-GELU
+    # and the drift from erf-GELU told; the others compute the model's own activation
+    drift = any("drift from the erf-GELU model" in n for n in out.notes)
+    assert drift == (kernel == "moe_op" and cfg["activation"] == "gelu")
     bad = check_tensorrt_ops(out.path)
     if target == "standard":
         assert bad == []
-    else:
+    elif kernel == "moe_op":
         assert any("com.microsoft::MoE" in b for b in bad)
+    else:
+        assert domains(out.path) == {"ai.onnx"}
     x = torch.randn(11, 16)  # a third token count, through the session
     session = moefy.runtime.Session(out.path)
     got = next(iter(session.run({session.input_names[0]: x}).values()))
     with torch.no_grad():
         torch.testing.assert_close(got, moe(x), rtol=1e-4, atol=3e-4 if "gelu" == cfg[
-            "activation"] and target == "ort" else 1e-5)
+            "activation"] and kernel == "moe_op" else 1e-5)
 
 
-@pytest.mark.parametrize("cfg", STANDARD_ONLY)
-def test_ort_refuses_what_its_op_cannot_run_and_standard_takes_it(tmp_path, cfg):
+@pytest.mark.parametrize("cfg", NOT_FOR_MOE_OP)
+def test_moe_op_refuses_what_it_cannot_run_and_the_others_take_it(tmp_path, cfg):
     moe = layer(**cfg)
     x = torch.randn(6, 16)
-    with pytest.raises(ExportError, match="target='standard'"):
-        moefy.export_onnx(moe, tmp_path / "m.onnx", (x,), target="ort")
+    with pytest.raises(ExportError, match="kernel='loop' or target='standard'"):
+        moefy.export_onnx(moe, tmp_path / "m.onnx", (x,), target="ort", kernel="moe_op")
     assert list(tmp_path.iterdir()) == []
     out = moefy.export_onnx(moe, tmp_path / "m.onnx", (x,), target="standard")
     assert check_tensorrt_ops(out.path) == []
+    out = moefy.export_onnx(moe, tmp_path / "l.onnx", (x,), target="ort")
+    assert out.kernel == "loop" and max(out.max_diff) <= out.tolerance
+
+
+def test_loop_kernel_on_unbalanced_and_tiny_inputs(tmp_path):
+    """Experts that get no token, one token, or every token; single-token inputs; capacity
+    drops (slots that gather the zero row) — against the eager layer."""
+    moe = layer(activation="gelu", num_experts=8, top_k=3)
+    with torch.no_grad():
+        moe.router.weight[0] += 3.0  # expert 0 wins for most tokens, some get none
+    out = moefy.export_onnx(moe, tmp_path / "m.onnx", (torch.randn(5, 16),))
+    session = moefy.runtime.Session(out.path, threads=2)
+    for t in (1, 2, 64, 300):
+        x = torch.randn(t, 16)
+        got = next(iter(session.run({session.input_names[0]: x}).values()))
+        with torch.no_grad():
+            torch.testing.assert_close(got, moe(x), rtol=1e-4, atol=1e-5)
+    moe.capacity_factor = 0.5
+    out = moefy.export_onnx(moe, tmp_path / "c.onnx", (torch.randn(40, 16),))
+    session = moefy.runtime.Session(out.path)
+    x = torch.randn(50, 16)
+    got = next(iter(session.run({session.input_names[0]: x}).values()))
+    with torch.no_grad():
+        ref = moe(x)
+    assert moe.last_dropped > 0
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_expert_choice_is_refused(tmp_path):
@@ -90,6 +127,11 @@ def test_unwritable_path_and_bad_arguments(tmp_path):
         moefy.export_onnx(moe, tmp_path / "m.onnx", x, target="tensorrt")
     with pytest.raises(ValueError, match="end in .onnx"):
         moefy.export_onnx(moe, tmp_path / "m.txt", x)
+    with pytest.raises(ValueError, match="has kernels"):
+        moefy.export_onnx(moe, tmp_path / "m.onnx", x, target="standard", kernel="loop")
+    with pytest.raises(ValueError, match="opset ≥ 16"):
+        moefy.export_onnx(moe, tmp_path / "m.onnx", x, opset=15)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_model_without_moe_exports_with_a_warning(tmp_path):
@@ -140,16 +182,36 @@ def hf_models():
                                                 router="hash"))}
 
 
-@pytest.mark.parametrize("target", ("ort", "standard"))
+@pytest.mark.parametrize("target,kernel", EXPORTS)
 @pytest.mark.parametrize("name", ("bert_split", "llama_upcycle", "bert_hash"))
-def test_hugging_face_models_export(tmp_path, name, target):
+def test_hugging_face_models_export(tmp_path, name, target, kernel):
     pytest.importorskip("transformers")
     model, cfg = hf_models()[name]
     torch.manual_seed(0)
     moe_model = moefy.convert(model, cfg)
     ids = torch.randint(0, 200, (2, 9))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    out = moefy.export_onnx(moe_model, tmp_path / "m.onnx", inputs, target=target)
+    out = moefy.export_onnx(moe_model, tmp_path / "m.onnx", inputs, target=target,
+                            kernel=kernel)
     assert out.moe_layers == 2 and max(out.max_diff) <= out.tolerance
     if target == "standard":
         assert check_tensorrt_ops(out.path) == []
+
+
+def test_hash_routing_with_two_choices(tmp_path):
+    """Hash routing with top_k 2 can pick one expert twice for a token: the loop and the
+    standard lowering count both assignments, the fused op refuses."""
+    pytest.importorskip("transformers")
+    model, _ = hf_models()["bert_hash"]
+    cfg = moefy.MoEConfig(method="upcycle", num_experts=3, top_k=2, router="hash")
+    moe_model = moefy.convert(model, cfg)
+    ids = torch.arange(60).reshape(2, 30) % 200
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    moe = next(m for m in moe_model.modules() if isinstance(m, moefy.MoE))
+    _, chosen = moe._hash(torch.zeros(60, 1), ids)
+    assert (chosen[:, 0] == chosen[:, 1]).any()  # the case under test occurs
+    for target in ("ort", "standard"):
+        out = moefy.export_onnx(moe_model, tmp_path / f"{target}.onnx", inputs, target=target)
+        assert max(out.max_diff) <= out.tolerance
+    with pytest.raises(ExportError, match="twice"):
+        moefy.export_onnx(moe_model, tmp_path / "m.onnx", inputs, kernel="moe_op")
