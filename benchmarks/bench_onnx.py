@@ -1,14 +1,18 @@
 """ONNX Runtime, side by side in one run: the dense model exported by torch.onnx vs moefy exports.
 
 1. all-MiniLM-L6-v2 (pretrained, offline): dense vs moefy split at 50% and 25% of FFN neurons
-   active (calibrated on package docstrings), targets "ort" (com.microsoft.MoE) and
-   "standard" (static shapes); batch 32 × 128 tokens and batch 1 × 16. Median ms and the ratio
-   dense / moefy (> 1: moefy is faster), plus each export's max difference to PyTorch.
+   active, each as fine experts (16) and coarse ones (4), calibrated on package docstrings;
+   exports target "ort" with kernel "loop" (the default) and "moe_op" (com.microsoft.MoE),
+   and target "standard" (static shapes); batch 32 × 128 tokens and batch 1 × 16. Median ms
+   and the ratio dense / moefy (> 1: moefy is faster), each export's max difference to
+   PyTorch, and each conversion's embedding cosine to the dense model on held-out sentences.
 2. Layer level, issue 2's C1 shape (H 768, 16 experts of 192, top-4, GELU, 2048 tokens): the
-   dense FFN vs the moefy layer in both targets, the standard one at capacity_factor 2.
+   dense FFN vs the moefy layer in every export, the standard one dropless and at
+   capacity_factor 2.
 
-Run: ``python benchmarks/bench_onnx.py`` (about 5 minutes; ``--rounds`` to change the
-number of timed calls per model). Threads: 2 (``--threads``).
+Run: ``python benchmarks/bench_onnx.py`` (about 10 minutes; ``--rounds`` to change the
+number of timed calls per model, ``--loop-only`` for the default export only). Threads: 2
+(``--threads``).
 """
 
 from __future__ import annotations
@@ -32,24 +36,27 @@ import torch.nn as nn  # noqa: E402
 import moefy  # noqa: E402
 
 
+QUIET = {"session.intra_op.allow_spinning": "0"}  # no worker spinning into the next session
+
+
 def timed(sessions: dict, feeds: dict, rounds: int) -> dict[str, float]:
-    """Median seconds per call. Each model runs in its own block (ONNX Runtime's spinning
-    worker threads otherwise tax whichever session runs next), the blocks in forward then
-    reverse order so drift hits all alike."""
+    """Median seconds per call, the models interleaved call by call so the machine's drift hits
+    all alike; worker threads sleep between calls (``QUIET``) so one session's spinning
+    threads do not tax the next."""
     times = {name: [] for name in sessions}
-    half = max(1, rounds // 2)
-    for order in (list(sessions), list(sessions)[::-1]):
-        for name in order:
-            s = sessions[name]
-            for r in range(-1, half):
-                t0 = time.perf_counter()
-                s.run(feeds[name])
-                if r >= 0:
-                    times[name].append(time.perf_counter() - t0)
+    for r in range(-1, rounds):
+        for name, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(feeds[name])
+            if r >= 0:
+                times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
 EXPORTS = (("ort", "loop"), ("ort", "moe_op"), ("standard", None))
+# (share of FFN neurons active, experts, top-k): fine experts (better quality) and coarse ones
+# (less dispatch work per token: fewer rows gathered and combined)
+CONFIGS = (("50%", 16, 8), ("50%", 4, 2), ("25%", 16, 4), ("25%", 4, 1))
 
 
 def minilm(args, workdir: Path) -> None:
@@ -60,36 +67,52 @@ def minilm(args, workdir: Path) -> None:
     path = str(get_model_path())
     tok = AutoTokenizer.from_pretrained(path)
     dense = AutoModel.from_pretrained(path).eval()
-    text = sentences("stdlib", 400)
-    calib = [dict(tok(text[i:i + 32], padding=True, return_tensors="pt"))
-             for i in range(0, 256, 32)]
+    calib_text = sentences("packages", 1024)
+    calib = [dict(tok(calib_text[i:i + 32], padding=True, truncation=True, max_length=128,
+                      return_tensors="pt")) for i in range(0, len(calib_text), 32)]
+    text = sentences("stdlib", 600)
+    held = [dict(tok(text[i:i + 50], padding=True, return_tensors="pt"))
+            for i in range(400, 600, 50)]
     long = " ".join(text[256:400])
     shapes = {"32x128": dict(tok([long] * 32, truncation=True, max_length=128,
                                  return_tensors="pt")),
               "1x16": dict(tok([long], truncation=True, max_length=16, return_tensors="pt"))}
     example = dict(tok(text[:2], padding=True, return_tensors="pt"))
 
+    def embed(model):
+        with torch.no_grad():
+            out = []
+            for b in held:
+                mask = b["attention_mask"].unsqueeze(-1).float()
+                out.append((model(**b).last_hidden_state * mask).sum(1) / mask.sum(1))
+            return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+
+    reference = embed(dense)
     models = {"dense": (dense, None)}
-    for active, (e, k) in {"50%": (16, 8), "25%": (16, 4)}.items():
+    for active, e, k in CONFIGS:
         cfg = moefy.MoEConfig(method="split", num_experts=e, top_k=k, partition="coactivation")
-        models[f"moefy {active} E{e}k{k}"] = (
-            moefy.convert(dense, cfg, calibration_data=calib, progress=False), cfg)
-    sessions, diffs = {}, {}
-    for name, (model, _) in models.items():
-        for target, kernel in ((("ort", None),) if name == "dense" else EXPORTS):
+        model = moefy.convert(dense, cfg, calibration_data=calib, progress=False)
+        cos = (embed(model) * reference).sum(-1).mean().item()
+        models[f"{active} E{e}k{k}"] = (model, cos)
+    sessions, diffs, quality = {}, {}, {}
+    for name, (model, cos) in models.items():
+        exports = (("ort", None),) if name == "dense" else (
+            EXPORTS if not args.loop_only else EXPORTS[:1])
+        for target, kernel in exports:
             label = name if name == "dense" else f"{name} {kernel or target}"
             out = moefy.export_onnx(model, workdir / f"{len(sessions)}.onnx", example,
                                     target=target, kernel=kernel)
-            diffs[label] = max(out.max_diff)
-            sessions[label] = moefy.runtime.Session(out.path, threads=args.threads)
+            diffs[label], quality[label] = max(out.max_diff), cos
+            sessions[label] = moefy.runtime.Session(out.path, threads=args.threads,
+                                                    config=QUIET)
     print("all-MiniLM-L6-v2 in ONNX Runtime (CPU EP), median ms over "
-          f"{args.rounds} calls, {args.threads} threads")
-    print(f"{'model':<28} {'max diff':>9} " + " ".join(f"{s:>16}" for s in shapes))
+          f"{args.rounds} calls, {args.threads} threads; cos: mean embedding cosine to the "
+          "dense model on 200 held-out sentences (calibration: 1024 others, coactivation "
+          "split, linear compensation)")
+    print(f"{'model':<24} {'cos':>6} {'max diff':>9} " + " ".join(f"{s:>16}" for s in shapes))
     results = {}
     for shape, inputs in shapes.items():
-        feeds = {}
-        for label, s in sessions.items():
-            feeds[label] = {n: inputs[n] for n in s.input_names}
+        feeds = {label: {n: inputs[n] for n in s.input_names} for label, s in sessions.items()}
         results[shape] = timed(sessions, feeds, args.rounds)
     for label in sessions:
         cells = []
@@ -97,7 +120,8 @@ def minilm(args, workdir: Path) -> None:
             ms = results[shape][label] * 1e3
             ratio = results[shape]["dense"] / results[shape][label]
             cells.append(f"{ms:8.2f} ({ratio:4.2f}×)")
-        print(f"{label:<28} {diffs[label]:9.1e} " + " ".join(f"{c:>16}" for c in cells))
+        cos = "" if quality[label] is None else f"{quality[label]:.3f}"
+        print(f"{label:<24} {cos:>6} {diffs[label]:9.1e} " + " ".join(f"{c:>16}" for c in cells))
     print("(×: dense time / this model's time; > 1 is faster than dense)\n")
 
 
@@ -110,17 +134,18 @@ def layer_c1(args, workdir: Path) -> None:
     moe_model = moefy.convert(dense, cfg, example_inputs=(x[:8],))
     sessions = {}
     out = moefy.export_onnx(dense, workdir / "c1_dense.onnx", (x[:64],))
-    sessions["dense FFN"] = moefy.runtime.Session(out.path, threads=args.threads)
+    sessions["dense FFN"] = moefy.runtime.Session(out.path, threads=args.threads, config=QUIET)
     for kernel in ("loop", "moe_op"):
         out = moefy.export_onnx(moe_model, workdir / f"c1_{kernel}.onnx", (x[:64],),
                                 target="ort", kernel=kernel)
-        sessions[f"moefy ort {kernel}"] = moefy.runtime.Session(out.path, threads=args.threads)
+        sessions[f"moefy ort {kernel}"] = moefy.runtime.Session(out.path, threads=args.threads,
+                                                                config=QUIET)
     for cf in (None, 2.0):
         moe_model[0].capacity_factor = cf
         out = moefy.export_onnx(moe_model, workdir / f"c1_std_{cf}.onnx", (x[:64],),
                                 target="standard")
-        sessions[f"moefy standard cf={cf}"] = moefy.runtime.Session(out.path,
-                                                                    threads=args.threads)
+        sessions[f"moefy standard cf={cf}"] = moefy.runtime.Session(
+            out.path, threads=args.threads, config=QUIET)
     feeds = {n: {s.input_names[0]: x.numpy()} for n, s in sessions.items()}
     res = timed(sessions, feeds, args.rounds)
     print(f"layer C1 (H {H}, {E}×{I}, top-{k}, GELU, {T} tokens), ONNX Runtime CPU, "
@@ -134,6 +159,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument("--loop-only", action="store_true",
+                        help="MiniLM: only the default export (target ort, kernel loop)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as d:

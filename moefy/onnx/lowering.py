@@ -1,10 +1,18 @@
-"""Lowering of ``moefy::expert_ffn`` for the ONNX exporter, one translation per target.
+"""Lowering of ``moefy::expert_ffn`` for the ONNX exporter, one translation per target/kernel.
 
-    target "ort":       expert_ffn(x, w, i, experts)  ⇒  logits = scatter(log w at i, −1e30)
+    "ort", "loop":      per expert e: NonZero(indices == e) → Gather rows → MatMul → activation
+    (the default)       → × routing weight → MatMul; Concat all experts' rows, Gather them back
+                        per (token, slot) by the inverse permutation, ReduceSum the k slots,
+                        + dense_weights @ b_out
+    "ort", "moe_op":    expert_ffn(x, w, i, experts)  ⇒  logits = scatter(log w at i, −1e30)
                         → com.microsoft.MoE(x, logits, fc1, fc2; k, normalize=1) · Σ_j w_j
-    target "standard":  expert_ffn(x, w, i, experts)  ⇒  OneHot → CumSum (slot of each
-                        assignment in its expert) → ScatterND into (E, C + 1, H) buffers
-                        → batched MatMul, activation, MatMul → GatherND back → weighted sum
+    "standard":         OneHot → CumSum (slot of each assignment in its expert) → ScatterND
+                        into (E, C + 1, H) buffers → batched MatMul, activation, MatMul
+                        → GatherND back → weighted sum
+
+The loop does only the routed work, with row counts known at run time (ONNX Runtime allows
+that); on ONNX Runtime's CPU EP it beats the fused MoE kernel at every shape measured
+(benchmarks/bench_onnx.py). GELUs there use ONNX Runtime's BiasGelu / FastGelu kernels.
 
 ONNX Runtime's MoE weights the experts it picks by a softmax of the logits it is given,
 renormalised over its top-k. Handing it log(w) at the chosen experts (and −1e30 elsewhere)
@@ -53,8 +61,20 @@ def _moe_schema() -> onnx.defs.OpSchema:
         attributes=attrs)
 
 
+def _unary_schema(name: str, with_bias: bool) -> onnx.defs.OpSchema:
+    P = onnx.defs.OpSchema.FormalParameter
+    inputs = [P("X", "T")] + ([P("bias", "T")] if with_bias else [])
+    return onnx.defs.OpSchema(
+        name, "com.microsoft", 1, inputs=inputs, outputs=[P("Y", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"],
+                           "float types")])
+
+
 MSFT = Opset("com.microsoft", 1)
 ORT_MOE = Op(MSFT, "MoE", _moe_schema())
+# ONNX Runtime's fused GELUs: BiasGelu = erf-GELU(X + bias), FastGelu = tanh-GELU(X + bias)
+ORT_BIAS_GELU = Op(MSFT, "BiasGelu", _unary_schema("BiasGelu", True))
+ORT_FAST_GELU = Op(MSFT, "FastGelu", _unary_schema("FastGelu", True))
 
 # moefy activation → ONNX Runtime MoE activation_type (plain experts)
 ORT_ACTIVATIONS = {"relu": "relu", "gelu_tanh": "gelu", "gelu": "gelu", "silu": "silu"}
@@ -196,14 +216,18 @@ def loop_expert_ffn(x, weights, indices, w_in, w_out, w_gate, b_in, b_gate, b_ou
         pos = op.Reshape(op.NonZero(op.And(op.Equal(flat_idx, pick), live)), c([-1]))
         rows = op.Gather(x, op.Div(pos, op.Constant(value_int=k)), axis=0)  # (n_e, H)
         h = op.MatMul(rows, op.Transpose(op.Gather(w_in, pick, axis=0), perm=[1, 0]))
-        if b_in is not None:
+        if w_gate is None and activation in ("gelu", "gelu_tanh"):  # ONNX Runtime's kernels
+            bias = (op.Gather(b_in, pick, axis=0) if b_in is not None
+                    else op.Expand(op.Constant(value_float=0.0), c([I])))
+            h = (ORT_BIAS_GELU if activation == "gelu" else ORT_FAST_GELU)(h, bias)
+        elif b_in is not None:
             h = op.Add(h, op.Gather(b_in, pick, axis=0))
         if w_gate is not None:
             g = op.MatMul(rows, op.Transpose(op.Gather(w_gate, pick, axis=0), perm=[1, 0]))
             if b_gate is not None:
                 g = op.Add(g, op.Gather(b_gate, pick, axis=0))
             h = op.Mul(_activate(g, activation), h)
-        else:
+        elif activation not in ("gelu", "gelu_tanh"):
             h = _activate(h, activation)
         h = op.Mul(h, op.Gather(flat_w, pos, axis=0))
         ys.append(op.MatMul(h, op.Transpose(op.Gather(w_out, pick, axis=0), perm=[1, 0])))
@@ -215,8 +239,11 @@ def loop_expert_ffn(x, weights, indices, w_in, w_out, w_gate, b_in, b_gate, b_ou
     inv = op.ScatterElements(op.Expand(op.Squeeze(n), op.Shape(flat_idx)), slots,
                              op.Range(op.Constant(value_int=0), op.Squeeze(n),
                                       op.Constant(value_int=1)), axis=0)
-    out = op.ReduceSum(op.Gather(ycat, op.Reshape(inv, c([-1, k])), axis=0), c([1]),
-                       keepdims=0)  # (T, H)
+    if k == 1:
+        out = op.Gather(ycat, inv, axis=0)  # (T, H)
+    else:
+        out = op.ReduceSum(op.Gather(ycat, op.Reshape(inv, c([-1, k])), axis=0), c([1]),
+                           keepdims=0)  # (T, H)
     if b_out is not None:
         t = op.Shape(x, start=0, end=1)
         dense_w = op.ScatterElements(

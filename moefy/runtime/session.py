@@ -22,6 +22,8 @@ class Session:
         path: the .onnx file.
         device: "cpu" or "cuda" (needs ``onnxruntime-gpu`` and a CUDA device).
         threads: intra-op threads on CPU (default: ONNX Runtime's choice).
+        config: ONNX Runtime session config entries, e.g.
+            ``{"session.intra_op.allow_spinning": "0"}`` (worker threads sleep between calls).
 
     ``run(inputs)`` takes a dict of torch tensors or numpy arrays keyed by input name (extra
     keys that the model does not take, such as an unused ``token_type_ids``, are ignored) and
@@ -29,7 +31,8 @@ class Session:
     were torch tensors, else numpy arrays.
     """
 
-    def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, device: str = "cpu", threads: int | None = None,
+                 config: dict[str, str] | None = None):
         import onnxruntime as ort
         if device not in DEVICES:
             raise ValueError(f"Session: device must be one of {DEVICES}, got {device!r}")
@@ -37,6 +40,9 @@ class Session:
             raise FileNotFoundError(f"Session: no ONNX file at {path}")
         if threads is not None and (not isinstance(threads, int) or threads < 1):
             raise ValueError(f"Session: threads must be a positive int, got {threads!r}")
+        config = dict(config or {})
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in config.items()):
+            raise TypeError(f"Session: config maps names to string values, got {config!r}")
         if device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise RuntimeError(
@@ -51,6 +57,8 @@ class Session:
         if threads is not None:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        for key, value in config.items():
+            options.add_session_config_entry(key, value)
         self.device = device
         self._session = ort.InferenceSession(str(path), options, providers=providers)
         self.input_names = [i.name for i in self._session.get_inputs()]
