@@ -35,7 +35,6 @@ import torch.nn as nn  # noqa: E402
 
 import moefy  # noqa: E402
 
-
 QUIET = {"session.intra_op.allow_spinning": "0"}  # no worker spinning into the next session
 
 

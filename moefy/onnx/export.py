@@ -181,8 +181,9 @@ def _check_lowerable(moes: list[tuple[str, MoE]], target: str, kernel: str) -> l
                 raise ExportError(f"{name}: kernel='moe_op' runs float32 experts on CPU, this "
                                   f"layer is {m.w_in.dtype}; convert with model.float()")
             if m.activation == "gelu" and not m.gated:
-                notes.append(f"{name or type(m).__name__}: ONNX Runtime's MoE computes GELU in its tanh form; this "
-                             "layer uses erf-GELU (difference per activation ≤ 5e-4)")
+                notes.append(f"{name or type(m).__name__}: ONNX Runtime's MoE computes GELU in "
+                             "its tanh form; this layer uses erf-GELU (difference per "
+                             "activation ≤ 5e-4)")
     return notes
 
 

@@ -211,7 +211,8 @@ def split(dense: DenseWeights, config: MoEConfig, generator: torch.Generator,
                       stacklevel=2)
         mode = "mean"
     if mode == "linear" and config.top_k < E:
-        fit_info.update(fit_compensation(moe, dense, stats.inputs, dense.hidden_size // 3))
+        rank = config.compensate_rank or dense.hidden_size // 3
+        fit_info.update(fit_compensation(moe, dense, stats.inputs, rank))
     if config.fit_steps and stats is not None and config.top_k < E:
         fit_info.update(fit_layer(moe, dense, stats.inputs, config.fit_steps, generator))
     moe.conversion = {"router_init": init, "compensation": mode, **fit_info}

@@ -97,3 +97,19 @@ def test_data_hungry_options_without_data_fail_before_any_change():
         moefy.MoEConfig(compensate="median")
     with pytest.raises(ValueError, match="router_init"):
         moefy.MoEConfig(router_init="oracle")
+
+
+def test_compensation_rank_sets_the_map_and_trades_error():
+    model, cal, held = mlp(), data(), data(seed=7)
+    errs = {}
+    for rank in (2, 10):
+        cfg = moefy.MoEConfig(method="split", num_experts=8, top_k=2, partition="coactivation",
+                              compensate_rank=rank)
+        moe_model = moefy.convert(model, cfg, example_inputs=cal[0], calibration_data=cal)
+        ranks = {m.out_features for m in moe_model[0].shared.modules()
+                 if isinstance(m, nn.Linear) and m.in_features == 32}
+        assert ranks == {rank}
+        errs[rank] = rel_err(model, moe_model, held)
+    assert errs[10] < errs[2], errs
+    with pytest.raises(ValueError, match="compensate_rank"):
+        moefy.MoEConfig(compensate_rank=0)
