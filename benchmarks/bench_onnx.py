@@ -53,9 +53,11 @@ def timed(sessions: dict, feeds: dict, rounds: int) -> dict[str, float]:
 
 
 EXPORTS = (("ort", "loop"), ("ort", "moe_op"), ("standard", None))
-# (share of FFN neurons active, experts, top-k): fine experts (better quality) and coarse ones
-# (less dispatch work per token: fewer rows gathered and combined)
-CONFIGS = (("50%", 16, 8), ("50%", 4, 2), ("25%", 16, 4), ("25%", 4, 1))
+# (share of FFN neurons active, experts, top-k, compensation rank or None for hidden/3): fine
+# experts (better quality) and coarse ones (less dispatch work per token: fewer rows gathered
+# and combined); the last trades compensation rank for speed
+CONFIGS = (("50%", 16, 8, None), ("50%", 4, 2, None), ("25%", 16, 4, None), ("25%", 4, 1, None),
+           ("25%", 4, 1, 64))
 
 
 def minilm(args, workdir: Path) -> None:
@@ -88,11 +90,12 @@ def minilm(args, workdir: Path) -> None:
 
     reference = embed(dense)
     models = {"dense": (dense, None)}
-    for active, e, k in CONFIGS:
-        cfg = moefy.MoEConfig(method="split", num_experts=e, top_k=k, partition="coactivation")
+    for active, e, k, rank in CONFIGS:
+        cfg = moefy.MoEConfig(method="split", num_experts=e, top_k=k, partition="coactivation",
+                              compensate_rank=rank)
         model = moefy.convert(dense, cfg, calibration_data=calib, progress=False)
         cos = (embed(model) * reference).sum(-1).mean().item()
-        models[f"{active} E{e}k{k}"] = (model, cos)
+        models[f"{active} E{e}k{k}" + (f" r{rank}" if rank else "")] = (model, cos)
     sessions, diffs, quality = {}, {}, {}
     for name, (model, cos) in models.items():
         exports = (("ort", None),) if name == "dense" else (
