@@ -67,11 +67,13 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
             and the layer's ``capacity_factor``; dropless when None), in the subset TensorRT
             parses. Router and always-on part are ordinary nodes in both.
         kernel: how target "ort" runs the experts. "loop" (default): per expert, NonZero
-            picks its rows, Gather → MatMul → activation → MatMul → ScatterND-add; standard
-            ops, any activation, exact GELU; faster than ONNX Runtime's fused kernel on its
-            CPU EP at every shape measured (``benchmarks/bench_onnx.py``). "moe_op": one
-            ``com.microsoft.MoE`` node per layer (ONNX Runtime's grouped kernel, the one to
-            try on its CUDA EP); GELU in tanh form, SwiGLU only among gated activations.
+            picks its assignments, Gather → MatMul → activation → × weight → MatMul, then one
+            Gather by the inverse permutation and a sum over the k slots; only routed work,
+            any activation, exact GELU (ONNX Runtime's BiasGelu); faster than its fused
+            kernel on its CPU EP at every shape measured (``benchmarks/bench_onnx.py``).
+            "moe_op": one ``com.microsoft.MoE`` node per layer (ONNX Runtime's grouped
+            kernel, the one to try on its CUDA EP); GELU in tanh form, SwiGLU only among gated
+            activations.
             Target "standard" has one kernel, "buffers".
         opset: ONNX opset (default: the exporter's).
         dynamic: keep batch / sequence / token axes dynamic (else the example's sizes).
@@ -92,9 +94,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
     if kernel not in KERNELS[target]:
         raise ValueError(f"export_onnx: target={target!r} has kernels {KERNELS[target]}, got "
                          f"kernel={kernel!r}")
-    if kernel == "loop" and opset is not None and opset < 16:
-        raise ValueError(f"export_onnx: kernel='loop' needs ScatterND's reduction (opset ≥ "
-                         f"16), got opset={opset}")
     path = Path(path)
     if path.suffix != ".onnx":
         raise ValueError(f"export_onnx: path should end in .onnx, got {str(path)!r}")
@@ -168,6 +167,9 @@ def _check_lowerable(moes: list[tuple[str, MoE]], target: str, kernel: str) -> l
         if m.router_type == "expert_choice":
             raise ExportError(f"{name}: router='expert_choice' gives tokens a data-dependent "
                               "number of experts; no export target expresses it")
+        if m.w_in.dtype != torch.float32:
+            raise ExportError(f"{name or type(m).__name__}: export_onnx lowers float32 "
+                              f"experts, this layer is {m.w_in.dtype}; export model.float()")
         if kernel == "moe_op":
             if m.router_type == "hash" and m.top_k > 1:
                 raise ExportError(f"{name}: router='hash' with top_k > 1 may choose one expert "
@@ -177,9 +179,6 @@ def _check_lowerable(moes: list[tuple[str, MoE]], target: str, kernel: str) -> l
             if why:
                 raise ExportError(f"{name}: kernel='moe_op' cannot express {why}; use "
                                   "kernel='loop' or target='standard'")
-            if m.w_in.dtype != torch.float32:
-                raise ExportError(f"{name}: kernel='moe_op' runs float32 experts on CPU, this "
-                                  f"layer is {m.w_in.dtype}; convert with model.float()")
             if m.activation == "gelu" and not m.gated:
                 notes.append(f"{name or type(m).__name__}: ONNX Runtime's MoE computes GELU in "
                              "its tanh form; this layer uses erf-GELU (difference per "
