@@ -69,8 +69,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
         kernel: how target "ort" runs the experts. "loop" (default): per expert, NonZero
             picks its assignments, Gather → MatMul → activation → × weight → MatMul, then one
             Gather by the inverse permutation and a sum over the k slots; only routed work,
-            any activation, exact GELU (ONNX Runtime's BiasGelu); faster than its fused
-            kernel on its CPU EP at every shape measured (``benchmarks/bench_onnx.py``).
+            any activation, exact GELU (ONNX Runtime's BiasGelu); on its CPU EP faster than
+            the fused kernel for batches of thousands of tokens, slower for a few tokens
+            through many experts (``benchmarks/bench_onnx.py``).
             "moe_op": one ``com.microsoft.MoE`` node per layer (ONNX Runtime's grouped
             kernel, the one to try on its CUDA EP); GELU in tanh form, SwiGLU only among gated
             activations.

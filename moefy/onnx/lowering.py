@@ -11,7 +11,8 @@
                         → GatherND back → weighted sum
 
 The loop does only the routed work, with row counts known at run time (ONNX Runtime allows
-that); on ONNX Runtime's CPU EP it beats the fused MoE kernel at every shape measured
+that); on ONNX Runtime's CPU EP it beats the fused MoE kernel on batches of thousands of
+tokens, while a few tokens through 16 experts pay ~11 nodes per expert
 (benchmarks/bench_onnx.py). GELUs there use ONNX Runtime's BiasGelu / FastGelu kernels.
 
 ONNX Runtime's MoE weights the experts it picks by a softmax of the logits it is given,
@@ -210,25 +211,28 @@ def loop_expert_ffn(x, weights, indices, w_in, w_out, w_gate, b_in, b_gate, b_ou
     flat_idx = op.Reshape(indices, c([-1]))  # (T·k,) slot p = token p // k, choice p % k
     flat_w = op.Reshape(weights, c([-1, 1]))
     live = op.Greater(op.Reshape(weights, c([-1])), op.Constant(value_float=0.0))
+    fused_gelu = None if w_gate is not None else {"gelu": ORT_BIAS_GELU,
+                                                  "gelu_tanh": ORT_FAST_GELU}.get(activation)
     ys, slots = [], []
     for e in range(E):
         pick = op.Constant(value_int=e)
         pos = op.Reshape(op.NonZero(op.And(op.Equal(flat_idx, pick), live)), c([-1]))
         rows = op.Gather(x, op.Div(pos, op.Constant(value_int=k)), axis=0)  # (n_e, H)
         h = op.MatMul(rows, op.Transpose(op.Gather(w_in, pick, axis=0), perm=[1, 0]))
-        if w_gate is None and activation in ("gelu", "gelu_tanh"):  # ONNX Runtime's kernels
+        if fused_gelu is not None:  # ONNX Runtime's bias + GELU kernel
             bias = (op.Gather(b_in, pick, axis=0) if b_in is not None
                     else op.Expand(op.Constant(value_float=0.0), c([I])))
-            h = (ORT_BIAS_GELU if activation == "gelu" else ORT_FAST_GELU)(h, bias)
-        elif b_in is not None:
-            h = op.Add(h, op.Gather(b_in, pick, axis=0))
-        if w_gate is not None:
-            g = op.MatMul(rows, op.Transpose(op.Gather(w_gate, pick, axis=0), perm=[1, 0]))
-            if b_gate is not None:
-                g = op.Add(g, op.Gather(b_gate, pick, axis=0))
-            h = op.Mul(_activate(g, activation), h)
-        elif activation not in ("gelu", "gelu_tanh"):
-            h = _activate(h, activation)
+            h = fused_gelu(h, bias)
+        else:
+            if b_in is not None:
+                h = op.Add(h, op.Gather(b_in, pick, axis=0))
+            if w_gate is not None:
+                g = op.MatMul(rows, op.Transpose(op.Gather(w_gate, pick, axis=0), perm=[1, 0]))
+                if b_gate is not None:
+                    g = op.Add(g, op.Gather(b_gate, pick, axis=0))
+                h = op.Mul(_activate(g, activation), h)
+            else:
+                h = _activate(h, activation)
         h = op.Mul(h, op.Gather(flat_w, pos, axis=0))
         ys.append(op.MatMul(h, op.Transpose(op.Gather(w_out, pick, axis=0), perm=[1, 0])))
         slots.append(pos)
@@ -244,12 +248,12 @@ def loop_expert_ffn(x, weights, indices, w_in, w_out, w_gate, b_in, b_gate, b_ou
     else:
         out = op.ReduceSum(op.Gather(ycat, op.Reshape(inv, c([-1, k])), axis=0), c([1]),
                            keepdims=0)  # (T, H)
-    if b_out is not None:
-        t = op.Shape(x, start=0, end=1)
-        dense_w = op.ScatterElements(
-            op.Expand(op.Constant(value_float=0.0), op.Concat(t, c([E]), axis=0)),
-            indices, weights, axis=1)  # (T, E)
-        out = op.Add(out, op.MatMul(dense_w, b_out))  # Σ_j w_j · b_out[e_j]
+    if b_out is not None:  # Σ_j w_j · b_out[e_j]; OneHot sums an expert chosen twice
+        onehot = op.OneHot(indices, op.Constant(value_int=E),
+                           op.Constant(value_floats=[0.0, 1.0]), axis=-1)  # (T, k, E)
+        dense_w = op.ReduceSum(op.Mul(onehot, op.Unsqueeze(weights, c([2]))), c([1]),
+                               keepdims=0)  # (T, E)
+        out = op.Add(out, op.MatMul(dense_w, b_out))
     return out
 
 

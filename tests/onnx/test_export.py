@@ -210,6 +210,10 @@ def test_hash_routing_with_two_choices(tmp_path):
     standard lowering count both assignments, the fused op refuses."""
     pytest.importorskip("transformers")
     model, _ = hf_models()["bert_hash"]
+    with torch.no_grad():  # non-zero biases: a repeated expert adds its output bias twice
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.bias.normal_(std=0.5)
     cfg = moefy.MoEConfig(method="upcycle", num_experts=3, top_k=2, router="hash")
     moe_model = moefy.convert(model, cfg)
     ids = torch.arange(60).reshape(2, 30) % 200
