@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnxscript.optimizer
 import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_leaves
@@ -31,6 +32,12 @@ TARGETS = ("ort", "standard")
 KERNELS = {"ort": ("loop", "moe_op"), "standard": ("buffers",)}  # first: the default
 # Max |ONNX Runtime − PyTorch| relative to the output's largest magnitude, per target.
 TOLERANCE = {"ort": 1e-4, "standard": 1e-4}
+# Opset 23 turns scaled_dot_product_attention into ONNX's Attention op, which ONNX Runtime
+# (>= 1.23) runs as one fused kernel: all-MiniLM-L6-v2 at 32 x 128 runs ~14% faster than at
+# the exporter's default (20 in torch 2.13), dense and MoE alike. Target "standard" keeps the
+# exporter's default, which TensorRT's parser reads.
+DEFAULT_OPSET = {"ort": 23, "standard": None}
+MIN_OPSET = 18  # the lowerings are written against opset 18
 
 
 class ExportError(MoefyError):
@@ -76,7 +83,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
             kernel, the one to try on its CUDA EP); GELU in tanh form, SwiGLU only among gated
             activations.
             Target "standard" has one kernel, "buffers".
-        opset: ONNX opset (default: the exporter's).
+        opset: ONNX opset, 18 or newer (default: 23 for target "ort", whose Attention op
+            ONNX Runtime runs fused; the exporter's default for "standard").
         dynamic: keep batch / sequence / token axes dynamic (else the example's sizes).
         validate: full ``onnx.checker``, shape inference, then ONNX Runtime against PyTorch on
             the example inputs and on inputs with another token count; raises
@@ -95,6 +103,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
     if kernel not in KERNELS[target]:
         raise ValueError(f"export_onnx: target={target!r} has kernels {KERNELS[target]}, got "
                          f"kernel={kernel!r}")
+    if opset is None:
+        opset = DEFAULT_OPSET[target]
+    elif not isinstance(opset, int) or isinstance(opset, bool) or opset < MIN_OPSET:
+        raise ValueError(f"export_onnx: opset must be an int >= {MIN_OPSET} (the MoE lowerings "
+                         f"use opset-{MIN_OPSET} ops), got {opset!r}")
     path = Path(path)
     if path.suffix != ".onnx":
         raise ValueError(f"export_onnx: path should end in .onnx, got {str(path)!r}")
@@ -119,7 +132,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
                                      dynamic_shapes=dynamic_shapes)
             big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.8e9
             program = torch.onnx.export(ep, (), None, dynamo=True, opset_version=opset,
-                                        custom_translation_table=translation_table(target, kernel))
+                                        custom_translation_table=translation_table(target, kernel),
+                                        optimize=False)
+            # the exporter's own optimize() also runs onnxscript's opset-23 fusions, whose
+            # RotaryEmbedding keeps Hugging Face's batch-1 cos/sin caches, which ONNX Runtime
+            # rejects for larger batches; constant folding and dead-code removal only
+            onnxscript.optimizer.optimize_ir(program.model)
             program.save(str(tmp), external_data=big)
         except Exception as exc:  # the exporter raises many types; report them as one
             raise ExportError(f"torch.onnx could not export {type(model).__name__} for "

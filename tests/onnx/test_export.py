@@ -68,6 +68,15 @@ def test_layer_exports_and_matches(tmp_path, target, kernel, cfg):
             "activation"] and kernel == "moe_op" else 1e-5)
 
 
+@pytest.mark.parametrize("kernel", ("loop", "moe_op"))
+def test_ort_exports_at_an_older_opset(tmp_path, kernel):
+    """Opset 23 is only the default: the lowerings are opset-18 ops."""
+    moe = layer()
+    out = moefy.export_onnx(moe, tmp_path / "m.onnx", (torch.randn(7, 16),), kernel=kernel,
+                            opset=18)
+    assert out.opset == 18 and max(out.max_diff) <= out.tolerance
+
+
 @pytest.mark.parametrize("cfg", NOT_FOR_MOE_OP)
 def test_moe_op_refuses_what_it_cannot_run_and_the_others_take_it(tmp_path, cfg):
     moe = layer(**cfg)
@@ -131,6 +140,8 @@ def test_unwritable_path_and_bad_arguments(tmp_path):
         moefy.export_onnx(moe, tmp_path / "m.txt", x)
     with pytest.raises(ValueError, match="has kernels"):
         moefy.export_onnx(moe, tmp_path / "m.onnx", x, target="standard", kernel="loop")
+    with pytest.raises(ValueError, match="opset must be an int >= 18"):
+        moefy.export_onnx(moe, tmp_path / "m.onnx", x, opset=17)
     with pytest.raises(ExportError, match="float32"):
         moefy.export_onnx(layer().half(), tmp_path / "m.onnx", (x[0].half(),))
     assert list(tmp_path.iterdir()) == []
@@ -197,12 +208,17 @@ def test_hugging_face_models_export(tmp_path, name, target, kernel):
     torch.manual_seed(0)
     moe_model = moefy.convert(model, cfg)
     ids = torch.randint(0, 200, (2, 9))
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # padding goes through the attention mask path too
+    inputs = {"input_ids": ids, "attention_mask": mask}
     out = moefy.export_onnx(moe_model, tmp_path / "m.onnx", inputs, target=target,
                             kernel=kernel)
     assert out.moe_layers == 2 and max(out.max_diff) <= out.tolerance
     if target == "standard":
-        assert check_tensorrt_ops(out.path) == []
+        assert out.opset < 23 and check_tensorrt_ops(out.path) == []
+    else:  # opset 23: SDPA becomes ONNX's Attention op, which ONNX Runtime runs fused
+        ops = {n.op_type for n in onnx.load(str(out.path)).graph.node}
+        assert out.opset == 23 and "Attention" in ops
 
 
 def test_hash_routing_with_two_choices(tmp_path):
