@@ -129,7 +129,7 @@ def main() -> None:
           f"{t_ort_moe:.1f} ms (the FFNs are about 2/3 of this model's FLOPs)")
     print("16 experts favour quality; in ONNX Runtime every routed token costs a gathered row "
           "per expert it visits, so fewer, larger experts run faster at the same share of "
-          "neurons (4 experts top-2: 1.15× the dense model at 32 × 128, cosine 0.906) — "
+          "neurons (4 experts top-2: 1.18× the dense model at 32 × 128, cosine 0.906) — "
           "python benchmarks/bench_onnx.py")
 
 
