@@ -87,7 +87,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
             ONNX Runtime runs fused; the exporter's default for "standard").
         dynamic: keep batch / sequence / token axes dynamic (else the example's sizes).
         validate: full ``onnx.checker``, shape inference, then ONNX Runtime against PyTorch on
-            the example inputs and on inputs with another token count; raises
+            the example inputs and on inputs whose dynamic dimensions (those the export kept
+            dynamic: batch, sequence, tokens) are a few entries longer; raises
             ``ExportError`` with the largest difference when outside the target's tolerance.
 
     >>> moe = MoE(16, 8, num_experts=4, top_k=2).eval()
@@ -151,7 +152,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
             # the erf-GELU model it stands for (a routing decision near a tie can flip).
             _check_onnx(tmp)
             session = Session(tmp, device="cpu")
-            cases = [(args, kwargs)] + ([_other_size(args, kwargs)] if dynamic else [])
+            other = _other_size(ep, args, kwargs) if dynamic else None
+            cases = [(args, kwargs)] + ([other] if other is not None else [])
             tanh = [m for _, m in moes if kernel == "moe_op" and m.activation == "gelu"]
             with _activation(tanh, "gelu_tanh"):
                 result.max_diff = _compare(model, session, cases, result.tolerance)
@@ -211,16 +213,38 @@ def _opset(path: Path) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def _other_size(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """The same inputs with another token count: sequences (dim 1 of integer ids, masks and
-    3-D states) or, for 2-D float inputs, the token rows (dim 0) grow by a few entries."""
-    def grow(t):
-        if not isinstance(t, torch.Tensor) or t.dim() == 0:
-            return t
-        axis = 0 if (t.is_floating_point() and t.dim() == 2) or t.dim() == 1 else 1
-        extra = t.narrow(axis, 0, min(3, t.shape[axis]))
-        return torch.cat([t, extra], dim=axis)
-    return tuple(grow(a) for a in args), {k: grow(v) for k, v in kwargs.items()}
+def _other_size(ep: torch.export.ExportedProgram, args: tuple,
+                kwargs: dict) -> tuple[tuple, dict] | None:
+    """The same inputs with every dimension the exported program kept dynamic grown by a few
+    entries (shrunk where its range allows no growth): other batch and sequence lengths, or
+    other token counts. None when no dimension is dynamic."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+    leaves, spec = tree_flatten((args, kwargs))
+    users = set(ep.graph_signature.user_inputs)
+    shapes = [n.meta["val"].shape for n in ep.graph.nodes
+              if n.op == "placeholder" and n.name in users]
+    tensors = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
+    if len(shapes) != len(tensors):
+        return None
+    grown = False
+    for i, shape in zip(tensors, shapes, strict=True):
+        t = leaves[i]
+        for axis, size in enumerate(shape):
+            expr = getattr(getattr(size, "node", None), "expr", None)
+            bounds = ep.range_constraints.get(expr)
+            if bounds is None:  # specialised, or derived from another dimension
+                continue
+            n = t.shape[axis]
+            step = min(3, n)
+            if n + step <= bounds.upper:
+                t = torch.cat([t, t.narrow(axis, 0, step)], dim=axis)
+            elif n - step >= max(bounds.lower, 1) and step < n:
+                t = t.narrow(axis, 0, n - step)
+            else:
+                continue
+            grown = True
+        leaves[i] = t
+    return tree_unflatten(leaves, spec) if grown else None
 
 
 def _check_onnx(path: Path) -> None:

@@ -222,6 +222,22 @@ def test_hugging_face_models_export(tmp_path, name, target, kernel):
         assert out.opset == 23 and "Attention" in ops
 
 
+def test_image_model_validates_on_a_second_batch(tmp_path):
+    """Validation grows only the dimensions the export kept dynamic: for ViT the batch, not
+    the channels or the image size (specialised by the model)."""
+    transformers = pytest.importorskip("transformers")
+    vit = transformers.ViTModel(transformers.ViTConfig(
+        hidden_size=32, intermediate_size=64, image_size=32, patch_size=8,
+        num_hidden_layers=2, num_attention_heads=2)).eval()
+    moe_model = moefy.convert(vit, moefy.MoEConfig(method="upcycle", num_experts=4, top_k=2))
+    out = moefy.export_onnx(moe_model, tmp_path / "vit.onnx",
+                            {"pixel_values": torch.randn(2, 3, 32, 32)})
+    assert len(out.max_diff) == 2 and max(out.max_diff) <= out.tolerance
+    session = moefy.runtime.Session(out.path)
+    got = session.run({"pixel_values": torch.randn(5, 3, 32, 32)})
+    assert (5, 17, 32) in [tuple(v.shape) for v in got.values()]  # 16 patches + CLS
+
+
 def test_hash_routing_with_two_choices(tmp_path):
     """Hash routing with top_k 2 can pick one expert twice for a token: the loop and the
     standard lowering count both assignments, the fused op refuses."""
