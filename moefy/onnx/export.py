@@ -134,7 +134,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
             big = sum(p.numel() * p.element_size() for p in model.parameters()) > 1.8e9
             program = torch.onnx.export(ep, (), None, dynamo=True, opset_version=opset,
                                         custom_translation_table=translation_table(target, kernel),
-                                        optimize=False)
+                                        optimize=False, verbose=False)
             # the exporter's own optimize() also runs onnxscript's opset-23 fusions, whose
             # RotaryEmbedding keeps Hugging Face's batch-1 cos/sin caches, which ONNX Runtime
             # rejects for larger batches; constant folding and dead-code removal only
