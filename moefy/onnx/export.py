@@ -20,7 +20,7 @@ import numpy as np
 import onnxscript.optimizer
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from moefy.errors import MoefyError
 from moefy.layers.moe import MoE
@@ -88,7 +88,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
         dynamic: keep batch / sequence / token axes dynamic (else the example's sizes).
         validate: full ``onnx.checker``, shape inference, then ONNX Runtime against PyTorch on
             the example inputs and on inputs whose dynamic dimensions (those the export kept
-            dynamic: batch, sequence, tokens) are a few entries longer; raises
+            dynamic: batch, sequence, tokens) differ by a few entries; raises
             ``ExportError`` with the largest difference when outside the target's tolerance.
 
     >>> moe = MoE(16, 8, num_experts=4, top_k=2).eval()
@@ -218,7 +218,6 @@ def _other_size(ep: torch.export.ExportedProgram, args: tuple,
     """The same inputs with every dimension the exported program kept dynamic grown by a few
     entries (shrunk where its range allows no growth): other batch and sequence lengths, or
     other token counts. None when no dimension is dynamic."""
-    from torch.utils._pytree import tree_flatten, tree_unflatten
     leaves, spec = tree_flatten((args, kwargs))
     users = set(ep.graph_signature.user_inputs)
     shapes = [n.meta["val"].shape for n in ep.graph.nodes
