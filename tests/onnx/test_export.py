@@ -225,10 +225,10 @@ def test_hugging_face_models_export(tmp_path, name, target, kernel):
 def test_image_model_validates_on_a_second_batch(tmp_path):
     """Validation grows only the dimensions the export kept dynamic: for ViT the batch, not
     the channels or the image size (specialised by the model)."""
-    transformers = pytest.importorskip("transformers")
-    vit = transformers.ViTModel(transformers.ViTConfig(
-        hidden_size=32, intermediate_size=64, image_size=32, patch_size=8,
-        num_hidden_layers=2, num_attention_heads=2)).eval()
+    pytest.importorskip("transformers")
+    from tests.passes.models import hf_configs
+    config, cls, _ = hf_configs()["vit"]
+    vit = cls(config).eval()
     moe_model = moefy.convert(vit, moefy.MoEConfig(method="upcycle", num_experts=4, top_k=2))
     out = moefy.export_onnx(moe_model, tmp_path / "vit.onnx",
                             {"pixel_values": torch.randn(2, 3, 32, 32)})
