@@ -50,18 +50,39 @@ ACTIVATIONS: dict[str, Activation] = {
         Activation("silu", F.silu, _aten.silu_backward, ("swish", "")),
         Activation("squared_relu", _squared_relu, lambda g, x: g * 2 * torch.relu(x), None),
         Activation("quick_gelu", _quick_gelu, _quick_gelu_grad, None),
+        # x · relu6(x + 3) / 6 (MobileNetV3, some vision FFNs); oneDNN fuses it as a post-op
+        Activation("hardswish", F.hardswish, _aten.hardswish_backward, ("hardswish", "")),
     )
 }
 _ALIASES = {"swish": "silu", "relu2": "squared_relu", "gelu_new": "gelu_tanh",
             "gelu_pytorch_tanh": "gelu_tanh"}
 
 
-def get_activation(name: str) -> Activation:
-    """Return the activation called ``name`` (or one of its common aliases).
+def custom_activation(fn: Callable[[torch.Tensor], torch.Tensor]) -> Activation:
+    """An element-wise function that no named activation matches (e.g. a subgraph found
+    between an FFN's projections), as an ``Activation``: its gradient comes from autograd,
+    no oneDNN post-op fuses it, and no ONNX lowering names it."""
+
+    def grad(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            x = x.detach().requires_grad_()
+            return torch.autograd.grad(fn(x), x, g)[0]
+
+    return Activation("custom", fn, grad, None)
+
+
+def get_activation(name) -> Activation:
+    """Return the activation called ``name`` (or one of its common aliases); an
+    ``Activation`` is returned as it is, and a callable (an element-wise ``nn.Module``)
+    becomes a custom activation.
 
     >>> get_activation("silu").fn(torch.zeros(1))
     tensor([0.])
     """
+    if isinstance(name, Activation):
+        return name
+    if callable(name):
+        return custom_activation(name)
     key = _ALIASES.get(name, name)
     if key not in ACTIVATIONS:
         known = ", ".join(sorted(ACTIVATIONS))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 METHODS = ("upcycle", "split")
@@ -121,10 +122,11 @@ class MoEConfig:
                 isinstance(self.compensate_rank, int) and self.compensate_rank >= 1):
             raise ValueError("MoEConfig.compensate_rank must be None (hidden/3) or a positive "
                              f"int, got {self.compensate_rank!r}")
-        if self.capacity_factor is not None and not (
-                isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0):
-            raise ValueError("MoEConfig.capacity_factor must be None (dropless) or a number "
-                             f"> 0, got {self.capacity_factor!r}")
+        cf = self.capacity_factor
+        if cf is not None and not (isinstance(cf, (int, float)) and not isinstance(cf, bool)
+                                   and math.isfinite(cf) and cf > 0):
+            raise ValueError("MoEConfig.capacity_factor must be None (dropless) or a finite "
+                             f"number > 0, got {cf!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"MoEConfig.top_p must be in (0, 1], got {self.top_p!r}")
         if self.method == "upcycle" and self.shared_experts:

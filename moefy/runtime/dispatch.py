@@ -5,22 +5,31 @@
       → gather rows per expert → GEMM → activation (gate fused) → GEMM
       → scale by routing weight → scatter-add back to (T, H)
 
-Three implementations share that shape:
+Implementations that share that shape, chosen per call by ``ExpertRunner``:
 - ``grouped_ffn``: plain PyTorch ops, differentiable, any device and dtype (the CUDA path
   uses ``torch.nn.functional.grouped_mm`` where it applies);
+- ``masked_dense_ffn``: training with small experts, every expert on every token in two large
+  GEMMs with the unselected ones masked out;
 - ``PackedExperts``: CPU float32 inference with expert weights prepacked for oneDNN, fused
-  activations, row counts bucketed so oneDNN's primitive cache hits, a reused workspace, and
-  for decode-sized batches a sort-free loop over the touched experts.
+  activations, row counts bucketed so oneDNN's primitive cache hits, a per-thread workspace,
+  and for decode-sized batches a sort-free loop over the touched experts;
+- ``decode_ffn``: the C++ kernel for a few tokens.
+
+A slot whose routing weight is exactly 0 (top-p and expert-choice padding, dropped
+assignments) contributes nothing: it is not computed, or masked with ``where`` — never
+multiplied by 0, which would turn an expert's inf into a NaN.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from moefy.activations import get_activation
+from moefy.activations import ACTIVATIONS, get_activation
+from moefy.runtime._kernels import decode_kernels_available
 from moefy.runtime.experts import ExpertWeights, expert_forward
 
 # Up to this many tokens a GEMM costs about as much as reading its weights, whatever its row
@@ -28,6 +37,12 @@ from moefy.runtime.experts import ExpertWeights, expert_forward
 # chosen) and skips the sort, gather and scatter (benchmarks/bench_layer.py, decode rows).
 SMALL_BATCH_TOKENS = 16
 KERNEL_MAX_TOKENS = 64  # kMaxTokens in csrc/decode.cpp
+KERNEL_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "squared_relu", "quick_gelu",
+                      "hardswish")  # parse_activation in csrc/decode.cpp
+# Training with small experts: every expert for every token in two large GEMMs, unselected
+# entries masked to zero, beats a per-expert loop of small GEMMs forward and backward when
+# the (tokens, E·I) hidden tensor stays this small.
+MASKED_MAX_ELEMENTS = 1 << 26
 
 
 class DispatchPlan(NamedTuple):
@@ -39,13 +54,18 @@ class DispatchPlan(NamedTuple):
     counts: torch.Tensor  # (E,) pairs per expert; offsets are its exclusive cumsum
 
 
-def plan_dispatch(indices: torch.Tensor, num_experts: int) -> DispatchPlan:
-    """Sort the (token, slot) pairs of ``indices`` (T, k) by expert, stably."""
+def plan_dispatch(indices: torch.Tensor, num_experts: int,
+                  weights: torch.Tensor | None = None) -> DispatchPlan:
+    """Sort the (token, slot) pairs of ``indices`` (T, k) by expert, stably. With ``weights``,
+    pairs of weight exactly 0 sort last (as expert E) and ``counts`` leaves them out: the
+    first ``counts.sum()`` sorted pairs are the live ones."""
     k = indices.shape[1]
     flat = indices.reshape(-1)
+    if weights is not None:
+        flat = torch.where(weights.reshape(-1) != 0, flat, num_experts)
     experts, slots = torch.sort(flat, stable=True)
     tokens = torch.div(slots, k, rounding_mode="floor")
-    counts = torch.bincount(flat, minlength=num_experts)
+    counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]
     return DispatchPlan(tokens, slots, experts, counts)
 
 
@@ -59,17 +79,48 @@ def grouped_ffn(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
         return x.new_zeros(x.shape)
     if x.is_cuda and _grouped_mm_applies(x, ew):
         return _grouped_mm_ffn(x, weights, indices, ew)
-    plan = plan_dispatch(indices, ew.num_experts)
-    xs = x.index_select(0, plan.tokens)  # (T·k, H)
+    plan = plan_dispatch(indices, ew.num_experts, weights)
+    live = int(plan.counts.sum())
+    tokens = plan.tokens[:live]
+    xs = x.index_select(0, tokens)  # (n, H)
     outs = []
     start = 0
     for e, c in enumerate(plan.counts.tolist()):
         if c:
             outs.append(expert_forward(xs[start : start + c], ew, e))
             start += c
-    w = weights.reshape(-1).index_select(0, plan.slots).to(x.dtype)
-    out = torch.cat(outs) * w[:, None]  # (T·k, H)
-    return x.new_zeros(x.shape).index_add(0, plan.tokens, out)
+    if not outs:
+        return x.new_zeros(x.shape)
+    w = weights.reshape(-1).index_select(0, plan.slots[:live]).to(x.dtype)
+    out = torch.cat(outs) * w[:, None]  # (n, H)
+    return x.new_zeros(x.shape).index_add(0, tokens, out)
+
+
+def masked_dense_ffn(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                     ew: ExpertWeights) -> torch.Tensor:
+    """Σ_j weights[t, j] · expert_{indices[t, j]}(x[t]) computed as one masked dense FFN
+    (differentiable by autograd, no data-dependent shapes, so it also traces; the same
+    values as the sparse dispatch)."""
+    E, I, H = ew.w_in.shape
+    t = x.shape[0]
+    gate = x.new_zeros(t, E).index_put_(  # (T, E) routing weight of every expert
+        (torch.arange(t, device=x.device).unsqueeze(1).expand_as(indices), indices),
+        weights.to(x.dtype), accumulate=True)
+    act = get_activation(ew.activation).fn
+    flat = lambda w: w.reshape(E * I, H)  # noqa: E731
+    bias = lambda b: None if b is None else b.reshape(E * I)  # noqa: E731
+    h = F.linear(x, flat(ew.w_in), bias(ew.b_in))  # (T, E·I)
+    if ew.w_gate is not None:
+        h = act(F.linear(x, flat(ew.w_gate), bias(ew.b_gate))) * h
+    else:
+        h = act(h)
+    g = gate.unsqueeze(-1)  # (T, E, 1)
+    # where, not a product: an unselected expert's inf must not become 0·inf = NaN
+    h = torch.where(g != 0, h.view(t, E, I) * g, 0).view(t, E * I)
+    y = h @ ew.w_out.permute(1, 0, 2).reshape(H, E * I).t()  # (T, H)
+    if ew.b_out is not None:
+        y = y + gate @ ew.b_out
+    return y
 
 
 def grouped_ffn_backward(grad: torch.Tensor, x: torch.Tensor, weights: torch.Tensor,
@@ -149,8 +200,8 @@ def _grouped_mm_ffn(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tenso
     h = project(xs, ew.w_in, ew.b_in)
     h = act(h) if ew.w_gate is None else act(project(xs, ew.w_gate, ew.b_gate)) * h
     out = project(h, ew.w_out, ew.b_out)
-    w = weights.reshape(-1).index_select(0, plan.slots).to(torch.float32)
-    out = out.float() * w[:, None]
+    w = weights.reshape(-1).index_select(0, plan.slots).to(torch.float32)[:, None]
+    out = torch.where(w != 0, out.float() * w, 0)  # weight 0: not chosen, even if inf
     y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     return y.index_add_(0, plan.tokens, out).to(x.dtype)
 
@@ -178,15 +229,27 @@ def decode_ffn(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
         None if t is None else t.contiguous() for t in ew[:6])
     return torch.ops.moefy_cpu.decode_ffn(
         x.contiguous(), weights.to(x.dtype).contiguous(), indices.long().contiguous(),
-        w_in, w_gate, b_in, b_gate, w_out, b_out, ew.activation)
+        w_in, w_gate, b_in, b_gate, w_out, b_out, get_activation(ew.activation).name)
+
+
+def _row_sample(t: torch.Tensor) -> torch.Tensor:
+    """One element of every row of a stacked weight (E, R, C), at a column that moves with
+    the row: a cheap content fingerprint that any edit of a whole row, expert or tensor
+    changes."""
+    rows, cols = t.shape[0] * t.shape[1], t.shape[-1]
+    r = torch.arange(rows, device=t.device)
+    return t.detach().reshape(rows, cols)[r, (r * 40503) % cols].clone()
 
 
 def weights_key(ew: ExpertWeights) -> tuple:
-    """Identity and version of every weight: a prepacked copy is stale when this changes."""
+    """Identity, version and layout of every weight: a prepacked copy is stale when this
+    changes. Inference tensors have no version counter, and edits through ``.data`` bypass
+    it: ``PackedExperts.matches`` also compares a sampled fingerprint of the contents."""
     return tuple(
-        None if t is None else (t.data_ptr(), t._version, tuple(t.shape))
+        None if t is None else (t.data_ptr(), tuple(t.shape), t.dtype, t.is_contiguous(),
+                                None if t.is_inference() else t._version)
         for t in ew[:6]
-    ) + (ew.activation,)
+    ) + (get_activation(ew.activation).name,)
 
 
 def packed_path_applies(x: torch.Tensor) -> bool:
@@ -202,11 +265,11 @@ def packed_path_applies(x: torch.Tensor) -> bool:
 
 
 class PackedExperts:
-    """Expert weights prepacked for oneDNN, plus a reusable gather workspace.
+    """Expert weights prepacked for oneDNN, plus a reusable gather workspace per thread.
 
     For CPU float32 inference. Holds a second copy of the expert weights in oneDNN's blocked
-    layout; build it again when ``weights_key`` changes. Not safe to call from two threads at
-    once (the workspace is shared).
+    layout; build it again when ``matches`` turns false. Safe to call from several threads
+    at once (each thread has its own workspace; the packed weights are only read).
     """
 
     def __init__(self, ew: ExpertWeights):
@@ -215,6 +278,7 @@ class PackedExperts:
             *(t.detach().contiguous() if isinstance(t, torch.Tensor) else t for t in ew))
         self.ew = detached
         self.key = weights_key(ew)
+        self._samples = [None if t is None else _row_sample(t) for t in ew[:3]]
         E = ew.num_experts
         self._in = [reorder(detached.w_in[e], None) for e in range(E)]
         self._out = [reorder(detached.w_out[e], None) for e in range(E)]
@@ -225,14 +289,25 @@ class PackedExperts:
         act = get_activation(ew.activation)
         self._act = act
         self._post = act.onednn or ("none", "")
-        self._xs = torch.empty(0)
+        self._local = threading.local()
         self.small_batch_tokens = SMALL_BATCH_TOKENS
 
+    def matches(self, ew: ExpertWeights) -> bool:
+        """Whether the packed copy still holds ``ew``'s values: same tensors, versions and
+        sampled contents (the biases are read in place, never copied)."""
+        if weights_key(ew) != self.key:
+            return False
+        return all(s is None or torch.equal(s, _row_sample(t))
+                   for s, t in zip(self._samples, ew[:3], strict=True))
+
     def _workspace(self, rows: int, cols: int) -> torch.Tensor:
-        # Grow-only: a fresh multi-MB buffer per call costs page faults on every forward.
-        if self._xs.numel() < rows * cols:
-            self._xs = torch.empty(rows * cols)
-        return self._xs[: rows * cols].view(rows, cols)
+        # Grow-only, one per thread: a fresh multi-MB buffer per call costs page faults on
+        # every forward, and a shared one would mix two threads' tokens.
+        buf = getattr(self._local, "xs", None)
+        if buf is None or buf.numel() < rows * cols:
+            with torch.inference_mode(False):  # a normal tensor: writable in every mode
+                buf = self._local.xs = torch.empty(rows * cols)
+        return buf[: rows * cols].view(rows, cols)
 
     def _hidden(self, xe: torch.Tensor, e: int) -> torch.Tensor:
         linear = torch.ops.mkldnn._linear_pointwise
@@ -250,13 +325,15 @@ class PackedExperts:
     def _all_tokens(self, x: torch.Tensor, weights: torch.Tensor,
                     indices: torch.Tensor) -> torch.Tensor:
         """Decode batches without the C++ kernel (``decode_ffn``, which ``MoE`` prefers): each
-        touched expert on every token, weighted 0 where not chosen."""
+        touched expert on every token, masked out where not chosen."""
         T, E = x.shape[0], self.ew.num_experts
         combine = x.new_zeros(T, E).scatter_add_(1, indices.long(), weights.to(x.dtype))
         y = x.new_zeros(T, self.ew.hidden_size)
         linear = torch.ops.mkldnn._linear_pointwise
-        for e in sorted(set(indices.reshape(-1).tolist())):
-            h = self._hidden(x, e).mul_(combine[:, e : e + 1])  # (T, I)
+        touched = torch.unique(indices.reshape(-1)[weights.reshape(-1) != 0]).tolist()
+        for e in touched:
+            w = combine[:, e : e + 1]
+            h = torch.where(w != 0, self._hidden(x, e) * w, 0)  # (T, I); not 0·inf
             y = linear.binary(h, y, self._out[e], None, "add")  # h W_out^T + y
         if self.ew.b_out is not None:
             y.addmm_(combine, self.ew.b_out)  # sum_j w_j b_out[e_j]
@@ -271,18 +348,20 @@ class PackedExperts:
         if T <= self.small_batch_tokens:
             return self._all_tokens(x, weights, indices)
         E, H = self.ew.num_experts, self.ew.hidden_size
-        plan = plan_dispatch(indices, E)
+        plan = plan_dispatch(indices, E, weights)
         counts = plan.counts.tolist()
+        live = sum(counts)
         rows = [_padded_rows(c) for c in counts]
         # Each expert's rows start at a padded offset; padding rows gather token 0 and are
         # computed but never read back.
         pad_start = torch.tensor(rows).cumsum(0) - torch.tensor(rows)
         shift = pad_start - (plan.counts.cumsum(0) - plan.counts)  # (E,)
-        pos = torch.arange(T * k) + shift.index_select(0, plan.experts)  # (T·k,)
-        gather = torch.zeros(sum(rows), dtype=torch.long).index_copy_(0, pos, plan.tokens)
+        experts, tokens = plan.experts[:live], plan.tokens[:live]
+        pos = torch.arange(live) + shift.index_select(0, experts)  # (n,)
+        gather = torch.zeros(sum(rows), dtype=torch.long).index_copy_(0, pos, tokens)
         xs = self._workspace(sum(rows), H)
         torch.index_select(x, 0, gather, out=xs)  # (rows, H)
-        w = weights.reshape(-1).index_select(0, plan.slots).to(x.dtype)  # (T·k,)
+        w = weights.reshape(-1).index_select(0, plan.slots[:live]).to(x.dtype)  # (n,)
 
         linear = torch.ops.mkldnn._linear_pointwise
         y = x.new_zeros(T, H)
@@ -294,7 +373,7 @@ class PackedExperts:
             # Scaling the hidden rows (I wide) is cheaper than scaling outputs (H wide).
             h[:c].mul_(w[start : start + c, None])
             out = linear(h, self._out[e], None, "none", [], "")  # (rows_e, H)
-            y.index_add_(0, plan.tokens[start : start + c], out[:c])
+            y.index_add_(0, tokens[start : start + c], out[:c])
             start += c
             pad += rows[e]
         if self.ew.b_out is not None:
@@ -302,3 +381,78 @@ class PackedExperts:
             combine = x.new_zeros(T, E).scatter_add_(1, indices.long(), weights.to(x.dtype))
             y.addmm_(combine, self.ew.b_out)
         return y
+
+
+# --------------------------------------------------------------------------- kernel choice
+
+
+def _tracing(x: torch.Tensor) -> bool:
+    """Under torch.compile / torch.export (fake or proxy tensors): no eager-only paths."""
+    return torch.compiler.is_compiling() or type(x) is not torch.Tensor
+
+
+class ExpertRunner:
+    """Runs an MoE layer's routed experts, choosing the implementation per call, and keeps
+    the layer's oneDNN-prepacked weights (rebuilt when they go stale; ``invalidate`` drops
+    them). Thread-safe: calls may run concurrently.
+
+    - training with gradients, small enough: ``masked_dense_ffn`` (two large GEMMs);
+    - a custom element-wise activation: ``grouped_ffn`` eagerly (autograd through plain ops),
+      ``masked_dense_ffn`` under tracing (no data-dependent shapes);
+    - CPU float32 without gradients: ``decode_ffn`` (C++) up to 16 tokens, else
+      ``PackedExperts`` (when ``prepack``);
+    - everything else: the ``moefy::expert_ffn`` operator (one node for export/compile).
+    """
+
+    def __init__(self):
+        self._packed: PackedExperts | None = None
+        self._lock = threading.Lock()
+
+    def invalidate(self) -> None:
+        """Forget the prepacked weights; the next call packs them again."""
+        self._packed = None
+
+    def packed(self, ew: ExpertWeights) -> PackedExperts:
+        packed = self._packed
+        if packed is None or not packed.matches(ew):
+            with self._lock:  # one thread packs; the others wait for it
+                packed = self._packed
+                if packed is None or not packed.matches(ew):
+                    packed = self._packed = PackedExperts(ew)
+        return packed
+
+    def __call__(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
+                 ew: ExpertWeights, *, training: bool = False, prepack: bool = True,
+                 capacity_factor: float | None = None) -> torch.Tensor:
+        act = get_activation(ew.activation)
+        custom = act.name not in ACTIVATIONS
+        needs_grad = _needs_grad(x, weights, ew)
+        tracing = _tracing(x)
+        small = x.shape[0] * ew.num_experts * ew.expert_size <= MASKED_MAX_ELEMENTS
+        if needs_grad and training and small and not torch.compiler.is_compiling():
+            return masked_dense_ffn(x, weights, indices, ew)
+        if custom:
+            if tracing:
+                return masked_dense_ffn(x, weights, indices, ew)
+            return grouped_ffn(x, weights, indices, ew)
+        if packed_path_applies(x) and not needs_grad:
+            if (x.shape[0] <= SMALL_BATCH_TOKENS and act.name in KERNEL_ACTIVATIONS
+                    and decode_kernels_available()):
+                return decode_ffn(x, weights, indices, ew)  # reads the weights as they are
+            if prepack:
+                return self.packed(ew)(x, weights, indices)
+        return torch.ops.moefy.expert_ffn(x, weights, indices, *ew[:6], act.name,
+                                          float(capacity_factor or 0.0))
+
+    def __getstate__(self):
+        return {}  # oneDNN-layout tensors and locks neither pickle nor deepcopy
+
+    def __setstate__(self, state):
+        self.__init__()
+
+
+def _needs_grad(x: torch.Tensor, weights: torch.Tensor, ew: ExpertWeights) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    return x.requires_grad or weights.requires_grad or any(
+        p.requires_grad for p in ew[:6] if p is not None)

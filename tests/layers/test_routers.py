@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import moefy
-from moefy.layers.moe import _masked_dense
+from moefy.runtime.dispatch import masked_dense_ffn as _masked_dense
 
 ROUTERS = ("softmax", "noisy", "sigmoid", "topp", "expert_choice", "hash")
 
@@ -93,8 +93,11 @@ def test_sigmoid_bias_moves_load_toward_balance():
         return torch.bincount(i.reshape(-1), minlength=4).max().item() / 256
 
     before = share_of_busiest()
+    bias = moe.selection_bias.clone()
+    moe.route(x)
+    assert torch.equal(moe.selection_bias, bias), "route() changes nothing"
     for _ in range(100):
-        moe.route(x)
+        moe(x)  # each training forward nudges the bias
     assert before == 1.0 and share_of_busiest() < 0.6
     assert moe.selection_bias[0] < moe.selection_bias[1:].min()
 
@@ -107,6 +110,9 @@ def test_capacity_factor_drops_overflow_and_counts_it():
     x = torch.randn(40, 16)
     x[:, 0] = x[:, 0].abs() + 1  # every token prefers expert 2
     w, i = moe.route(x)
+    assert moe.last_dropped == 0, "route() changes nothing"
+    with torch.no_grad():
+        moe(x)
     capacity = math.ceil(40 * 1 / 4 * 1.0)
     assert (w[:, 0] > 0).sum() == capacity and moe.last_dropped == 40 - capacity
     assert (w[:capacity] > 0).all() and (w[capacity:] == 0).all()  # first come, first served

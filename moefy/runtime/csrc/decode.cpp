@@ -3,8 +3,8 @@
 // At a handful of tokens an expert FFN costs what reading its weights costs. This kernel reads
 // each touched expert's weights straight from the stacked tensors, once for all tokens — no
 // copy of the weights into a batch (which would double the memory traffic) and no operator
-// call per expert. Every touched expert runs on every token; a token that did not choose it
-// gets weight 0.
+// call per expert. Every touched expert runs on every token; where a token did not choose it,
+// its hidden row is set to 0 (not multiplied by 0: an inf there must not become a NaN).
 //
 //   decode_ffn(x (T, H), weights (T, k), indices (T, k),
 //              w_in (E, I, H), w_gate (E, I, H)?, b_in (E, I)?, b_gate (E, I)?,
@@ -86,7 +86,7 @@ inline void dots(const float* row, const float* X, int64_t ldx, int64_t n, int64
   if (t < T) multi_dot<1>(row, X + t * ldx, ldx, n, out + t);
 }
 
-enum class Act { relu, gelu, gelu_tanh, silu, squared_relu, quick_gelu };
+enum class Act { relu, gelu, gelu_tanh, silu, squared_relu, quick_gelu, hardswish };
 
 Act parse_activation(const std::string& name) {
   if (name == "relu") return Act::relu;
@@ -95,6 +95,7 @@ Act parse_activation(const std::string& name) {
   if (name == "silu") return Act::silu;
   if (name == "squared_relu") return Act::squared_relu;
   if (name == "quick_gelu") return Act::quick_gelu;
+  if (name == "hardswish") return Act::hardswish;
   TORCH_CHECK(false, "moefy decode kernel: unknown activation '", name, "'");
 }
 
@@ -109,6 +110,7 @@ inline float activate(Act act, float v) {
     case Act::silu: return v / (1.f + std::exp(-v));
     case Act::squared_relu: return v > 0.f ? v * v : 0.f;
     case Act::quick_gelu: return v / (1.f + std::exp(-1.702f * v));
+    case Act::hardswish: return v * std::min(std::max(v + 3.f, 0.f), 6.f) / 6.f;
   }
   return v;
 }
@@ -191,7 +193,8 @@ at::Tensor decode_ffn(const at::Tensor& x, const at::Tensor& weights, const at::
         } else {
           v = activate(act, av);
         }
-        h[(u * T + t) * I + i] = v * route[e * T + t];
+        const float r = route[e * T + t];
+        h[(u * T + t) * I + i] = r != 0.f ? v * r : 0.f;
       }
     }
   });
