@@ -14,17 +14,21 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx._pytree as fx_pytree
+from tqdm import tqdm
 
 from moefy.passes.find_ffn import FFNMatch, _strip
 
 MARKER_FRACTION = 0.125  # share of each token's neurons counted as its markers
 RESERVOIR_TOKENS = 16384  # FFN inputs kept per FFN for router fitting and evaluation
+# A token whose FFN input norm exceeds this multiple of its batch's median is not data but a
+# fault (one such token dominates every least-squares fit, or overflows it to inf): skipped
+# and counted. Real models' largest "massive activation" tokens stay far below it.
+OUTLIER_RATIO = 1e4
 
 
 @dataclass
@@ -41,6 +45,7 @@ class FFNStats:
     sum_h: torch.Tensor = None  # (d_ff,) float64
     sum_abs: torch.Tensor = None  # (d_ff,) float64
     reservoir: torch.Tensor = None  # (≤ capacity, hidden) FFN inputs
+    skipped: int = 0  # tokens left out: non-finite, or too large for the fits (OUTLIER_RATIO)
     _filled: int = 0
     _generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
 
@@ -75,9 +80,18 @@ class FFNStats:
 
     @torch.no_grad()
     def add(self, x: torch.Tensor, h: torch.Tensor) -> None:
-        """Accumulate a batch of tokens: x (T, hidden), h (T, d_ff)."""
+        """Accumulate a batch of tokens: x (T, hidden), h (T, d_ff). Tokens whose input or
+        hidden activation is non-finite, or whose input is an outlier (``OUTLIER_RATIO``),
+        are skipped and counted in ``skipped``."""
+        x, h = x.detach().cpu(), h.detach().cpu()  # statistics live on the CPU
+        keep = usable_tokens(x, h)
+        if not keep.all():
+            self.skipped += int((~keep).sum())
+            x, h = x[keep], h[keep]
         h = h.float()
         t = h.shape[0]
+        if t == 0:
+            return
         m = max(1, math.ceil(self.d_ff * MARKER_FRACTION))
         markers = torch.zeros_like(h).scatter_(1, h.abs().topk(m, dim=1).indices, 1.0)
         self.active += (h > 0).sum(0)
@@ -106,6 +120,19 @@ class FFNStats:
         self.reservoir[slot[keep]] = rest[keep]
 
 
+def usable_tokens(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """(T,) bool: tokens whose FFN input x (T, H) and hidden activation h (T, d_ff) are finite,
+    with squared norms that fit float32, and whose input norm is at most ``OUTLIER_RATIO``
+    times the batch's median."""
+    norm_x = x.float().pow(2).sum(1)  # inf when a value is inf or its square overflows
+    norm_h = h.float().pow(2).sum(1)
+    ok = torch.isfinite(norm_x) & torch.isfinite(norm_h)
+    if ok.any():
+        median = norm_x[ok].sqrt().median()
+        ok &= norm_x.sqrt() <= OUTLIER_RATIO * median.clamp_min(1e-30)
+    return ok
+
+
 class _Recorder(torch.fx.Interpreter):
     def __init__(self, gm: torch.fx.GraphModule, wanted: dict[str, list[tuple[str, str]]]):
         super().__init__(gm)
@@ -131,10 +158,14 @@ def token_mask(kwargs: dict) -> torch.Tensor | None:
 @torch.no_grad()
 def collect_stats(ep: torch.export.ExportedProgram, matches: list[FFNMatch],
                   calls: Iterable[tuple[tuple, dict]], stats: dict | None = None,
-                  prefix: str = "", mask: torch.Tensor | None = None) -> dict[str, FFNStats]:
+                  prefix: str = "", mask: torch.Tensor | None = None,
+                  same_as: dict[str, str] | None = None) -> dict[str, FFNStats]:
     """Run each (args, kwargs) of ``calls`` through the exported graph and accumulate each
     FFN's statistics into ``stats``, keyed ``prefix:output-node-name``. ``mask`` (tokens,)
-    marks the tokens to count (None: all)."""
+    marks the tokens to count (None: all). ``same_as`` maps a match's output node name to
+    another's: one FFN called at several sites (a shared module) gathers all of them under
+    one key."""
+    same_as = same_as or {}
     gm = ep.module()
     spec = gm.graph._codegen.pytree_info.in_spec
     # ep.module() may rename user-input placeholders ("input" -> "input_1"): map by position
@@ -144,7 +175,7 @@ def collect_stats(ep: torch.export.ExportedProgram, matches: list[FFNMatch],
                        strict=False))
     wanted = {}
     for m in matches:
-        key = f"{prefix}:{m.output.name}"
+        key = f"{prefix}:{same_as.get(m.output.name, m.output.name)}"
         wanted.setdefault(_strip(m.down.input)[0].name, []).append((key, "h"))
         wanted.setdefault(renamed.get(m.input.name, m.input.name), []).append((key, "x"))
     stats = {} if stats is None else stats
@@ -165,21 +196,20 @@ def collect_stats(ep: torch.export.ExportedProgram, matches: list[FFNMatch],
 
 
 class Progress:
-    """A one-line progress report on stderr (tokens processed), only on a terminal."""
+    """A tqdm progress bar on stderr, one tick per ``update``; shown only on a terminal unless
+    ``enabled`` says otherwise."""
 
-    def __init__(self, what: str, enabled: bool | None = None):
+    def __init__(self, what: str, enabled: bool | None = None, total: int | None = None):
         self.what = what
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.start = time.perf_counter()
-        self.last = 0.0
+        self._bar = tqdm(desc=f"moefy {what}", total=total, disable=not self.enabled,
+                         file=sys.stderr, unit="batch", dynamic_ncols=True)
 
     def update(self, message: str, force: bool = False) -> None:
-        now = time.perf_counter()
-        if self.enabled and (force or now - self.last > 0.5):
-            self.last = now
-            sys.stderr.write(f"\rmoefy {self.what}: {message} [{now - self.start:.0f} s]  ")
-            sys.stderr.flush()
+        self._bar.set_postfix_str(message, refresh=False)
+        self._bar.update(1)
+        if force:
+            self._bar.refresh()
 
     def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
+        self._bar.close()

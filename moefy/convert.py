@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -16,11 +18,15 @@ from moefy.errors import (
     AlreadyConvertedError,
     ConversionError,
     NoFFNFoundError,
+    TraceError,
     VerificationError,
 )
-from moefy.layers.moe import MoE
+from moefy.fit import check_finite
+from moefy.layers.moe import MoE, pop_token_ids, push_token_ids
 from moefy.passes import build, find_ffn, rewrite, trace
 from moefy.passes.base import Pass, PassResult
+
+_log = logging.getLogger(__name__)
 
 
 def convert(model: nn.Module, config: MoEConfig, *, example_inputs=None, calibration_data=None,
@@ -81,12 +87,17 @@ def convert(model: nn.Module, config: MoEConfig, *, example_inputs=None, calibra
         PlanRewrite(),  # needs the graph's module scopes; decides surgery or graph mode
         Select(),  # after planning, so only / skip see the final FFN names
         CheckBeforeChange(),  # every failure that input can cause, before anything changes
+        RecordReference(enabled=verify),  # the dense outputs, before anything can change
         Calibrate(),  # statistics the split builder reads
         BuildAndRewrite(),  # one FFN at a time: peak memory is the result plus one FFN
         Verify(enabled=verify),  # last: compares the finished model with the dense one
     ]
-    for step in pipeline:
-        step(state)
+    try:
+        for step in pipeline:
+            step(state)
+    except BaseException:
+        _restore(state)  # in place, a failure after the swap leaves the model as it was
+        raise
     return state.target
 
 
@@ -109,6 +120,8 @@ class _State:
     inline: dict = field(default_factory=dict)  # unit path -> why it needs graph mode
     graph_paths: set = field(default_factory=set)  # units converted in graph mode
     stats: dict = field(default_factory=dict)  # FFN key -> FFNStats
+    reference: list | None = None  # the dense model's output tensors on the example inputs
+    originals: dict = field(default_factory=dict)  # in place: module path -> the dense module
     target: nn.Module | None = None
 
 
@@ -116,8 +129,11 @@ class TraceUnits(Pass):
     """dense model ⇒ exported graph(s) (whole model, else its largest exportable modules)."""
 
     def call(self, s: _State) -> PassResult:
-        s.units = trace.trace_units(s.model, s.args, s.kwargs)
-        return PassResult(True, {"graphs": len(s.units)})
+        # static shapes (2-4x faster to export) unless calibration batches of other sizes
+        # will run through the graphs; graph-mode units are exported again, dynamic
+        calibrating = s.calibration_data is not None and s.config.method == "split"
+        s.units = trace.trace_units(s.model, s.args, s.kwargs, dynamic=calibrating)
+        return PassResult(False, {"graphs": len(s.units)})
 
 
 class FindFFNs(Pass):
@@ -129,31 +145,124 @@ class FindFFNs(Pass):
             s.found += [(unit, m) for m in matches]
             s.rejections += [find_ffn.Rejection(_join(unit.path, r.node), r.reason)
                              for r in rejected]
-        return PassResult(bool(s.found), {"ffns": len(s.found), "rejected": len(s.rejections)})
+        return PassResult(False, {"ffns": len(s.found), "rejected": len(s.rejections)})
 
 
 class PlanRewrite(Pass):
-    """matches ⇒ the modules to swap (surgery plan), or graph mode for their unit."""
+    """matches ⇒ one plan per FFN, however many sites call it: the modules to swap (surgery),
+    else graph mode for the smallest module whose forward runs the whole FFN."""
 
     def call(self, s: _State) -> PassResult:
-        scopes = {id(u): rewrite._scopes(u.ep.graph) for u in s.units}
-        for unit, match in s.found:
-            plan = rewrite.plan_surgery(match, unit.ep.graph, unit.module, scopes[id(unit)])
-            name = _join(unit.path, match.name or match.output.name)
-            if isinstance(plan, str):  # no module boundary: graph mode for this unit
-                s.inline.setdefault(unit.path, []).append(f"{name}: {plan}")
-                plan = rewrite.SurgeryPlan(name, "", [], None)
-            else:
-                plan = rewrite.SurgeryPlan(
-                    _join(unit.path, plan.name), _join(unit.path, plan.replace),
-                    [_join(unit.path, p) for p in plan.identities], plan.dropout)
-            s.plans.append(_Planned(unit, match, plan))
+        untraced = _trace_hosts(s)  # before planning: hosts become units of their own
+        for unit in s.units:
+            scopes = rewrite.module_scopes(unit.ep.graph)
+            for sites in _by_weights([m for u, m in s.found if u is unit]):
+                match = sites[0]  # the representative: its key holds the FFN's statistics
+                plan = rewrite.plan_surgery(match, unit.ep.graph, unit.module, scopes, sites)
+                if isinstance(plan, str):  # no module boundary: graph mode for this unit
+                    name = (_join(unit.path, match.name) if match.name
+                            else unit.path or match.output.name)
+                    why = untraced.get(_join(unit.path, rewrite.host_module(match)))
+                    s.inline.setdefault(unit.path, []).append(
+                        f"{name}: {plan}" + (f"; {why}" if why else ""))
+                    plan = rewrite.SurgeryPlan(name, "", [], None)
+                else:
+                    plan = rewrite.SurgeryPlan(
+                        _join(unit.path, plan.name), _join(unit.path, plan.replace),
+                        [_join(unit.path, p) for p in plan.identities], plan.dropout)
+                s.plans.append(_Planned(unit, match, plan, sites))
+        _make_dynamic(s, {p.unit.path: p.unit for p in s.plans if p.unit.path in s.inline})
         if s.explain:
             _print_explanation(s.plans, s.rejections, s.inline)
         if not s.plans:
             raise NoFFNFoundError(_no_ffn_message(s.model, s.rejections))
-        return PassResult(True, {"surgery": sum(p.unit.path not in s.inline for p in s.plans),
-                                 "graph_mode": sum(p.unit.path in s.inline for p in s.plans)})
+        return PassResult(False, {"surgery": sum(p.unit.path not in s.inline for p in s.plans),
+                                 "graph_mode": sum(p.unit.path in s.inline for p in s.plans),
+                                 "shared_sites": sum(len(p.sites) - 1 for p in s.plans)})
+
+
+def _by_weights(matches: list) -> list[list]:
+    """Matches grouped by the weights they read, in graph order: one group is one FFN, and
+    each further match in it is another call site of that FFN (a module run by several
+    layers)."""
+    groups: dict[tuple, list] = {}
+    for m in matches:
+        groups.setdefault(_weights(m), []).append(m)
+    return list(groups.values())
+
+
+def _weights(match) -> tuple:
+    return (match.up.weight, match.gate.weight if match.gate is not None else None,
+            match.down.weight)
+
+
+def _make_dynamic(s: _State, units: dict) -> None:
+    """Graph mode returns the unit's graph, which must take other batch and sequence sizes:
+    export each static unit (path -> unit) again with them dynamic, and move its plans onto
+    the new graph's matches (the same FFNs, found by their weights). A unit that does not
+    export so keeps its static graph, which then takes only the example's sizes."""
+    for unit in units.values():
+        if unit.dynamic:
+            continue
+        calls = ({"": (s.args, s.kwargs)} if not unit.path
+                 else trace.record_calls(s.model, s.args, s.kwargs, paths={unit.path}))
+        plans = [p for p in s.plans if p.unit is unit]
+        try:
+            ep = trace.export_model(unit.module, *calls[unit.path], dynamic=True)
+        except TraceError as exc:
+            _log.warning("graph mode keeps %s's example sizes: %s", unit.path or "the model",
+                         str(exc).splitlines()[0])
+            continue
+        sites = {_weights(g[0]): g for g in _by_weights(find_ffn.find_ffns(ep)[0])}
+        if any(_weights(p.match) not in sites for p in plans):
+            _log.warning("graph mode keeps %s's example sizes: its dynamic graph matched "
+                         "other FFNs", unit.path or "the model")
+            continue
+        unit.ep, unit.dynamic = ep, True
+        for p in plans:
+            p.sites = sites[_weights(p.match)]
+            p.match = p.sites[0]
+        s.found = [(u, m) for u, m in s.found if u is not unit]
+        s.found += [(unit, m) for g in sites.values() for m in g]
+
+
+def _trace_hosts(s: _State) -> dict[str, str]:
+    """FFNs inline in a submodule's forward (no module boundary to swap): export that module
+    alone, with the inputs it received on the example inputs, so that graph mode rewrites
+    it and swaps it in, not the whole model. Its FFN matches replace those found in the
+    larger graph. Returns, per host that did not export, why (it stays in the larger
+    graph)."""
+    wanted: dict[str, trace.TracedUnit] = {}  # host path -> the unit whose graph holds it
+    for unit in s.units:
+        scopes = rewrite.module_scopes(unit.ep.graph)
+        for sites in _by_weights([m for u, m in s.found if u is unit]):
+            host = rewrite.host_module(sites[0])
+            plan = rewrite.plan_surgery(sites[0], unit.ep.graph, unit.module, scopes, sites)
+            if isinstance(plan, str) and host:
+                wanted[_join(unit.path, host)] = unit
+    # outermost only: a host's own graph mode covers any FFN inline in a module inside it
+    hosts = [h for h in wanted if not any(h.startswith(o + ".") for o in wanted)]
+    if not hosts:
+        return {}
+    calls = trace.record_calls(s.model, s.args, s.kwargs, paths=set(hosts))
+    untraced = {}
+    for path in hosts:
+        parent, module = wanted[path], s.model.get_submodule(path)
+        if path not in calls:
+            untraced[path] = f"{path} did not run on the example inputs"
+            continue
+        try:
+            ep = trace.export_model(module, *calls[path], dynamic=True)  # for graph mode
+        except TraceError as exc:
+            untraced[path] = f"{path} alone did not export ({str(exc).splitlines()[0]})"
+            continue
+        inner = path[len(parent.path) + 1:] if parent.path else path
+        s.found = [(u, m) for u, m in s.found if u is not parent or not (
+            (h := rewrite.host_module(m)) == inner or h.startswith(inner + "."))]
+        unit = trace.TracedUnit(path, module, ep, dynamic=True)
+        s.units.append(unit)
+        s.found += [(unit, m) for m in find_ffn.find_ffns(ep)[0]]  # rejections: seen above
+    return untraced
 
 
 class Select(Pass):
@@ -163,7 +272,7 @@ class Select(Pass):
         before = len(s.plans)
         s.plans = _select(s.plans, s.config)
         s.graph_paths = {p.unit.path for p in s.plans if p.unit.path in s.inline}
-        return PassResult(len(s.plans) != before, {"selected": len(s.plans)})
+        return PassResult(False, {"selected": len(s.plans), "left_dense": before - len(s.plans)})
 
 
 class CheckBeforeChange(Pass):
@@ -190,32 +299,58 @@ class Calibrate(Pass):
         batches = 0
         progress = Progress("calibration", s.progress)
         for batch in s.calibration_data:
-            args, kwargs = trace.split_inputs(s.model, batch)
-            if [u.path for u in s.units] == [""]:  # the whole model is one graph: no hooks
-                calls = {"": (args, kwargs)}
-            else:
-                calls = trace.record_calls(s.model, args, kwargs,
-                                           paths={u.path for u in s.units})
-            mask = token_mask(kwargs)
-            for unit in s.units:
-                matches = [p.match for p in s.plans if p.unit is unit]
-                if matches:
-                    collect_stats(unit.ep, matches, [calls[unit.path]], s.stats, unit.path,
-                                  mask=mask)
+            try:
+                self._collect(s, batch)
+            except Exception as exc:  # any failure here means the batch does not fit
+                raise ConversionError(
+                    f"calibration batch {batches} does not fit the model: {_first_line(exc)}\n"
+                    f"Each batch must be inputs like example_inputs "
+                    f"({_describe(s.args, s.kwargs)}), with the same dtypes and the same "
+                    f"sizes except batch and sequence; got {_describe_batch(batch)}. Nothing "
+                    "was changed.") from exc
             batches += 1
             tokens = max((st.tokens for st in s.stats.values()), default=0)
             progress.update(f"{batches} batches, {tokens:,} tokens")
         progress.close()
         if not batches:
             raise ConversionError("calibration_data yielded no batches")
-        return PassResult(True, {"batches": batches, "ffns": len(s.stats)})
+        skipped = sum(st.skipped for st in s.stats.values())
+        if skipped:
+            _log.warning("calibration: skipped %d token(s) whose FFN input or activation was "
+                         "non-finite or an extreme outlier", skipped)
+        return PassResult(False, {"batches": batches, "ffns": len(s.stats), "skipped": skipped})
+
+    @staticmethod
+    def _collect(s: _State, batch) -> None:
+        args, kwargs = trace.batch_inputs(s.model, batch, "it", ConversionError)
+        if [u.path for u in s.units] == [""]:  # the whole model is one graph: no hooks
+            calls = {"": (args, kwargs)}
+        else:
+            calls = trace.record_calls(s.model, args, kwargs, paths={u.path for u in s.units})
+        mask = token_mask(kwargs)
+        for unit in s.units:
+            plans = [p for p in s.plans if p.unit is unit]
+            sites = [site for p in plans for site in (p.sites or [p.match])]
+            same_as = {site.output.name: p.match.output.name
+                       for p in plans for site in (p.sites or [p.match])}
+            if sites:
+                collect_stats(unit.ep, sites, [calls[unit.path]], s.stats, unit.path,
+                              mask=mask, same_as=same_as)
 
 
 class BuildAndRewrite(Pass):
     """dense weights ⇒ MoEs, swapped into a copy (or the model, in place) one at a time;
-    graph-mode units become their exported graph with each FFN replaced by its MoE."""
+    graph-mode units become their exported graph with each FFN replaced by its MoE. In place,
+    a failure puts every swapped module back before it propagates."""
 
     def call(self, s: _State) -> PassResult:
+        if s.inplace:  # what ``_restore`` puts back if anything fails from here on
+            paths = {path for p in s.plans for path in [p.plan.replace, *p.plan.identities]}
+            paths |= {p.unit.path for p in s.plans if p.unit.path in s.graph_paths}
+            s.originals = {path: s.model.get_submodule(path) for path in paths if path}
+        return self._build(s)
+
+    def _build(self, s: _State) -> PassResult:
         generator = torch.Generator().manual_seed(s.config.seed)
         graph_units = [u for u in s.units if u.path in s.graph_paths]
         swapped = [p.plan for p in s.plans if p.unit.path not in s.graph_paths]
@@ -224,19 +359,31 @@ class BuildAndRewrite(Pass):
             s.target = s.model if s.inplace else _copy_without(s.model, swapped)
         for unit in graph_units:
             gm = copy.deepcopy(unit.ep.module())  # ep.module() shares the caller's parameters
-            swaps = [(p.match, self._moe(s, p, generator)) for p in s.plans if p.unit is unit]
-            gm = rewrite.rewrite_graph(gm, swaps)
+            swaps = []
+            for p in s.plans:
+                if p.unit is unit:
+                    moe = self._moe(s, p, generator)  # one MoE for all the FFN's call sites
+                    swaps += [(site, rewrite.wrap_for(site, moe)) for site in p.sites]
+            gm = rewrite.keep_attributes(rewrite.rewrite_graph(gm, swaps), unit.module)
             if unit.path:
-                s.target.set_submodule(unit.path, gm)
+                s.target.set_submodule(unit.path, gm.train(unit.module.training))
             else:
                 s.target = gm
+                if hasattr(s.model, "generate"):
+                    _log.warning(
+                        "%s runs an FFN inline in its own forward, so the result is a "
+                        "GraphModule: it keeps the model's config but not generate(), which "
+                        "calls the model with caches that the traced graph cannot take",
+                        type(s.model).__name__)
         for unit in s.units:
             unit.ep = None  # it holds references to every dense parameter: let swapped ones go
         for p in s.plans:
             if p.unit.path not in s.graph_paths:
-                rewrite.apply_surgery(s.target, p.plan, self._moe(s, p, generator))
+                moe = rewrite.wrap_for(p.match, self._moe(s, p, generator))
+                rewrite.apply_surgery(s.target, p.plan, moe)
         if s.config.router == "hash":
-            s.target.register_forward_pre_hook(_pass_token_ids, with_kwargs=True)
+            s.target.register_forward_pre_hook(_push_token_ids, with_kwargs=True)
+            s.target.register_forward_hook(_pop_token_ids, always_call=True)
         return PassResult(True, {"moe": len(s.plans), "graph_units": len(graph_units)})
 
     @staticmethod
@@ -247,43 +394,214 @@ class BuildAndRewrite(Pass):
             moe = build.split(dense, s.config, generator, stats)
         else:
             moe = build.upcycle(dense, s.config, generator)
+        check_finite(moe, p.plan.name)  # before it goes anywhere near the model
         moe.train(s.model.training)
         moe.conversion = {"name": p.plan.name, "method": s.config.method,
                           "dense_ffn_size": dense.ffn_size, **getattr(moe, "conversion", {})}
         return moe
 
 
-class Verify(Pass):
-    """Where the method preserves the function, the converted outputs equal the dense ones."""
+class RecordReference(Pass):
+    """dense model, example inputs ⇒ its outputs, recorded before anything changes (so that
+    verification compares with the dense model even in place); token ids for hash routers
+    checked."""
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
 
     def call(self, s: _State) -> PassResult:
-        preserves = s.config.method == "upcycle" or s.config.top_k == s.config.num_experts
-        if not (self.enabled and preserves):
+        if s.config.router == "hash":
+            _token_ids(s.args, s.kwargs)  # raises now, not on the converted model's first call
+        if not self.enabled:
             return PassResult(False)
-        _verify(s.model, s.target, s.args, s.kwargs)
-        return PassResult(False, {"outputs_checked": 1})
+        s.reference = _outputs(s.model, s.args, s.kwargs)
+        bad = [i for i, t in enumerate(s.reference)
+               if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:
+            raise VerificationError(
+                f"the dense model's output(s) {bad} hold NaN or Inf on the example inputs, so "
+                "the conversion cannot be verified against it: pass example_inputs on which "
+                "the dense model is finite, or verify=False. Nothing was changed.")
+        return PassResult(False, {"outputs": len(s.reference)})
 
 
-def _pass_token_ids(model: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Forward pre-hook of a model converted with router="hash": hand the model's token ids
-    (``input_ids``, else its first tensor argument) to its hash-routed MoE layers."""
+class Verify(Pass):
+    """converted model ⇒ checked against the dense outputs recorded before the change.
+
+    Always: with every routed expert active (top_k = E, no capacity limit, softmax-or-sum
+    weights), the experts must reproduce the dense model — this checks the carving of the
+    weights whatever the routing. Then, where the configuration preserves the function by
+    design (upcycle or a split with top_k = E, with a router that gives each token weights
+    summing to one over whole copies and drops nothing), the model exactly as configured.
+    Otherwise its outputs are checked finite and the log says what was checked."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+
+    def call(self, s: _State) -> PassResult:
+        if not self.enabled:
+            return PassResult(False)
+        moes = [m for m in s.target.modules() if isinstance(m, MoE)]
+        with _every_expert_active(moes):
+            _compare(s.reference, _outputs(s.target, s.args, s.kwargs),
+                     "with every expert active")
+        why_not = _not_preserving(s.config)
+        got = _outputs(s.target, s.args, s.kwargs)
+        if why_not is None:
+            _compare(s.reference, got, "as configured")
+            checked = "exact: outputs equal the dense model's as configured"
+        else:
+            bad = [i for i, t in enumerate(got)
+                   if t.is_floating_point() and not torch.isfinite(t).all()]
+            if bad:
+                raise VerificationError(
+                    f"the converted model's output(s) {bad} hold NaN or Inf on the example "
+                    "inputs while the dense model's are finite")
+            checked = (f"not function-preserving by design ({why_not}): checked that the "
+                       "experts reproduce the dense model with every expert active, and that "
+                       "the routed model's outputs are finite")
+        _log.info("verification: %s", checked)
+        for m in moes:
+            m.conversion = {**getattr(m, "conversion", {}), "verified": checked}
+        return PassResult(False, {"outputs_checked": len(got)})
+
+
+def _restore(s: _State) -> None:
+    """Put the dense modules back into a model converted in place (deepest paths last, so a
+    restored parent is not overwritten by its child's old module), and drop the hash hooks."""
+    for path, module in sorted(s.originals.items(), key=lambda kv: kv[0].count(".")):
+        s.model.set_submodule(path, module)
+    if s.originals:
+        for hooks in (s.model._forward_pre_hooks, s.model._forward_hooks):
+            for key, hook in list(hooks.items()):
+                if hook in (_push_token_ids, _pop_token_ids):
+                    del hooks[key]
+
+
+def _not_preserving(config: MoEConfig) -> str | None:
+    """Why the configured routing does not reproduce the dense FFN, or None when it does."""
+    if config.capacity_factor is not None:
+        return "a capacity factor drops assignments"
+    if config.router == "expert_choice":
+        return "expert choice gives some tokens fewer experts"
+    if config.method == "split":
+        if config.top_k < config.num_experts:
+            return f"top_k={config.top_k} of {config.num_experts} experts"
+        if config.router in ("topp", "hash"):
+            return f"router={config.router!r} may leave experts out"
+        return None
+    if config.granularity > 1 and config.router in ("topp", "hash", "sigmoid"):
+        return (f"router={config.router!r} with granularity={config.granularity} may select "
+                "part of a copy")
+    return None
+
+
+@contextlib.contextmanager
+def _every_expert_active(moes: list[MoE]):
+    """Each MoE temporarily routes every token to every expert: softmax weights (sum for
+    splits), no capacity limit, compensation off (nothing is skipped)."""
+    saved = [(m, m.router_type, m.top_k, m.capacity_factor) for m in moes]
+    try:
+        for m in moes:
+            m.router_type = "softmax"
+            m.capacity_factor = None
+            m.top_k = m.num_experts
+        yield
+    finally:
+        for m, router, k, cf in saved:
+            m.router_type, m.top_k, m.capacity_factor = router, k, cf
+
+
+def _outputs(model: nn.Module, args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The model's output tensors in eval mode, without gradients; every module's training
+    flag is restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            return [t for t in tree_leaves(model(*args, **kwargs))
+                    if isinstance(t, torch.Tensor)]
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _compare(ref: list[torch.Tensor], got: list[torch.Tensor], how: str,
+             rtol: float = 1e-5) -> None:
+    if len(ref) != len(got):
+        raise VerificationError(f"the converted model returns {len(got)} tensors, the dense "
+                                f"model {len(ref)}")
+    for i, (r, g) in enumerate(zip(ref, got, strict=True)):
+        if not r.is_floating_point():
+            continue
+        if r.shape != g.shape:
+            raise VerificationError(f"output {i} has shape {tuple(g.shape)}, the dense model's "
+                                    f"{tuple(r.shape)}")
+        # relative to the output's largest magnitude; half precision rounds each sum anew
+        tol = rtol * 10 if r.dtype in (torch.float32, torch.float64) else 3e-2
+        scale = r.abs().max().float().clamp_min(1e-12)
+        err = ((g.float() - r.float()).abs().max() / scale).item()
+        if not err <= tol:
+            raise VerificationError(
+                f"output {i} differs from the dense model {how}: max difference {err:.2e} "
+                f"relative to its largest value (tolerance {tol:.0e} for {r.dtype}). This is a "
+                "moefy bug: please report it with the model; verify=False skips the check.")
+
+
+def _token_ids(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A hash-routed model's token ids: ``input_ids``, else its first tensor argument."""
     ids = kwargs.get("input_ids", args[0] if args else None)
-    if not isinstance(ids, torch.Tensor) or ids.is_floating_point():
-        raise ValueError("router='hash' routes by token id: call the model with input_ids "
-                         "(an integer tensor)")
-    for m in model.modules():
-        if isinstance(m, MoE) and m.router_type == "hash":
-            m._token_ids = ids
+    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex():
+        raise ConversionError(
+            "router='hash' routes by token id: the model must be called with input_ids (an "
+            "integer tensor, as a keyword or its first argument); got "
+            f"{getattr(ids, 'dtype', type(ids).__name__)}. Use another router for models "
+            "without token ids.")
+    return ids
+
+
+def _push_token_ids(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of a model converted with router="hash": its token ids become those
+    its hash-routed MoE layers read, until ``_pop_token_ids`` runs after the forward."""
+    push_token_ids(_token_ids(args, kwargs))
+
+
+def _pop_token_ids(model: nn.Module, args: tuple, output) -> None:
+    pop_token_ids()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _describe_batch(batch) -> str:
+    if isinstance(batch, dict):
+        return _describe((), batch)
+    if isinstance(batch, (tuple, list)):
+        return _describe(tuple(batch), {})
+    if isinstance(batch, torch.Tensor):
+        return _describe((batch,), {})
+    return f"a {type(batch).__name__}"
+
+
+def _describe(args: tuple, kwargs: dict) -> str:
+    """Shapes and dtypes of the tensors among inputs, for error messages."""
+    def one(t) -> str:
+        return (f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+                if isinstance(t, torch.Tensor) else type(t).__name__)
+
+    parts = [one(a) for a in args] + [f"{k}={one(v)}" for k, v in kwargs.items()
+                                      if isinstance(v, torch.Tensor)]
+    return ", ".join(parts) or "no tensors"
 
 
 @dataclass
 class _Planned:
     unit: trace.TracedUnit
-    match: find_ffn.FFNMatch
+    match: find_ffn.FFNMatch  # the representative call site (the first in graph order)
     plan: rewrite.SurgeryPlan
+    sites: list = field(default_factory=list)  # every call site's FFNMatch, ``match`` first
 
 
 def _join(prefix: str, path: str) -> str:
@@ -315,36 +633,6 @@ def _select(plans, config: MoEConfig):
     return chosen
 
 
-def _verify(dense: nn.Module, moe_model: nn.Module, args: tuple, kwargs: dict,
-            rtol: float = 1e-5) -> None:
-    # Compare in eval mode (dropout off), then restore each module's own training flag.
-    modes = [(m, m.training) for model in (dense, moe_model) for m in model.modules()]
-    try:
-        dense.eval()
-        moe_model.eval()
-        with torch.no_grad():
-            ref = [t for t in tree_leaves(dense(*args, **kwargs)) if isinstance(t, torch.Tensor)]
-            got = [t for t in tree_leaves(moe_model(*args, **kwargs))
-                   if isinstance(t, torch.Tensor)]
-    finally:
-        for m, training in modes:
-            m.training = training
-    if len(ref) != len(got):
-        raise VerificationError(f"the converted model returns {len(got)} tensors, the dense "
-                                f"model {len(ref)}")
-    for i, (r, g) in enumerate(zip(ref, got, strict=True)):
-        if not r.is_floating_point():
-            continue
-        # relative to the output's largest magnitude; half precision rounds each sum anew
-        tol = rtol * 10 if r.dtype in (torch.float32, torch.float64) else 3e-2
-        scale = r.abs().max().float().clamp_min(1e-12)
-        err = ((g.float() - r.float()).abs().max() / scale).item()
-        if not err <= tol:
-            raise VerificationError(
-                f"output {i} differs from the dense model: max difference {err:.2e} relative "
-                f"to its largest value (tolerance {tol:.0e} for {r.dtype})")
-
-
 def _print_explanation(plans, rejections, inline) -> None:
     print(f"moefy: {len(plans)} FFN(s) found")
     for p in plans:
@@ -352,6 +640,8 @@ def _print_explanation(plans, rejections, inline) -> None:
         how = (f"graph mode in {p.unit.path or 'the model'}" if p.unit.path in inline
                else f"swap {plan.replace}" + (f", identities {plan.identities}"
                                               if plan.identities else ""))
+        if len(p.sites) > 1:
+            how += f"; one MoE shared by {len(p.sites)} call sites"
         print(f"  + {plan.name}: {m.activation}{', gated' if m.gate else ''}"
               f"{', fused gate_up' if m.fused_gate_first is not None else ''}; {how}")
     for r in rejections:
@@ -363,12 +653,12 @@ def _print_explanation(plans, rejections, inline) -> None:
 
 def _no_ffn_message(model: nn.Module, rejections) -> str:
     lines = [f"no feed-forward block found in {type(model).__name__}. Searched for "
-             "projection → activation → projection (plain, gated, fused gate_up; activations "
-             "relu, gelu, gelu_tanh, silu, squared relu, quick-gelu)."]
+             "projection → element-wise activation → projection (plain, gated, fused "
+             "gate_up; any element-wise activation)."]
     if rejections:
         lines.append("Candidates examined:")
         lines += [f"  {r.node}: {r.reason}" for r in rejections[:40]]
     else:
-        lines.append("The traced graph has no projection by a parameter (nn.Linear, F.linear "
-                     "on a parameter, or Conv1D).")
+        lines.append("The traced graph has no projection by a parameter (linear, addmm, "
+                     "x @ W, einsum, or a 1×1 convolution with a parameter weight).")
     return "\n".join(lines)

@@ -18,3 +18,14 @@ def test_aliases_and_unknown():
     assert get_activation("gelu_new").name == "gelu_tanh"
     with pytest.raises(ValueError, match="expected one of"):
         get_activation("softsign")
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN")
+@pytest.mark.parametrize("name", sorted(n for n, a in ACTIVATIONS.items() if a.onednn))
+def test_onednn_post_op_computes_the_activation(name):
+    act = get_activation(name)
+    x, w, b = torch.randn(64, 16), torch.randn(32, 16), torch.randn(32)
+    attr, algo = act.onednn
+    fused = torch.ops.mkldnn._linear_pointwise(x, w, b, attr, [], algo)
+    torch.testing.assert_close(fused, act.fn(torch.nn.functional.linear(x, w, b)),
+                               rtol=1e-5, atol=1e-5)

@@ -14,7 +14,9 @@ from tests.passes.models import custom_models, hf_configs
 
 HF = hf_configs()
 CUSTOM = custom_models()
-GRAPH_MODE = {"transformer_encoder", "sliced_glu"}
+GRAPH_MODE = {"sliced_glu"}  # FFN inline in the model's own forward: a GraphModule
+# FFN inline in a layer's forward: that layer alone becomes a GraphModule
+GRAPH_MODE_LAYERS = {"transformer_encoder"}
 EXACT_CONFIGS = (
     ("split", dict(method="split", num_experts=4, top_k=4)),
     ("split_shared_random", dict(method="split", num_experts=6, top_k=6, shared_experts=2,
@@ -53,6 +55,8 @@ def test_convert_finds_every_ffn_and_is_exact(name, cfg_name, cfg):
         assert isinstance(moe_model, torch.fx.GraphModule)
     else:
         assert type(moe_model) is type(model)
+    if name in GRAPH_MODE_LAYERS:
+        assert all(isinstance(layer, torch.fx.GraphModule) for layer in moe_model.layers)
     for ref, got in zip(outputs(model, inputs), outputs(moe_model, inputs), strict=True):
         if ref.is_floating_point():
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
@@ -127,7 +131,7 @@ class NoFFN(torch.nn.Module):
         self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
 
     def forward(self, x):
-        return self.b(torch.tanh(self.a(x)))  # tanh is not an FFN activation
+        return self.b(torch.softmax(self.a(x), -1))  # softmax is not element-wise
 
 
 class SharedHidden(torch.nn.Module):
@@ -185,7 +189,7 @@ def test_inplace_changes_the_model_itself():
 
 
 def test_graph_mode_refuses_inplace_before_changing_anything():
-    model, inputs, _ = build("transformer_encoder")
+    model, inputs, _ = build("sliced_glu")
     state = copy.deepcopy(model.state_dict())
     with pytest.raises(ConversionError, match="inplace=False"):
         moefy.convert(model, moefy.MoEConfig(num_experts=4, top_k=4), example_inputs=inputs,
@@ -333,10 +337,138 @@ def test_hash_routing_follows_token_ids():
     moe = next(m for m in moe_model.modules() if isinstance(m, moefy.MoE))
     ids = torch.tensor([[5, 9, 5, 17]])
     seen = []
-    moe.register_forward_hook(lambda m, a, out: seen.append(m.route(a[0], m._token_ids)[1]))
+    moe.register_forward_hook(lambda m, a, out: seen.append(m.route(a[0])[1]))
     with torch.no_grad():
         y = moe_model(input_ids=ids).last_hidden_state
         ref = model(input_ids=ids).last_hidden_state
     routed = seen[0].reshape(-1)
     assert routed[0] == routed[2]  # same token, same expert
     torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)  # upcycled copies: exact
+    # nothing stays behind: a direct call of the layer has no ids to reuse
+    with pytest.raises(ValueError, match="token_ids"):
+        moe(torch.randn(4, 32))
+
+
+# --------------------------------------------------------------------------- guarantees
+
+
+def test_inplace_verification_compares_with_the_dense_outputs_recorded_before(monkeypatch):
+    """In place, the dense model *is* the result: verification must use outputs recorded
+    before the change, or a broken conversion compares equal to itself."""
+    from moefy.errors import VerificationError
+    from moefy.passes import build as build_pass
+    real = build_pass.upcycle
+
+    def broken(*args, **kwargs):
+        moe = real(*args, **kwargs)
+        with torch.no_grad():
+            moe.w_out.mul_(1.5)
+        return moe
+
+    monkeypatch.setattr(build_pass, "upcycle", broken)
+    model, inputs, _ = build("sequential")
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(VerificationError, match="max difference"):
+        moefy.convert(model, moefy.MoEConfig(method="upcycle", num_experts=4, top_k=2),
+                      example_inputs=inputs, inplace=True)
+    assert state.keys() == model.state_dict().keys()
+
+
+def test_a_build_failure_in_place_puts_every_module_back(monkeypatch):
+    from moefy.passes import build as build_pass
+    real, calls = build_pass.upcycle, []
+
+    def fails_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ConversionError("injected")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(build_pass, "upcycle", fails_second)
+    model, inputs, _ = build("nanogpt")
+    before = [type(m) for m in model.modules()]
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(ConversionError, match="injected"):
+        moefy.convert(model, moefy.MoEConfig(method="upcycle", num_experts=4, top_k=2),
+                      example_inputs=inputs, inplace=True)
+    assert [type(m) for m in model.modules()] == before
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_hash_router_without_token_ids_fails_before_changing_anything():
+    model, inputs, _ = build("sequential")  # float inputs: no token ids to hash
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(ConversionError, match="input_ids"):
+        moefy.convert(model, moefy.MoEConfig(method="upcycle", num_experts=4, top_k=1,
+                                             router="hash"),
+                      example_inputs=inputs, inplace=True)
+    assert [type(m) for m in model.modules()] == before
+
+
+NOT_PRESERVING = (
+    dict(method="upcycle", num_experts=4, top_k=1, capacity_factor=0.5),
+    dict(method="upcycle", num_experts=4, top_k=2, router="expert_choice"),
+    dict(method="split", num_experts=4, top_k=4, router="topp", top_p=0.3),
+    dict(method="upcycle", num_experts=8, top_k=4, granularity=2, router="topp", top_p=0.3),
+)
+
+
+@pytest.mark.parametrize("cfg", NOT_PRESERVING)
+def test_configurations_not_preserving_the_function_verify_what_they_can(cfg):
+    model, inputs, _ = build("nanogpt")
+    moe_model = moefy.convert(model, moefy.MoEConfig(**cfg), example_inputs=inputs)
+    moe = next(m for m in moe_model.modules() if isinstance(m, moefy.MoE))
+    assert "not function-preserving by design" in moe.conversion["verified"]
+    assert "every expert active" in moe.conversion["verified"]
+
+
+def test_function_preserving_configuration_says_it_was_exact():
+    model, inputs, _ = build("nanogpt")
+    moe_model = moefy.convert(model, moefy.MoEConfig(method="upcycle", num_experts=4, top_k=2,
+                                                     router="topp"), example_inputs=inputs)
+    moe = next(m for m in moe_model.modules() if isinstance(m, moefy.MoE))
+    assert moe.conversion["verified"].startswith("exact")
+
+
+def test_non_finite_dense_output_is_reported_as_that_before_any_change():
+    from moefy.errors import VerificationError
+    model, (x,), _ = build("sequential")
+    x = x.clone()
+    x[0, 0, 0] = float("nan")
+    with pytest.raises(VerificationError, match="dense model's output"):
+        moefy.convert(model, moefy.MoEConfig(num_experts=4, top_k=4), example_inputs=(x,),
+                      inplace=True)
+    assert not any(isinstance(m, moefy.MoE) for m in model.modules())
+
+
+@pytest.mark.parametrize("poison", (float("nan"), float("inf"), 1e30))
+def test_a_poisoned_calibration_token_is_skipped_and_counted(poison):
+    model, inputs, _ = build("nanogpt")
+    data = [(torch.randn(8, 32, 32),) for _ in range(3)]
+    bad = [(d[0].clone(),) for d in data]
+    bad[1][0][2, 3, :] = poison
+    cfg = moefy.MoEConfig(method="split", num_experts=4, top_k=2, compensate="linear")
+    clean = moefy.convert(model, cfg, example_inputs=inputs, calibration_data=data)
+    got = moefy.convert(model, cfg, example_inputs=inputs, calibration_data=bad)
+    x = torch.randn(4, 16, 32)
+    with torch.no_grad():
+        ref, y_clean, y = model(x), clean(x), got(x)
+    assert torch.isfinite(y).all()
+    err = lambda a: float((a - ref).norm() / ref.norm())  # noqa: E731
+    assert err(y) < 1.5 * err(y_clean) + 0.02  # as good as without the poisoned token
+    moes = [m for m in got.modules() if isinstance(m, moefy.MoE)]
+    assert moes[0].conversion["calibration_skipped"] == 1
+    assert all(m.conversion["calibration_tokens"] == 3 * 8 * 32 - 1 for m in moes[:1])
+    assert "skipped" in moefy.report(got)
+
+
+def test_calibration_batch_that_does_not_fit_is_a_clear_error_before_any_change():
+    model, inputs, _ = build("nanogpt")
+    cfg = moefy.MoEConfig(method="split", num_experts=4, top_k=2)
+    for data, what in (([(torch.randn(2, 5, 16),)], "batch 0"),
+                       ([(torch.randn(2, 5, 32),), (torch.randn(2, 5, 32).double(),)], "batch 1"),
+                       (["text"], "batch 0")):
+        with pytest.raises(ConversionError, match=what):
+            moefy.convert(model, cfg, example_inputs=inputs, calibration_data=data,
+                          inplace=True)
+        assert not any(isinstance(m, moefy.MoE) for m in model.modules())

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from moefy.errors import MoefyError
 
+_log = logging.getLogger("moefy.convert")
+
 
 @dataclass
 class PassResult:
+    """``modified``: the pass changed the model (analysis passes never do); ``counts``: what
+    it found or did, logged at INFO on the ``moefy.convert`` logger after every pass."""
+
     modified: bool
     counts: dict[str, int] = field(default_factory=dict)
 
@@ -17,16 +23,22 @@ class PassResult:
 class Pass:
     """A step of the conversion pipeline. Subclasses implement ``call(state)``.
 
-    ``__call__`` runs it and names the pass in any moefy error it raises."""
+    ``__call__`` runs it, logs its result and names the pass in any moefy error it
+    raises."""
 
     def call(self, state: Any) -> PassResult:
         raise NotImplementedError
 
     def __call__(self, state: Any) -> PassResult:
         try:
-            return self.call(state)
+            result = self.call(state)
         except MoefyError as exc:
             if not getattr(exc, "pass_name", None):
                 exc.pass_name = type(self).__name__
                 exc.args = (f"[{exc.pass_name}] {exc}",)
             raise
+        counts = ", ".join(f"{k}={v}" for k, v in result.counts.items())
+        _log.info("%s: %s%s", type(self).__name__,
+                  "changed the model" if result.modified else "no change",
+                  f" ({counts})" if counts else "")
+        return result

@@ -15,6 +15,7 @@ import torch.nn as nn
 from moefy.calibrate import FFNStats
 from moefy.config import MoEConfig
 from moefy.errors import ConversionError
+from moefy.fit import fit_compensation, fit_layer, set_router
 from moefy.layers.moe import MoE
 from moefy.passes.find_ffn import FFNMatch, Projection
 from moefy.passes.partition import partition_neurons
@@ -30,7 +31,9 @@ class DenseWeights:
     b_in: torch.Tensor | None
     b_gate: torch.Tensor | None
     b_out: torch.Tensor | None
-    activation: str
+    # a name in moefy.activations.ACTIVATIONS, or the element-wise module h ↦ act(h) that
+    # the graph computes when it is none of them (FFNMatch.activation_fn)
+    activation: str | nn.Module
 
     @property
     def hidden_size(self) -> int:
@@ -43,13 +46,18 @@ class DenseWeights:
 
 def _linear_weight(model: nn.Module, proj: Projection) -> tuple[torch.Tensor, torch.Tensor | None]:
     w = model.get_parameter(proj.weight).detach()
-    w = w.t() if proj.transposed else w  # Conv1D stores (in, out)
+    w = w.flatten(1) if w.dim() > 2 else w  # 1×1 convolution: (out, in, 1, 1)
+    w = w.t() if proj.transposed else w  # Conv1D, x @ W: stored (in, out)
     b = None if proj.bias is None else model.get_parameter(proj.bias).detach()
     return w, b
 
 
 def dense_weights(model: nn.Module, match: FFNMatch) -> DenseWeights:
-    """Read a matched FFN's weights from ``model``, normalised to nn.Linear layout."""
+    """Read a matched FFN's weights from ``model``, normalised to nn.Linear layout, and its
+    activation (a name, or the matched element-wise module for ``"custom"``).
+
+    ``find_ffns`` already rejects FFNs whose widths do not fit a MoE; the check here guards
+    matches built by hand."""
     w_in, b_in = _linear_weight(model, match.up)
     w_out, b_out = _linear_weight(model, match.down)
     w_gate = b_gate = None
@@ -66,7 +74,11 @@ def dense_weights(model: nn.Module, match: FFNMatch) -> DenseWeights:
         raise ConversionError(
             f"{match.name}: second projection {tuple(w_out.shape)} does not fit the first "
             f"{tuple(w_in.shape)}")
-    return DenseWeights(w_in, w_out, w_gate, b_in, b_gate, b_out, match.activation)
+    activation = match.activation_fn if match.activation == "custom" else match.activation
+    if activation is None:
+        raise ConversionError(f"{match.name}: a custom activation without its subgraph "
+                              "(FFNMatch.activation_fn)")
+    return DenseWeights(w_in, w_out, w_gate, b_in, b_gate, b_out, activation)
 
 
 def check_divisible(name: str, dense: DenseWeights, config: MoEConfig) -> None:
@@ -149,7 +161,7 @@ def split(dense: DenseWeights, config: MoEConfig, generator: torch.Generator,
     if stats is not None:
         score = stats.marked + stats.active / max(stats.tokens, 1)  # ties: plain activity
     else:
-        score = dense.w_in.float().norm(dim=1) * dense.w_out.float().norm(dim=0)  # (I,)
+        score = (dense.w_in.float().norm(dim=1) * dense.w_out.float().norm(dim=0)).cpu()
     order = torch.argsort(score, descending=True, stable=True)
     shared_idx = order[: S * size].sort().values
     rest = order[S * size:].sort().values
@@ -164,9 +176,9 @@ def split(dense: DenseWeights, config: MoEConfig, generator: torch.Generator,
     b_in = _zeros_if_none(dense.b_in, n, dense.w_in)
     b_gate = _zeros_if_none(dense.b_gate, n, dense.w_in)
     b_out = _zeros_if_none(dense.b_out, dense.hidden_size, dense.w_in)
-    means = torch.zeros(E, dense.hidden_size)
+    means = torch.zeros(E, dense.hidden_size, device=dense.w_in.device)
     if compensate:
-        mean_h = stats.mean_h
+        mean_h = stats.mean_h.to(dense.w_in.device)  # statistics live on the CPU
         means = torch.stack([dense.w_out[:, idx].float() @ mean_h[idx] for idx in groups])
     for e, idx in enumerate(groups):
         moe.w_in[e] = dense.w_in[idx]
@@ -215,150 +227,7 @@ def split(dense: DenseWeights, config: MoEConfig, generator: torch.Generator,
         fit_info.update(fit_compensation(moe, dense, stats.inputs, rank))
     if config.fit_steps and stats is not None and config.top_k < E:
         fit_info.update(fit_layer(moe, dense, stats.inputs, config.fit_steps, generator))
+    if stats is not None:
+        fit_info.update(calibration_tokens=stats.tokens, calibration_skipped=stats.skipped)
     moe.conversion = {"router_init": init, "compensation": mode, **fit_info}
     return moe
-
-
-def _dense_forward(dense: DenseWeights, x: torch.Tensor) -> torch.Tensor:
-    """The dense FFN on rows ``x`` (float32): the dispatch's own expert forward, on the FFN
-    as a single expert."""
-    from moefy.runtime.experts import ExpertWeights, expert_forward
-    one = [None if t is None else t.float()[None] for t in (
-        dense.w_in, dense.w_out, dense.w_gate, dense.b_in, dense.b_gate, dense.b_out)]
-    return expert_forward(x, ExpertWeights(*one, dense.activation), 0)
-
-
-@torch.enable_grad()
-def fit_layer(moe: MoE, dense: DenseWeights, x: torch.Tensor, steps: int,
-              generator: torch.Generator, lr: float = 1e-3, batch: int = 1024) -> dict:
-    """Train the layer (experts, router, shared part) to reproduce the dense FFN on the
-    calibration tokens: Adam on random mini-batches of 90% of them, MSE relative to the
-    target's variance; measured on the other 10%."""
-    x = x.to(moe.w_in.dtype)
-    with torch.no_grad():
-        target = _dense_forward(dense, x.float()).to(x.dtype)
-    held = max(1, x.shape[0] // 10)
-    xt, tt = x[:-held], target[:-held]
-    scale = tt.float().var().clamp_min(1e-12)
-    mode = moe.training
-    moe.train()
-    opt = torch.optim.Adam(moe.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    for _ in range(steps):
-        rows = torch.randint(0, xt.shape[0], (min(batch, xt.shape[0]),), generator=generator)
-        loss = (moe(xt[rows]) - tt[rows]).float().pow(2).mean() / scale
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    moe.train(mode)
-    with torch.no_grad():
-        moe.eval()
-        err = (moe(x[-held:]) - target[-held:]).norm() / target[-held:].norm()
-        moe.train(mode)
-    return {"rel_err_fitted": float(err)}
-
-
-@torch.no_grad()
-def fit_compensation(moe: MoE, dense: DenseWeights, x: torch.Tensor, rank: int) -> dict:
-    """Least-squares low-rank linear map of the token onto what the routed MoE still misses
-    (dense(x) − moe(x)), installed in ``moe.shared``; reduced-rank ridge regression on 90% of
-    the calibration tokens, measured on the other 10%."""
-    x = x.float()
-    mode = moe.training
-    moe.eval()
-    target = _dense_forward(dense, x)
-    residual = target - moe(x.to(moe.w_in.dtype)).float()  # (T, H)
-    held = max(1, x.shape[0] // 10)
-    xa = torch.cat([x, torch.ones(x.shape[0], 1)], dim=1)  # intercept
-    xt, rt = xa[:-held], residual[:-held]
-    gram = xt.t() @ xt
-    gram.diagonal().add_(1e-3 * gram.diagonal().mean())
-    coef = torch.linalg.solve(gram, xt.t() @ rt)  # (H + 1, H)
-    fitted = xt @ coef
-    rank = max(1, min(rank, x.shape[1]))
-    # principal output directions of the fit: eigenvectors of its (H, H) Gram matrix
-    basis = torch.linalg.eigh(fitted.t() @ fitted).eigenvectors.flip(1)[:, :rank]  # (H, r)
-    coef = coef @ basis @ basis.t()
-    down = (coef[:-1] @ basis).t()  # (r, H)
-    norm = target[-held:].norm()
-    before = residual[-held:].norm() / norm
-    after = (residual[-held:] - xa[-held:] @ coef).norm() / norm
-    dtype = moe.w_in.dtype
-    moe.shared.set_compensation(down.to(dtype), basis.to(dtype), coef[-1].to(dtype))
-    moe.train(mode)
-    return {"rel_err_calibration": float(before), "rel_err_compensated": float(after)}
-
-
-def set_router(moe: MoE, dense: DenseWeights, groups: list[torch.Tensor], init: str,
-               stats: FFNStats | None, generator: torch.Generator) -> dict:
-    """Initialise a split MoE's router; returns what was measured (router recall).
-
-    - similarity: each expert's centre, the mean direction of its neurons' input weights
-      (the gate's for gated FFNs, which decides what fires) — training-free;
-    - representative (CMoE): the input weights of each expert's most typical neuron (the one
-      most co-marked with the rest of its group): the logit is that neuron's pre-activation;
-    - fit: a linear router trained on the calibration reservoir to rank experts by how far
-      each expert's output on the token is from its mean (what skipping it would cost).
-    """
-    key = (dense.w_gate if dense.w_gate is not None else dense.w_in).float()
-    bias, info = None, {}
-    if init == "representative":
-        corr = stats.correlation()
-        reps = [idx[corr[idx][:, idx].sum(1).argmax()] for idx in groups]
-        weight = key[torch.stack(reps)]
-    else:
-        unit = nn.functional.normalize(key, dim=1)
-        weight = torch.stack([unit[idx].mean(0) for idx in groups])
-    if stats is not None and stats.inputs.shape[0] >= 16:
-        x = stats.inputs
-        cost = _skip_cost(moe, x)  # (T, E)
-        held = max(1, x.shape[0] // 10)
-        info["router_recall_init"] = _recall(x[-held:] @ weight.t(), cost[-held:], moe.top_k)
-        if init == "fit":
-            weight, bias = _fit_router(x[:-held], cost[:-held], moe.top_k, generator)
-            info["router_recall"] = _recall(x[-held:] @ weight.t() + bias, cost[-held:],
-                                            moe.top_k)
-        else:
-            info["router_recall"] = info["router_recall_init"]
-    moe.router.weight.copy_(weight.to(moe.router.weight.dtype))
-    if bias is not None:
-        moe.router.bias = nn.Parameter(bias.to(moe.router.weight.dtype))
-    return info
-
-
-def _skip_cost(moe: MoE, x: torch.Tensor) -> torch.Tensor:
-    """‖f_e(x) − c_e‖ per token and expert (T, E): the output lost when e is not chosen."""
-    from moefy.runtime.experts import expert_forward
-    ew = moe.expert_weights()
-    ew = type(ew)(*(None if t is None else t.detach().float() for t in ew[:6]), ew.activation)
-    return torch.stack([expert_forward(x, ew, e).norm(dim=-1) for e in range(moe.num_experts)],
-                       dim=1)
-
-
-def _recall(logits: torch.Tensor, cost: torch.Tensor, k: int) -> float:
-    """Mean overlap of the router's top-k with the top-k by true cost (1.0: oracle)."""
-    chosen = torch.zeros_like(cost).scatter_(1, logits.topk(k, dim=1).indices, 1.0)
-    oracle = torch.zeros_like(cost).scatter_(1, cost.topk(k, dim=1).indices, 1.0)
-    return float((chosen * oracle).sum() / oracle.sum())
-
-
-@torch.enable_grad()
-def _fit_router(x: torch.Tensor, cost: torch.Tensor, k: int, generator: torch.Generator,
-                steps: int = 200, batch: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """A linear router trained to put the k costliest experts on top: binary cross-entropy
-    on top-k membership, Adam on random mini-batches. About a second on CPU."""
-    target = torch.zeros_like(cost).scatter_(1, cost.topk(k, dim=1).indices, 1.0)
-    scale = x.norm(dim=1).mean().clamp_min(1e-6)
-    xs = x / scale
-    w = torch.zeros(cost.shape[1], x.shape[1], requires_grad=True)  # (E, H)
-    bias = torch.zeros(cost.shape[1], requires_grad=True)
-    opt = torch.optim.Adam([w, bias], lr=0.05)
-    for _ in range(steps):
-        rows = torch.randint(0, xs.shape[0], (min(batch, xs.shape[0]),), generator=generator)
-        logits = xs[rows] @ w.t() + bias
-        loss = nn.functional.binary_cross_entropy_with_logits(logits, target[rows])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return w.detach() / scale, bias.detach()

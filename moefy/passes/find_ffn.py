@@ -1,32 +1,70 @@
-"""FFN matching over an exported graph.
+"""FFN matching over an exported graph: what the graph computes, not how it is spelled.
 
-    x → Proj → act → [dropout] → Proj                       (plain FFN)
-    x → Proj_gate → act ─┐
-    x → Proj_up ─────────┴→ mul → [dropout] → Proj          (gated: SwiGLU, GeGLU)
-    x → Proj_gate_up → chunk/split → act(first) * second → Proj   (fused gate_up)
+    x → Proj_up → ε(h) → Proj_down                                   (plain: ε = act)
+    x → Proj_gate ─┐
+    x → Proj_up ───┴→ ε(g, u) = act(g) · u → Proj_down               (gated: SwiGLU, GeGLU)
+    x → Proj_gate_up → two halves (chunk / split / slice) → ε → Proj_down     (fused gate_up)
 
-  ⇒ one ``FFNMatch`` per block: its nodes, activation, and parameter names.
+  ⇒ one ``FFNMatch`` per block: its nodes, activation (a name, or the subgraph), parameters.
 
-``Proj`` is ``aten.linear`` on a parameter or GPT-2's Conv1D (``view → addmm → view`` with an
-``(in, out)`` weight). Activations: relu, gelu (erf), gelu_tanh (``aten.gelu`` or the arithmetic
-``0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³)))`` expansion), silu, squared relu, quick-gelu.
-The match is by graph structure, not module class names. Every projection is a candidate
-second layer; each rejected candidate keeps the reason.
+``Proj`` is any matmul of the hidden state with a parameter, optionally followed by ``+ b``
+with a 1-D parameter ``b``: ``aten.linear``; ``addmm`` (GPT-2's Conv1D); ``matmul`` / ``mm`` /
+``bmm`` with the weight as stored (``x @ W``, weight (in, out)) or transposed (``x @ W.T``); a
+two-operand ``einsum`` contracting x's last dimension with a 2-D weight; a 1×1 convolution
+(stride 1, no padding, one group), whose features are on dim 1 (``channels_dim=1``).
+
+``ε`` is any element-wise subgraph: ATen ops tagged pointwise (and their in-place variants),
+with scalar constants as their only other inputs; dropout, clones and dtype casts count as
+identities. It is identified numerically, not by its spelling: evaluated on a probe and
+compared with every entry of ``moefy.activations.ACTIVATIONS``. A match takes that name (fast
+kernels and ONNX lowerings exist for names); when none matches, ``activation="custom"`` and
+``activation_fn`` is the subgraph itself as a ``GraphModule`` h ↦ act(h), run by the experts.
+
+Every projection is a candidate second layer, taken in graph order; each rejected candidate
+keeps its reason. A projection belongs to one FFN at most, and a weight plays one role.
 """
 
 from __future__ import annotations
 
-import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
+import torch.nn as nn
 from torch.fx import Node
+from torch.fx.operator_schemas import normalize_function
+
+from moefy.activations import ACTIVATIONS
 
 aten = torch.ops.aten
 
-_PASS_THROUGH = {aten.dropout.default, aten.clone.default, aten.alias.default,
-                 aten.detach.default, aten.contiguous.default}
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+# Identities for what the experts compute: no dropout at inference, and the experts run in
+# their own dtype (a cast inside the activation only changes the precision it is computed in).
+_PASS_THROUGH = {aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default,
+                 aten.feature_alpha_dropout.default, aten.clone.default, aten.alias.default,
+                 aten.detach.default, aten.detach_.default, aten.contiguous.default,
+                 aten.lift_fresh_copy.default,
+                 aten._to_copy.default, aten.to.dtype, aten.type_as.default}
+# Element-wise ops that ATen does not tag pointwise.
+_ELEMENTWISE = {aten.hardswish.default, aten.where.ScalarOther, aten.where.ScalarSelf,
+                aten.where.Scalar, aten.rsub.Tensor, aten.zeros_like.default,
+                aten.ones_like.default, aten.full_like.default}
+_ASSERTS = {aten._assert_tensor_metadata.default}
+_MATMULS = {aten.matmul.default, aten.mm.default, aten.bmm.default, aten.addmm.default}
+_CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
+          aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding,
+          aten.convolution.default}
+_TRANSPOSES = {aten.t.default, aten.numpy_T.default, aten.mT.default, aten.adjoint.default}
+_MAX_REGION = 128  # element-wise ops between two projections; real activations use < 30
+# Where activations are compared: a dense grid over their interesting range, the origin's
+# neighbourhood, and large values (relu vs leaky relu, clamps).
+_PROBE = torch.cat([
+    torch.linspace(-10.0, 10.0, 4001, dtype=torch.float64),
+    torch.tensor([1e-7, 1e-4, 20.0, 50.0, 100.0, 1e3, 1e6], dtype=torch.float64),
+    -torch.tensor([1e-7, 1e-4, 20.0, 50.0, 100.0, 1e3, 1e6], dtype=torch.float64),
+])
+_TOL = 1e-6  # relative and absolute, in float64
 
 
 @dataclass
@@ -38,7 +76,9 @@ class Projection:
     nodes: list[Node]
     weight: str  # parameter name
     bias: str | None
-    transposed: bool  # weight stored (in, out), as GPT-2's Conv1D
+    transposed: bool  # weight stored (in, out): GPT-2's Conv1D, ``x @ W``, einsum "hf"
+    shape: tuple[int, int] | None = None  # (out, in) features, nn.Linear layout
+    channels_dim: int = -1  # dim of input/output holding the features; 1 for 1×1 convs
 
 
 @dataclass
@@ -49,13 +89,18 @@ class FFNMatch:
     input: Node
     output: Node  # the second projection's output
     nodes: list[Node]  # every node of the block after ``input``, graph order
-    activation: str
+    activation: str  # a name in moefy.activations.ACTIVATIONS, or "custom"
     up: Projection  # the "in" projection (up_proj / fc1 / intermediate.dense)
     down: Projection
     gate: Projection | None = None
     # fused gate_up: the single projection's output rows are [gate; up] (True) or [up; gate]
     fused_gate_first: bool | None = None
     skipped: list[Node] = field(default_factory=list)  # pass-through nodes before ``down``
+    # The dim of input and output holding the features: -1 (tokens × features), or 1 for
+    # channels-first 1×1 convolutions (the MoE then needs its input moved to the last dim).
+    channels_dim: int = -1
+    # activation == "custom": the element-wise subgraph h ↦ act(h) the experts run.
+    activation_fn: torch.fx.GraphModule | None = None
 
 
 @dataclass
@@ -64,40 +109,223 @@ class Rejection:
     reason: str
 
 
+@dataclass
+class _Graph:
+    """What matching needs to know about an exported program's placeholders."""
+
+    params: dict[str, str]  # placeholder name -> parameter name
+    constants: dict[str, torch.Tensor]  # placeholder name -> lifted tensor constant
+    order: dict[Node, int]
+    buffers: dict[str, str] = field(default_factory=dict)  # placeholder name -> buffer name
+
+    @classmethod
+    def of(cls, ep: torch.export.ExportedProgram) -> _Graph:
+        sig = ep.graph_signature
+        constants = {ph: ep.constants[name]
+                     for ph, name in sig.inputs_to_lifted_tensor_constants.items()
+                     if isinstance(ep.constants.get(name), torch.Tensor)}
+        return cls(dict(sig.inputs_to_parameters), constants,
+                   {n: i for i, n in enumerate(ep.graph.nodes)}, dict(sig.inputs_to_buffers))
+
+
 def _param_name(node, params: dict[str, str]) -> str | None:
     if isinstance(node, Node) and node.op == "placeholder":
         return params.get(node.name)
     return None
 
 
-def as_projection(node: Node, params: dict[str, str]) -> Projection | None:
-    """The projection whose output is ``node``, if it is one."""
+def _shape(node) -> tuple | None:
+    val = node.meta.get("val") if isinstance(node, Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+@dataclass
+class _Weight:
+    name: str
+    swapped: bool  # the operand is the stored weight with its last two dims swapped
+    shape: tuple[int, int]  # as stored
+    nodes: list[Node]  # transposes / broadcasts between the parameter and the operand
+
+
+def _weight_of(node, params: dict[str, str]) -> _Weight | None:
+    """The 2-D parameter that ``node`` is, seen through transposes and leading-dim broadcasts
+    (``W.T``, ``W.expand(B, -1, -1)``)."""
+    swapped, chain = False, []
+    while isinstance(node, Node) and node.op == "call_function":
+        src, t = node.args[0], node.target
+        shape, src_shape = _shape(node), _shape(src)
+        if shape is None or src_shape is None or len(shape) < 2 or len(src_shape) < 2:
+            return None
+        nd = len(src_shape)
+        if t in _TRANSPOSES:
+            swapped = not swapped
+        elif t == aten.transpose.int:
+            if {node.args[1] % nd, node.args[2] % nd} != {nd - 2, nd - 1}:
+                return None
+            swapped = not swapped
+        elif t == aten.permute.default:
+            dims = [d % nd for d in node.args[1]]
+            if dims == [*range(nd - 2), nd - 1, nd - 2]:
+                swapped = not swapped
+            elif dims != list(range(nd)):
+                return None
+        elif t not in (aten.unsqueeze.default, aten.expand.default) or not _same_sizes(
+                shape[-2:], src_shape[-2:]):
+            return None
+        chain.append(node)
+        node = src
+    name, shape = _param_name(node, params), _shape(node)
+    if name is None or shape is None or len(shape) != 2:
+        return None
+    # The weight-side ops belong to the projection unless something else reads them too.
+    own = [n for n in reversed(chain) if len(n.users) == 1]
+    return _Weight(name, swapped, shape, own)
+
+
+def _out_in(stored: tuple[int, int], transposed: bool) -> tuple[int, int]:
+    return (stored[1], stored[0]) if transposed else (stored[0], stored[1])
+
+
+def _same_sizes(a, b) -> bool:
+    # Only static sizes count: comparing symbolic ones would add guards to a finished graph.
+    return len(a) == len(b) and all(
+        isinstance(x, int) and isinstance(y, int) and x == y for x, y in zip(a, b, strict=True))
+
+
+def _last_dim_kept(view: Node) -> bool:
+    """A view that only merges or splits leading dims (features stay the last dim)."""
+    a, b = _shape(view.args[0]), _shape(view)
+    return bool(a) and bool(b) and _same_sizes(a[-1:], b[-1:])
+
+
+def _einsum_projection(node: Node, params: dict[str, str]) -> Projection | None:
+    """``einsum("...h,fh->...f", x, W)`` (or ``"...h,hf->...f"``): a projection of x's last
+    dimension by a 2-D weight."""
+    equation, operands = node.args[0], node.args[1]
+    if not isinstance(equation, str) or len(operands) != 2 or "->" not in equation:
+        return None
+    inputs, out = equation.replace(" ", "").split("->")
+    subs = inputs.split(",")
+    if len(subs) != 2:
+        return None
+    for i in (0, 1):
+        x, w, xs, ws = operands[i], operands[1 - i], subs[i], subs[1 - i]
+        weight = _weight_of(w, params)
+        if weight is None or len(ws) != 2 or "." in ws or not xs:
+            continue
+        c, prefix = xs[-1], xs[:-1]
+        if c not in ws or ws[0] == ws[1]:
+            continue
+        o = ws[1] if ws[0] == c else ws[0]
+        if out != prefix + o or c in prefix or o in prefix:
+            continue
+        transposed = (ws == c + o) != weight.swapped  # stored (in, out)
+        return Projection(x, node, weight.nodes + [node], weight.name, None, transposed,
+                          _out_in(weight.shape, transposed))
+    return None
+
+
+def _conv_projection(node: Node, params: dict[str, str]) -> Projection | None:
+    """A 1×1 convolution: a projection of the channels (dim 1) at every position."""
+    bound = normalize_function(node.target, node.args, node.kwargs,
+                               normalize_to_only_use_kwargs=True)
+    if bound is None:
+        return None
+    a = bound.kwargs
+    w_name, w_shape = _param_name(a["weight"], params), _shape(a["weight"])
+    if w_name is None or w_shape is None or any(k != 1 for k in w_shape[2:]):
+        return None
+    ones = lambda v: all(s == 1 for s in (v if isinstance(v, (list, tuple)) else [v]))  # noqa: E731
+    zeros = lambda v: v in ("valid", "same") or all(  # noqa: E731  (1×1: "same" pads nothing)
+        s == 0 for s in (v if isinstance(v, (list, tuple)) else [v]))
+    if not ones(a.get("stride", 1)) or not zeros(a.get("padding", 0)) or a.get("groups", 1) != 1:
+        return None
+    if a.get("transposed", False):
+        return None
+    bias = a.get("bias")
+    b_name = _param_name(bias, params)
+    if bias is not None and b_name is None:
+        return None  # a computed bias is not part of a plain projection
+    return Projection(a["input"], node, [node], w_name, b_name, False,
+                      (w_shape[0], w_shape[1]), channels_dim=1)
+
+
+def _core_projection(node, params: dict[str, str]) -> Projection | None:
+    """The projection whose output is ``node``, not counting a bias added after it."""
     if not isinstance(node, Node) or node.op != "call_function":
         return None
-    if node.target == aten.linear.default:
+    t = node.target
+    if t == aten.linear.default:
         x, w = node.args[0], node.args[1]
         b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        w_name = _param_name(w, params)
-        if w_name is None:
+        weight, b_name = _weight_of(w, params), _param_name(b, params)
+        if weight is None or (b is not None and b_name is None):
             return None
-        return Projection(x, node, [node], w_name, _param_name(b, params), False)
+        transposed = weight.swapped  # linear reads (out, in): swapped means stored (in, out)
+        return Projection(x, node, weight.nodes + [node], weight.name, b_name, transposed,
+                          _out_in(weight.shape, transposed))
+    if t == aten.einsum.default:
+        return _einsum_projection(node, params)
+    if t in _CONVS:
+        return _conv_projection(node, params)
     inner, outer = node, None
-    if node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
-        inner, outer = node.args[0], node
-    if isinstance(inner, Node) and inner.target == aten.addmm.default:
-        if outer is None and len(inner.users) == 1 and next(iter(inner.users)).target in (
-                aten.view.default, aten.reshape.default, aten._unsafe_view.default):
-            return None  # the view after it stands for the whole projection
-        b, x2, w = inner.args[:3]
-        w_name = _param_name(w, params)
-        if w_name is None:
+    if t in _VIEWS and isinstance(node.args[0], Node) and node.args[0].target in _MATMULS:
+        if not _last_dim_kept(node):
             return None
-        nodes = [inner] + ([outer] if outer is not None else [])
-        x = x2
-        if isinstance(x2, Node) and x2.target in (aten.view.default, aten.reshape.default):
-            x, nodes = x2.args[0], [x2] + nodes
-        return Projection(x, outer or inner, nodes, w_name, _param_name(b, params), True)
+        inner, outer = node.args[0], node
+    if inner.target not in _MATMULS:
+        return None
+    if outer is None and len(inner.users) == 1:
+        (user,) = inner.users
+        if user.target in _VIEWS and _last_dim_kept(user):
+            return None  # the view after it stands for the whole projection
+    b = None
+    if inner.target == aten.addmm.default:
+        if inner.kwargs.get("beta", 1) != 1 or inner.kwargs.get("alpha", 1) != 1:
+            return None
+        b, x2, w = inner.args[:3]
+    else:
+        x2, w = inner.args[:2]
+    weight, b_name = _weight_of(w, params), _param_name(b, params)
+    if weight is None or (b is not None and b_name is None):
+        return None
+    transposed = not weight.swapped  # x @ W reads W as (in, out)
+    nodes = weight.nodes + [inner] + ([outer] if outer is not None else [])
+    x = x2
+    if isinstance(x2, Node) and x2.target in _VIEWS and len(x2.users) == 1 and _last_dim_kept(
+            x2):
+        x, nodes = x2.args[0], [x2] + nodes
+    return Projection(x, outer or inner, nodes, weight.name, b_name, transposed,
+                      _out_in(weight.shape, transposed))
+
+
+def _with_bias(node, params: dict[str, str]) -> Projection | None:
+    """``core + b`` with ``b`` a 1-D parameter of the projection's output width (Falcon writes
+    ``x @ W.T + b``)."""
+    if not isinstance(node, Node) or node.target != aten.add.Tensor or node.kwargs.get(
+            "alpha", 1) != 1:
+        return None
+    for core_node, b in (node.args[:2], node.args[1::-1]):
+        if not isinstance(core_node, Node) or len(core_node.users) != 1:
+            continue
+        core = _core_projection(core_node, params)
+        b_name = _param_name(b, params)
+        if core is None or core.bias is not None or core.channels_dim != -1 or b_name is None:
+            continue
+        if core.shape is None or _shape(b) != (core.shape[0],):
+            continue
+        return replace(core, output=node, nodes=core.nodes + [node], bias=b_name)
     return None
+
+
+def as_projection(node: Node, params: dict[str, str]) -> Projection | None:
+    """The projection whose output is ``node``, if it is one (with its bias, if added)."""
+    proj = _with_bias(node, params) or _core_projection(node, params)
+    if proj is None:
+        return None
+    if len(proj.output.users) == 1 and _with_bias(next(iter(proj.output.users)), params):
+        return None  # the bias add after it stands for the whole projection
+    return proj
 
 
 def _strip(node) -> tuple[Node, list[Node]]:
@@ -109,91 +337,30 @@ def _strip(node) -> tuple[Node, list[Node]]:
     return node, skipped
 
 
-def _const(v, target: float, rel: float = 1e-4) -> bool:
-    return isinstance(v, (int, float)) and math.isclose(float(v), target, rel_tol=rel)
+def _functional(target):
+    """The out-of-place op of an in-place ATen op (``relu_`` → ``relu``), else ``target``."""
+    if isinstance(target, torch._ops.OpOverload):
+        name = target._schema.name.split("::")[-1]
+        if name.endswith("_") and not name.endswith("__"):
+            packet = getattr(aten, name[:-1], None)
+            if packet is not None and target._overloadname in packet.overloads():
+                return getattr(packet, target._overloadname)
+    return target
 
 
-def _with_const(node, op, constant: float) -> Node | None:
-    """``x`` when ``node`` is ``op(x, constant)`` or ``op(constant, x)``, else None."""
-    if isinstance(node, Node) and node.target == op:
-        a, b = node.args[:2]
-        if isinstance(a, Node) and _const(b, constant):
-            return a
-        if isinstance(b, Node) and _const(a, constant):
-            return b
-    return None
+def _is_elementwise(target) -> bool:
+    op = _functional(target)
+    if not isinstance(op, torch._ops.OpOverload):
+        return False
+    if torch.Tag.nondeterministic_seeded in op.tags:  # rrelu while training: random
+        return False
+    return torch.Tag.pointwise in op.tags or op in _ELEMENTWISE
 
 
-def _mul_by(node, constant: float) -> Node | None:
-    """``x`` when ``node`` is ``x * constant`` (either order) or ``x / (1 / constant)``."""
-    x = _with_const(node, aten.mul.Tensor, constant)
-    if x is None and constant != 0 and isinstance(node, Node) and (
-            node.target == aten.div.Tensor and isinstance(node.args[0], Node)
-            and _const(node.args[1], 1.0 / constant)):
-        x = node.args[0]
-    return x
-
-
-def _add_const(node, constant: float) -> Node | None:
-    return _with_const(node, aten.add.Tensor, constant)
-
-
-def _cube_of(node) -> Node | None:
-    if isinstance(node, Node) and node.target == aten.pow.Tensor_Scalar and _const(
-            node.args[1], 3.0):
-        return node.args[0]
-    return None
-
-
-def _arithmetic_gelu(node: Node) -> tuple[str, Node, list[Node]] | None:
-    """``0.5·x·(1 + tanh(c·(x + 0.044715·x³)))`` or ``0.5·x·(1 + erf(x/√2))``."""
-    if node.target != aten.mul.Tensor or not all(isinstance(a, Node) for a in node.args[:2]):
-        return None
-    for half, rest in (node.args[:2], node.args[1::-1]):
-        x = _mul_by(half, 0.5)
-        inner = _add_const(rest, 1.0)
-        if x is None or inner is None:
-            continue
-        if inner.target == aten.tanh.default:
-            arg = _mul_by(inner.args[0], math.sqrt(2 / math.pi))
-            if arg is None or arg.target != aten.add.Tensor:
-                continue
-            a, b = arg.args[:2]
-            for lin, cubic in ((a, b), (b, a)):
-                if lin is x and _cube_of(_mul_by(cubic, 0.044715)) is x:
-                    nodes = [half, cubic, cubic.args[0], arg, inner.args[0], inner, rest, node]
-                    return "gelu_tanh", x, nodes
-        if inner.target == aten.erf.default and _mul_by(inner.args[0], 1 / math.sqrt(2)) is x:
-            return "gelu", x, [half, inner.args[0], inner, rest, node]
-    return None
-
-
-def match_activation(node) -> tuple[str, Node, list[Node]] | None:
-    """(activation name, its input, its nodes) when ``node`` computes a known activation."""
-    if not isinstance(node, Node) or node.op != "call_function":
-        return None
-    t = node.target
-    if t == aten.gelu.default:
-        approx = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
-        return ("gelu_tanh" if approx == "tanh" else "gelu"), node.args[0], [node]
-    if t == aten.relu.default:
-        return "relu", node.args[0], [node]
-    if t == aten.silu.default:
-        return "silu", node.args[0], [node]
-    squared = None
-    if t == aten.pow.Tensor_Scalar and _const(node.args[1], 2.0):
-        squared = node.args[0]
-    elif t == aten.square.default:
-        squared = node.args[0]
-    elif t == aten.mul.Tensor and node.args[0] is node.args[1]:
-        squared = node.args[0]
-    if isinstance(squared, Node) and squared.target == aten.relu.default:
-        return "squared_relu", squared.args[0], [squared, node]
-    if t == aten.mul.Tensor and all(isinstance(a, Node) for a in node.args[:2]):
-        for x, sig in (node.args[:2], node.args[1::-1]):
-            if sig.target == aten.sigmoid.default and _mul_by(sig.args[0], 1.702) is x:
-                return "quick_gelu", x, [sig.args[0], sig, node]
-    return _arithmetic_gelu(node)
+def _inputs(node: Node) -> list[Node]:
+    if node.target in _PASS_THROUGH:  # type_as(x, other) reads only other's dtype
+        return [node.args[0]] if isinstance(node.args[0], Node) else []
+    return node.all_input_nodes
 
 
 def _last_dim_half(src: Node, dim) -> int | None:
@@ -245,72 +412,247 @@ def _fused_part(node) -> tuple[Node, int, Node | None] | None:
     return None
 
 
-def _match_at(down: Projection, params: dict[str, str]) -> FFNMatch | Rejection:
-    h, skipped = _strip(down.input)
-    act = match_activation(h)
-    gate = fused_first = None
-    if act is not None:
-        name, pre, act_nodes = act
-        up = as_projection(pre, params)
-        if up is None:
-            return Rejection(down.output.name,
-                             f"the activation's input {pre} is not a projection of a parameter")
-        hidden_nodes = up.nodes + act_nodes
-    elif isinstance(h, Node) and h.target == aten.mul.Tensor and all(
-            isinstance(a, Node) for a in h.args[:2]):
-        found = None
-        for a, b in (h.args[:2], h.args[1::-1]):
-            act = match_activation(a)
-            if act is not None:
-                found = (act, b)
-                break
-        if found is None:
-            return Rejection(down.output.name, "its input is a product but neither factor is "
-                             "a known activation")
-        (name, pre, act_nodes), other = found
-        gate, up = as_projection(pre, params), as_projection(other, params)
-        if gate is not None and up is not None:
-            if gate.input is not up.input:
-                return Rejection(down.output.name,
-                                 "gate and up projections read different inputs")
-            hidden_nodes = gate.nodes + up.nodes + act_nodes + [h]
-        else:
-            g_part, u_part = _fused_part(pre), _fused_part(other)
-            if g_part is None or u_part is None or g_part[0] is not u_part[0]:
-                return Rejection(down.output.name, "gated product whose factors are not "
-                                 "projections (or halves of one projection)")
-            fused = as_projection(g_part[0], params)
-            if fused is None or g_part[1] == u_part[1]:
-                return Rejection(down.output.name,
-                                 "gated product of a split that is not a projection")
-            up, gate, fused_first = fused, None, g_part[1] == 0
-            splitters = [n for n in (g_part[2], u_part[2]) if n is not None]
-            hidden_nodes = (fused.nodes + list(dict.fromkeys(splitters)) + [pre, other]
-                            + act_nodes + [h])
-    else:
-        what = h.target if isinstance(h, Node) and h.op == "call_function" else h
-        return Rejection(down.output.name,
-                         f"its input ({what}) is not an activation of a projection")
+def _projection_half(node, params) -> tuple[Projection, int, Node | None] | None:
+    part = _fused_part(node)
+    if part is None:
+        return None
+    proj = as_projection(part[0], params)
+    return None if proj is None else (proj, part[1], part[2])
 
-    nodes = list(dict.fromkeys(hidden_nodes + skipped + down.nodes))
+
+@dataclass
+class _Region:
+    """The element-wise subgraph feeding the second projection."""
+
+    nodes: set[Node]
+    leaves: list[Node]  # projection outputs (or halves of one) it reads, graph order
+    constants: dict[Node, torch.Tensor]  # one-element lifted tensor constants it reads
+
+
+def _elementwise_region(root: Node, g: _Graph) -> _Region | str:
+    """Everything element-wise between ``root`` and the projections it reads, or why not."""
+    nodes: set[Node] = set()
+    leaves: set[Node] = set()
+    constants: dict[Node, torch.Tensor] = {}
+    stack = [root]
+    while stack:
+        n = stack.pop()
+        if n in nodes or n in leaves or n in constants:
+            continue
+        if as_projection(n, g.params) is not None or _projection_half(n, g.params):
+            leaves.add(n)
+            continue
+        if n.op == "placeholder":
+            value = g.constants.get(n.name)
+            if value is not None and value.numel() == 1:
+                constants[n] = value
+                continue
+            what = (f"parameter {g.params[n.name]}" if n.name in g.params
+                    else f"buffer {g.buffers[n.name]}" if n.name in g.buffers
+                    else f"{n.name}, an input of the graph")
+            return (f"its input is not an activation of a projection: it reads {what} (an "
+                    "activation may read only its projections and scalar constants)")
+        if n.op != "call_function" or not (n.target in _PASS_THROUGH
+                                           or _is_elementwise(n.target)):
+            what = n.target if n.op == "call_function" else n.op
+            return (f"its input is not an activation of a projection: {n.name} ({what}) is "
+                    "neither element-wise nor a projection of a parameter")
+        nodes.add(n)
+        if len(nodes) > _MAX_REGION:
+            return f"more than {_MAX_REGION} element-wise ops before it: not an activation"
+        stack.extend(_inputs(n))
+    return _Region(nodes, sorted(leaves, key=g.order.__getitem__), constants)
+
+
+def _ancestors(node: Node, region: _Region) -> tuple[set[Node], set[Node]]:
+    """(region nodes, leaves) that ``node`` depends on."""
+    seen, leaves, stack = set(), set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in region.leaves:
+            leaves.add(n)
+        elif n in region.nodes and n not in seen:
+            seen.add(n)
+            stack.extend(_inputs(n))
+    return seen, leaves
+
+
+def _subgraph(out: Node, leaf: Node, region: _Region, g: _Graph) -> torch.fx.GraphModule:
+    """The element-wise function leaf ↦ out as a standalone GraphModule h ↦ act(h)."""
+    nodes, _ = _ancestors(out, region)
+    graph = torch.fx.Graph()
+    env: dict[Node, Node] = {leaf: graph.placeholder("h")}
+    for node, value in region.constants.items():
+        # A value in the graph, not a buffer: a MoE built on the meta device and moved with
+        # to_empty() would drop a buffer's contents. 0-dim CPU tensors mix with any device.
+        env[node] = graph.call_function(aten.scalar_tensor.default, (value.item(),),
+                                        {"dtype": value.dtype})
+    for n in sorted(nodes, key=g.order.__getitem__):
+        if n.target in _PASS_THROUGH:
+            env[n] = env[n.args[0]]
+            continue
+        kwargs = dict(n.kwargs)
+        if n.target in (aten.zeros_like.default, aten.ones_like.default, aten.full_like.default):
+            kwargs.pop("device", None)  # follow the input's device, not the traced one
+        env[n] = graph.call_function(_functional(n.target),
+                                     torch.fx.map_arg(n.args, env.__getitem__),
+                                     torch.fx.map_arg(kwargs, env.__getitem__))
+    graph.output(env[out])
+    graph.eliminate_dead_code()  # constants of the region that this part does not read
+    return torch.fx.GraphModule(nn.Module(), graph, class_name="ElementwiseActivation")
+
+
+def identify_activation(fn) -> str | None:
+    """The name in ``ACTIVATIONS`` of the element-wise function ``fn``, compared numerically
+    on a probe (float64, tolerance 1e-6 relative and absolute), or None.
+
+    >>> identify_activation(lambda h: h * torch.sigmoid(h))
+    'silu'
+    """
+    with torch.no_grad():
+        y = fn(_PROBE.clone())
+        for name, act in ACTIVATIONS.items():
+            if torch.allclose(y, act.fn(_PROBE), rtol=_TOL, atol=_TOL, equal_nan=True):
+                return name
+    return None
+
+
+def _is_affine(fn) -> bool:
+    with torch.no_grad():
+        y0, y1 = fn(torch.zeros(1, dtype=torch.float64)), fn(torch.ones(1, dtype=torch.float64))
+        y = fn(_PROBE.clone())
+    return bool(torch.allclose(y, (y1 - y0) * _PROBE + y0, rtol=_TOL, atol=_TOL))
+
+
+def _evaluate(fn: torch.fx.GraphModule) -> str | None:
+    """Why ``fn`` cannot serve as an activation (None when it can)."""
+    try:
+        with torch.no_grad():
+            y = fn(_PROBE.clone())
+    except (RuntimeError, TypeError, ValueError) as exc:  # reported as the rejection reason
+        return f"its element-wise part does not evaluate on its own: {type(exc).__name__}: {exc}"
+    if not isinstance(y, torch.Tensor) or y.shape != _PROBE.shape or not y.is_floating_point():
+        return "its element-wise part does not map a tensor to one of the same shape"
+    return None
+
+
+def _gated_factors(root: Node, region: _Region) -> tuple[Node, Node, Node] | str:
+    """(gate factor, gate leaf, up leaf) of ``act(g) * u``, or why it is not that."""
+    if root.target != aten.mul.Tensor or not all(isinstance(a, Node) for a in root.args[:2]):
+        return (f"it reads two projections, but combines them with {root.target}, not as "
+                "act(gate) * up")
+    a, b = root.args[:2]
+    for act_factor, up_factor in ((a, b), (b, a)):
+        up_leaf, _ = _strip(up_factor)
+        _, act_leaves = _ancestors(act_factor, region)
+        if up_leaf in region.leaves and len(act_leaves) == 1 and up_leaf not in act_leaves:
+            return act_factor, next(iter(act_leaves)), up_leaf
+    return "it reads two projections, but not as act(gate) * up with a bare up factor"
+
+
+def _match_at(down: Projection, g: _Graph, claimed: dict[Node, FFNMatch]
+              ) -> FFNMatch | Rejection:
+    params = g.params
+    reject = lambda why: Rejection(down.output.name, why)  # noqa: E731
+    region = _elementwise_region(down.input, g)
+    if isinstance(region, str):
+        return reject(region)
+    _, skipped = _strip(down.input)
+    gate = fused_first = None
+    extra: list[Node] = []  # splitters and halves of a fused gate_up
+    if len(region.leaves) == 1:
+        (leaf,) = region.leaves
+        up = as_projection(leaf, params)
+        if up is None:
+            return reject("it reads only one half of a projection")
+        if all(n.target in _PASS_THROUGH for n in region.nodes):
+            return reject(f"no activation between projections {up.weight} and {down.weight}")
+        fn = _subgraph(down.input, leaf, region, g)
+        why = _evaluate(fn)
+        if why is None and _is_affine(fn):
+            why = (f"the element-wise part between {up.weight} and {down.weight} is affine: "
+                   "no activation (a factored linear map, not an FFN)")
+    elif len(region.leaves) == 2:
+        factors = _gated_factors(_strip(down.input)[0], region)
+        if isinstance(factors, str):
+            return reject(factors)
+        act_factor, g_leaf, u_leaf = factors
+        gate, up = as_projection(g_leaf, params), as_projection(u_leaf, params)
+        if gate is None or up is None:
+            g_half, u_half = _projection_half(g_leaf, params), _projection_half(u_leaf, params)
+            if g_half is None or u_half is None or g_half[0].output is not u_half[0].output:
+                return reject("gated product whose factors are not projections (or halves "
+                              "of one projection)")
+            if g_half[1] == u_half[1]:
+                return reject("gated product of one half of a projection with itself")
+            up, gate, fused_first = g_half[0], None, g_half[1] == 0
+            extra = [n for n in (g_half[2], u_half[2]) if n is not None] + [g_leaf, u_leaf]
+        elif gate.input is not up.input:
+            return reject("gate and up projections read different inputs")
+        fn = _subgraph(act_factor, g_leaf, region, g)
+        why = _evaluate(fn)
+    else:
+        return reject(f"its element-wise input reads {len(region.leaves)} projections "
+                      "(an FFN reads one, or two when gated)")
+    if why is not None:
+        return reject(why)
+    projections = [p for p in (up, gate, down) if p is not None]
+    for p in projections:
+        other = next((claimed[n] for n in p.nodes if n in claimed), None)
+        if other is not None:
+            return reject(f"shares projection {p.weight} with FFN "
+                          f"{other.name or other.output.name}")
+    if len({p.channels_dim for p in projections}) != 1:
+        return reject("it mixes 1×1 convolutions with matmuls")
+    why = _width_problem(up, gate, down, fused_first is not None)
+    if why is not None:
+        return reject(why)
+
+    hidden = set(n for p in (up, gate) if p is not None for n in p.nodes)
+    hidden |= set(extra) | region.nodes | set(down.nodes)
+    # dtype casts leave metadata asserts behind: they check FFN values and go with them
+    hidden |= {u for n in hidden for u in n.users if u.target in _ASSERTS}
+    nodes = sorted(hidden, key=g.order.__getitem__)
     inside = set(nodes)
     for n in nodes:
         if n is down.output:
             continue
         outside = [u for u in n.users if u not in inside]
         if outside:
-            return Rejection(down.output.name, f"hidden value {n.name} is also used by "
-                             f"{', '.join(u.name for u in outside)} outside the FFN")
-    weights = [p.weight for p in (up, gate, down) if p is not None]
-    return FFNMatch(name=_common_module(weights), input=up.input, output=down.output,
-                    nodes=nodes, activation=name, up=up, down=down, gate=gate,
-                    fused_gate_first=fused_first, skipped=skipped)
+            return reject(f"hidden value {n.name} is also used by "
+                          f"{', '.join(u.name for u in outside)} outside the FFN")
+    name = identify_activation(fn)
+    return FFNMatch(name=_common_module([p.weight for p in projections]), input=up.input,
+                    output=down.output, nodes=nodes, activation=name or "custom", up=up,
+                    down=down, gate=gate, fused_gate_first=fused_first, skipped=skipped,
+                    channels_dim=down.channels_dim,
+                    activation_fn=fn if name is None else None)
+
+
+def _width_problem(up: Projection, gate: Projection | None, down: Projection,
+                   fused: bool) -> str | None:
+    """Why the MoE (H → F → H) cannot hold these projections, or None."""
+    if up.shape is None or down.shape is None:
+        return None
+    f, h = up.shape
+    f = f // 2 if fused else f
+    if gate is not None and gate.shape != up.shape:
+        return f"gate {gate.shape} and up {up.shape} projections differ in shape"
+    if down.shape[1] != f:
+        return f"the second projection reads {down.shape[1]} features but the first gives {f}"
+    if down.shape[0] != h:
+        return (f"output width {down.shape[0]} differs from input width {h} (a MoE maps "
+                "H → H)")
+    return None
 
 
 def _common_module(param_names: list[str]) -> str:
-    parts = [p.split(".")[:-2] for p in param_names]  # drop "<proj>.weight"
+    """The deepest module holding every projection: a projection module's parent (``fc1``
+    of ``mlp.fc1.weight``), or the owner of a raw parameter (``ffn`` of ``ffn.w1``)."""
+    owners = [p.split(".")[:-2] if p.split(".")[-1] == "weight" else p.split(".")[:-1]
+              for p in param_names]
     common = []
-    for level in zip(*parts, strict=False):
+    for level in zip(*owners, strict=False):
         if len(set(level)) != 1:
             break
         common.append(level[0])
@@ -318,20 +660,48 @@ def _common_module(param_names: list[str]) -> str:
 
 
 def find_ffns(ep: torch.export.ExportedProgram) -> tuple[list[FFNMatch], list[Rejection]]:
-    """All FFN blocks of an exported program in graph order, and every rejected candidate."""
-    params = dict(ep.graph_signature.inputs_to_parameters)
-    matches, rejections, claimed = [], [], set()
+    """All FFN blocks of an exported program in graph order, and every rejected candidate.
+
+    Candidates are taken in graph order: a candidate that shares a projection with an FFN
+    already taken (the middle Linear of Linear → act → Linear → act → Linear), or that uses
+    a weight of one in another role, is rejected with that reason.
+    """
+    g = _Graph.of(ep)
+    matches, rejections = [], []
+    claimed: dict[Node, FFNMatch] = {}
+    weight_roles: dict[str, tuple[tuple, FFNMatch]] = {}
     for node in ep.graph.nodes:
-        down = as_projection(node, params)
-        if down is None or node in claimed:
+        down = as_projection(node, g.params)
+        if down is None or any(n in claimed for n in down.nodes):
             continue
-        if any(n in claimed for n in down.nodes):
-            continue
-        result = _match_at(down, params)
+        result = _match_at(down, g, claimed)
+        if isinstance(result, FFNMatch):
+            result = _conflict(result, weight_roles) or result
         if isinstance(result, Rejection):
             rejections.append(result)
-        else:
-            matches.append(result)
-            claimed.update(result.nodes)
+            continue
+        matches.append(result)
+        claimed.update(dict.fromkeys(result.nodes, result))
+        roles = _roles(result)
+        for w in roles:
+            weight_roles.setdefault(w, (roles, result))
     claimed_names = {n.name for n in claimed}
     return matches, [r for r in rejections if r.node not in claimed_names]
+
+
+def _roles(m: FFNMatch) -> tuple:
+    return (m.up.weight, m.gate.weight if m.gate else None, m.down.weight)
+
+
+def _conflict(m: FFNMatch, weight_roles: dict[str, tuple[tuple, FFNMatch]]
+              ) -> Rejection | None:
+    """Why ``m`` cannot be taken next to the FFNs already taken (its nodes are free: checked
+    in ``_match_at``), or None. Call sites of one shared FFN module (same weights in the same
+    roles) are no conflict."""
+    roles = _roles(m)
+    for w in roles:
+        if w is not None and w in weight_roles and weight_roles[w][0] != roles:
+            other = weight_roles[w][1]
+            return Rejection(m.output.name, f"shares weight {w} with FFN "
+                             f"{other.name or other.output.name} in another role")
+    return None

@@ -20,7 +20,10 @@ def partition_neurons(w_in: torch.Tensor, w_gate: torch.Tensor | None, groups: i
     """``groups`` disjoint sorted index tensors of equal size covering ``range(d_ff)``.
 
     ``coactivation`` (d_ff, d_ff), normalised co-activation from calibration data, is needed
-    by ``method="coactivation"``."""
+    by ``method="coactivation"``. Runs on the CPU whatever the weights' device (the balanced
+    assignment is a NumPy loop); the indices are CPU tensors, which index any device."""
+    w_in = w_in.detach().cpu()
+    w_gate = None if w_gate is None else w_gate.detach().cpu()
     n = w_in.shape[0]
     if n % groups:
         raise ValueError(f"{n} neurons do not split into {groups} equal groups")
@@ -38,7 +41,7 @@ def partition_neurons(w_in: torch.Tensor, w_gate: torch.Tensor | None, groups: i
             raise ValueError("partition='coactivation' needs calibration statistics")
         # Each neuron described by whom it fires with: neurons that fire together share an
         # expert (a balanced cut of the co-activation graph, by k-means on its rows).
-        return _balanced_kmeans(coactivation.float(), groups, generator, iterations)
+        return _balanced_kmeans(coactivation.float().cpu(), groups, generator, iterations)
     raise ValueError(f"unknown partition {method!r}")
 
 

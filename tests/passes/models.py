@@ -135,3 +135,112 @@ class SlicedGLU(nn.Module):
     def forward(self, x):
         h = self.wi(x)
         return x + self.wo(h[..., : self.f] * F.gelu(h[..., self.f:]))
+
+
+# Encoder-decoder and decoder configs need token ids inside the tiny vocabulary.
+_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_SEQ2SEQ = dict(vocab_size=99, d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                decoder_attention_heads=2, max_position_embeddings=64,
+                decoder_start_token_id=2, **_IDS)
+_ENCODER = dict(vocab_size=99, hidden_size=32, intermediate_size=64, **TINY)
+_DECODER = dict(_ENCODER, num_key_value_heads=2, **_IDS)
+_VISION = dict(hidden_size=32, intermediate_size=64, image_size=32, patch_size=8, **TINY)
+
+
+def architecture_configs():
+    """name -> (config, model class, expected number of converted FFNs): architectures
+    beyond ``hf_configs``, each a random tiny model. Nothing is downloaded."""
+    return {
+        # encoders
+        "albert": (tf.AlbertConfig(embedding_size=16, **_ENCODER), tf.AlbertModel, 1),
+        "electra": (tf.ElectraConfig(embedding_size=16, **_ENCODER), tf.ElectraModel, 2),
+        "distilbert": (tf.DistilBertConfig(vocab_size=99, dim=32, hidden_dim=64, n_layers=2,
+                                           n_heads=2), tf.DistilBertModel, 2),
+        "xlm_roberta": (tf.XLMRobertaConfig(**_ENCODER), tf.XLMRobertaModel, 2),
+        "camembert": (tf.CamembertConfig(**_ENCODER), tf.CamembertModel, 2),
+        "mpnet": (tf.MPNetConfig(**_ENCODER), tf.MPNetModel, 2),
+        "deberta": (tf.DebertaConfig(**_ENCODER), tf.DebertaModel, 2),
+        # its classifier head (pooler Linear → GELU → classifier Linear to 2 labels) is
+        # skipped with its reason while the encoder FFNs convert
+        "deberta_v2_classifier": (tf.DebertaV2Config(**_ENCODER),
+                                  tf.DebertaV2ForSequenceClassification, 2),
+        "ernie": (tf.ErnieConfig(**_ENCODER), tf.ErnieModel, 2),
+        "data2vec_text": (tf.Data2VecTextConfig(**_ENCODER), tf.Data2VecTextModel, 2),
+        "modernbert": (tf.ModernBertConfig(**_ENCODER, global_attn_every_n_layers=1,
+                                           **_IDS, sep_token_id=3, cls_token_id=4),
+                       tf.ModernBertModel, 2),
+        "esm": (tf.EsmConfig(**_ENCODER, pad_token_id=1, mask_token_id=2,
+                             position_embedding_type="absolute"), tf.EsmModel, 2),
+        # decoders
+        "falcon": (tf.FalconConfig(vocab_size=99, hidden_size=32, ffn_hidden_size=64, **TINY,
+                                   **_IDS), tf.FalconModel, 2),
+        "bloom": (tf.BloomConfig(vocab_size=99, hidden_size=32, n_layer=2, n_head=2, **_IDS),
+                  tf.BloomModel, 2),
+        "gptj": (tf.GPTJConfig(vocab_size=99, n_embd=32, n_inner=64, n_layer=2, n_head=2,
+                               rotary_dim=8, n_positions=64, **_IDS), tf.GPTJModel, 2),
+        "gpt_neo": (tf.GPTNeoConfig(vocab_size=99, hidden_size=32, intermediate_size=64,
+                                    num_layers=2, num_heads=2, attention_types=[[["global"], 2]],
+                                    max_position_embeddings=64, **_IDS), tf.GPTNeoModel, 2),
+        "codegen": (tf.CodeGenConfig(vocab_size=99, n_embd=32, n_inner=64, n_layer=2, n_head=2,
+                                     rotary_dim=8, n_positions=64, n_ctx=64, **_IDS),
+                    tf.CodeGenModel, 2),
+        "mpt": (tf.MptConfig(vocab_size=99, d_model=32, n_layers=2, n_heads=2, expansion_ratio=2,
+                             max_seq_len=64, **_IDS), tf.MptModel, 2),
+        "persimmon": (tf.PersimmonConfig(**_ENCODER, **_IDS), tf.PersimmonModel, 2),
+        "stablelm": (tf.StableLmConfig(**_DECODER), tf.StableLmModel, 2),
+        "starcoder2": (tf.Starcoder2Config(**_DECODER), tf.Starcoder2Model, 2),
+        "olmo": (tf.OlmoConfig(**_DECODER), tf.OlmoModel, 2),
+        "olmo2": (tf.Olmo2Config(**_DECODER), tf.Olmo2Model, 2),
+        "granite": (tf.GraniteConfig(**_DECODER), tf.GraniteModel, 2),
+        "phi": (tf.PhiConfig(**_ENCODER, **_IDS), tf.PhiModel, 2),
+        "gpt_bigcode": (tf.GPTBigCodeConfig(vocab_size=99, n_embd=32, n_inner=64, n_layer=2,
+                                            n_head=2, n_positions=64, **_IDS),
+                        tf.GPTBigCodeModel, 2),
+        "gemma2": (tf.Gemma2Config(**_DECODER, head_dim=16), tf.Gemma2Model, 2),
+        "qwen3": (tf.Qwen3Config(**_DECODER, head_dim=16), tf.Qwen3Model, 2),
+        "cohere": (tf.CohereConfig(**_DECODER), tf.CohereModel, 2),
+        "glm": (tf.GlmConfig(**_DECODER, head_dim=16), tf.GlmModel, 2),
+        "helium": (tf.HeliumConfig(**_DECODER, head_dim=16), tf.HeliumModel, 2),
+        "nemotron": (tf.NemotronConfig(**_DECODER, head_dim=16), tf.NemotronModel, 2),
+        # encoder-decoders
+        "bart": (tf.BartConfig(**_SEQ2SEQ, forced_eos_token_id=2), tf.BartModel, 4),
+        "mbart": (tf.MBartConfig(**_SEQ2SEQ), tf.MBartModel, 4),
+        "pegasus": (tf.PegasusConfig(**_SEQ2SEQ), tf.PegasusModel, 4),
+        "marian": (tf.MarianConfig(**_SEQ2SEQ, decoder_vocab_size=99), tf.MarianModel, 4),
+        "blenderbot": (tf.BlenderbotConfig(**_SEQ2SEQ), tf.BlenderbotModel, 4),
+        "m2m100": (tf.M2M100Config(**_SEQ2SEQ), tf.M2M100Model, 4),
+        "t5": (tf.T5Config(vocab_size=99, d_model=32, d_ff=64, d_kv=16, num_layers=2,
+                           num_heads=2, **_IDS, decoder_start_token_id=0),
+               tf.T5ForConditionalGeneration, 4),
+        "whisper": (tf.WhisperConfig(**dict(_SEQ2SEQ, max_position_embeddings=None),
+                                     num_mel_bins=8, max_source_positions=16,
+                                     max_target_positions=32, suppress_tokens=None,
+                                     begin_suppress_tokens=None),
+                    tf.WhisperForConditionalGeneration, 4),
+        # vision and audio
+        "deit": (tf.DeiTConfig(**_VISION), tf.DeiTModel, 2),
+        "beit": (tf.BeitConfig(**_VISION, vocab_size=99), tf.BeitModel, 2),
+        "dinov2": (tf.Dinov2Config(hidden_size=32, mlp_ratio=2, image_size=32, patch_size=8,
+                                   **TINY), tf.Dinov2Model, 2),
+        "clip_vision": (tf.CLIPVisionConfig(**_VISION), tf.CLIPVisionModel, 2),
+        # two layers' FFNs and its pooling head's MLP
+        "siglip_vision": (tf.SiglipVisionConfig(**_VISION), tf.SiglipVisionModel, 3),
+        "swin": (tf.SwinConfig(embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4,
+                               image_size=32, patch_size=4, mlp_ratio=2.0), tf.SwinModel, 2),
+        "convnext": (tf.ConvNextConfig(num_stages=2, hidden_sizes=[16, 32], depths=[1, 1],
+                                       image_size=32),
+                     tf.ConvNextModel, 2),
+        # MetaFormer: its FFN is two 1x1 convolutions on (B, C, H, W)
+        "poolformer": (tf.PoolFormerConfig(num_encoder_blocks=2, depths=[1, 1],
+                                           hidden_sizes=[16, 32], patch_sizes=[4, 2],
+                                           strides=[4, 2], padding=[1, 0], mlp_ratio=2.0,
+                                           image_size=32), tf.PoolFormerModel, 2),
+        "hubert": (tf.HubertConfig(**_ENCODER, conv_dim=(16, 16), conv_kernel=(4, 2),
+                                   conv_stride=(4, 2), num_conv_pos_embeddings=8,
+                                   num_conv_pos_embedding_groups=2), tf.HubertModel, 2),
+        "wav2vec2": (tf.Wav2Vec2Config(**_ENCODER,
+                                       conv_dim=(16, 16), conv_kernel=(4, 2), conv_stride=(4, 2),
+                                       num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2),
+                     tf.Wav2Vec2Model, 2),
+    }

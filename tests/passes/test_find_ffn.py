@@ -1,4 +1,6 @@
-"""The FFN matcher on small graphs: every activation form, gated and fused layouts, rejections."""
+"""The FFN matcher matches what the graph computes, not how it is spelled: every projection
+spelling, any element-wise activation (named when it equals one, else its own subgraph),
+gated and fused layouts, and every rejection with its reason."""
 
 import math
 
@@ -7,8 +9,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moefy.passes.find_ffn import find_ffns
+import moefy
+from moefy.activations import ACTIVATIONS
+from moefy.passes.build import dense_weights
+from moefy.passes.find_ffn import find_ffns, identify_activation
 from moefy.passes.trace import export_model
+
+H, FF = 16, 48
 
 
 def gelu_tanh_arith(x):
@@ -19,16 +26,30 @@ def gelu_erf_arith(x):
     return x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
 
 
-ACTIVATIONS = (
+def bloom_gelu(x):  # transformers' BLOOM: its own expansion, rounded constants
+    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+
+ACTIVATION_FORMS = (
     ("relu", torch.relu),
     ("gelu", F.gelu),
     ("gelu_tanh", lambda x: F.gelu(x, approximate="tanh")),
     ("gelu_tanh", gelu_tanh_arith),
+    ("gelu_tanh", bloom_gelu),
     ("gelu", gelu_erf_arith),
     ("silu", F.silu),
+    ("silu", lambda x: x / (1 + torch.exp(-x))),
     ("squared_relu", lambda x: torch.relu(x).square()),
     ("squared_relu", lambda x: torch.relu(x) ** 2),
     ("quick_gelu", lambda x: x * torch.sigmoid(1.702 * x)),
+    ("hardswish", F.hardswish),
+    ("hardswish", lambda x: x * F.relu6(x + 3) / 6),
+    ("relu", lambda x: torch.where(x > 0, x, torch.zeros_like(x))),
+    ("custom", torch.tanh),
+    ("custom", lambda x: x * torch.sigmoid(x) + 0.1 * x),
+    ("custom", lambda x: torch.where(x > 0, x, 0.01 * x)),
+    ("custom", lambda x: torch.where(x > 0, x, torch.tensor(0.01) * x)),  # a lifted constant
+    ("gelu", lambda x: F.gelu(x.double()).float()),  # casts are identities
 )
 
 
@@ -36,7 +57,7 @@ class Plain(nn.Module):
     def __init__(self, act):
         super().__init__()
         self.act = act
-        self.fc1, self.fc2 = nn.Linear(16, 48), nn.Linear(48, 16)
+        self.fc1, self.fc2 = nn.Linear(H, FF), nn.Linear(FF, H)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
@@ -46,9 +67,9 @@ class Gated(nn.Module):
     def __init__(self, fused=False, up_first=False):
         super().__init__()
         self.fused, self.up_first = fused, up_first
-        self.gate_up = nn.Linear(16, 96, bias=False)
-        self.gate, self.up = nn.Linear(16, 48, bias=False), nn.Linear(16, 48, bias=False)
-        self.down = nn.Linear(48, 16, bias=False)
+        self.gate_up = nn.Linear(H, 2 * FF, bias=False)
+        self.gate, self.up = nn.Linear(H, FF, bias=False), nn.Linear(H, FF, bias=False)
+        self.down = nn.Linear(FF, H, bias=False)
 
     def forward(self, x):
         if self.fused:
@@ -59,30 +80,331 @@ class Gated(nn.Module):
         return self.down(u * F.silu(g))
 
 
-def matches_of(model):
-    ep = export_model(model, (torch.randn(2, 3, 16),), {})
+# ---------------------------------------------------------------------- projection spellings
+
+
+def raw(*shape):
+    return nn.Parameter(torch.randn(*shape) * shape[-1] ** -0.5)
+
+
+class TransposedLinear(nn.Linear):
+    """Falcon's FalconLinear: ``x @ W.T + b`` instead of F.linear."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+class FalconStyle(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dense_h_to_4h, self.dense_4h_to_h = TransposedLinear(H, FF), TransposedLinear(FF, H)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        return self.dense_4h_to_h(self.act(self.dense_h_to_4h(x)))
+
+
+class StoredInOut(nn.Module):
+    """``x @ W + b`` on raw parameters stored (in, out)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.b1, self.w2, self.b2 = raw(H, FF), raw(FF), raw(FF, H), raw(H)
+
+    def forward(self, x):
+        return F.silu(x @ self.w1 + self.b1) @ self.w2 + self.b2
+
+
+class Einsum(nn.Module):
+    def __init__(self, in_out=False):
+        super().__init__()
+        self.in_out = in_out
+        self.wi = raw(H, FF) if in_out else raw(FF, H)
+        self.wo = raw(FF, H) if in_out else raw(H, FF)
+
+    def forward(self, x):
+        if self.in_out:
+            return torch.einsum("...f,fh->...h", F.gelu(torch.einsum("...h,hf->...f", x, self.wi)),
+                                self.wo)
+        return torch.einsum("bsf,hf->bsh", torch.relu(torch.einsum("bsh,fh->bsf", x, self.wi)),
+                            self.wo)
+
+
+class MatmulSpellings(nn.Module):
+    """``mm`` on flattened tokens, ``transpose`` of the weight, ``bmm`` on a broadcast one."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.w2 = raw(FF, H), raw(H, FF)
+
+    def forward(self, x):
+        h = x.reshape(-1, H).mm(self.w1.transpose(0, 1)).view(*x.shape[:-1], FF)
+        w2 = self.w2.permute(1, 0).unsqueeze(0).expand(x.shape[0], -1, -1)
+        return torch.bmm(F.gelu(h, approximate="tanh"), w2)
+
+
+class SwiGLUMatmul(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wg, self.wu, self.wd = raw(FF, H), raw(FF, H), raw(H, FF)
+
+    def forward(self, x):
+        return (F.silu(x @ self.wg.T) * (x @ self.wu.T)) @ self.wd.T
+
+
+class GPT2Style(nn.Module):
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+        self.c_fc, self.c_proj = Conv1D(FF, H), Conv1D(H, FF)
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, x):
+        return self.drop(self.c_proj(gelu_tanh_arith(self.c_fc(x))))
+
+
+class PoolFormerMlp(nn.Module):
+    """MetaFormer's Mlp: 1×1 convolutions on channels-first feature maps."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Conv2d(H, FF, 1), nn.Conv2d(FF, H, 1)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def seq(act):
+    return nn.Sequential(nn.Linear(H, FF), act, nn.Linear(FF, H))
+
+
+X = torch.randn(2, 5, H)
+SPELLINGS = {  # name -> (model, input, activation, (up, gate, down) weights)
+    "falcon_x_at_wt_plus_b": (FalconStyle(), X, "gelu",
+                              ("dense_h_to_4h.weight", None, "dense_4h_to_h.weight")),
+    "bloom_gelu": (Plain(bloom_gelu), X, "gelu_tanh", ("fc1.weight", None, "fc2.weight")),
+    "relu_inplace": (seq(nn.ReLU(inplace=True)), X, "relu", ("0.weight", None, "2.weight")),
+    "hardswish": (seq(nn.Hardswish()), X, "hardswish", ("0.weight", None, "2.weight")),
+    "x_at_w_plus_b": (StoredInOut(), X, "silu", ("w1", None, "w2")),
+    "einsum": (Einsum(), X, "relu", ("wi", None, "wo")),
+    "einsum_in_out": (Einsum(in_out=True), X, "gelu", ("wi", None, "wo")),
+    "mm_bmm_transpose": (MatmulSpellings(), X, "gelu_tanh", ("w1", None, "w2")),
+    "swiglu_matmul": (SwiGLUMatmul(), X, "silu", ("wu", "wg", "wd")),
+    "gpt2_conv1d": (GPT2Style(), X, "gelu_tanh", ("c_fc.weight", None, "c_proj.weight")),
+    "custom_silu_plus": (Plain(lambda x: x * torch.sigmoid(x) + 0.1 * x), X, "custom",
+                         ("fc1.weight", None, "fc2.weight")),
+    "custom_leaky": (Plain(lambda x: torch.where(x > 0, x, 0.01 * x)), X, "custom",
+                     ("fc1.weight", None, "fc2.weight")),
+    "conv_1x1": (PoolFormerMlp(), torch.randn(2, H, 3, 4), "gelu",
+                 ("fc1.weight", None, "fc2.weight")),
+}
+
+
+def matches_of(model, x=None):
+    ep = export_model(model, (X if x is None else x,), {})
     return find_ffns(ep)
 
 
-@pytest.mark.parametrize("name,act", ACTIVATIONS)
+def dense_forward(model, match, x):
+    """The FFN computed from what the matcher extracted: weights in nn.Linear layout and the
+    activation (its name, or the matched subgraph)."""
+    d = dense_weights(model, match)
+    act = d.activation if isinstance(d.activation, nn.Module) else ACTIVATIONS[d.activation].fn
+    x = x.movedim(match.channels_dim, -1)
+    h = F.linear(x, d.w_in, d.b_in)
+    h = act(h) if d.w_gate is None else act(F.linear(x, d.w_gate, d.b_gate)) * h
+    return F.linear(h, d.w_out, d.b_out).movedim(-1, match.channels_dim)
+
+
+@pytest.mark.parametrize("name", sorted(SPELLINGS))
+def test_every_spelling_is_found_and_extracted_exactly(name):
+    model, x, activation, weights = SPELLINGS[name]
+    model.eval()
+    (m,), _ = matches_of(model, x)
+    assert m.activation == activation
+    assert (m.up.weight, m.gate.weight if m.gate else None, m.down.weight) == weights
+    assert m.channels_dim == (1 if name == "conv_1x1" else -1)
+    assert (m.activation_fn is not None) == (activation == "custom")
+    with torch.no_grad():
+        torch.testing.assert_close(dense_forward(model, m, x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,act", ACTIVATION_FORMS)
 def test_every_activation_form(name, act):
-    matches, _ = matches_of(Plain(act))
-    assert [m.activation for m in matches] == [name]
-    assert matches[0].up.weight == "fc1.weight" and matches[0].down.weight == "fc2.weight"
+    model = Plain(act)
+    (m,), _ = matches_of(model)
+    assert m.activation == name
+    assert m.up.weight == "fc1.weight" and m.down.weight == "fc2.weight"
+    with torch.no_grad():
+        torch.testing.assert_close(dense_forward(model, m, X), model(X), rtol=1e-5, atol=1e-5)
+
+
+def test_custom_activation_is_a_standalone_module_that_does_not_mutate():
+    (m,), _ = matches_of(seq(nn.Sequential(nn.ReLU(inplace=True), nn.Tanh())))
+    fn = m.activation_fn
+    h = torch.randn(50)
+    before = h.clone()
+    torch.testing.assert_close(fn(h), torch.tanh(torch.relu(before)))
+    assert torch.equal(h, before)  # in-place ops run out of place in the extracted graph
+    assert not list(fn.parameters()) and not list(fn.buffers())
+
+
+def test_identify_activation_by_value():
+    assert identify_activation(lambda h: h * torch.sigmoid(h)) == "silu"
+    assert identify_activation(bloom_gelu) == "gelu_tanh"
+    assert identify_activation(lambda h: h * torch.sigmoid(1.7 * h)) is None  # not quick_gelu
+    assert identify_activation(lambda h: torch.clamp(h, 0, 6)) is None  # relu6 is no name
 
 
 @pytest.mark.parametrize("fused,up_first", ((False, False), (True, False), (True, True)))
 def test_gated_and_fused(fused, up_first):
-    (m,), _ = matches_of(Gated(fused, up_first))
+    model = Gated(fused, up_first)
+    (m,), _ = matches_of(model)
     assert m.activation == "silu"
     if fused:
         assert m.gate is None and m.up.weight == "gate_up.weight"
         assert m.fused_gate_first is (not up_first)
     else:
         assert (m.gate.weight, m.up.weight) == ("gate.weight", "up.weight")
+    with torch.no_grad():
+        torch.testing.assert_close(dense_forward(model, m, X), model(X), rtol=1e-5, atol=1e-5)
 
 
-def test_tanh_is_not_an_ffn_activation():
-    matches, rejected = matches_of(Plain(torch.tanh))
+# ------------------------------------------------------------------ claims and rejections
+
+
+class Chain(nn.Module):
+    """Linear → act → Linear → act → Linear: the middle Linear can close one FFN only."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(H, FF), nn.Linear(FF, H), nn.Linear(H, H)
+
+    def forward(self, x):
+        return self.fc3(F.gelu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def test_chain_claims_each_projection_once():
+    matches, rejected = matches_of(Chain())
+    assert [(m.up.weight, m.down.weight) for m in matches] == [("fc1.weight", "fc2.weight")]
+    assert any("shares projection fc2.weight with FFN" in r.reason for r in rejected)
+
+
+class EncoderWithHead(nn.Module):
+    """An encoder FFN, then DeBERTa-style classifier head H → H' → GELU → C with C != H."""
+
+    def __init__(self, classes=3):
+        super().__init__()
+        self.ffn = seq(nn.GELU())
+        self.norm = nn.LayerNorm(H)
+        self.head = nn.Sequential(nn.Linear(H, 32), nn.GELU(), nn.Linear(32, classes))
+
+    def forward(self, x):
+        return self.head(self.norm(x + self.ffn(x)))
+
+
+def test_head_with_other_output_width_is_rejected_not_fatal():
+    model = EncoderWithHead().eval()
+    matches, rejected = matches_of(model)
+    assert [m.name for m in matches] == ["ffn"]
+    assert any("output width 3 differs from input width 16" in r.reason for r in rejected)
+    moe_model = moefy.convert(model, moefy.MoEConfig(num_experts=4, top_k=4), example_inputs=(X,))
+    assert isinstance(moe_model.ffn, moefy.MoE) and isinstance(moe_model.head[0], nn.Linear)
+    with torch.no_grad():
+        torch.testing.assert_close(moe_model(X), model(X), rtol=1e-5, atol=1e-5)
+
+
+class Shared(nn.Module):
+    """One FFN module called twice (ALBERT): the same weights in the same roles."""
+
+    def __init__(self):
+        super().__init__()
+        self.ffn, self.norm = seq(nn.GELU()), nn.LayerNorm(H)
+
+    def forward(self, x):
+        return self.ffn(self.norm(x + self.ffn(x)))
+
+
+def test_call_sites_of_one_shared_module_are_no_conflict():
+    matches, _ = matches_of(Shared())
+    assert [(m.up.weight, m.down.weight) for m in matches] == [("ffn.0.weight",
+                                                                "ffn.2.weight")] * 2
+
+
+class TiedRoles(nn.Module):
+    """A second FFN (on FF-wide features) whose up weight is the first FFN's down weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.w_in, self.w_out = raw(FF, H), raw(H, FF)
+
+    def forward(self, x):
+        y = F.linear(torch.relu(F.linear(x, self.w_in)), self.w_out)  # H → FF → H
+        z = torch.cat([y, y, y], dim=-1)  # FF wide
+        return F.linear(torch.relu(F.linear(z, self.w_out)), self.w_in)  # FF → H → FF
+
+
+def test_a_weight_plays_one_role():
+    matches, rejected = matches_of(TiedRoles())
+    assert [(m.up.weight, m.down.weight) for m in matches] == [("w_in", "w_out")]
+    assert any("shares weight w_out with FFN" in r.reason for r in rejected)
+
+
+class LearnedSwish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.beta = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.beta * x)
+
+
+REJECTED = (  # model, a phrase of the reason
+    (Plain(lambda x: 2.0 * x + 1.0), "affine"),
+    (nn.Sequential(nn.Linear(H, FF), nn.Dropout(0.0), nn.Linear(FF, H)), "no activation"),
+    (seq(LearnedSwish()), "reads parameter 1.beta"),
+    (seq(nn.Softmax(-1)), "neither element-wise nor a projection"),
+)
+
+
+@pytest.mark.parametrize("model,reason", REJECTED)
+def test_rejections_keep_their_reason(model, reason):
+    matches, rejected = matches_of(model)
     assert matches == []
-    assert any("not an activation" in r.reason for r in rejected)
+    assert any(reason in r.reason for r in rejected), [r.reason for r in rejected]
+
+
+# ------------------------------------------------------------------------- end to end
+
+CONVERTIBLE = sorted(n for n in SPELLINGS if n != "conv_1x1")  # channels-first: the rewrite's
+
+
+@pytest.mark.parametrize("name", CONVERTIBLE)
+def test_convert_is_exact_for_every_spelling(name):
+    model, x, _, _ = SPELLINGS[name]
+    model.eval()
+    for cfg in (dict(method="upcycle", num_experts=4, top_k=2),
+                dict(method="split", num_experts=4, top_k=4)):
+        moe_model = moefy.convert(model, moefy.MoEConfig(**cfg), example_inputs=(x,))
+        assert sum(isinstance(m, moefy.MoE) for m in moe_model.modules()) == 1
+        with torch.no_grad():
+            torch.testing.assert_close(moe_model(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_falcon_and_bloom_ffns_are_found():
+    import transformers as tf
+
+    from moefy.passes.trace import split_inputs, trace_units
+    tiny = dict(vocab_size=99, hidden_size=32, num_attention_heads=2)
+    models = {
+        "falcon": tf.FalconModel(tf.FalconConfig(new_decoder_architecture=False,
+                                                 num_hidden_layers=2, **tiny)),
+        "bloom": tf.BloomModel(tf.BloomConfig(n_layer=2, n_head=2, vocab_size=99,
+                                              hidden_size=32)),
+    }
+    for name, model in models.items():
+        units = trace_units(model.eval(), *split_inputs(model, None))
+        found = [(m.name, m.activation) for u in units for m in find_ffns(u.ep)[0]]
+        act = "gelu" if name == "falcon" else "gelu_tanh"
+        assert found == [("h.0.mlp", act), ("h.1.mlp", act)], name
