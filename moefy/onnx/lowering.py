@@ -22,7 +22,10 @@ any weights moefy's router produced (softmax, unweighted sums, sigmoid, top-p, d
 assignments), so one translation covers every combine mode.
 
 The standard target has only static shapes: each expert gets a buffer of C rows, C = T
-(dropless) or ceil(T·k/E·capacity_factor); a spare row C takes what the router dropped.
+(dropless) or ceil(T·k/E·capacity_factor); a spare row C takes what the router dropped, and
+its results are selected away (Where), never multiplied by 0, so no token's NaN or inf
+reaches another token (the loop gathers a zero row instead; the fused op selects 0 for a
+token whose every assignment was dropped).
 """
 
 from __future__ import annotations
@@ -83,6 +86,9 @@ ORT_ACTIVATIONS = {"relu": "relu", "gelu_tanh": "gelu", "gelu": "gelu", "silu": 
 
 def ort_expressible(activation: str, gated: bool) -> str | None:
     """None when ONNX Runtime's MoE op can run these experts, else why not."""
+    if activation == "custom":
+        return ("a custom activation module (ONNX Runtime's MoE has relu, gelu (tanh form), "
+                "silu and SwiGLU only)")
     if gated:
         return None if activation == "silu" else (
             f"gated {activation} experts (ONNX Runtime's MoE has only SwiGLU among gated "
@@ -116,7 +122,11 @@ def ort_expert_ffn(x, weights, indices, w_in, w_out, w_gate, b_in, b_gate, b_out
         fc1, fc1_bias = w_in, b_in
         attrs.update(activation_type=ORT_ACTIVATIONS[activation])
     y = ORT_MOE(x, logits, fc1, fc1_bias, w_out, b_out, **attrs)
-    return op.Mul(y, op.ReduceSum(weights, op.Constant(value_ints=[1]), keepdims=1))
+    total = op.ReduceSum(weights, op.Constant(value_ints=[1]), keepdims=1)  # (T, 1)
+    # a token whose every assignment was dropped has Σw = 0 but still went through the
+    # experts (uniform logits): select 0, since an inf there times 0 would be NaN
+    zero = op.Equal(total, op.Constant(value_float=0.0))
+    return op.Where(zero, op.Constant(value_float=0.0), op.Mul(y, total))
 
 
 def _activate(h, activation: str):
@@ -139,6 +149,8 @@ def _activate(h, activation: str):
         return op.Mul(h, op.Sigmoid(h))
     if activation == "quick_gelu":
         return op.Mul(h, op.Sigmoid(op.Mul(h, op.Constant(value_float=1.702))))
+    if activation == "hardswish":  # x · relu6(x + 3) / 6
+        return op.HardSwish(h)
     raise ValueError(f"no standard-ops lowering for activation {activation!r}")
 
 
@@ -187,9 +199,14 @@ def standard_expert_ffn(x, weights, indices, w_in, w_out, w_gate, b_in, b_gate, 
     if b_out is not None:
         y = op.Add(y, op.Unsqueeze(b_out, c([1])))
     back = op.GatherND(y, where)  # (T·k, H)
-    scale = op.Mul(op.Reshape(weights, c([-1, 1])), op.Cast(op.Reshape(fits, c([-1, 1])),
-                                                            to=FLOAT.dtype))
-    out = op.Reshape(op.Mul(back, scale), op.Concat(op.Reshape(t, c([1])), c([k, H]), axis=0))
+    # Dropped and unused assignments all read the spare row C, which holds whichever of them
+    # was scattered last: one token's NaN or inf there, multiplied by 0, would reach every
+    # other token that lost an assignment. Select instead of multiplying; w · 0 keeps a
+    # token's own NaN weight (a NaN input) on that token alone.
+    w = op.Reshape(weights, c([-1, 1]))  # (T·k, 1)
+    mine = op.Where(op.Reshape(fits, c([-1, 1])), op.Mul(back, w),
+                    op.Mul(w, op.Constant(value_float=0.0)))  # (T·k, H)
+    out = op.Reshape(mine, op.Concat(op.Reshape(t, c([1])), c([k, H]), axis=0))
     return op.ReduceSum(out, c([1]), keepdims=0)
 
 

@@ -13,7 +13,8 @@ import onnx
 TENSORRT_OPS = frozenset("""
 Abs Acos Add And ArgMax ArgMin Asin Atan BatchNormalization Cast Ceil Clip Concat Constant
 ConstantOfShape Conv Cos CumSum Div Dropout Einsum Elu Equal Erf Exp Expand Flatten Floor
-Gather GatherElements GatherND Gelu Gemm Greater GreaterOrEqual HardSigmoid Identity
+Gather GatherElements GatherND Gelu Gemm Greater GreaterOrEqual HardSigmoid HardSwish
+Identity
 InstanceNormalization IsInf IsNaN LayerNormalization LeakyRelu Less LessOrEqual Log LogSoftmax
 MatMul Max
 Mean Min Mod Mul Neg Not OneHot Or Pad Pow PRelu Range Reciprocal ReduceL2 ReduceLogSumExp
