@@ -11,8 +11,11 @@ across both corpora (a sentence in the stdlib is never in "packages"), in a fixe
 from __future__ import annotations
 
 import ast
+import logging
+import os
 import random
 import re
+import stat
 import sys
 import sysconfig
 import tempfile
@@ -20,6 +23,7 @@ from functools import lru_cache
 from pathlib import Path
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+_log = logging.getLogger(__name__)
 _WORD = re.compile(r"^[A-Za-z][A-Za-z'\-,;:()]*[.!?,;:)]?$")
 
 
@@ -58,14 +62,58 @@ def _sentences(doc: str):
                 yield sent
 
 
+def cache_dir() -> Path | None:
+    """``$XDG_CACHE_HOME/moefy`` (default ``~/.cache/moefy``), created private (0700); None
+    (no cache) unless it is a real directory owned by this user that nobody else can write:
+    a shared, predictable path could be pre-planted with a symlink or poisoned content."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    folder = Path(base) / "moefy"
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = os.lstat(folder)
+    except OSError as exc:
+        _log.warning("corpus: no cache (%s)", exc)
+        return None
+    if (not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid()
+            or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)):
+        _log.warning("corpus: not caching in %s: it must be a directory owned by this user and "
+                     "writable by no one else (a symlink is refused)", folder)
+        return None
+    return folder
+
+
+def _read_cache(path: Path) -> tuple[str, ...] | None:
+    try:  # O_NOFOLLOW: a symlink planted at the file's name is refused, not followed
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        _log.warning("corpus: ignoring cache file %s (%s)", path, exc)
+        return None
+    with open(fd, encoding="utf-8") as f:
+        return tuple(f.read().split("\n"))
+
+
+def _write_cache(path: Path, lines: tuple[str, ...]) -> None:
+    # a private temporary file renamed over the name: a link planted there is replaced
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, delete=False,
+                                     prefix=".corpus-") as f:
+        f.write("\n".join(lines))
+    os.replace(f.name, path)
+
+
 @lru_cache(maxsize=4)
 def _corpus(which: str) -> tuple[str, ...]:
-    # parsing every installed package takes ~45 s: keep the result next to other temp files
-    cache = Path(tempfile.gettempdir()) / f"moefy-corpus-v2-{which}-{sys.version_info[1]}.txt"
-    if cache.exists():
-        return tuple(cache.read_text(encoding="utf-8").split("\n"))
+    # parsing every installed package takes ~45 s: keep the result in the user's cache
+    folder = cache_dir()
+    path = None if folder is None else folder / f"corpus-v2-{which}-{sys.version_info[1]}.txt"
+    if path is not None:
+        cached = _read_cache(path)
+        if cached is not None:
+            return cached
     out = _collect(which)
-    cache.write_text("\n".join(out), encoding="utf-8")
+    if path is not None:
+        _write_cache(path, out)
     return out
 
 

@@ -10,16 +10,16 @@ each MoE is from its all-experts function.
 from __future__ import annotations
 
 import math
-import struct
-import zlib
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from moefy.calibrate import token_mask
+from moefy.errors import MissingDependencyError, ReportInputError
 from moefy.layers.moe import MoE
-from moefy.passes.trace import split_inputs
+from moefy.passes.trace import batch_inputs
 
 
 class Report(str):
@@ -38,21 +38,40 @@ def report(model: nn.Module, data=None, *, heatmap: str | Path | None = None) ->
     KL(z ‖ uniform) of the routed weight mass z (0 = perfectly even; PEER's measure), the
     busiest expert's share, and the relative error ‖y − y_all‖ / ‖y_all‖ of the layer's output
     against the same layer with every expert active — for a split before training that is
-    the dense FFN. ``heatmap``: also write a PNG of the load (layers × experts).
+    the dense FFN. ``heatmap``: also write a PNG of the load, one labelled row per MoE layer
+    and one column per expert, with a colour bar (needs matplotlib: ``pip install
+    'moefy[plot]'``). Bad arguments raise ``moefy.errors.ReportInputError`` before any data
+    is run.
 
     >>> moe = MoE(8, 16, num_experts=4, top_k=2)
     >>> "E" in report(moe)
     True
     """
+    if not isinstance(model, nn.Module):
+        raise ReportInputError(f"report: model must be a torch.nn.Module, got "
+                               f"{type(model).__name__}")
+    if data is not None and (isinstance(data, (torch.Tensor, dict, str, bytes))
+                             or not isinstance(data, Iterable)):
+        raise ReportInputError(
+            f"report: data must be an iterable of batches (a list of input tuples or dicts, "
+            f"or a DataLoader), got {type(data).__name__}; one batch x is [(x,)]")
     moes = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+    if heatmap is not None:  # everything the heatmap needs is checked before measuring
+        if data is None:
+            raise ReportInputError("report: heatmap needs data to measure the load")
+        if not moes:
+            raise ReportInputError(f"report: heatmap: {type(model).__name__} holds no "
+                                   "moefy.MoE layer")
+        heatmap = _heatmap_path(heatmap)
+        _figure_class()
     layers = [_static_row(name, m) for name, m in moes]
     if data is not None:
         _measure(model, [m for _, m in moes], layers, data)
     if heatmap is not None:
-        if data is None:
-            raise ValueError("report: heatmap needs data to measure the load")
-        write_heatmap(heatmap, [row["load"] for row in layers])
+        write_heatmap(heatmap, [row["load"] for row in layers], [row["name"] for row in layers])
     cols = ["name", "method", "E", "k", "shared", "params", "active", "FFN FLOPs"]
+    if any(row["calib skipped"] for row in layers):  # calibration tokens left out as faulty
+        cols.append("calib skipped")
     if data is not None:
         cols += ["tokens", "usage", "uneven", "max load", "rel err", "dropped"]
     rows = [cols] + [[_fmt(row[c]) for c in cols] for row in layers]
@@ -64,6 +83,8 @@ def report(model: nn.Module, data=None, *, heatmap: str | Path | None = None) ->
 
 
 def _fmt(v) -> str:
+    if v is None:
+        return "—"
     if isinstance(v, float):
         return f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}"
     return str(v)
@@ -80,7 +101,8 @@ def _static_row(name: str, m: MoE) -> dict:
     return {"name": info.get("name", name), "method": info.get("method", "—"),
             "E": m.num_experts, "k": m.top_k, "shared": shared_size,
             "params": f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M",
-            "active": f"{active / 1e6:.2f}M", "FFN FLOPs": frac}
+            "active": f"{active / 1e6:.2f}M", "FFN FLOPs": frac,
+            "calib skipped": info.get("calibration_skipped", 0)}
 
 
 @torch.no_grad()
@@ -97,12 +119,13 @@ def _measure(model: nn.Module, moes: list[MoE], layers: list[dict], data) -> Non
             x = args[0].reshape(-1, m.hidden_size)
             keep = mask[0]
             rows = slice(None) if keep is None or keep.numel() != x.shape[0] else keep
+            ids = kwargs.get("token_ids", args[1] if len(args) > 1 else None)
+            # route every token as the forward did (hash routers need all ids), keep the real
+            sel = m.select(x, ids)
+            weights, indices = sel.weights[rows], sel.indices[rows]  # (T, slots)
             x = x[rows]
-            ids = m._token_ids
-            ids = None if ids is None else ids.reshape(-1)[rows]
-            weights, indices = m.route(x, ids)  # (T, slots)
             dropped[i] += m.last_dropped
-            mass[i].index_add_(0, indices.reshape(-1), weights.reshape(-1).double())
+            mass[i].index_add_(0, indices.reshape(-1).cpu(), weights.reshape(-1).double().cpu())
             y = out.reshape(-1, m.hidden_size)[rows].float()
             ref = _all_experts(m, x).float()
             err[i][0] += float((y - ref).pow(2).sum())
@@ -113,27 +136,34 @@ def _measure(model: nn.Module, moes: list[MoE], layers: list[dict], data) -> Non
     handles = [m.register_forward_hook(hook_for(i, m), with_kwargs=True)
                for i, m in enumerate(moes)]
     modes = [(m, m.training) for m in model.modules()]
+    batches = 0
     try:
         model.eval()
         for batch in data:
-            args, kwargs = split_inputs(model, batch)
+            args, kwargs = batch_inputs(model, batch, f"report: batch {batches}",
+                                        ReportInputError)
             mask[0] = token_mask(kwargs)
             model(*args, **kwargs)
+            batches += 1
     finally:
         for h in handles:
             h.remove()
         for m, training in modes:
             m.training = training
+    if not batches:
+        raise ReportInputError("report: data yielded no batches")
     for i, row in enumerate(layers):
         total = float(mass[i].sum())
         z = (mass[i] / total).float() if total > 0 else torch.zeros(E[i])
         nz = z[z > 0]
+        seen = tokens[i] > 0  # a layer that saw no token has no usage or error to report
         row.update({
             "tokens": tokens[i],
-            "usage": float((z > 0).float().mean()),
-            "uneven": float(math.log(E[i]) + (nz * nz.log()).sum()) if total > 0 else 0.0,
-            "max load": float(z.max()) if total > 0 else 0.0,
-            "rel err": math.sqrt(err[i][0] / err[i][1]) if err[i][1] > 0 else 0.0,
+            "usage": float((z > 0).float().mean()) if seen else None,
+            "uneven": float(math.log(E[i]) + (nz * nz.log()).sum()) if total > 0 else None,
+            "max load": float(z.max()) if total > 0 else None,
+            "rel err": (math.sqrt(err[i][0] / err[i][1]) if err[i][1] > 0
+                        else 0.0 if seen and err[i][0] == 0 else None),
             "dropped": dropped[i],
             "load": z,
         })
@@ -143,53 +173,77 @@ def _all_experts(m: MoE, x: torch.Tensor) -> torch.Tensor:
     """The layer with every routed expert active (so no compensation): unweighted for "sum",
     else weighted by the softmax over all E logits."""
     t = x.shape[0]
-    indices = torch.arange(m.num_experts).expand(t, -1)
+    indices = torch.arange(m.num_experts, device=x.device).expand(t, -1)
     if m.combine == "sum":
         weights = x.new_ones(t, m.num_experts)
     else:
         weights = torch.softmax(m.router(x), dim=-1, dtype=torch.float32).to(x.dtype)
-    y = m._routed(x, weights, indices)
+    y = m.routed(x, weights, indices)
+    if m.shared.is_empty:
+        return y
     use = m.shared.use_compensation
     try:
         m.shared.use_compensation = False
-        return y if m.shared.is_empty else y + m.shared(x)
+        return y + m.shared(x)
     finally:
         m.shared.use_compensation = use
 
 
-# ---------------------------------------------------------------------------- heatmap PNG
-_STOPS = ((0.0, (68, 1, 84)), (0.25, (59, 82, 139)), (0.5, (33, 145, 140)),
-          (0.75, (94, 201, 98)), (1.0, (253, 231, 37)))  # viridis, 5 stops
+# ---------------------------------------------------------------------------- heatmap
+_DPI = 100
 
 
-def _colour(v: float) -> tuple[int, int, int]:
-    v = min(max(v, 0.0), 1.0)
-    for (a, ca), (b, cb) in zip(_STOPS, _STOPS[1:], strict=False):
-        if v <= b:
-            f = (v - a) / (b - a)
-            return tuple(round(x + (y - x) * f) for x, y in zip(ca, cb, strict=True))
-    return _STOPS[-1][1]
+def _figure_class():
+    """matplotlib's ``Figure`` class (no pyplot: no global state, no display needed)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "report(heatmap=...) draws with matplotlib, which is not installed: "
+            "pip install 'moefy[plot]' (or pip install matplotlib)") from exc
+    return Figure
 
 
-def write_heatmap(path: str | Path, loads: list[torch.Tensor], cell: int = 12) -> None:
-    """A PNG, one row of cells per layer, one column per expert, colour = load relative to the
-    busiest expert of the whole model (dark: idle, yellow: busiest)."""
+def _heatmap_path(path) -> Path:
+    if not isinstance(path, (str, Path)):
+        raise ReportInputError(f"report: heatmap must be a file path (str or Path), got "
+                               f"{type(path).__name__}")
+    path = Path(path)
+    if path.is_dir():
+        raise ReportInputError(f"report: heatmap {path} is a directory; name a .png file")
+    if not path.parent.is_dir():
+        raise ReportInputError(f"report: heatmap's folder {path.parent} does not exist")
+    return path
+
+
+def heatmap_size(layers: int, experts: int) -> tuple[float, float]:
+    """Figure size in inches (width, height): room per expert column and per layer row."""
+    return (min(max(4.0 + 0.3 * experts, 6.0), 24.0),
+            min(max(1.5 + 0.35 * layers, 3.0), 40.0))
+
+
+def write_heatmap(path: str | Path, loads: list[torch.Tensor],
+                  names: list[str] | None = None) -> None:
+    """A PNG of the load: one row per MoE layer (labelled with its name), one column per
+    expert, colour = the expert's share of the layer's routed weight (a layer with fewer
+    experts than the widest is blank beyond its last expert)."""
+    Figure = _figure_class()
     if not loads:
-        raise ValueError("heatmap: the model holds no MoE layer")
+        raise ReportInputError("report: heatmap: the model holds no moefy.MoE layer")
+    names = list(names) if names is not None else [f"layer {i}" for i in range(len(loads))]
     width = max(int(z.numel()) for z in loads)
-    top = max(float(z.max()) for z in loads) or 1.0
-    raw = bytearray()
-    for z in loads:
-        colours = [_colour(float(v) / top) for v in z.tolist()]
-        colours += [(255, 255, 255)] * (width - len(colours))
-        line = bytes([0]) + b"".join(bytes(c) * cell for c in colours)  # filter byte 0
-        raw += line * cell
-    w, h = width * cell, len(loads) * cell
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return (struct.pack(">I", len(body)) + kind + body
-                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
-
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(bytes(raw), 9)) + chunk(b"IEND", b""))
-    Path(path).write_bytes(png)
+    grid = torch.full((len(loads), width), float("nan"))
+    for i, z in enumerate(loads):
+        grid[i, : z.numel()] = z.float()
+    fig = Figure(figsize=heatmap_size(len(loads), width), dpi=_DPI, layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis", vmin=0.0,
+                      interpolation="nearest")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_title("expert load (share of each layer's routed weight)")
+    ax.set_yticks(range(len(loads)), names)
+    if width <= 32:
+        ax.set_xticks(range(width))
+    fig.colorbar(image, ax=ax, label="share of routed weight")
+    fig.savefig(path, format="png", dpi=_DPI)

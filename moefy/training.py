@@ -2,30 +2,56 @@
 
     moe_model, dense teacher, data ⇒ (a few hundred steps of AdamW on what ``train`` names,
     loss = distance of the student's outputs to the teacher's) ⇒ moe_model, loss log
+
+A step whose loss or gradients are not finite changes nothing (it is checked before the
+optimizer runs; buffers the forward nudged are put back) and stops ``distill`` with
+``NonFiniteLossError``: one bad batch never leaves NaN weights behind.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
 from moefy.calibrate import Progress
+from moefy.errors import NonFiniteLossError, TrainingInputError
 from moefy.layers.moe import MoE
-from moefy.passes.trace import split_inputs
+from moefy.passes.trace import batch_inputs
 
 TRAINABLE = ("experts", "routers", "moe", "all")
+_log = logging.getLogger(__name__)
 
 
-def _moes(model: nn.Module) -> list[MoE]:
+def _check_module(value, what: str, fn: str) -> None:
+    if not isinstance(value, nn.Module):
+        raise TrainingInputError(f"{fn}: {what} must be a torch.nn.Module, got "
+                                 f"{type(value).__name__}")
+
+
+def _check_number(value, what: str, fn: str, *, positive: bool = False,
+                  at_most: float | None = None) -> None:
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value) and (value > 0 if positive else value >= 0)
+          and (at_most is None or value <= at_most))
+    if not ok:
+        bound = "> 0" if positive else ">= 0"
+        bound += "" if at_most is None else f" and <= {at_most:g}"
+        raise TrainingInputError(f"{fn}: {what} must be a finite number {bound}, got {value!r}")
+
+
+def _moes(model: nn.Module, fn: str) -> list[MoE]:
+    _check_module(model, "model", fn)
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     if not moes:
-        raise ValueError(f"{type(model).__name__} holds no moefy.MoE layer: convert it first")
+        raise TrainingInputError(f"{fn}: {type(model).__name__} holds no moefy.MoE layer: "
+                                 "convert it first (moefy.convert)")
     return moes
 
 
@@ -39,15 +65,19 @@ def aux_loss(model: nn.Module, balance: float = 1e-2, z: float = 1e-3) -> torch.
     >>> bool(aux_loss(moe) > 0)
     True
     """
+    moes = _moes(model, "aux_loss")
+    _check_number(balance, "balance", "aux_loss")
+    _check_number(z, "z", "aux_loss")
     total = None
-    for m in _moes(model):
+    for m in moes:
         if m.last_aux is None:
             continue
         part = balance * m.last_aux["balance"] + z * m.last_aux["z"]
         total = part if total is None else total + part
     if total is None:
-        raise ValueError("no MoE layer ran a training-mode forward since it was built: call "
-                         "model.train() and run a forward first")
+        raise TrainingInputError(
+            "aux_loss: no MoE layer ran a training-mode forward since it was built: call "
+            "model.train() and run a forward first")
     return total
 
 
@@ -56,10 +86,14 @@ def freeze(model: nn.Module, train: str = "moe") -> list[str]:
 
     ``train``: "experts" (the routed and shared experts of every MoE), "routers" (router
     weights), "moe" (both), "all" (everything).
+
+    >>> moe = MoE(8, 16, num_experts=4, top_k=2)
+    >>> freeze(moe, "routers")
+    ['router.weight']
     """
-    if train not in TRAINABLE:
-        raise ValueError(f"freeze: train must be one of {TRAINABLE}, got {train!r}")
-    moes = _moes(model)
+    if not isinstance(train, str) or train not in TRAINABLE:
+        raise TrainingInputError(f"freeze: train must be one of {TRAINABLE}, got {train!r}")
+    moes = _moes(model, "freeze")
     chosen: set[int] = set()
     for m in moes:
         for name, p in m.named_parameters():
@@ -78,20 +112,73 @@ def _first_float(out) -> torch.Tensor:
     for t in tree_leaves(out):
         if isinstance(t, torch.Tensor) and t.is_floating_point():
             return t
-    raise ValueError("the model's output holds no floating-point tensor to distil; pass loss=")
+    raise TrainingInputError("distill: the model's output holds no floating-point tensor to "
+                             "distil; pass loss=")
 
 
 def _default_loss(student_out, teacher_out, batch) -> torch.Tensor:
     """Mean squared error of the first float output (hidden states or logits), relative to the
     teacher's variance, over real tokens when the batch has an ``attention_mask``."""
     s, t = _first_float(student_out).float(), _first_float(teacher_out).float()
+    if s.shape != t.shape:
+        raise TrainingInputError(f"distill: the student's output has shape {tuple(s.shape)}, "
+                                 f"the teacher's {tuple(t.shape)}; pass loss= to compare them")
+    if s.numel() == 0:
+        raise TrainingInputError("distill: a batch holds no tokens (its output is empty); "
+                                 "leave empty batches out of data")
     err = (s - t).pow(2).mean(-1)
     mask = batch.get("attention_mask") if isinstance(batch, dict) else None
     if isinstance(mask, torch.Tensor) and mask.shape == err.shape:
-        err = (err * mask).sum() / mask.sum().clamp_min(1)
+        if not bool(mask.any()):
+            raise TrainingInputError("distill: a batch is all padding (its attention_mask is "
+                                     "all zero); leave such batches out of data")
+        err = (err * mask).sum() / mask.sum()
     else:
         err = err.mean()
-    return err / t.var().clamp_min(1e-12)
+    return err / t.var(unbiased=False).clamp_min(1e-12)
+
+
+def _inputs(model: nn.Module, batch, index: int) -> tuple[tuple, dict]:
+    return batch_inputs(model, batch, f"distill: batch {index}", TrainingInputError)
+
+
+def _batches(data: Iterable, one_shot: bool) -> Iterator[tuple[int, object]]:
+    """(index, batch), re-iterating ``data`` as needed; a one-shot iterator ends when spent."""
+    index = 0
+    for _ in itertools.count():
+        empty = True
+        for batch in data:
+            empty = False
+            yield index, batch
+            index += 1
+        if empty and index == 0:
+            raise TrainingInputError("distill: data yielded no batches")
+        if empty or one_shot:
+            return
+
+
+def _finite_gradients(params: list[nn.Parameter]) -> bool:
+    # the sum of squares in float32 also overflows where AdamW's second moment would; one
+    # host synchronisation for all tensors
+    squares = [p.grad.detach().float().pow(2).sum() for p in params if p.grad is not None]
+    if not squares:
+        return True
+    device = squares[0].device
+    return bool(torch.isfinite(torch.stack([q.to(device) for q in squares]).sum()))
+
+
+def _step_loss(model: nn.Module, teacher: nn.Module, loss_fn: Callable, aux: float, batch,
+               index: int) -> torch.Tensor:
+    args, kwargs = _inputs(model, batch, index)
+    with torch.no_grad():
+        target = teacher(*args, **kwargs)
+    value = loss_fn(model(*args, **kwargs), target, kwargs if kwargs else args)
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        raise TrainingInputError(f"distill: loss must return a scalar tensor, got "
+                                 f"{type(value).__name__}")
+    if aux:
+        value = value + aux * aux_loss(model)
+    return value
 
 
 def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
@@ -100,10 +187,11 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
             progress: bool | None = None) -> list[float]:
     """Fine-tune ``model`` (a converted MoE model) to reproduce ``teacher`` (the dense model).
 
-    Cycles through ``data`` (an iterable of inputs, re-iterated as needed) for ``steps``
-    AdamW steps (linear warm-up, cosine decay), updating only what ``train`` names (see
-    ``freeze``; the original ``requires_grad`` flags are restored afterwards). Dropout stays
-    off; MoE layers run in training mode (router gradients, auxiliary losses).
+    Cycles through ``data`` (an iterable of inputs, re-iterated as needed; a one-shot
+    iterator such as a generator is used once, and training stops when it runs out) for
+    ``steps`` AdamW steps (linear warm-up, cosine decay), updating only what ``train`` names
+    (see ``freeze``; the original ``requires_grad`` flags are restored afterwards). Dropout
+    stays off; MoE layers run in training mode (router gradients, auxiliary losses).
 
     Args:
         loss: ``loss(student_out, teacher_out, batch) -> scalar``; default: MSE of the first
@@ -111,7 +199,9 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
         aux: weight of ``aux_loss(model)`` added to the loss (0: none).
         max_seconds: stop early after this much wall time.
 
-    Returns the loss after each step.
+    Returns the loss after each step. A non-finite loss or gradient raises
+    ``moefy.errors.NonFiniteLossError`` with the weights as they were before that step (its
+    ``log`` holds the losses of the steps that were applied).
 
     >>> dense = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8))
     >>> import moefy
@@ -121,60 +211,101 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
     >>> len(log)
     3
     """
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"distill: steps must be a positive int, got {steps!r}")
-    moes = _moes(model)
+    # every argument is checked before anything changes
+    _check_module(teacher, "teacher", "distill")
+    moes = _moes(model, "distill")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise TrainingInputError(f"distill: steps must be a positive int, got {steps!r}")
+    _check_number(lr, "lr", "distill", positive=True)
+    _check_number(aux, "aux", "distill")
+    _check_number(warmup, "warmup", "distill", at_most=1.0)
+    if max_seconds is not None:
+        _check_number(max_seconds, "max_seconds", "distill", positive=True)
+    if loss is not None and not callable(loss):
+        raise TrainingInputError(f"distill: loss must be callable(student_out, teacher_out, "
+                                 f"batch) or None, got {type(loss).__name__}")
+    if progress is not None and not isinstance(progress, bool):
+        raise TrainingInputError(f"distill: progress must be True, False or None, got "
+                                 f"{progress!r}")
+    if isinstance(data, (torch.Tensor, dict, str, bytes)) or not isinstance(data, Iterable):
+        raise TrainingInputError(
+            f"distill: data must be an iterable of batches (a list of input tuples or dicts, "
+            f"or a DataLoader), got {type(data).__name__}; one batch x is [(x,)]")
+    if not isinstance(train, str) or train not in TRAINABLE:
+        raise TrainingInputError(f"distill: train must be one of {TRAINABLE}, got {train!r}")
+    if model is teacher:
+        raise TrainingInputError("distill: model and teacher are the same module; pass the "
+                                 "dense model that was converted as the teacher")
     loss_fn = loss or _default_loss
     flags = {id(p): p.requires_grad for p in model.parameters()}
     modes = [(m, m.training) for m in itertools.chain(model.modules(), teacher.modules())]
     names = freeze(model, train)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError(f"distill: nothing to train with train={train!r}")
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+        raise TrainingInputError(f"distill: nothing to train with train={train!r}")
+    # what a training forward may nudge besides the weights (router balancing biases)
+    buffers = [b for m in moes for b in m.buffers() if b.is_floating_point()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     warm = max(1, int(steps * warmup))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * i / steps)))
     log: list[float] = []
-    bar = Progress("distill", progress)
+    bar = Progress("distill", progress, total=steps)
     start = time.perf_counter()
+    one_shot = isinstance(data, Iterator)
     try:
         model.eval()
         teacher.eval()
         for m in moes:
             m.train()
-        batches = _cycle(data)
+        batches = _batches(data, one_shot)
         for step in range(steps):
-            batch = next(batches)
-            args, kwargs = split_inputs(model, batch)
-            with torch.no_grad():
-                target = teacher(*args, **kwargs)
-            out = model(*args, **kwargs)
-            value = loss_fn(out, target, kwargs if kwargs else args)
-            if aux:
-                value = value + aux * aux_loss(model)
+            item = next(batches, None)
+            if item is None:
+                _log.warning("distill: data ran out after %d batches (it cannot be iterated "
+                             "again); stopped after %d of %d steps (pass a list or a "
+                             "DataLoader to cycle through it)", step, step, steps)
+                break
+            index, batch = item
+            saved = [b.clone() for b in buffers]
             opt.zero_grad(set_to_none=True)
-            value.backward()
+            try:
+                value = _step_loss(model, teacher, loss_fn, aux, batch, index)
+                finite = bool(torch.isfinite(value.detach()))
+                if finite:
+                    value.backward()
+                    finite = _finite_gradients(params)
+                if not finite:
+                    what = "gradient" if bool(torch.isfinite(value.detach())) else "loss"
+                    err = NonFiniteLossError(
+                        f"distill: step {step + 1} (batch {index} of data) gave a non-finite "
+                        f"{what} (loss {value.item()}); nothing was updated at that step, the "
+                        f"weights are those after step {step}. Check that batch for NaN/Inf, "
+                        "or lower lr")
+                    err.log = log
+                    raise err
+            except BaseException:
+                # the step failed before the optimizer ran: put back what the forward nudged
+                opt.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    for b, old in zip(buffers, saved, strict=True):
+                        b.copy_(old)
+                raise
             opt.step()
             sched.step()
             log.append(value.item())
-            bar.update(f"step {step + 1}/{steps}, loss {log[-1]:.4g} ({len(names)} tensors)")
+            bar.update(f"loss {log[-1]:.4g} ({len(names)} tensors)")
             if max_seconds is not None and time.perf_counter() - start > max_seconds:
+                _log.info("distill: stopped after %d steps (max_seconds=%s)", step + 1,
+                          max_seconds)
                 break
     finally:
         bar.close()
+        opt.zero_grad(set_to_none=True)  # no gradients left behind on the weights
         for p in model.parameters():
             p.requires_grad_(flags.get(id(p), True))
         for m, training in modes:
             m.training = training
     return log
-
-
-def _cycle(data: Iterable):
-    while True:
-        empty = True
-        for batch in data:
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("distill: data yielded no batches")

@@ -1,13 +1,14 @@
 """moefy.report: the static table, and with data: load, usage, unevenness, error, heatmap."""
 
 import math
-import struct
+import sys
 
 import pytest
 import torch
 import torch.nn as nn
 
 import moefy
+from moefy.report import heatmap_size
 
 
 def converted(top_k):
@@ -53,12 +54,55 @@ def test_every_expert_active_has_no_error():
 
 
 def test_heatmap_is_a_png_of_layers_by_experts(tmp_path):
+    image = pytest.importorskip("matplotlib.image")  # `make test` installs moefy[plot]
     _, moe_model = converted(2)
     path = tmp_path / "load.png"
     moefy.report(moe_model, [(torch.randn(40, 16),)], heatmap=path)
-    blob = path.read_bytes()
-    assert blob[:8] == b"\x89PNG\r\n\x1a\n"
-    width, height = struct.unpack(">II", blob[16:24])
-    assert (width, height) == (8 * 12, 2 * 12)
-    with pytest.raises(ValueError, match="heatmap needs data"):
-        moefy.report(moe_model, heatmap=path)
+    pixels = image.imread(path)
+    width, height = heatmap_size(2, 8)  # 2 layers × 8 experts, in inches
+    assert pixels.shape[:2] == (round(height * 100), round(width * 100))
+    assert pixels[..., :3].std() > 0.05  # something is drawn
+    # more layers, taller figure: rows, not a fixed strip
+    assert heatmap_size(24, 8)[1] > heatmap_size(2, 8)[1]
+
+
+def test_heatmap_without_matplotlib_is_a_typed_error_naming_the_extra(tmp_path, monkeypatch):
+    _, moe_model = converted(2)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import raises ImportError
+    path = tmp_path / "load.png"
+    with pytest.raises(moefy.errors.MissingDependencyError, match=r"moefy\[plot\]"):
+        moefy.report(moe_model, [(torch.randn(40, 16),)], heatmap=path)
+    assert not path.exists()
+
+
+def layer():
+    return nn.Sequential(moefy.MoE(16, 8, num_experts=4, top_k=2))
+
+
+BAD_REPORT = (
+    (lambda tmp: moefy.report("model"), "model must be a torch.nn.Module"),
+    (lambda tmp: moefy.report(layer(), torch.randn(4, 16)), "data must be an iterable"),
+    (lambda tmp: moefy.report(layer(), []), "data yielded no batches"),
+    (lambda tmp: moefy.report(layer(), [None]), "batch 0 is a NoneType"),
+    (lambda tmp: moefy.report(layer(), heatmap=tmp / "a.png"), "heatmap needs data"),
+    (lambda tmp: moefy.report(nn.Linear(16, 16), [(torch.randn(4, 16),)],
+                              heatmap=tmp / "a.png"), "holds no moefy.MoE layer"),
+    (lambda tmp: moefy.report(layer(), [(torch.randn(4, 16),)], heatmap=tmp),
+     "is a directory"),
+    (lambda tmp: moefy.report(layer(), [(torch.randn(4, 16),)], heatmap=tmp / "no" / "a.png"),
+     "does not exist"),
+    (lambda tmp: moefy.report(layer(), [(torch.randn(4, 16),)], heatmap=3), "file path"),
+)
+
+
+@pytest.mark.parametrize(("call", "message"), BAD_REPORT)
+def test_report_bad_input_is_a_typed_error(call, message, tmp_path):
+    with pytest.raises(moefy.errors.ReportInputError, match=message):
+        call(tmp_path)
+
+
+def test_zero_token_batches_report_no_numbers_rather_than_made_up_ones():
+    rep = moefy.report(layer(), [(torch.randn(0, 16),), [torch.randn(0, 16)]])
+    row = rep.layers[0]
+    assert row["tokens"] == 0 and row["usage"] is None and row["rel err"] is None
+    assert "—" in rep.splitlines()[1]

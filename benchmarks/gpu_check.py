@@ -1,0 +1,212 @@
+"""`make gpu-check`: every CUDA test and the GPU benchmarks in one run, one table.
+
+    python benchmarks/gpu_check.py               # tests + benchmarks (a few minutes on an H200)
+    python benchmarks/gpu_check.py --no-tests    # benchmarks only
+    python benchmarks/gpu_check.py --no-bench    # tests only
+
+Rows:
+- the CUDA tests (``pytest -m gpu``): passed / failed / skipped;
+- memory bandwidth of this GPU: a large device-to-device copy (bytes read + written);
+- grouped dispatch (``moefy.runtime`` on CUDA, bf16), H = 4096, 8 experts of 14336 SwiGLU,
+  top-2, 8192 tokens: TFLOP/s on the active FLOPs (3 projections × 2 chosen experts per
+  token), against one dense bf16 GEMM doing the same FLOPs (8192 × 4096 @ 4096 × 86016) and
+  a dense SwiGLU FFN of width 2 × 14336; the ratio dispatch / dense GEMM;
+- decode at 1 and 8 tokens: time, and the bandwidth reached on the expert weights actually
+  read (the distinct experts the tokens chose), as a fraction of the measured copy bandwidth.
+
+Without CUDA it prints why and exits with status 0 (nothing to check); with failing tests it
+exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+H, I, E, K, TOKENS = 4096, 14336, 8, 2, 8192
+TEST_TIMEOUT_S = 330  # the whole check stays under 8 minutes
+
+
+def timed(fn, *, iters: int, repeats: int = 5) -> float:
+    """Median seconds per call over ``repeats`` runs of ``iters`` calls (CUDA events)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(iters):
+            fn()
+        stop.record()
+        stop.synchronize()
+        samples.append(start.elapsed_time(stop) / 1e3 / iters)
+    return statistics.median(samples)
+
+
+def run_tests() -> tuple[str, bool]:
+    """``pytest -m gpu`` in a child process; (summary, all passed)."""
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
+           "tests"]
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                              timeout=TEST_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"timed out after {TEST_TIMEOUT_S} s", False
+    seconds = time.perf_counter() - start
+    output = done.stdout + done.stderr
+    counts = dict.fromkeys(("passed", "failed", "error", "skipped"), 0)
+    summary = output.strip().splitlines()[-1] if output.strip() else ""
+    for n, what in re.findall(r"(\d+) (passed|failed|errors?|skipped)", summary):
+        counts["error" if what.startswith("error") else what] += int(n)
+    if done.returncode not in (0, 5) or counts["failed"] or counts["error"]:
+        print(output[-6000:])  # the failures, before the table
+    ok = done.returncode == 0 and counts["passed"] > 0
+    text = (f"{counts['passed']} passed, {counts['failed']} failed, {counts['error']} errors, "
+            f"{counts['skipped']} skipped ({seconds:.0f} s)")
+    return text, ok
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a 4 GiB device copy (read + write)."""
+    src = torch.empty(1 << 31, dtype=torch.bfloat16, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    seconds = timed(lambda: dst.copy_(src), iters=10)
+    return 2 * src.numel() * src.element_size() / seconds
+
+
+def expert_weights(dtype=torch.bfloat16):
+    from moefy.runtime.experts import ExpertWeights
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def r(*shape, fan_in):
+        return (torch.randn(*shape, device="cuda", generator=g) * fan_in**-0.5).to(dtype)
+
+    return ExpertWeights(w_in=r(E, I, H, fan_in=H), w_out=r(E, H, I, fan_in=I),
+                         w_gate=r(E, I, H, fan_in=H), b_in=None, b_gate=None, b_out=None,
+                         activation="silu")
+
+
+def routing(tokens: int):
+    logits = torch.randn(tokens, E, device="cuda")
+    top, indices = logits.topk(K, dim=-1)
+    return top.softmax(-1).to(torch.bfloat16), indices
+
+
+def time_dense_gemm(x: torch.Tensor) -> float:
+    """One dense GEMM doing the active experts' FLOPs: (T, H) @ (H, 3·k·I)."""
+    w = torch.randn(3 * K * I, H, device="cuda", dtype=torch.bfloat16) * H**-0.5
+    return timed(lambda: F.linear(x, w), iters=5)
+
+
+def time_dense_ffn(x: torch.Tensor) -> float:
+    """A dense SwiGLU FFN of width k·I: the MoE's active part as one unsplit FFN."""
+    up, gate = (torch.randn(K * I, H, device="cuda", dtype=torch.bfloat16) * H**-0.5
+                for _ in range(2))
+    down = torch.randn(H, K * I, device="cuda", dtype=torch.bfloat16) * I**-0.5
+    return timed(lambda: F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down), iters=5)
+
+
+def bench_dispatch(rows: list[tuple[str, str]], ew) -> None:
+    from moefy.runtime.dispatch import grouped_ffn
+
+    x = torch.randn(TOKENS, H, device="cuda", dtype=torch.bfloat16)
+    weights, indices = routing(TOKENS)
+    active = 2 * TOKENS * K * 3 * H * I  # three projections per chosen expert
+    with torch.no_grad():
+        t_moe = timed(lambda: grouped_ffn(x, weights, indices, ew), iters=5)
+        t_gemm = time_dense_gemm(x)
+        t_ffn = time_dense_ffn(x)
+    torch.cuda.empty_cache()
+    shape = f"{TOKENS} tok, H {H}, {E}×{I} SwiGLU, top-{K}"
+    rows.append((f"dispatch bf16 ({shape})", f"{active / t_moe / 1e12:.0f} TFLOP/s on active "
+                 f"FLOPs ({t_moe * 1e3:.2f} ms)"))
+    rows.append((f"dense bf16 GEMM, same FLOPs ({TOKENS}×{H} @ {H}×{3 * K * I})",
+                 f"{active / t_gemm / 1e12:.0f} TFLOP/s ({t_gemm * 1e3:.2f} ms)"))
+    rows.append((f"dense bf16 SwiGLU FFN of width {K}×{I}",
+                 f"{active / t_ffn / 1e12:.0f} TFLOP/s ({t_ffn * 1e3:.2f} ms)"))
+    rows.append(("ratio dispatch / dense GEMM (TFLOP/s)", f"{t_gemm / t_moe:.2f}"))
+
+
+def bench_decode(rows: list[tuple[str, str]], ew, bandwidth: float) -> None:
+    from moefy.runtime.dispatch import grouped_ffn
+
+    per_expert = 3 * H * I * 2  # bytes of one expert's bf16 weights
+    for tokens in (1, 8):
+        x = torch.randn(tokens, H, device="cuda", dtype=torch.bfloat16)
+        weights, indices = routing(tokens)
+        touched = int(indices.unique().numel())
+        with torch.no_grad():
+            seconds = timed(lambda: grouped_ffn(x, weights, indices, ew), iters=50)  # noqa: B023
+        reached = touched * per_expert / seconds
+        rows.append((f"decode {tokens} token{'s' if tokens > 1 else ''} "
+                     f"({touched} experts read, {touched * per_expert / 1e9:.2f} GB)",
+                     f"{seconds * 1e6:.0f} µs, {reached / 1e12:.2f} TB/s = "
+                     f"{reached / bandwidth:.0%} of copy bandwidth"))
+
+
+def print_table(title: str, rows: list[tuple[str, str]]) -> None:
+    width = max(len(name) for name, _ in rows)
+    print(f"\n{title}")
+    print(f"{'check'.ljust(width)}  result")
+    print("-" * (width + 2 + max(len(value) for _, value in rows)))
+    for name, value in rows:
+        print(f"{name.ljust(width)}  {value}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-tests", action="store_true", help="benchmarks only")
+    parser.add_argument("--no-bench", action="store_true", help="tests only")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        reason = ("this torch build has no CUDA support" if torch.version.cuda is None
+                  else "no CUDA device is visible")
+        print(f"gpu-check: nothing to check: {reason} (torch {torch.__version__}). Run it on "
+              "a machine with an NVIDIA GPU and a CUDA build of torch.")
+        return 0
+    start = time.perf_counter()
+    props = torch.cuda.get_device_properties(0)
+    title = (f"moefy gpu-check: {props.name} ({props.total_memory / 2**30:.0f} GiB), torch "
+             f"{torch.__version__}, CUDA {torch.version.cuda}")
+    rows: list[tuple[str, str]] = []
+    ok = True
+    if not args.no_tests:
+        text, ok = run_tests()
+        rows.append(("CUDA tests (pytest -m gpu)", text))
+    if not args.no_bench:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        bandwidth = copy_bandwidth()
+        rows.append(("memory bandwidth (4 GiB device copy, read + write)",
+                     f"{bandwidth / 1e12:.2f} TB/s"))
+        ew = expert_weights()
+        try:
+            bench_dispatch(rows, ew)
+        except (RuntimeError, torch.cuda.OutOfMemoryError) as exc:
+            rows.append(("dispatch bf16", f"failed: {str(exc).splitlines()[0]}"))
+            ok = False
+        try:
+            bench_decode(rows, ew, bandwidth)
+        except RuntimeError as exc:
+            rows.append(("decode", f"failed: {str(exc).splitlines()[0]}"))
+            ok = False
+    rows.append(("wall time", f"{time.perf_counter() - start:.0f} s"))
+    print_table(title, rows)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
