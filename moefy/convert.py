@@ -49,9 +49,11 @@ def convert(model: nn.Module, config: MoEConfig, *, example_inputs=None, calibra
         explain: print every candidate projection and why it was taken or rejected.
         progress: show calibration progress on stderr (default: when stderr is a terminal).
 
-    Returns the converted model: the same class as ``model`` with its FFN modules swapped, or,
-    when an FFN runs inline in a larger forward with no module to swap, a ``GraphModule`` of
-    the exported graph with each FFN replaced by a call of its MoE (graph mode).
+    Returns the converted model: the same class as ``model`` with its FFN modules swapped.
+    When an FFN runs inline in a larger forward with no module to swap, the smallest module
+    that runs it becomes a ``GraphModule`` of its exported graph with the FFN replaced by a
+    call of its MoE (graph mode; it keeps that module's attributes); only an FFN inline in the
+    model's own forward makes the whole result a ``GraphModule``.
 
     >>> mlp = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16))
     >>> moe = convert(mlp, MoEConfig(num_experts=4, top_k=4), example_inputs=(torch.randn(2, 16),))

@@ -24,7 +24,9 @@ METHODS = (
     ("upcycle", dict(method="upcycle", num_experts=4, top_k=2)),
     ("split", dict(method="split", num_experts=4, top_k=4)),  # every expert active: exact
 )
-EXPORTED = ("albert", "bart", "deit")  # shared MoE, encoder-decoder, image: one of each
+# shared MoE, encoder-decoders, image, channels-first 1×1 convs, Falcon's x @ W.T + b and
+# BLOOM's hand-written GELU
+EXPORTED = ("albert", "bart", "whisper", "deit", "poolformer", "falcon", "bloom")
 
 
 def build(name):
