@@ -132,10 +132,14 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
         raise ExportInputError(f"export_onnx: target={target!r} has kernels "
                                f"{KERNELS[target]}, got kernel={kernel!r}")
     if opset is None:
-        opset = DEFAULT_OPSET[target]
+        # the default, and where the exporter cannot translate something at it (opset 23's
+        # Attention takes no multi-query attention, e.g. Falcon), its own default opset
+        opsets = [DEFAULT_OPSET[target]] + ([None] if DEFAULT_OPSET[target] else [])
     elif not isinstance(opset, int) or isinstance(opset, bool) or opset < MIN_OPSET:
         raise ExportInputError(f"export_onnx: opset must be an int >= {MIN_OPSET} (the MoE "
                                f"lowerings use opset-{MIN_OPSET} ops), got {opset!r}")
+    else:
+        opsets = [opset]
     if not isinstance(path, str | os.PathLike):
         raise ExportInputError(f"export_onnx: path must be a str or os.PathLike ending in "
                                f".onnx, got {type(path).__name__}")
@@ -167,7 +171,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
             _runs_eagerly(model, args, kwargs)
             with _workdir(parent) as workdir:
                 result = _export(model, path, workdir, args, kwargs, moes, notes, target,
-                                 kernel, opset, dynamic, validate)
+                                 kernel, opsets, dynamic, validate)
                 _publish(workdir, parent)
         return result
     finally:
@@ -175,31 +179,40 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
             m.training = training
 
 
-def _export(model, path, workdir, args, kwargs, moes, notes, target, kernel, opset, dynamic,
+def _export(model, path, workdir, args, kwargs, moes, notes, target, kernel, opsets, dynamic,
             validate) -> ExportResult:
-    """Export into ``workdir`` and validate there; nothing is written beside it."""
+    """Export into ``workdir`` and validate there; nothing is written beside it. ``opsets``:
+    the opset to export at, then fallbacks tried when the exporter fails at it."""
     tmp = workdir / path.name
     try:  # batch and sequence dims dynamic (auto_dynamic_shapes), the rest static
         ep = export_model(model, args, kwargs, dynamic=dynamic)
     except TraceError as exc:
         raise ExportError(f"export_onnx: {exc}") from exc
-    try:
-        big = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
-        program = torch.onnx.export(ep, (), None, dynamo=True, opset_version=opset,
-                                    custom_translation_table=translation_table(target, kernel),
-                                    optimize=False, verbose=False)
-        # the exporter's own optimize() also runs onnxscript's opset-23 fusions, whose
-        # RotaryEmbedding keeps Hugging Face's batch-1 cos/sin caches, which ONNX Runtime
-        # rejects for larger batches; constant folding and dead-code removal only
-        onnxscript.optimizer.optimize_ir(program.model)
-        _declare_static_dims(program.model, ep)
-        program.save(str(tmp), external_data=big)
-    except Exception as exc:  # the exporter raises many types; report them as one
-        raise ExportError(f"torch.onnx could not export {type(model).__name__} for "
-                          f"target={target!r}: {type(exc).__name__}: {_first_line(exc)}\n"
-                          "The model runs eagerly on these inputs, so this is a limit of the "
-                          "exporter: try the other target, dynamic=False, or report the "
-                          "model.") from exc
+    big = sum(p.numel() * p.element_size() for p in model.parameters()) > EXTERNAL_DATA_BYTES
+    for i, opset in enumerate(opsets):
+        try:
+            program = torch.onnx.export(
+                ep, (), None, dynamo=True, opset_version=opset, optimize=False, verbose=False,
+                custom_translation_table=translation_table(target, kernel))
+            # the exporter's own optimize() also runs onnxscript's opset-23 fusions, whose
+            # RotaryEmbedding keeps Hugging Face's batch-1 cos/sin caches, which ONNX Runtime
+            # rejects for larger batches; constant folding and dead-code removal only
+            onnxscript.optimizer.optimize_ir(program.model)
+            _declare_static_dims(program.model, ep)
+            program.save(str(tmp), external_data=big)
+            break
+        except Exception as exc:  # the exporter raises many types; report them as one
+            if i + 1 < len(opsets):
+                notes.append(f"the exporter failed at opset {opset} ({type(exc).__name__}: "
+                             f"{_first_line(exc)[:200]}); exported at "
+                             f"{opsets[i + 1] or 'its default opset'} instead")
+                continue
+            raise ExportError(
+                f"torch.onnx could not export {type(model).__name__} for target={target!r} "
+                f"(opset {opset or 'default'}): {type(exc).__name__}: {_first_line(exc)}\n"
+                "The model runs eagerly on these inputs, so this is a limit of the exporter: "
+                "try the other target, another opset, dynamic=False, or report the "
+                "model.") from exc
     result = ExportResult(path, target, len(moes), _opset(tmp), kernel, notes=notes)
     if validate:
         result.tolerance = TOLERANCE[target]
