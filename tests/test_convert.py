@@ -255,10 +255,10 @@ def test_explain_lists_every_candidate(capsys):
     assert "not an activation of a projection" in out  # the attention projections
 
 
-def test_verification_failure_is_a_typed_error(monkeypatch):
-    from moefy.errors import VerificationError
+def break_builder(monkeypatch, method: str) -> None:
+    """Make the ``method`` builder carve wrong weights (outputs scaled by 1.5)."""
     from moefy.passes import build as build_pass
-    real = build_pass.split
+    real = getattr(build_pass, method)
 
     def broken(*args, **kwargs):
         moe = real(*args, **kwargs)
@@ -266,7 +266,12 @@ def test_verification_failure_is_a_typed_error(monkeypatch):
             moe.w_out.mul_(1.5)
         return moe
 
-    monkeypatch.setattr(build_pass, "split", broken)
+    monkeypatch.setattr(build_pass, method, broken)
+
+
+def test_verification_failure_is_a_typed_error(monkeypatch):
+    from moefy.errors import VerificationError
+    break_builder(monkeypatch, "split")
     model, inputs, _ = build("sequential")
     with pytest.raises(VerificationError, match="max difference"):
         moefy.convert(model, moefy.MoEConfig(num_experts=4, top_k=4), example_inputs=inputs)
@@ -356,22 +361,14 @@ def test_inplace_verification_compares_with_the_dense_outputs_recorded_before(mo
     """In place, the dense model *is* the result: verification must use outputs recorded
     before the change, or a broken conversion compares equal to itself."""
     from moefy.errors import VerificationError
-    from moefy.passes import build as build_pass
-    real = build_pass.upcycle
-
-    def broken(*args, **kwargs):
-        moe = real(*args, **kwargs)
-        with torch.no_grad():
-            moe.w_out.mul_(1.5)
-        return moe
-
-    monkeypatch.setattr(build_pass, "upcycle", broken)
+    break_builder(monkeypatch, "upcycle")
     model, inputs, _ = build("sequential")
     state = copy.deepcopy(model.state_dict())
     with pytest.raises(VerificationError, match="max difference"):
         moefy.convert(model, moefy.MoEConfig(method="upcycle", num_experts=4, top_k=2),
                       example_inputs=inputs, inplace=True)
-    assert state.keys() == model.state_dict().keys()
+    assert not any(isinstance(m, moefy.MoE) for m in model.modules())  # put back
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
 def test_a_build_failure_in_place_puts_every_module_back(monkeypatch):
