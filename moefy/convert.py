@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
+import itertools
 import logging
+import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -80,6 +83,31 @@ def convert(model: nn.Module, config: MoEConfig, *, example_inputs=None, calibra
             f"{', ...' if len(existing) > 4 else ''}): every FFN is already converted. Convert "
             "the original dense model instead.")
 
+    if example_inputs is None and calibration_data is not None:
+        # trace with inputs shaped like the calibration batches (same keys and dtypes), not
+        # with ones made up from the config
+        calibration_data, example_inputs = _peek(calibration_data)
+    with _CONVERTING:  # torch.export is not thread-safe: one conversion at a time
+        return _convert(model, config, example_inputs, calibration_data, inplace, verify,
+                        explain, progress)
+
+
+_CONVERTING = threading.Lock()
+
+
+def _peek(data) -> tuple[Iterable, object]:
+    """(the same stream, its first batch as example inputs) without consuming a batch."""
+    iterator = iter(data)
+    first = next(iterator, None)
+    if first is None:
+        raise ConversionError("calibration_data yielded no batches")
+    if isinstance(first, list):  # a DataLoader collates tuples into lists
+        first = tuple(first)
+    return itertools.chain([first], iterator), first
+
+
+def _convert(model, config, example_inputs, calibration_data, inplace, verify, explain,
+             progress) -> nn.Module:
     state = _State(model, config, *trace.split_inputs(model, example_inputs),
                    calibration_data=calibration_data, inplace=inplace, explain=explain,
                    progress=progress)
@@ -303,6 +331,9 @@ class Calibrate(Pass):
         for batch in s.calibration_data:
             try:
                 self._collect(s, batch)
+            except ConversionError as exc:
+                exc.args = (f"calibration batch {batches}: {exc}",)
+                raise
             except Exception as exc:  # any failure here means the batch does not fit
                 raise ConversionError(
                     f"calibration batch {batches} does not fit the model: {_first_line(exc)}\n"
@@ -316,6 +347,14 @@ class Calibrate(Pass):
         progress.close()
         if not batches:
             raise ConversionError("calibration_data yielded no batches")
+        keys = {f"{p.unit.path}:{p.match.output.name}": p.plan.name for p in s.plans}
+        empty = [name for key, name in keys.items()
+                 if key not in s.stats or s.stats[key].tokens == 0]
+        if empty:
+            raise ConversionError(
+                f"calibration_data gave no usable token to {', '.join(empty[:4])}: "
+                "every token was padding, or non-finite / an extreme outlier (skipped). Check "
+                "the data, or convert without calibration_data. Nothing was changed.")
         skipped = sum(st.skipped for st in s.stats.values())
         if skipped:
             _log.warning("calibration: skipped %d token(s) whose FFN input or activation was "
@@ -325,6 +364,7 @@ class Calibrate(Pass):
     @staticmethod
     def _collect(s: _State, batch) -> None:
         args, kwargs = trace.batch_inputs(s.model, batch, "it", ConversionError)
+        _check_like_example(args, kwargs, s.args, s.kwargs)
         if [u.path for u in s.units] == [""]:  # the whole model is one graph: no hooks
             calls = {"": (args, kwargs)}
         else:
@@ -444,9 +484,11 @@ class Verify(Pass):
         if not self.enabled:
             return PassResult(False)
         moes = [m for m in s.target.modules() if isinstance(m, MoE)]
-        with _every_expert_active(moes):
-            _compare(s.reference, _outputs(s.target, s.args, s.kwargs),
-                     "with every expert active")
+        refitted = s.config.fit_steps > 0 and s.config.method == "split" and bool(s.stats)
+        if not refitted:  # a layer fit (fit_steps) retrains the experts: no longer a carve
+            with _every_expert_active(moes):
+                _compare(s.reference, _outputs(s.target, s.args, s.kwargs),
+                         "with every expert active")
         why_not = _not_preserving(s.config)
         got = _outputs(s.target, s.args, s.kwargs)
         if why_not is None:
@@ -459,9 +501,10 @@ class Verify(Pass):
                 raise VerificationError(
                     f"the converted model's output(s) {bad} hold NaN or Inf on the example "
                     "inputs while the dense model's are finite")
-            checked = (f"not function-preserving by design ({why_not}): checked that the "
-                       "experts reproduce the dense model with every expert active, and that "
-                       "the routed model's outputs are finite")
+            checked = (f"not function-preserving by design ({why_not}): checked that "
+                       + ("" if refitted else "the experts reproduce the dense model with "
+                          "every expert active, and that ")
+                       + "the routed model's outputs are finite")
         _log.info("verification: %s", checked)
         for m in moes:
             m.conversion = {**getattr(m, "conversion", {}), "verified": checked}
@@ -570,6 +613,28 @@ def _push_token_ids(model: nn.Module, args: tuple, kwargs: dict) -> None:
 
 def _pop_token_ids(model: nn.Module, args: tuple, output) -> None:
     pop_token_ids()
+
+
+def _check_like_example(args: tuple, kwargs: dict, ex_args: tuple, ex_kwargs: dict) -> None:
+    """A calibration batch must be the traced example's kind of inputs: the same keywords
+    and positions (an input the graph was not traced with would be dropped silently, one it
+    was traced with would be missing), the same dtypes and ranks."""
+    extra, missing = sorted(set(kwargs) - set(ex_kwargs)), sorted(set(ex_kwargs) - set(kwargs))
+    if extra or missing or len(args) != len(ex_args):
+        raise ConversionError(
+            f"its inputs ({_describe(args, kwargs)}) are not those the model was traced with "
+            f"({_describe(ex_args, ex_kwargs)}): every batch must have the same positional "
+            "inputs and keywords as example_inputs (when example_inputs is not given, as the "
+            "first calibration batch)")
+    pairs = list(zip(args, ex_args, strict=True)) + [(kwargs[k], ex_kwargs[k])
+                                                     for k in ex_kwargs]
+    for got, want in pairs:
+        if isinstance(want, torch.Tensor) and (not isinstance(got, torch.Tensor) or (
+                got.dtype != want.dtype or got.dim() != want.dim())):
+            raise ConversionError(
+                f"its inputs ({_describe(args, kwargs)}) differ in dtype or rank from those the "
+                f"model was traced with ({_describe(ex_args, ex_kwargs)}); convert the batch's "
+                "tensors to the example's dtypes")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -278,6 +278,17 @@ class MoE(nn.Module):
         self._capacity_factor = value
 
     @property
+    def expert_dropout(self) -> float:
+        return self._expert_dropout
+
+    @expert_dropout.setter
+    def expert_dropout(self, value: float) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                0 <= value < 1):
+            raise ValueError(f"MoE: expert_dropout must be a number in [0, 1), got {value!r}")
+        self._expert_dropout = float(value)
+
+    @property
     def top_p(self) -> float:
         return self._top_p
 
@@ -375,9 +386,10 @@ class MoE(nn.Module):
                 f"MoE expects input of shape (..., {self.hidden_size}), got {tuple(x.shape)}")
         w = self.w_in
         if x.dtype != w.dtype:
-            raise InputError(
-                f"MoE: input is {x.dtype} but the layer's weights are {w.dtype}; cast the "
-                f"input (x.to({w.dtype})) or the layer (moe.to({x.dtype}))")
+            fix = (f"cast the input (x.to({w.dtype})) or the layer (moe.to({x.dtype}))"
+                   if x.is_floating_point() else f"pass floating-point input (x.to({w.dtype}))")
+            raise InputError(f"MoE: input is {x.dtype} but the layer's weights are {w.dtype}; "
+                             f"{fix}")
         if x.device != w.device and w.device.type != "meta":
             raise InputError(f"MoE: input is on {x.device} but the layer is on {w.device}; "
                              f"move one of them (moe.to({str(x.device)!r}))")
@@ -388,6 +400,13 @@ class MoE(nn.Module):
                 "cannot take part in autograd; call it under torch.no_grad() or "
                 "torch.inference_mode(), or rebuild it outside inference mode")
         return x.reshape(-1, self.hidden_size)
+
+    def __getstate__(self):
+        # the last training forward's auxiliary losses hold its autograd graph, which neither
+        # deepcopies nor pickles; a copy starts without them
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else dict(
+            self.__dict__)
+        return {**state, "last_aux": None}
 
     def extra_repr(self) -> str:
         act = self.activation if self.activation_fn is None else "custom"

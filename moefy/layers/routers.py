@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 
 ROUTERS = ("softmax", "noisy", "sigmoid", "topp", "expert_choice", "hash")
-_HASH_MULTIPLIERS = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F)  # odd: bijective mod 2^32
+_HASH_MULTIPLIERS = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F)  # Knuth / murmur constants
+_HASH_PRIME = 2147483629  # the largest prime below 2^31: ids·mult mod it mixes every bit
 
 
 class Selection(NamedTuple):
@@ -47,8 +48,10 @@ def hash_experts(token_ids: torch.Tensor, tokens: int, num_experts: int,
     cols = []
     for j in range(top_k):
         mult = _HASH_MULTIPLIERS[j % len(_HASH_MULTIPLIERS)] + 2 * (j // 4)
-        h = torch.remainder(ids * mult, 1 << 31)  # arithmetic only: exports to Mul/Mod/Div
-        cols.append(torch.remainder(torch.div(h, 128, rounding_mode="floor"), num_experts))
+        # Mul and Mod only: integer-exact in every ONNX runtime (a floor division would be
+        # lowered through float32 and lose the low bits of these 31-bit values)
+        h = torch.remainder(ids * mult, _HASH_PRIME)
+        cols.append(torch.remainder(h, num_experts))
     indices = torch.stack(cols, dim=1) if cols else ids.new_zeros(tokens, 0)
     weights = torch.full(indices.shape, 1.0 / top_k, device=ids.device)
     return weights, indices
@@ -59,6 +62,9 @@ def expert_choice(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch
     (slots padded with weight 0)."""
     t, e = logits.shape
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # (T, E)
+    # tokens compete for experts: a token with non-finite logits must not win a slot (NaN
+    # would outrank every real token) and so push a real token out
+    probs = torch.where(torch.isfinite(probs), probs, -1.0)
     cap = min(t, math.ceil(t * top_k / e))
     chosen = torch.zeros_like(probs)
     if cap:

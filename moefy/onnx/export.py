@@ -160,6 +160,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
     except MoefyError as exc:  # the tracer's wording, under export's own error type
         raise ExportInputError(f"export_onnx: {exc}") from exc
     _check_example_inputs(args, kwargs)
+    if dynamic:
+        notes += _size_one_notes(args, kwargs)
     _remove_stale_workdirs(parent)
 
     modes = [(m, m.training) for m in model.modules()]
@@ -258,6 +260,22 @@ def _check_example_inputs(args: tuple, kwargs: dict) -> None:
     if not any(isinstance(leaf, torch.Tensor) for leaf in leaves):
         raise ExportInputError("export_onnx: example_inputs hold no tensor; pass the tensors "
                                "the model's forward() takes, e.g. (torch.randn(8, hidden),)")
+    empty = [tuple(t.shape) for t in leaves if isinstance(t, torch.Tensor) and 0 in t.shape]
+    if empty:
+        raise ExportInputError(f"export_onnx: example input(s) of shape {empty} have a "
+                               "dimension of size 0; pass example inputs with at least two "
+                               "entries in every dimension that varies (batch, sequence)")
+
+
+def _size_one_notes(args: tuple, kwargs: dict) -> list[str]:
+    """A dimension of size 1 in the example is fixed to 1 in the export (torch.export
+    specialises it): say so, since dynamic=True promised other sizes."""
+    shapes = [tuple(t.shape) for t in tree_leaves((args, kwargs))
+              if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 1]
+    if not shapes:
+        return []
+    return [f"example input(s) {shapes} have batch size 1: the export fixes that dimension to "
+            "1; export with a batch of 2 or more to keep it dynamic"]
 
 
 def _runs_eagerly(model: nn.Module, args: tuple, kwargs: dict) -> None:

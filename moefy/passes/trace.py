@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,7 +79,7 @@ def split_inputs(model: nn.Module, example_inputs: ExampleInputs | None
     """(args, kwargs) to call ``model`` with; HF defaults and ``use_cache=False`` filled in."""
     if example_inputs is None:
         example_inputs = hf_example_inputs(model)
-    if isinstance(example_inputs, dict):
+    if isinstance(example_inputs, Mapping):  # a dict, or a tokenizer's BatchEncoding
         args, kwargs = (), dict(example_inputs)
     elif isinstance(example_inputs, tuple):
         args, kwargs = example_inputs, {}
@@ -102,7 +103,7 @@ def batch_inputs(model: nn.Module, batch, where: str, error: type[Exception] = T
     dict or tensor raises ``error`` naming ``where`` (e.g. "distill: batch 3")."""
     if isinstance(batch, list):  # a DataLoader collates a dataset of tuples into lists
         batch = tuple(batch)
-    if not isinstance(batch, (tuple, dict, torch.Tensor)):
+    if not isinstance(batch, (tuple, Mapping, torch.Tensor)):
         raise error(f"{where} is a {type(batch).__name__}; each batch must be a tuple of "
                     "positional tensors, a dict of keyword tensors, or a tensor")
     return split_inputs(model, batch)

@@ -57,8 +57,8 @@ class Session:
         config: ONNX Runtime session config entries, e.g.
             ``{"session.intra_op.allow_spinning": "0"}`` (worker threads sleep between calls).
 
-    ``run(inputs)`` takes a dict of torch tensors or numpy arrays keyed by input name (extra
-    keys that the model does not take, such as an unused ``token_type_ids``, are ignored) and
+    ``run(inputs)`` takes a dict of torch tensors or numpy arrays keyed by input name (a key
+    the model does not take is an error, ``run(inputs, ignore_extra=True)`` drops it) and
     returns a dict of outputs by name: torch tensors on the session's device when the inputs
     were torch tensors, else numpy arrays. Inputs are checked against the model's declared
     inputs first: a wrong dtype, rank or fixed size raises ``SessionInputError`` (and its
@@ -119,16 +119,24 @@ class Session:
         self.input_names = [i.name for i in self._inputs]
         self.output_names = [o.name for o in self._session.get_outputs()]
 
-    def run(self, inputs: dict) -> dict:
+    def run(self, inputs: dict, *, ignore_extra: bool = False) -> dict:
+        """Run the model on ``inputs`` (name -> tensor or array). An input the model does not
+        take is an error (it would be dropped silently: an ``attention_mask`` the export did
+        not keep changes nothing), unless ``ignore_extra=True``."""
         if not isinstance(inputs, Mapping):
             raise SessionInputError("Session.run takes a dict of inputs keyed by name "
                                     f"({self.input_names}), got {type(inputs).__name__}")
         missing = [n for n in self.input_names if n not in inputs]
+        unknown = [k for k in inputs if k not in self.input_names]
         if missing:
-            unknown = [k for k in inputs if k not in self.input_names]
             raise SessionInputError(
                 f"Session.run: missing inputs {missing}; the model takes {self.input_names}"
                 + (f" (got unknown keys {unknown}: misspelt?)" if unknown else ""))
+        if unknown and not ignore_extra:
+            raise SessionInputError(
+                f"Session.run: the model takes {self.input_names}, not {unknown}: it was "
+                "exported without them and would ignore them. Export with them in "
+                "example_inputs, or pass ignore_extra=True to drop them knowingly")
         feeds = {n: inputs[n] for n in self.input_names}
         self._check(feeds)
         as_torch = any(isinstance(v, torch.Tensor) for v in feeds.values())

@@ -179,7 +179,9 @@ def hf_models():
     return {"bert_split": (bert, moefy.MoEConfig(method="split", num_experts=8, top_k=2)),
             "llama_upcycle": (llama, moefy.MoEConfig(method="upcycle", num_experts=8,
                                                      top_k=2)),
-            "bert_hash": (bert, moefy.MoEConfig(method="upcycle", num_experts=4, top_k=1,
+            # split: distinct experts, so a wrong hash in the export shows (upcycled copies
+            # would hide it)
+            "bert_hash": (bert, moefy.MoEConfig(method="split", num_experts=4, top_k=1,
                                                 router="hash"))}
 
 
@@ -233,7 +235,7 @@ def test_hash_routing_with_two_choices(tmp_path):
         for m in model.modules():
             if isinstance(m, nn.Linear):
                 m.bias.normal_(std=0.5)
-    cfg = moefy.MoEConfig(method="upcycle", num_experts=3, top_k=2, router="hash")
+    cfg = moefy.MoEConfig(method="split", num_experts=4, top_k=2, router="hash")
     moe_model = moefy.convert(model, cfg)
     ids = torch.arange(60).reshape(2, 30) % 200
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

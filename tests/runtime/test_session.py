@@ -45,7 +45,9 @@ def add_path(tmp_path):
 def test_runs_torch_and_numpy_inputs(add_path):
     session = Session(add_path, threads=1)
     a, b = torch.randn(3, 4), torch.randn(3, 4)
-    got = session.run({"a": a, "b": b, "unused": 1})  # keys the model does not take: ignored
+    with pytest.raises(SessionInputError, match="ignore_extra"):  # would be dropped silently
+        session.run({"a": a, "b": b, "attention_mask": b})
+    got = session.run({"a": a, "b": b, "unused": 1}, ignore_extra=True)
     torch.testing.assert_close(got["y"], a + b)
     got = session.run({"a": a.numpy(), "b": b.numpy()})
     assert isinstance(got["y"], np.ndarray)
