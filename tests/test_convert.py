@@ -469,3 +469,77 @@ def test_calibration_batch_that_does_not_fit_is_a_clear_error_before_any_change(
             moefy.convert(model, cfg, example_inputs=inputs, calibration_data=data,
                           inplace=True)
         assert not any(isinstance(m, moefy.MoE) for m in model.modules())
+
+
+class TakesBias(torch.nn.Module):
+    """An optional keyword input that changes the FFN's input."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(),
+                                     torch.nn.Linear(64, 16))
+
+    def forward(self, x, bias=None):
+        return self.f(x if bias is None else x + bias)
+
+
+def test_calibration_batch_with_inputs_the_trace_lacks_is_refused_not_dropped():
+    x = torch.randn(4, 16)
+    cfg = moefy.MoEConfig(method="split", num_experts=4, top_k=2)
+    with pytest.raises(ConversionError, match="not those the model was traced with"):
+        moefy.convert(TakesBias(), cfg, example_inputs=(x,),
+                      calibration_data=[(x, torch.full((16,), 100.0))])
+    with pytest.raises(ConversionError, match="dtype or rank"):
+        moefy.convert(TakesBias(), cfg, example_inputs=(x,), calibration_data=[(x.double(),)])
+
+
+def test_hugging_face_model_traces_with_the_first_calibration_batch():
+    from transformers import BatchEncoding
+    config, cls, _ = HF["bert"]
+    model = cls(config).eval()
+    ids = torch.randint(0, 99, (4, 12))
+    batches = [BatchEncoding({"input_ids": ids})]  # no attention_mask, a tokenizer's type
+    moe_model = moefy.convert(model, moefy.MoEConfig(method="split", num_experts=4, top_k=4),
+                              calibration_data=batches)
+    with torch.no_grad():
+        torch.testing.assert_close(moe_model(input_ids=ids).last_hidden_state,
+                                   model(input_ids=ids).last_hidden_state,
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_calibration_without_one_usable_token_is_an_error():
+    model, inputs, _ = build("nanogpt")
+    data = [(torch.full((2, 8, 32), float("nan")),)]
+    with pytest.raises(ConversionError, match="no usable token"):
+        moefy.convert(model, moefy.MoEConfig(method="split", num_experts=4, top_k=2),
+                      example_inputs=inputs, calibration_data=data)
+
+
+def test_a_layer_fit_is_verified_as_what_it_is():
+    model, inputs, _ = build("nanogpt")
+    data = [(torch.randn(8, 32, 32),) for _ in range(2)]
+    moe_model = moefy.convert(model, moefy.MoEConfig(method="split", num_experts=4, top_k=2,
+                                                     fit_steps=3),
+                              example_inputs=inputs, calibration_data=data)
+    moe = next(m for m in moe_model.modules() if isinstance(m, moefy.MoE))
+    assert "outputs are finite" in moe.conversion["verified"]
+
+
+def test_two_threads_converting_at_once_both_succeed():
+    import threading
+    results, errors = [], []
+
+    def work():
+        try:
+            model, inputs, _ = build("nanogpt")
+            results.append(moefy.convert(model, moefy.MoEConfig(num_experts=4, top_k=4),
+                                         example_inputs=inputs))
+        except Exception as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 2

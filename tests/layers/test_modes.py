@@ -196,3 +196,41 @@ def test_capacity_factor_must_be_finite():
         moe.capacity_factor = float("nan")
     with pytest.raises(ValueError, match="capacity_factor"):
         moefy.MoEConfig(capacity_factor=float("inf"))
+
+
+def test_deepcopy_and_pickle_after_a_training_forward():
+    import copy
+    import pickle
+    moe = moefy.MoE(16, 8, 4, 2).train()
+    moe(torch.randn(5, 16)).sum().backward()
+    twin = copy.deepcopy(moe)
+    assert twin.last_aux is None and moe.last_aux is not None
+    pickle.loads(pickle.dumps(moe))
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(twin.eval()(x), moe.eval()(x))
+
+
+@pytest.mark.parametrize("value", (1.0, 1.5, -0.1, float("nan"), "a", True))
+def test_expert_dropout_is_validated(value):
+    moe = moefy.MoE(16, 8, 4, 2)
+    with pytest.raises(ValueError, match="expert_dropout"):
+        moe.expert_dropout = value
+
+
+def test_expert_choice_a_non_finite_token_takes_no_expert_from_the_others():
+    moe = moefy.MoE(16, 8, 4, 2, router="expert_choice").eval()
+    x = torch.randn(12, 16)
+    with torch.no_grad():
+        clean = moe(x)
+        bad = x.clone()
+        bad[3] = float("nan")
+        y = moe(bad)
+    others = torch.arange(12) != 3
+    # the other tokens compete among themselves as before, with one rival fewer: compare
+    # with the same batch without the poisoned token
+    with torch.no_grad():
+        without = moe(x[others])
+    assert torch.isfinite(y[others]).all()
+    torch.testing.assert_close(y[others], without)
+    assert clean.shape == y.shape
