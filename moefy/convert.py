@@ -112,12 +112,12 @@ def _convert(model, config, example_inputs, calibration_data, inplace, verify, e
                    calibration_data=calibration_data, inplace=inplace, explain=explain,
                    progress=progress)
     pipeline = [
+        RunDense(keep=verify),  # inputs that do not fit fail here, in the model's own words
         TraceUnits(),  # graphs first: everything after reads structure, not class names
         FindFFNs(),  # matches and the reason for every rejected candidate
         PlanRewrite(),  # needs the graph's module scopes; decides surgery or graph mode
         Select(),  # after planning, so only / skip see the final FFN names
         CheckBeforeChange(),  # every failure that input can cause, before anything changes
-        RecordReference(enabled=verify),  # the dense outputs, before anything can change
         Calibrate(),  # statistics the split builder reads
         BuildAndRewrite(),  # one FFN at a time: peak memory is the result plus one FFN
         Verify(enabled=verify),  # last: compares the finished model with the dense one
@@ -443,20 +443,39 @@ class BuildAndRewrite(Pass):
         return moe
 
 
-class RecordReference(Pass):
+class RunDense(Pass):
     """dense model, example inputs ⇒ its outputs, recorded before anything changes (so that
-    verification compares with the dense model even in place); token ids for hash routers
-    checked."""
+    verification compares with the dense model even in place). Weights not loaded (meta),
+    empty example tensors, inputs the model does not take and, for hash routers, the lack of
+    token ids are errors here."""
 
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
+    def __init__(self, keep: bool = True):
+        self.keep = keep
 
     def call(self, s: _State) -> PassResult:
+        if any(p.is_meta for p in s.model.parameters()):
+            raise ConversionError("the model's weights are on the meta device (not loaded): "
+                                  "load or materialise them (model.to_empty(...) and a "
+                                  "state_dict) before converting")
+        empty = [tuple(t.shape) for t in tree_leaves((s.args, s.kwargs))
+                 if isinstance(t, torch.Tensor) and t.numel() == 0]
+        if empty:
+            raise ConversionError(f"example input(s) of shape {empty} are empty: pass example "
+                                  "inputs with at least two entries in every dimension that "
+                                  "varies (batch, sequence)")
         if s.config.router == "hash":
             _token_ids(s.args, s.kwargs)  # raises now, not on the converted model's first call
-        if not self.enabled:
+        try:
+            outputs = _outputs(s.model, s.args, s.kwargs)
+        except Exception as exc:  # whatever the model raises: these inputs do not fit it
+            raise ConversionError(
+                f"{type(s.model).__name__} does not run on the example inputs "
+                f"({_describe(s.args, s.kwargs)}): {_first_line(exc)}. Pass example_inputs "
+                "matching its forward() (a tuple of tensors or a dict of keyword tensors, of "
+                "the dtypes it expects).") from exc
+        if not self.keep:
             return PassResult(False)
-        s.reference = _outputs(s.model, s.args, s.kwargs)
+        s.reference = outputs
         bad = [i for i, t in enumerate(s.reference)
                if t.is_floating_point() and not torch.isfinite(t).all()]
         if bad:

@@ -170,12 +170,24 @@ def _finite_gradients(params: list[nn.Parameter]) -> bool:
 def _step_loss(model: nn.Module, teacher: nn.Module, loss_fn: Callable, aux: float, batch,
                index: int) -> torch.Tensor:
     args, kwargs = _inputs(model, batch, index)
-    with torch.no_grad():
-        target = teacher(*args, **kwargs)
+    try:
+        with torch.no_grad():
+            target = teacher(*args, **kwargs)
+    except Exception as exc:  # whatever the teacher raises: the batch does not fit it
+        raise TrainingInputError(
+            f"distill: the teacher ({type(teacher).__name__}) does not run on batch {index}: "
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}. "
+            "The teacher must take the same inputs as the model (the dense model it was "
+            "converted from)") from exc
     value = loss_fn(model(*args, **kwargs), target, kwargs if kwargs else args)
     if not isinstance(value, torch.Tensor) or value.numel() != 1:
         raise TrainingInputError(f"distill: loss must return a scalar tensor, got "
                                  f"{type(value).__name__}")
+    if not value.requires_grad:
+        raise TrainingInputError(
+            "distill: the loss does not depend on any trainable parameter: a custom loss "
+            "that detaches the student's output, or nothing trainable in what train= names "
+            "(a hash router has no trained router weights: use train='experts' or 'moe')")
     if aux:
         value = value + aux * aux_loss(model)
     return value

@@ -543,3 +543,18 @@ def test_two_threads_converting_at_once_both_succeed():
     for t in threads:
         t.join()
     assert not errors and len(results) == 2
+
+
+def test_example_inputs_the_model_cannot_take_are_clear_errors():
+    seq = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(),
+                              torch.nn.Linear(64, 16)).eval()
+    cfg = moefy.MoEConfig(num_experts=4, top_k=2)
+    with pytest.raises(ConversionError, match="does not run on the example inputs"):
+        moefy.convert(seq, cfg, example_inputs=(torch.randint(0, 5, (3, 16)),))
+    with pytest.raises(ConversionError, match="empty"):
+        moefy.convert(seq, cfg, example_inputs=(torch.randn(0, 16),))
+    with torch.device("meta"):
+        meta = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(),
+                                   torch.nn.Linear(64, 16))
+    with pytest.raises(ConversionError, match="meta device"):
+        moefy.convert(meta, cfg, example_inputs=(torch.randn(3, 16),))

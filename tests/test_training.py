@@ -196,3 +196,17 @@ def test_distill_prints_nothing_and_draws_a_progress_bar_only_when_asked(capsys)
     moefy.distill(student, teacher, data, steps=2, progress=True)
     out, err = capsys.readouterr()
     assert out == "" and "moefy distill" in err and "2/2" in err  # a tqdm bar, on stderr
+
+
+def test_distill_explains_a_teacher_that_takes_other_inputs_and_a_detached_loss():
+    from moefy.errors import TrainingInputError
+    dense = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8))
+    moe = moefy.convert(dense, moefy.MoEConfig(num_experts=4, top_k=2),
+                        example_inputs=(torch.randn(4, 8),))
+    other = nn.Linear(5, 8)
+    with pytest.raises(TrainingInputError, match="teacher"):
+        moefy.distill(moe, other, [(torch.randn(4, 8),)], steps=1, progress=False)
+    detached = lambda s, t, b: (s.detach() - t).pow(2).mean()  # noqa: E731
+    with pytest.raises(TrainingInputError, match="does not depend"):
+        moefy.distill(moe, dense, [(torch.randn(4, 8),)], steps=1, loss=detached,
+                      progress=False)
