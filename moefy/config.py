@@ -57,6 +57,10 @@ class MoEConfig:
             ``skip`` drops them.
         keep_first / keep_last: leave this many FFNs (in model order) dense.
         seed: random seed for routers and random partitions.
+        calibration_tokens: read ``calibration_data`` until each FFN has seen this many
+            tokens (default 2^20), then stop and
+            log it: an endless stream (a repeating iterator) cannot hang the conversion.
+            None: read everything.
 
     >>> MoEConfig(method="split", num_experts=8, top_k=2).partition
     'kmeans'
@@ -80,6 +84,7 @@ class MoEConfig:
     keep_first: int = 0
     keep_last: int = 0
     seed: int = 0
+    calibration_tokens: int | None = 1 << 20
 
     def __post_init__(self):
         def positive(name: str, allow_zero: bool = False) -> None:
@@ -100,6 +105,8 @@ class MoEConfig:
             positive(name)
         for name in ("shared_experts", "keep_first", "keep_last", "seed", "fit_steps"):
             positive(name, allow_zero=True)
+        if self.calibration_tokens is not None:
+            positive("calibration_tokens")
         if self.top_k > self.num_experts:
             raise ValueError(
                 f"MoEConfig.top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")

@@ -342,8 +342,13 @@ class Calibrate(Pass):
                     f"sizes except batch and sequence; got {_describe_batch(batch)}. Nothing "
                     "was changed.") from exc
             batches += 1
-            tokens = max((st.tokens for st in s.stats.values()), default=0)
+            tokens = min((st.tokens for st in s.stats.values()), default=0)
             progress.update(f"{batches} batches, {tokens:,} tokens")
+            cap = s.config.calibration_tokens
+            if cap is not None and tokens >= cap:
+                _log.info("calibration: stopped after %d batches (%d tokens per FFN, "
+                          "MoEConfig.calibration_tokens)", batches, tokens)
+                break
         progress.close()
         if not batches:
             raise ConversionError("calibration_data yielded no batches")

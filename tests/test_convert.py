@@ -558,3 +558,13 @@ def test_example_inputs_the_model_cannot_take_are_clear_errors():
                                    torch.nn.Linear(64, 16))
     with pytest.raises(ConversionError, match="meta device"):
         moefy.convert(meta, cfg, example_inputs=(torch.randn(3, 16),))
+
+
+def test_an_endless_calibration_stream_stops_at_the_token_budget():
+    import itertools
+    model, inputs, _ = build("nanogpt")
+    cfg = moefy.MoEConfig(method="split", num_experts=4, top_k=2, calibration_tokens=2000)
+    stream = itertools.repeat((torch.randn(4, 50, 32),))  # never ends
+    moe_model = moefy.convert(model, cfg, example_inputs=inputs, calibration_data=stream)
+    moe = next(m for m in moe_model.modules() if isinstance(m, moefy.MoE))
+    assert 2000 <= moe.conversion["calibration_tokens"] < 2200
