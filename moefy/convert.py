@@ -76,6 +76,9 @@ def convert(model: nn.Module, config: MoEConfig, *, example_inputs=None, calibra
         what = (f"compensate={config.compensate!r}" if config.compensate
                 else f"router_init={config.router_init!r}")
         raise ConversionError(f"{what} needs calibration_data: an iterable of model inputs")
+    if calibration_data is None and config.fit_steps and config.method == "split":
+        raise ConversionError(f"fit_steps={config.fit_steps} trains each layer on calibration "
+                              "tokens: pass calibration_data, or fit_steps=0")
     existing = [name for name, m in model.named_modules() if isinstance(m, MoE)]
     if existing:
         raise AlreadyConvertedError(
@@ -92,7 +95,7 @@ def convert(model: nn.Module, config: MoEConfig, *, example_inputs=None, calibra
                         explain, progress)
 
 
-_CONVERTING = threading.Lock()
+_CONVERTING = threading.RLock()  # re-entrant: a calibration generator may itself convert
 
 
 def _peek(data) -> tuple[Iterable, object]:
@@ -412,6 +415,7 @@ class BuildAndRewrite(Pass):
                     moe = self._moe(s, p, generator)  # one MoE for all the FFN's call sites
                     swaps += [(site, rewrite.wrap_for(site, moe)) for site in p.sites]
             gm = rewrite.keep_attributes(rewrite.rewrite_graph(gm, swaps), unit.module)
+            gm.register_forward_pre_hook(rewrite.TracedCallCheck(gm), with_kwargs=True)
             if unit.path:
                 s.target.set_submodule(unit.path, gm.train(unit.module.training))
             else:

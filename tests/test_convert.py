@@ -568,3 +568,72 @@ def test_an_endless_calibration_stream_stops_at_the_token_budget():
     moe_model = moefy.convert(model, cfg, example_inputs=inputs, calibration_data=stream)
     moe = next(m for m in moe_model.modules() if isinstance(m, moefy.MoE))
     assert 2000 <= moe.conversion["calibration_tokens"] < 2200
+
+
+class MaskedBlock(torch.nn.Module):
+    """An FFN inline in a forward with an optional mask: graph mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
+
+    def forward(self, x, mask=None):
+        if mask is not None:
+            x = x * mask[..., None]
+        return x + self.b(torch.relu(self.a(x)))
+
+
+class MaskedNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blk = MaskedBlock()
+
+    def forward(self, x, mask=None):
+        return self.blk(x, mask=mask)
+
+
+def test_graph_mode_refuses_an_input_its_trace_dropped():
+    from moefy.errors import InputError
+    net, x = MaskedNet().eval(), torch.randn(2, 5, 16)
+    mask = torch.ones(2, 5)
+    mask[1, 3:] = 0
+    moe_model = moefy.convert(net, moefy.MoEConfig(num_experts=4, top_k=4), example_inputs=(x,))
+    assert isinstance(moe_model.blk, torch.fx.GraphModule)
+    with pytest.raises(InputError, match="mask= was None"):  # it would be ignored silently
+        moe_model(x, mask=mask)
+    traced_with = moefy.convert(net, moefy.MoEConfig(num_experts=4, top_k=4),
+                                example_inputs=(x, mask))
+    with torch.no_grad():
+        torch.testing.assert_close(traced_with(x, mask), net(x, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_a_nan_token_shows_nan_not_a_made_up_value():
+    seq = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.GELU(),
+                              torch.nn.Linear(64, 16)).eval()
+    moe_model = moefy.convert(seq, moefy.MoEConfig(num_experts=4, top_k=2),
+                              example_inputs=(torch.randn(3, 16),))
+    x = torch.randn(5, 16)
+    x[2, 1] = float("nan")
+    with torch.no_grad():
+        y = moe_model(x)
+    assert torch.isnan(y[2]).all() and torch.isfinite(y[[0, 1, 3, 4]]).all()
+
+
+def test_fit_steps_without_calibration_data_is_an_error():
+    model, inputs, _ = build("sequential")
+    with pytest.raises(ConversionError, match="fit_steps"):
+        moefy.convert(model, moefy.MoEConfig(num_experts=4, top_k=2, fit_steps=5),
+                      example_inputs=inputs)
+
+
+def test_convert_inside_a_calibration_generator_does_not_deadlock():
+    model, inputs, _ = build("sequential")
+
+    def batches():
+        inner = moefy.convert(model, moefy.MoEConfig(num_experts=4, top_k=4),
+                              example_inputs=inputs)
+        assert isinstance(inner[0], moefy.MoE)
+        yield (torch.randn(4, 5, 32),)
+
+    moefy.convert(model, moefy.MoEConfig(method="split", num_experts=4, top_k=2),
+                  example_inputs=inputs, calibration_data=batches())

@@ -17,6 +17,8 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
+from moefy.errors import InputError
+
 ROUTERS = ("softmax", "noisy", "sigmoid", "topp", "expert_choice", "hash")
 _HASH_MULTIPLIERS = (0x9E3779B1, 0x85EBCA77, 0xC2B2AE3D, 0x27D4EB2F)  # Knuth / murmur constants
 _HASH_PRIME = 2147483629  # the largest prime below 2^31: ids·mult mod it mixes every bit
@@ -36,15 +38,15 @@ def hash_experts(token_ids: torch.Tensor, tokens: int, num_experts: int,
                  top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """expert = a fixed hash of the token id mod E, one hash per slot; weights 1/k."""
     if token_ids is None:
-        raise ValueError("router='hash' needs token_ids (the input ids of the tokens, one "
+        raise InputError("router='hash' needs token_ids (the input ids of the tokens, one "
                          "per row of x); converted models pass them from input_ids")
     if not isinstance(token_ids, torch.Tensor) or token_ids.is_floating_point() or (
             token_ids.is_complex()):
-        raise TypeError("router='hash': token_ids must be an integer tensor of token ids, got "
+        raise InputError("router='hash': token_ids must be an integer tensor of token ids, got "
                         f"{getattr(token_ids, 'dtype', type(token_ids).__name__)}")
     ids = token_ids.reshape(-1).long()
     if ids.shape[0] != tokens:
-        raise ValueError(f"router='hash': token_ids has {ids.shape[0]} ids for {tokens} tokens")
+        raise InputError(f"router='hash': token_ids has {ids.shape[0]} ids for {tokens} tokens")
     cols = []
     for j in range(top_k):
         mult = _HASH_MULTIPLIERS[j % len(_HASH_MULTIPLIERS)] + 2 * (j // 4)
@@ -114,7 +116,9 @@ def select(logits: torch.Tensor, kind: str, top_k: int, *, combine: str = "softm
     # which slots hold an expert (top-p and expert choice pad with weight 0); the plain
     # inference path does not need it
     needs_used = combine == "sum" or capacity_factor is not None or training
-    used = weights > 0 if needs_used else None
+    # a slot is used unless its weight is exactly 0: a NaN weight (a NaN token) stays used, so
+    # the token's own output shows the NaN instead of a made-up finite value
+    used = weights != 0 if needs_used else None
     if combine == "sum":
         # unweighted; in training the router's gradient passes straight through
         grad = weights - weights.detach() if training else 0

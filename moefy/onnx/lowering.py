@@ -160,7 +160,9 @@ def standard_expert_ffn(x, weights, indices, w_in, w_out, w_gate, b_in, b_gate, 
     k = int(weights.shape[1])
     c = lambda v: op.Constant(value_ints=v)  # noqa: E731
     t = op.Shape(x, start=0, end=1)  # (1,) tokens, int64
-    used = op.Cast(op.Greater(weights, op.Constant(value_float=0.0)), to=FLOAT.dtype)  # (T, k)
+    # a slot is used unless its weight is exactly 0 (a NaN weight is used: its NaN shows)
+    used = op.Cast(op.Not(op.Equal(weights, op.Constant(value_float=0.0))),
+                   to=FLOAT.dtype)  # (T, k)
     flat_idx = op.Reshape(indices, c([-1]))  # (T·k,) token-major: earlier tokens first
     onehot = op.OneHot(flat_idx, op.Constant(value_int=E),
                        op.Constant(value_floats=[0.0, 1.0]), axis=-1)  # (T·k, E)
@@ -227,7 +229,7 @@ def loop_expert_ffn(x, weights, indices, w_in, w_out, w_gate, b_in, b_gate, b_ou
     c = lambda v: op.Constant(value_ints=v)  # noqa: E731
     flat_idx = op.Reshape(indices, c([-1]))  # (T·k,) slot p = token p // k, choice p % k
     flat_w = op.Reshape(weights, c([-1, 1]))
-    live = op.Greater(op.Reshape(weights, c([-1])), op.Constant(value_float=0.0))
+    live = op.Not(op.Equal(op.Reshape(weights, c([-1])), op.Constant(value_float=0.0)))
     fused_gelu = None if w_gate is not None else {"gelu": ORT_BIAS_GELU,
                                                   "gelu_tanh": ORT_FAST_GELU}.get(activation)
     ys, slots = [], []

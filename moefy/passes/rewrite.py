@@ -29,7 +29,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.fx import Node
+from torch.utils._pytree import tree_unflatten
 
+from moefy.errors import InputError
 from moefy.passes.find_ffn import FFNMatch
 
 aten = torch.ops.aten
@@ -259,3 +261,41 @@ def keep_attributes(gm: torch.fx.GraphModule, module: nn.Module) -> torch.fx.Gra
         if value is not None and not isinstance(value, nn.Module) and not hasattr(gm, name):
             setattr(gm, name, value)
     return gm
+
+
+class TracedCallCheck:
+    """Forward pre-hook of a module converted in graph mode: its graph was traced with some
+    optional arguments None and drops them whatever they hold later (an attention or padding
+    mask would be ignored silently). A call that passes a tensor where the trace had None,
+    or None where it had a tensor, raises ``InputError`` instead."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        spec = gm.graph._codegen.pytree_info.in_spec
+        # one placeholder per input leaf, in order; a None input's placeholder holds None
+        nones = [n.meta.get("val", _TENSOR) is None for n in gm.graph.nodes
+                 if n.op == "placeholder"]
+        args, kwargs = (tree_unflatten(nones, spec) if len(nones) == spec.num_leaves
+                        else ((), {}))  # unknown layout: nothing to check
+        self.args = [bool(a) if isinstance(a, bool) else False for a in args]
+        self.kwargs = {k: bool(v) if isinstance(v, bool) else False for k, v in kwargs.items()}
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        wrong = [f"argument {i}" for i, a in enumerate(args)
+                 if i < len(self.args) and (a is None) != self.args[i]]
+        wrong += [f"{k}=" for k, v in kwargs.items()
+                  if (v is None) != self.kwargs.get(k, True)]
+        if wrong:
+            raise InputError(
+                f"this module was converted in graph mode from a call where "
+                f"{', '.join(wrong)} {'was' if len(wrong) == 1 else 'were'} "
+                f"{'None' if all(self._none_when_traced(w) for w in wrong) else 'set'}; its "
+                "graph cannot take the other case (it would ignore the value). Convert with "
+                "example_inputs that pass the same optional inputs as your calls.")
+
+    def _none_when_traced(self, what: str) -> bool:
+        if what.startswith("argument "):
+            return self.args[int(what.split()[1])]
+        return self.kwargs.get(what[:-1], True)
+
+
+_TENSOR = object()  # a placeholder without a recorded value: not a None input

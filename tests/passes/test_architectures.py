@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_leaves
 
 import moefy
+from moefy.errors import InputError
 from moefy.passes import trace
 from moefy.passes.rewrite import ChannelsLast
 from tests.passes.models import architecture_configs, custom_models
@@ -124,8 +125,9 @@ def test_inline_ffn_converts_only_its_layer_in_graph_mode():
     longer = {k: torch.cat([v, v[:, :3]], 1) if isinstance(v, torch.Tensor) else v
               for k, v in inputs.items()}  # another sequence length: still dynamic
     assert_same(outputs(moe_model, longer), outputs(model, longer))
-    # a graph-mode layer takes calls like the traced one (use_cache=False): not a cache
-    with pytest.raises(Exception, match="use_cache"):
+    # a graph-mode layer takes calls like the traced one (use_cache=False): a cache where
+    # the trace had None is a clear error, not silently dropped
+    with pytest.raises(InputError, match="converted in graph mode .* cache= was None"):
         outputs(moe_model, {**inputs, "use_cache": True})
 
 
