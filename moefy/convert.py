@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import fnmatch
 import itertools
@@ -13,7 +12,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_leaves
 
 from moefy.calibrate import Progress, collect_stats, token_mask
 from moefy.config import MoEConfig
@@ -22,12 +20,12 @@ from moefy.errors import (
     ConversionError,
     NoFFNFoundError,
     TraceError,
-    VerificationError,
 )
 from moefy.fit import check_finite
 from moefy.layers.moe import MoE, pop_token_ids, push_token_ids
 from moefy.passes import build, find_ffn, rewrite, trace
 from moefy.passes.base import Pass, PassResult
+from moefy.passes.verify import RunDense, Verify, describe, describe_batch, first_line, token_ids
 
 _log = logging.getLogger(__name__)
 
@@ -339,10 +337,10 @@ class Calibrate(Pass):
                 raise
             except Exception as exc:  # any failure here means the batch does not fit
                 raise ConversionError(
-                    f"calibration batch {batches} does not fit the model: {_first_line(exc)}\n"
+                    f"calibration batch {batches} does not fit the model: {first_line(exc)}\n"
                     f"Each batch must be inputs like example_inputs "
-                    f"({_describe(s.args, s.kwargs)}), with the same dtypes and the same "
-                    f"sizes except batch and sequence; got {_describe_batch(batch)}. Nothing "
+                    f"({describe(s.args, s.kwargs)}), with the same dtypes and the same "
+                    f"sizes except batch and sequence; got {describe_batch(batch)}. Nothing "
                     "was changed.") from exc
             batches += 1
             tokens = min((st.tokens for st in s.stats.values()), default=0)
@@ -452,93 +450,6 @@ class BuildAndRewrite(Pass):
         return moe
 
 
-class RunDense(Pass):
-    """dense model, example inputs ⇒ its outputs, recorded before anything changes (so that
-    verification compares with the dense model even in place). Weights not loaded (meta),
-    empty example tensors, inputs the model does not take and, for hash routers, the lack of
-    token ids are errors here."""
-
-    def __init__(self, keep: bool = True):
-        self.keep = keep
-
-    def call(self, s: _State) -> PassResult:
-        if any(p.is_meta for p in s.model.parameters()):
-            raise ConversionError("the model's weights are on the meta device (not loaded): "
-                                  "load or materialise them (model.to_empty(...) and a "
-                                  "state_dict) before converting")
-        empty = [tuple(t.shape) for t in tree_leaves((s.args, s.kwargs))
-                 if isinstance(t, torch.Tensor) and t.numel() == 0]
-        if empty:
-            raise ConversionError(f"example input(s) of shape {empty} are empty: pass example "
-                                  "inputs with at least two entries in every dimension that "
-                                  "varies (batch, sequence)")
-        if s.config.router == "hash":
-            _token_ids(s.args, s.kwargs)  # raises now, not on the converted model's first call
-        try:
-            outputs = _outputs(s.model, s.args, s.kwargs)
-        except Exception as exc:  # whatever the model raises: these inputs do not fit it
-            raise ConversionError(
-                f"{type(s.model).__name__} does not run on the example inputs "
-                f"({_describe(s.args, s.kwargs)}): {_first_line(exc)}. Pass example_inputs "
-                "matching its forward() (a tuple of tensors or a dict of keyword tensors, of "
-                "the dtypes it expects).") from exc
-        if not self.keep:
-            return PassResult(False)
-        s.reference = outputs
-        bad = [i for i, t in enumerate(s.reference)
-               if t.is_floating_point() and not torch.isfinite(t).all()]
-        if bad:
-            raise VerificationError(
-                f"the dense model's output(s) {bad} hold NaN or Inf on the example inputs, so "
-                "the conversion cannot be verified against it: pass example_inputs on which "
-                "the dense model is finite, or verify=False. Nothing was changed.")
-        return PassResult(False, {"outputs": len(s.reference)})
-
-
-class Verify(Pass):
-    """converted model ⇒ checked against the dense outputs recorded before the change.
-
-    Always: with every routed expert active (top_k = E, no capacity limit, softmax-or-sum
-    weights), the experts must reproduce the dense model — this checks the carving of the
-    weights whatever the routing. Then, where the configuration preserves the function by
-    design (upcycle or a split with top_k = E, with a router that gives each token weights
-    summing to one over whole copies and drops nothing), the model exactly as configured.
-    Otherwise its outputs are checked finite and the log says what was checked."""
-
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
-
-    def call(self, s: _State) -> PassResult:
-        if not self.enabled:
-            return PassResult(False)
-        moes = [m for m in s.target.modules() if isinstance(m, MoE)]
-        refitted = s.config.fit_steps > 0 and s.config.method == "split" and bool(s.stats)
-        if not refitted:  # a layer fit (fit_steps) retrains the experts: no longer a carve
-            with _every_expert_active(moes):
-                _compare(s.reference, _outputs(s.target, s.args, s.kwargs),
-                         "with every expert active")
-        why_not = _not_preserving(s.config)
-        got = _outputs(s.target, s.args, s.kwargs)
-        if why_not is None:
-            _compare(s.reference, got, "as configured")
-            checked = "exact: outputs equal the dense model's as configured"
-        else:
-            bad = [i for i, t in enumerate(got)
-                   if t.is_floating_point() and not torch.isfinite(t).all()]
-            if bad:
-                raise VerificationError(
-                    f"the converted model's output(s) {bad} hold NaN or Inf on the example "
-                    "inputs while the dense model's are finite")
-            checked = (f"not function-preserving by design ({why_not}): checked that "
-                       + ("" if refitted else "the experts reproduce the dense model with "
-                          "every expert active, and that ")
-                       + "the routed model's outputs are finite")
-        _log.info("verification: %s", checked)
-        for m in moes:
-            m.conversion = {**getattr(m, "conversion", {}), "verified": checked}
-        return PassResult(False, {"outputs_checked": len(got)})
-
-
 def _restore(s: _State) -> None:
     """Put the dense modules back into a model converted in place (deepest paths last, so a
     restored parent is not overwritten by its child's old module), and drop the hash hooks."""
@@ -551,92 +462,10 @@ def _restore(s: _State) -> None:
                     del hooks[key]
 
 
-def _not_preserving(config: MoEConfig) -> str | None:
-    """Why the configured routing does not reproduce the dense FFN, or None when it does."""
-    if config.capacity_factor is not None:
-        return "a capacity factor drops assignments"
-    if config.router == "expert_choice":
-        return "expert choice gives some tokens fewer experts"
-    if config.method == "split":
-        if config.top_k < config.num_experts:
-            return f"top_k={config.top_k} of {config.num_experts} experts"
-        if config.router in ("topp", "hash"):
-            return f"router={config.router!r} may leave experts out"
-        return None
-    if config.granularity > 1 and config.router in ("topp", "hash", "sigmoid"):
-        return (f"router={config.router!r} with granularity={config.granularity} may select "
-                "part of a copy")
-    return None
-
-
-@contextlib.contextmanager
-def _every_expert_active(moes: list[MoE]):
-    """Each MoE temporarily routes every token to every expert: softmax weights (sum for
-    splits), no capacity limit, compensation off (nothing is skipped)."""
-    saved = [(m, m.router_type, m.top_k, m.capacity_factor) for m in moes]
-    try:
-        for m in moes:
-            m.router_type = "softmax"
-            m.capacity_factor = None
-            m.top_k = m.num_experts
-        yield
-    finally:
-        for m, router, k, cf in saved:
-            m.router_type, m.top_k, m.capacity_factor = router, k, cf
-
-
-def _outputs(model: nn.Module, args: tuple, kwargs: dict) -> list[torch.Tensor]:
-    """The model's output tensors in eval mode, without gradients; every module's training
-    flag is restored afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            return [t for t in tree_leaves(model(*args, **kwargs))
-                    if isinstance(t, torch.Tensor)]
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
-def _compare(ref: list[torch.Tensor], got: list[torch.Tensor], how: str,
-             rtol: float = 1e-5) -> None:
-    if len(ref) != len(got):
-        raise VerificationError(f"the converted model returns {len(got)} tensors, the dense "
-                                f"model {len(ref)}")
-    for i, (r, g) in enumerate(zip(ref, got, strict=True)):
-        if not r.is_floating_point():
-            continue
-        if r.shape != g.shape:
-            raise VerificationError(f"output {i} has shape {tuple(g.shape)}, the dense model's "
-                                    f"{tuple(r.shape)}")
-        # relative to the output's largest magnitude; half precision rounds each sum anew
-        tol = rtol * 10 if r.dtype in (torch.float32, torch.float64) else 3e-2
-        scale = r.abs().max().float().clamp_min(1e-12)
-        err = ((g.float() - r.float()).abs().max() / scale).item()
-        if not err <= tol:
-            raise VerificationError(
-                f"output {i} differs from the dense model {how}: max difference {err:.2e} "
-                f"relative to its largest value (tolerance {tol:.0e} for {r.dtype}). This is a "
-                "moefy bug: please report it with the model; verify=False skips the check.")
-
-
-def _token_ids(args: tuple, kwargs: dict) -> torch.Tensor:
-    """A hash-routed model's token ids: ``input_ids``, else its first tensor argument."""
-    ids = kwargs.get("input_ids", args[0] if args else None)
-    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex():
-        raise ConversionError(
-            "router='hash' routes by token id: the model must be called with input_ids (an "
-            "integer tensor, as a keyword or its first argument); got "
-            f"{getattr(ids, 'dtype', type(ids).__name__)}. Use another router for models "
-            "without token ids.")
-    return ids
-
-
 def _push_token_ids(model: nn.Module, args: tuple, kwargs: dict) -> None:
     """Forward pre-hook of a model converted with router="hash": its token ids become those
     its hash-routed MoE layers read, until ``_pop_token_ids`` runs after the forward."""
-    push_token_ids(_token_ids(args, kwargs))
+    push_token_ids(token_ids(args, kwargs))
 
 
 def _pop_token_ids(model: nn.Module, args: tuple, output) -> None:
@@ -650,8 +479,8 @@ def _check_like_example(args: tuple, kwargs: dict, ex_args: tuple, ex_kwargs: di
     extra, missing = sorted(set(kwargs) - set(ex_kwargs)), sorted(set(ex_kwargs) - set(kwargs))
     if extra or missing or len(args) != len(ex_args):
         raise ConversionError(
-            f"its inputs ({_describe(args, kwargs)}) are not those the model was traced with "
-            f"({_describe(ex_args, ex_kwargs)}): every batch must have the same positional "
+            f"its inputs ({describe(args, kwargs)}) are not those the model was traced with "
+            f"({describe(ex_args, ex_kwargs)}): every batch must have the same positional "
             "inputs and keywords as example_inputs (when example_inputs is not given, as the "
             "first calibration batch)")
     pairs = list(zip(args, ex_args, strict=True)) + [(kwargs[k], ex_kwargs[k])
@@ -660,35 +489,9 @@ def _check_like_example(args: tuple, kwargs: dict, ex_args: tuple, ex_kwargs: di
         if isinstance(want, torch.Tensor) and (not isinstance(got, torch.Tensor) or (
                 got.dtype != want.dtype or got.dim() != want.dim())):
             raise ConversionError(
-                f"its inputs ({_describe(args, kwargs)}) differ in dtype or rank from those the "
-                f"model was traced with ({_describe(ex_args, ex_kwargs)}); convert the batch's "
+                f"its inputs ({describe(args, kwargs)}) differ in dtype or rank from those the "
+                f"model was traced with ({describe(ex_args, ex_kwargs)}); convert the batch's "
                 "tensors to the example's dtypes")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
-
-
-def _describe_batch(batch) -> str:
-    if isinstance(batch, dict):
-        return _describe((), batch)
-    if isinstance(batch, (tuple, list)):
-        return _describe(tuple(batch), {})
-    if isinstance(batch, torch.Tensor):
-        return _describe((batch,), {})
-    return f"a {type(batch).__name__}"
-
-
-def _describe(args: tuple, kwargs: dict) -> str:
-    """Shapes and dtypes of the tensors among inputs, for error messages."""
-    def one(t) -> str:
-        return (f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
-                if isinstance(t, torch.Tensor) else type(t).__name__)
-
-    parts = [one(a) for a in args] + [f"{k}={one(v)}" for k, v in kwargs.items()
-                                      if isinstance(v, torch.Tensor)]
-    return ", ".join(parts) or "no tensors"
 
 
 @dataclass
