@@ -20,12 +20,13 @@ from moefy.errors import (
     ConversionError,
     NoFFNFoundError,
     TraceError,
+    first_line,
 )
 from moefy.fit import check_finite
 from moefy.layers.moe import MoE, pop_token_ids, push_token_ids
 from moefy.passes import build, find_ffn, rewrite, trace
 from moefy.passes.base import Pass, PassResult
-from moefy.passes.verify import RunDense, Verify, describe, describe_batch, first_line, token_ids
+from moefy.passes.verify import RunDense, Verify, describe, describe_batch, token_ids
 
 _log = logging.getLogger(__name__)
 
@@ -242,7 +243,7 @@ def _make_dynamic(s: _State, units: dict) -> None:
             ep = trace.export_model(unit.module, *calls[unit.path], dynamic=True)
         except TraceError as exc:
             _log.warning("graph mode keeps %s's example sizes: %s", unit.path or "the model",
-                         str(exc).splitlines()[0])
+                         first_line(exc))
             continue
         sites = {_weights(g[0]): g for g in _by_weights(find_ffn.find_ffns(ep)[0])}
         if any(_weights(p.match) not in sites for p in plans):
@@ -285,7 +286,7 @@ def _trace_hosts(s: _State) -> dict[str, str]:
         try:
             ep = trace.export_model(module, *calls[path], dynamic=True)  # for graph mode
         except TraceError as exc:
-            untraced[path] = f"{path} alone did not export ({str(exc).splitlines()[0]})"
+            untraced[path] = f"{path} alone did not export ({first_line(exc)})"
             continue
         inner = path[len(parent.path) + 1:] if parent.path else path
         s.found = [(u, m) for u, m in s.found if u is not parent or not (
@@ -337,7 +338,8 @@ class Calibrate(Pass):
                 raise
             except Exception as exc:  # any failure here means the batch does not fit
                 raise ConversionError(
-                    f"calibration batch {batches} does not fit the model: {first_line(exc)}\n"
+                    f"calibration batch {batches} does not fit the model: "
+                    f"{type(exc).__name__}: {first_line(exc)}\n"
                     f"Each batch must be inputs like example_inputs "
                     f"({describe(s.args, s.kwargs)}), with the same dtypes and the same "
                     f"sizes except batch and sequence; got {describe_batch(batch)}. Nothing "
@@ -410,8 +412,9 @@ class BuildAndRewrite(Pass):
             swaps = []
             for p in s.plans:
                 if p.unit is unit:
-                    moe = self._moe(s, p, generator)  # one MoE for all the FFN's call sites
-                    swaps += [(site, rewrite.wrap_for(site, moe)) for site in p.sites]
+                    # one MoE (wrapped once) for all the FFN's call sites
+                    moe = rewrite.wrap_for(p.match, self._moe(s, p, generator))
+                    swaps += [(site, moe) for site in p.sites]
             gm = rewrite.keep_attributes(rewrite.rewrite_graph(gm, swaps), unit.module)
             gm.register_forward_pre_hook(rewrite.TracedCallCheck(gm), with_kwargs=True)
             if unit.path:

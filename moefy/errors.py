@@ -1,6 +1,13 @@
 """Typed errors. Each says what was wrong and what to do."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message ("" when it has none): what moefy quotes
+    when it wraps a library's error in one of its own."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
 class MoefyError(Exception):
     """Base class of moefy's errors."""
 

@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
 from moefy.calibrate import Progress
-from moefy.errors import NonFiniteLossError, TrainingInputError
+from moefy.errors import NonFiniteLossError, TrainingInputError, first_line
 from moefy.layers.moe import MoE
 from moefy.passes.trace import batch_inputs
 
@@ -176,7 +176,7 @@ def _step_loss(model: nn.Module, teacher: nn.Module, loss_fn: Callable, aux: flo
     except Exception as exc:  # whatever the teacher raises: the batch does not fit it
         raise TrainingInputError(
             f"distill: the teacher ({type(teacher).__name__}) does not run on batch {index}: "
-            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}. "
+            f"{type(exc).__name__}: {first_line(exc)}. "
             "The teacher must take the same inputs as the model (the dense model it was "
             "converted from)") from exc
     value = loss_fn(model(*args, **kwargs), target, kwargs if kwargs else args)

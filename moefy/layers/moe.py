@@ -393,8 +393,9 @@ class MoE(nn.Module):
         if x.device != w.device and w.device.type != "meta":
             raise InputError(f"MoE: input is on {x.device} but the layer is on {w.device}; "
                              f"move one of them (moe.to({str(x.device)!r}))")
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and any(
-                p.requires_grad and p.is_inference() for p in self.parameters()):
+        # one check per forward, not a walk over the parameters: they are made together
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and (
+                w.requires_grad and w.is_inference()):
             raise InputError(
                 "MoE: this layer's weights were created under torch.inference_mode() and "
                 "cannot take part in autograd; call it under torch.no_grad() or "

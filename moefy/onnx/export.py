@@ -39,6 +39,7 @@ from moefy.errors import (
     MoefyError,
     SessionError,
     TraceError,
+    first_line,
 )
 from moefy.layers.moe import MoE
 from moefy.onnx.lowering import ort_expressible, translation_table
@@ -206,12 +207,12 @@ def _export(model, path, workdir, args, kwargs, moes, notes, target, kernel, ops
         except Exception as exc:  # the exporter raises many types; report them as one
             if i + 1 < len(opsets):
                 notes.append(f"the exporter failed at opset {opset} ({type(exc).__name__}: "
-                             f"{_first_line(exc)[:200]}); exported at "
+                             f"{first_line(exc)[:200]}); exported at "
                              f"{opsets[i + 1] or 'its default opset'} instead")
                 continue
             raise ExportError(
                 f"torch.onnx could not export {type(model).__name__} for target={target!r} "
-                f"(opset {opset or 'default'}): {type(exc).__name__}: {_first_line(exc)}\n"
+                f"(opset {opset or 'default'}): {type(exc).__name__}: {first_line(exc)}\n"
                 "The model runs eagerly on these inputs, so this is a limit of the exporter: "
                 "try the other target, another opset, dynamic=False, or report the "
                 "model.") from exc
@@ -238,11 +239,6 @@ def _export(model, path, workdir, args, kwargs, moes, notes, target, kernel, ops
             raise ExportValidationError(f"the exported model does not run in ONNX Runtime: "
                                         f"{exc}") from exc
     return result
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
 
 
 def _check_example_inputs(args: tuple, kwargs: dict) -> None:
@@ -288,7 +284,7 @@ def _runs_eagerly(model: nn.Module, args: tuple, kwargs: dict) -> None:
                   for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         raise ExportInputError(
             f"export_onnx: {type(model).__name__} does not run on the example inputs "
-            f"{shapes}: {type(exc).__name__}: {_first_line(exc)}\nPass inputs that the model's "
+            f"{shapes}: {type(exc).__name__}: {first_line(exc)}\nPass inputs that the model's "
             "forward() takes (dtype, shapes and names as in training or inference).") from exc
 
 
@@ -504,7 +500,7 @@ def _compare(model: nn.Module, session: Session, names: list[str],
         # by name: an input the graph dropped (unused by the model) must not shift the others
         feeds = dict(zip(names, tensors, strict=True)) if len(names) == len(tensors) else dict(
             zip(session.input_names, tensors, strict=False))
-        got = list(session.run(feeds).values())
+        got = list(session.run(feeds, ignore_extra=True).values())  # the graph may drop some
         if len(got) != len(ref):
             raise ExportShapeError(f"the ONNX model returns {len(got)} outputs, PyTorch "
                                    f"{len(ref)}")

@@ -95,7 +95,6 @@ class FFNMatch:
     gate: Projection | None = None
     # fused gate_up: the single projection's output rows are [gate; up] (True) or [up; gate]
     fused_gate_first: bool | None = None
-    skipped: list[Node] = field(default_factory=list)  # pass-through nodes before ``down``
     # The dim of input and output holding the features: -1 (tokens × features), or 1 for
     # channels-first 1×1 convolutions (the MoE then needs its input moved to the last dim).
     channels_dim: int = -1
@@ -557,7 +556,6 @@ def _match_at(down: Projection, g: _Graph, claimed: dict[Node, FFNMatch]
     region = _elementwise_region(down.input, g)
     if isinstance(region, str):
         return reject(region)
-    _, skipped = _strip(down.input)
     gate = fused_first = None
     extra: list[Node] = []  # splitters and halves of a fused gate_up
     if len(region.leaves) == 1:
@@ -624,7 +622,7 @@ def _match_at(down: Projection, g: _Graph, claimed: dict[Node, FFNMatch]
     name = identify_activation(fn)
     return FFNMatch(name=_common_module([p.weight for p in projections]), input=up.input,
                     output=down.output, nodes=nodes, activation=name or "custom", up=up,
-                    down=down, gate=gate, fused_gate_first=fused_first, skipped=skipped,
+                    down=down, gate=gate, fused_gate_first=fused_first,
                     channels_dim=down.channels_dim,
                     activation_fn=fn if name is None else None)
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_map
 
-from moefy.errors import TraceError
+from moefy.errors import TraceError, first_line
 
 ExampleInputs = tuple | dict
 
@@ -217,7 +217,7 @@ def export_model(model: nn.Module, args: tuple, kwargs: dict, dynamic: bool = Tr
     except Exception as exc:  # export raises many types; all mean "cannot trace"
         raise TraceError(
             f"torch.export could not trace {type(model).__name__}: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}\n"
+            f"{first_line(exc)}\n"
             "Check that the model runs on the example inputs; pass example_inputs matching "
             "its forward() (a tuple of tensors or a dict of keyword tensors).") from exc
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
 from moefy.config import MoEConfig
-from moefy.errors import ConversionError, VerificationError
+from moefy.errors import ConversionError, VerificationError, first_line
 from moefy.layers.moe import MoE
 from moefy.passes.base import Pass, PassResult
 
@@ -50,9 +50,9 @@ class RunDense(Pass):
         except Exception as exc:  # whatever the model raises: these inputs do not fit it
             raise ConversionError(
                 f"{type(s.model).__name__} does not run on the example inputs "
-                f"({describe(s.args, s.kwargs)}): {first_line(exc)}. Pass example_inputs "
-                "matching its forward() (a tuple of tensors or a dict of keyword tensors, of "
-                "the dtypes it expects).") from exc
+                f"({describe(s.args, s.kwargs)}): {type(exc).__name__}: {first_line(exc)}. "
+                "Pass example_inputs matching its forward() (a tuple of tensors or a dict of "
+                "keyword tensors, of the dtypes it expects).") from exc
         if not self.keep:
             return PassResult(False)
         s.reference = dense_outputs
@@ -190,11 +190,6 @@ def token_ids(args: tuple, kwargs: dict) -> torch.Tensor:
             f"{getattr(ids, 'dtype', type(ids).__name__)}. Use another router for models "
             "without token ids.")
     return ids
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def describe_batch(batch) -> str:

@@ -135,7 +135,11 @@ def _fallback(message: str) -> bool:
 
 def _build(name: str, build_dir: Path, stamp: Path) -> bool:
     """Build in a child process under a time limit; True when the stamp is there after."""
-    build_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        build_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only or missing extensions folder: no kernel, no crash
+        return _fallback(f"cannot build the C++ decode kernels in {build_dir}: {exc} (set "
+                         "TORCH_EXTENSIONS_DIR to a writable folder)")
     spec = {"name": name, "build_dir": str(build_dir), "stamp": str(stamp),
             "sources": [str(s) for s in _SOURCES], "cflags": _CFLAGS, "ldflags": _LDFLAGS,
             "ninja_dir": _ninja_dir(), "stale_mark": _STALE_MARK}
@@ -143,9 +147,12 @@ def _build(name: str, build_dir: Path, stamp: Path) -> bool:
     lock = build_dir / "lock"
     _log.info("building the C++ decode kernels in %s (once per machine)", build_dir)
     # its own session: on timeout the whole group (ninja, the compiler) is killed
-    child = subprocess.Popen([sys.executable, "-c", _BUILD_SCRIPT, json.dumps(spec)],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             start_new_session=True)
+    try:
+        child = subprocess.Popen([sys.executable, "-c", _BUILD_SCRIPT, json.dumps(spec)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 start_new_session=True)
+    except OSError as exc:
+        return _fallback(f"cannot start the C++ decode kernel build: {exc}")
     try:
         output, _ = child.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -27,6 +27,7 @@ from moefy.errors import (
     SessionError,
     SessionInputError,
     SessionShapeError,
+    first_line,
 )
 
 DEVICES = ("cpu", "cuda")
@@ -148,7 +149,7 @@ class Session:
             outs = self._session.run(self.output_names, arrays)
         except Exception as exc:  # the inputs passed the declared checks: an error inside
             raise SessionError(f"ONNX Runtime failed running the model: {type(exc).__name__}: "
-                               f"{_first_line(exc)}") from exc
+                               f"{first_line(exc)}") from exc
         if as_torch:
             return {n: torch.from_numpy(o) for n, o in zip(self.output_names, outs, strict=True)}
         return dict(zip(self.output_names, outs, strict=True))
@@ -222,11 +223,6 @@ def _show(shape: list) -> str:
     return "[" + ", ".join(str(d) if d not in (None, "") else "?" for d in shape) + "]"
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
-
-
 def _why_not_loadable(path: Path, exc: Exception) -> str:
     """Why ONNX Runtime could not load ``path``, in words: read only after it failed."""
     import onnx
@@ -252,7 +248,7 @@ def _why_not_loadable(path: Path, exc: Exception) -> str:
                     f"(tensor {tensor.name!r} ends at byte {end}, the file has "
                     f"{data.stat().st_size}): truncated; {fix}")
     return (f"Session: ONNX Runtime could not load {path}: {type(exc).__name__}: "
-            f"{_first_line(exc)}; check that its opset and ops are ones this onnxruntime "
+            f"{first_line(exc)}; check that its opset and ops are ones this onnxruntime "
             f"version runs, or {fix}")
 
 

@@ -68,3 +68,11 @@ def test_a_damaged_library_falls_back_with_a_warning(tmp_path, monkeypatch):
     out, _ = run_child(tmp_path, timeout_s=60)
     assert "available: False" in out, out
     assert "could not load" in out and f"delete {build_dir}" in out
+
+
+def test_an_unwritable_extensions_folder_falls_back_instead_of_raising(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")  # mkdir below it fails, whoever runs the test
+    out, _ = run_child(blocker / "ext", timeout_s=60)
+    assert "available: False" in out, out
+    assert "cannot build the C++ decode kernels" in out
