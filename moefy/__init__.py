@@ -3,12 +3,12 @@
 from moefy import onnx, runtime
 from moefy.config import MoEConfig
 from moefy.convert import convert
-from moefy.layers import MoE
+from moefy.layers import PEER, MoE
 from moefy.onnx import export_onnx
 from moefy.report import report
 from moefy.training import aux_loss, distill, freeze
 
 __version__ = "0.1.0"
 
-__all__ = ["MoE", "MoEConfig", "aux_loss", "convert", "distill", "export_onnx", "freeze", "onnx",
-           "report", "runtime", "__version__"]
+__all__ = ["MoE", "MoEConfig", "PEER", "aux_loss", "convert", "distill", "export_onnx", "freeze",
+           "onnx", "report", "runtime", "__version__"]

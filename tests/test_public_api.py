@@ -3,7 +3,7 @@ import moefy
 
 def test_public_surface_is_pinned():
     assert sorted(moefy.__all__) == [
-        "MoE", "MoEConfig", "__version__", "aux_loss", "convert", "distill", "export_onnx",
+        "MoE", "MoEConfig", "PEER", "__version__", "aux_loss", "convert", "distill", "export_onnx",
         "freeze", "onnx", "report", "runtime"]
     assert sorted(moefy.runtime.__all__) == ["ExpertWeights", "Session", "expert_ffn",
                                              "reference_ffn"]

@@ -37,7 +37,8 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = [Path(__file__).with_name("csrc") / "decode.cpp"]
+_SOURCES = [Path(__file__).with_name("csrc") / name
+            for name in ("decode.cpp", "peer.cpp", "search.cpp")]
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 _DEFAULT_TIMEOUT_S = 300.0
@@ -190,3 +191,14 @@ def decode_kernels_available() -> bool:
     except OSError as exc:
         return _fallback(f"could not load {library} ({exc}); delete {build_dir} to rebuild it")
     return hasattr(torch.ops.moefy_cpu, "decode_ffn")
+
+
+def peer_kernels_available() -> bool:
+    """True once ``torch.ops.moefy_cpu.peer_forward`` / ``peer_backward`` are loaded (they
+    live in the same library as the decode kernel)."""
+    return decode_kernels_available() and hasattr(torch.ops.moefy_cpu, "peer_forward")
+
+
+def search_kernel_available() -> bool:
+    """True once ``torch.ops.moefy_cpu.peer_search`` (PEER's product-key search) is loaded."""
+    return decode_kernels_available() and hasattr(torch.ops.moefy_cpu, "peer_search")

@@ -1,0 +1,114 @@
+// PEER's product-key search for float32 CPU scores, one call for all (token, head) rows.
+//
+//   peer_search(s_a (R, n1), s_b (R, n2), k) -> (a (R, k), b (R, k))   int64 positions
+//
+// Per row: the top-k' (k' = min(k, n)) of each half's sub-key scores, then the top-k of the
+// k'·k' sums s_a[a] + s_b[b], in descending order of the sum. The caller forms the expert id
+// a·n2 + b and takes the scores by gathering (so they stay differentiable).
+//
+// torch.topk twice, a broadcast add, topk again and three gathers cost several passes over
+// memory and kernel launches per block; here each row is one pass kept in registers / L1:
+// a selection that compares each score with the current k-th best (almost always a
+// rejection), then the k'·k' sums visited in sorted order with early exits (both lists are
+// descending, so once a_i + b_j falls below the k-th best, the rest of that row of sums does
+// too, and once a_i + b_0 does, every later i does).
+//
+// NaN scores (a NaN token's) never enter a selection after it is full; such a row returns the
+// first positions it saw, and the caller's gathered scores are NaN: the token's output is NaN.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+// Keeps the k largest values seen (descending) and their positions.
+struct TopK {
+  float* val;
+  int64_t* pos;
+  int64_t k;
+  int64_t size = 0;
+
+  inline float threshold() const {
+    return size < k ? -std::numeric_limits<float>::infinity() : val[k - 1];
+  }
+
+  inline void push(float v, int64_t p) {
+    int64_t i = size < k ? size++ : k - 1;
+    while (i > 0 && val[i - 1] < v) {
+      val[i] = val[i - 1];
+      pos[i] = pos[i - 1];
+      --i;
+    }
+    val[i] = v;
+    pos[i] = p;
+  }
+};
+
+inline void select(const float* s, int64_t n, TopK& top) {
+  int64_t i = 0;
+  for (; i < n && top.size < top.k; ++i) top.push(s[i], i);
+  float thr = top.threshold();
+  for (; i < n; ++i) {
+    if (s[i] > thr) {
+      top.push(s[i], i);
+      thr = top.threshold();
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> peer_search(const at::Tensor& s_a, const at::Tensor& s_b,
+                                               int64_t k) {
+  TORCH_CHECK(s_a.dim() == 2 && s_b.dim() == 2 && s_a.size(0) == s_b.size(0),
+              "peer_search: s_a (R, n1) and s_b (R, n2) expected");
+  TORCH_CHECK(s_a.scalar_type() == at::kFloat && s_b.scalar_type() == at::kFloat,
+              "peer_search: float32 scores expected");
+  TORCH_CHECK(s_a.is_contiguous() && s_b.is_contiguous(), "peer_search: contiguous expected");
+  const int64_t rows = s_a.size(0), n1 = s_a.size(1), n2 = s_b.size(1);
+  const int64_t ka = std::min(k, n1), kb = std::min(k, n2);
+  TORCH_CHECK(k >= 1 && k <= ka * kb, "peer_search: k must be in [1, n1*n2]");
+  auto opts = s_a.options().dtype(at::kLong);
+  at::Tensor out_a = at::empty({rows, k}, opts), out_b = at::empty({rows, k}, opts);
+  const float* pa = s_a.data_ptr<float>();
+  const float* pb = s_b.data_ptr<float>();
+  int64_t* oa = out_a.data_ptr<int64_t>();
+  int64_t* ob = out_b.data_ptr<int64_t>();
+
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> va(ka), vb(kb), vc(k);
+    std::vector<int64_t> ia(ka), ib(kb), ic(k);
+    for (int64_t r = begin; r < end; ++r) {
+      TopK ta{va.data(), ia.data(), ka}, tb{vb.data(), ib.data(), kb};
+      select(pa + r * n1, n1, ta);
+      select(pb + r * n2, n2, tb);
+      TopK tc{vc.data(), ic.data(), k};  // position i·kb + j in the candidate grid
+      for (int64_t i = 0; i < ka; ++i) {
+        if (tc.size == k && !(va[i] + vb[0] > tc.threshold())) break;
+        for (int64_t j = 0; j < kb; ++j) {
+          const float v = va[i] + vb[j];
+          if (tc.size == k && !(v > tc.threshold())) break;
+          tc.push(v, i * kb + j);
+        }
+      }
+      for (int64_t j = 0; j < k; ++j) {
+        oa[r * k + j] = ia[ic[j] / kb];
+        ob[r * k + j] = ib[ic[j] % kb];
+      }
+    }
+  });
+  return {out_a, out_b};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(moefy_cpu, m) {
+  m.def("peer_search(Tensor s_a, Tensor s_b, int k) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(moefy_cpu, CPU, m) { m.impl("peer_search", peer_search); }
