@@ -370,6 +370,8 @@ class PEER(nn.Module):
         q = self._queries(x2, mask2)
         scores, ids = self._search(q)
         weights = self._weights(scores)
+        # under autocast the queries (and so the weights) may come out in a lower precision
+        weights = weights.to(x2.dtype)
         y = peer_experts(x2, ids.flatten(1), weights.flatten(1), self.down, self.up,
                          down_bias=self.down_bias, gate=self.gate, activation=self.activation,
                          sparse=self.sparse)

@@ -314,3 +314,13 @@ def test_cuda_matches_cpu(dtype):
     loss = cuda.train()(x.to("cuda", dtype)).float().square().mean()
     loss.backward()
     assert cuda.down.grad is not None and torch.isfinite(cuda.down.grad.float()).all()
+
+
+def test_runs_under_autocast():
+    layer = randomise(moefy.PEER(16, 64, heads=2, top_k=4)).eval()
+    x = torch.randn(5, 16)
+    want = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x)
+    assert got.dtype == torch.float32
+    assert (got - want).norm() < 0.1 * want.norm()
