@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-METHODS = ("upcycle", "split")
+METHODS = ("upcycle", "split", "peer")
 PARTITIONS = ("contiguous", "random", "kmeans", "coactivation")
 ROUTERS = ("softmax", "noisy", "sigmoid", "topp", "expert_choice", "hash")
 ROUTER_INITS = ("similarity", "representative", "fit")
@@ -16,10 +16,15 @@ class MoEConfig:
     """Conversion settings, validated on construction.
 
     Args:
-        method: "upcycle" (E copies of the FFN, a new router) or "split" (the FFN's neurons
-            partitioned into E experts; the experts sum to the dense FFN).
-        num_experts: routed experts per FFN.
-        top_k: experts per token.
+        method: "upcycle" (E copies of the FFN, a new router), "split" (the FFN's neurons
+            partitioned into E experts; the experts sum to the dense FFN) or "peer" (each of
+            the FFN's d_ff neurons becomes a single-neuron expert of a ``moefy.PEER`` layer,
+            N = d_ff padded to a product-key grid n1 × n2 with inert experts; product keys
+            and query fitted to retrieve the neurons the FFN activates most, see
+            ``moefy.passes.peer``).
+        num_experts: routed experts per FFN (split, upcycle; peer: unused, N follows d_ff).
+        top_k: experts per token (peer: neurons per head; the active fraction is
+            peer_heads · top_k / d_ff).
         shared_experts: always-on experts (split: carved from the FFN's neurons).
         partition: split only — "contiguous", "random", "kmeans" (balanced, on normalised
             input-weight rows) or "coactivation" (neurons that fire together, from
@@ -57,6 +62,15 @@ class MoEConfig:
             ``skip`` drops them.
         keep_first / keep_last: leave this many FFNs (in model order) dense.
         seed: random seed for routers and random partitions.
+        peer_heads: peer only — query heads (default 1). Heads share one set of keys; for
+            conversion each head owns a block of grid rows, so no neuron is retrieved twice
+            (with weight 1 per neuron a duplicate would count twice).
+        peer_key_dim: peer only — query / key width d (even). Default 2·max(n1, n2): the
+            fitted row and column scores then factor exactly into keys and queries.
+        peer_fit_steps: peer only — Adam steps that fit keys and query to rank the neurons
+            as the dense FFN activates them on calibration tokens (needs calibration_data).
+            Default: 200 with calibration_data, else 0 (keys and query from the weights
+            alone).
         calibration_tokens: read ``calibration_data`` until each FFN has seen this many
             tokens (default 2^20), then stop and
             log it: an endless stream (a repeating iterator) cannot hang the conversion.
@@ -85,6 +99,9 @@ class MoEConfig:
     keep_last: int = 0
     seed: int = 0
     calibration_tokens: int | None = 1 << 20
+    peer_heads: int | None = None
+    peer_key_dim: int | None = None
+    peer_fit_steps: int | None = None
 
     def __post_init__(self):
         def positive(name: str, allow_zero: bool = False) -> None:
@@ -107,7 +124,17 @@ class MoEConfig:
             positive(name, allow_zero=True)
         if self.calibration_tokens is not None:
             positive("calibration_tokens")
-        if self.top_k > self.num_experts:
+        for name in ("peer_heads", "peer_key_dim", "peer_fit_steps"):
+            if getattr(self, name) is not None:
+                if self.method != "peer":
+                    raise ValueError(f"MoEConfig.{name} applies to method='peer' only")
+                positive(name, allow_zero=name == "peer_fit_steps")
+        if self.peer_key_dim is not None and self.peer_key_dim % 2:
+            raise ValueError(f"MoEConfig.peer_key_dim must be even (two half-keys), got "
+                             f"{self.peer_key_dim}")
+        if self.method == "peer":
+            self._check_peer()
+        elif self.top_k > self.num_experts:
             raise ValueError(
                 f"MoEConfig.top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
         if self.granularity > 1:
@@ -140,3 +167,17 @@ class MoEConfig:
             raise ValueError("MoEConfig.shared_experts applies to method='split' only")
         if isinstance(self.only, str) or isinstance(self.skip, str):
             raise ValueError("MoEConfig.only / skip take a list of glob patterns, not a string")
+
+    def _check_peer(self) -> None:
+        """Settings of the other methods that a PEER conversion cannot honour."""
+        unused = [("shared_experts", 0), ("capacity_factor", None), ("router", "softmax"),
+                  ("router_init", None), ("compensate", None), ("compensate_rank", None),
+                  ("fit_steps", 0), ("partition", "kmeans")]
+        for name, default in unused:
+            if getattr(self, name) != default and not (name == "compensate" and
+                                                       self.compensate is False):
+                raise ValueError(
+                    f"MoEConfig.{name}={getattr(self, name)!r} does not apply to method='peer' "
+                    f"(leave it at {default!r}): PEER retrieves single-neuron experts with "
+                    "fitted product keys; its settings are top_k, peer_heads, peer_key_dim, "
+                    "peer_fit_steps")

@@ -24,7 +24,8 @@ from moefy.errors import (
 )
 from moefy.fit import check_finite
 from moefy.layers.moe import MoE, pop_token_ids, push_token_ids
-from moefy.passes import build, find_ffn, rewrite, trace
+from moefy.layers.peer import PEER
+from moefy.passes import build, find_ffn, peer, rewrite, trace
 from moefy.passes.base import Pass, PassResult
 from moefy.passes.verify import RunDense, Verify, describe, describe_batch, token_ids
 
@@ -34,7 +35,8 @@ _log = logging.getLogger(__name__)
 def convert(model: nn.Module, config: MoEConfig, *, example_inputs=None, calibration_data=None,
             inplace: bool = False, verify: bool = True, explain: bool = False,
             progress: bool | None = None) -> nn.Module:
-    """Rewrite every feed-forward block of ``model`` into a ``moefy.MoE``.
+    """Rewrite every feed-forward block of ``model`` into a ``moefy.MoE`` (``moefy.PEER`` for
+    ``method="peer"``).
 
     Args:
         model: a dense model (Hugging Face models need no example inputs).
@@ -44,7 +46,8 @@ def convert(model: nn.Module, config: MoEConfig, *, example_inputs=None, calibra
             streamed once in bounded memory (padding tokens are skipped via
             ``attention_mask``). Split conversions then choose shared experts by activation
             frequency, group neurons that fire together (``partition="coactivation"``),
-            compensate skipped experts by their mean output and fit the router.
+            compensate skipped experts by their mean output and fit the router; PEER
+            conversions fit their product keys and query on them.
         inplace: change ``model`` itself instead of a copy.
         verify: where the method preserves the function (upcycle; split with
             top_k == num_experts), check the converted model's outputs against the dense one.
@@ -78,7 +81,10 @@ def convert(model: nn.Module, config: MoEConfig, *, example_inputs=None, calibra
     if calibration_data is None and config.fit_steps and config.method == "split":
         raise ConversionError(f"fit_steps={config.fit_steps} trains each layer on calibration "
                               "tokens: pass calibration_data, or fit_steps=0")
-    existing = [name for name, m in model.named_modules() if isinstance(m, MoE)]
+    if calibration_data is None and config.peer_fit_steps:
+        raise ConversionError(f"peer_fit_steps={config.peer_fit_steps} fits PEER's keys and query "
+                              "on calibration tokens: pass calibration_data, or peer_fit_steps=0")
+    existing = [name for name, m in model.named_modules() if isinstance(m, (MoE, PEER))]
     if existing:
         raise AlreadyConvertedError(
             f"the model already holds {len(existing)} moefy MoE layer(s) ({', '.join(existing[:4])}"
@@ -163,7 +169,7 @@ class TraceUnits(Pass):
     def call(self, s: _State) -> PassResult:
         # static shapes (2-4x faster to export) unless calibration batches of other sizes
         # will run through the graphs; graph-mode units are exported again, dynamic
-        calibrating = s.calibration_data is not None and s.config.method == "split"
+        calibrating = s.calibration_data is not None and s.config.method in ("split", "peer")
         s.units = trace.trace_units(s.model, s.args, s.kwargs, dynamic=calibrating)
         return PassResult(False, {"graphs": len(s.units)})
 
@@ -319,14 +325,16 @@ class CheckBeforeChange(Pass):
         for p in s.plans:
             dense = build.dense_weights(p.unit.module, p.match)
             build.check_divisible(p.plan.name, dense, s.config)
+            if s.config.method == "peer":
+                peer.check_peer(p.plan.name, dense, s.config)
         return PassResult(False, {"checked": len(s.plans)})
 
 
 class Calibrate(Pass):
-    """calibration batches ⇒ per-FFN activation statistics (split only)."""
+    """calibration batches ⇒ per-FFN activation statistics (split and peer)."""
 
     def call(self, s: _State) -> PassResult:
-        if s.calibration_data is None or s.config.method != "split":
+        if s.calibration_data is None or s.config.method not in ("split", "peer"):
             return PassResult(False)
         batches = 0
         progress = Progress("calibration", s.progress)
@@ -439,11 +447,13 @@ class BuildAndRewrite(Pass):
         return PassResult(True, {"moe": len(s.plans), "graph_units": len(graph_units)})
 
     @staticmethod
-    def _moe(s: _State, p: _Planned, generator: torch.Generator) -> MoE:
+    def _moe(s: _State, p: _Planned, generator: torch.Generator) -> MoE | PEER:
         dense = build.dense_weights(p.unit.module, p.match)
+        stats = s.stats.get(f"{p.unit.path}:{p.match.output.name}")
         if s.config.method == "split":
-            stats = s.stats.get(f"{p.unit.path}:{p.match.output.name}")
             moe = build.split(dense, s.config, generator, stats)
+        elif s.config.method == "peer":
+            moe = peer.build_peer(dense, s.config, generator, stats)
         else:
             moe = build.upcycle(dense, s.config, generator)
         check_finite(moe, p.plan.name)  # before it goes anywhere near the model

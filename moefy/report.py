@@ -5,6 +5,8 @@ each MoE is from its all-experts function.
                      FFN FLOP fraction; with data: tokens, expert usage, unevenness
                      KL(load ‖ uniform), busiest expert's share, relative error vs every
                      expert active (the dense FFN, for splits), dropped assignments
+                   ⇒ one row per PEER: the same columns, k = heads×top_k; with data, usage
+                     and unevenness as PEER's Table 2 defines them (over real experts)
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch.nn as nn
 from moefy.calibrate import token_mask
 from moefy.errors import MissingDependencyError, ReportInputError
 from moefy.layers.moe import MoE
+from moefy.layers.peer import PEER
 from moefy.passes.trace import batch_inputs
 
 
@@ -33,12 +36,23 @@ def report(model: nn.Module, data=None, *, heatmap: str | Path | None = None) ->
     """One row per MoE layer: name, method, E, k, shared, parameters total / active per
     token, FFN FLOP fraction (active FFN work per token relative to the dense FFN).
 
+    A ``moefy.PEER`` layer gets a row too: k is heads×top_k, parameters active per token
+    count its query network and all sub-keys, and its FLOP fraction counts retrieval (query,
+    sub-key scores) with the h·k single-neuron experts. With data its load is PEER's z
+    (Table 2): zᵢ = Σ_x gᵢ(x), the routing weights of expert i summed over heads and tokens
+    (from ``layer.route`` on the layer's inputs), normalised to sum 1 over the real experts;
+    usage = share of real experts with zᵢ > 0, unevenness = log N + Σ zᵢ log zᵢ. An expert
+    whose parameters are all zero (the padding a conversion adds to reach a grid: it computes
+    0 and, as act(0) = 0, never trains) is not a real expert. PEER has no all-experts
+    reference (rel err "—") and drops nothing.
+
     With ``data`` (an iterable of model inputs; padding skipped via ``attention_mask``) each
     row adds: tokens seen, usage (share of experts that got any token), unevenness
     KL(z ‖ uniform) of the routed weight mass z (0 = perfectly even; PEER's measure), the
     busiest expert's share, and the relative error ‖y − y_all‖ / ‖y_all‖ of the layer's output
     against the same layer with every expert active — for a split before training that is
     the dense FFN. ``heatmap``: also write a PNG of the load, one labelled row per MoE layer
+    (PEER layers are left out: their load is in ``layers``)
     and one column per expert, with a colour bar (needs matplotlib: ``pip install
     'moefy[plot]'``). Bad arguments raise ``moefy.errors.ReportInputError`` before any data
     is run.
@@ -55,26 +69,30 @@ def report(model: nn.Module, data=None, *, heatmap: str | Path | None = None) ->
         raise ReportInputError(
             f"report: data must be an iterable of batches (a list of input tuples or dicts, "
             f"or a DataLoader), got {type(data).__name__}; one batch x is [(x,)]")
-    moes = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+    # every layer of experts, in model order
+    moes = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE | PEER)]
     if heatmap is not None:  # everything the heatmap needs is checked before measuring
         if data is None:
             raise ReportInputError("report: heatmap needs data to measure the load")
-        if not moes:
+        if not any(isinstance(m, MoE) for _, m in moes):
             raise ReportInputError(f"report: heatmap: {type(model).__name__} holds no "
-                                   "moefy.MoE layer")
+                                   "moefy.MoE layer (the heatmap draws MoE layers only; a "
+                                   "PEER's load is in report(...).layers)")
         heatmap = _heatmap_path(heatmap)
         _figure_class()
-    layers = [_static_row(name, m) for name, m in moes]
+    layers = [_static_row(name, m) if isinstance(m, MoE) else _peer_row(name, m)
+              for name, m in moes]
     if data is not None:
         _measure(model, [m for _, m in moes], layers, data)
     if heatmap is not None:
-        write_heatmap(heatmap, [row["load"] for row in layers], [row["name"] for row in layers])
+        drawn = [row for row, (_, m) in zip(layers, moes, strict=True) if isinstance(m, MoE)]
+        write_heatmap(heatmap, [row["load"] for row in drawn], [row["name"] for row in drawn])
     cols = ["name", "method", "E", "k", "shared", "params", "active", "FFN FLOPs"]
     if any(row["calib skipped"] for row in layers):  # calibration tokens left out as faulty
         cols.append("calib skipped")
     if data is not None:
         cols += ["tokens", "usage", "uneven", "max load", "rel err", "dropped"]
-    rows = [cols] + [[_fmt(row[c]) for c in cols] for row in layers]
+    rows = [cols] + [[_fmt(row[c], c) for c in cols] for row in layers]
     widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
     text = Report("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
                             for r in rows))
@@ -82,9 +100,11 @@ def report(model: nn.Module, data=None, *, heatmap: str | Path | None = None) ->
     return text
 
 
-def _fmt(v) -> str:
+def _fmt(v, col: str = "") -> str:
     if v is None:
         return "—"
+    if col == "usage":  # a share of experts, written as PEER's Table 2 does
+        return f"{v:.1%}"
     if isinstance(v, float):
         return f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}"
     return str(v)
@@ -105,8 +125,43 @@ def _static_row(name: str, m: MoE) -> dict:
             "calib skipped": info.get("calibration_skipped", 0)}
 
 
+def _peer_row(name: str, m: PEER) -> dict:
+    info = getattr(m, "conversion", {})
+    slots = m.heads * m.top_k  # single-neuron experts per token (heads may share some)
+    per_neuron = m.hidden_size * (3 if m.gated else 2)  # weights one expert touches
+    # retrieval: the query network (and its BatchNorm) and every sub-key, for every token
+    retrieval = sum(p.numel() for p in m.query.parameters()) + m.keys_a.numel() + (
+        m.keys_b.numel())
+    if m.query_norm is not None:
+        retrieval += m.query_norm.weight.numel() + m.query_norm.bias.numel()
+    active = slots * per_neuron + retrieval + (0 if m.down_bias is None else slots) + (
+        0 if m.out_bias is None else m.hidden_size)
+    dense_size = info.get("dense_ffn_size")
+    n1, n2 = m.grid
+    # multiply-adds per token: experts, query GEMM, sub-key scores (h·(n₁+n₂)·d/2)
+    work = (slots * per_neuron + m.hidden_size * m.heads * m.key_dim
+            + m.heads * (n1 + n2) * m.key_dim // 2)
+    frac = ("—" if dense_size is None
+            else f"{work / (dense_size * per_neuron):.0%}")
+    total = sum(p.numel() for p in m.parameters())
+    return {"name": info.get("name", name), "method": info.get("method", "peer"),
+            "E": m.num_experts, "k": f"{m.heads}×{m.top_k}", "shared": 0,
+            "params": f"{total / 1e6:.2f}M", "active": f"{active / 1e6:.2f}M",
+            "FFN FLOPs": frac, "calib skipped": info.get("calibration_skipped", 0)}
+
+
+def real_experts(m: PEER) -> torch.Tensor:
+    """(N,) bool: False for an expert whose parameters are all exactly zero — the padding a
+    conversion adds to reach a grid (it computes 0, and as act(0) = 0 it gets no gradient)."""
+    live = m.down.detach().ne(0).any(1) | m.up.detach().ne(0).any(1)
+    for p in (m.gate, m.down_bias):
+        if p is not None:
+            live |= p.detach().ne(0).reshape(m.num_experts, -1).any(1)
+    return live.cpu()
+
+
 @torch.no_grad()
-def _measure(model: nn.Module, moes: list[MoE], layers: list[dict], data) -> None:
+def _measure(model: nn.Module, moes: list[MoE | PEER], layers: list[dict], data) -> None:
     E = [m.num_experts for m in moes]
     mass = [torch.zeros(e, dtype=torch.float64) for e in E]
     err = [[0.0, 0.0] for _ in moes]  # Σ‖y − y_all‖², Σ‖y_all‖²
@@ -133,8 +188,23 @@ def _measure(model: nn.Module, moes: list[MoE], layers: list[dict], data) -> Non
             tokens[i] += x.shape[0]
         return hook
 
-    handles = [m.register_forward_hook(hook_for(i, m), with_kwargs=True)
-               for i, m in enumerate(moes)]
+    def peer_hook_for(i, m):
+        def hook(module, args, kwargs, out):
+            x = (args[0] if args else kwargs["x"]).reshape(-1, m.hidden_size)
+            keep = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+            if mask[0] is not None and mask[0].numel() == x.shape[0]:
+                keep &= mask[0].to(x.device)
+            own = kwargs.get("mask", args[1] if len(args) > 1 else None)  # PEER's own padding
+            if own is not None:
+                keep &= own.reshape(-1).to(x.device)
+            route = m.route(x)  # (T, heads, k) ids and weights g_i(x)
+            ids, weights = route.ids[keep], route.weights[keep]
+            mass[i].index_add_(0, ids.reshape(-1).cpu(), weights.reshape(-1).double().cpu())
+            tokens[i] += int(keep.sum())
+        return hook
+
+    handles = [m.register_forward_hook((peer_hook_for if isinstance(m, PEER) else hook_for)(
+        i, m), with_kwargs=True) for i, m in enumerate(moes)]
     modes = [(m, m.training) for m in model.modules()]
     batches = 0
     try:
@@ -153,17 +223,24 @@ def _measure(model: nn.Module, moes: list[MoE], layers: list[dict], data) -> Non
     if not batches:
         raise ReportInputError("report: data yielded no batches")
     for i, row in enumerate(layers):
+        peer = isinstance(moes[i], PEER)
+        # Table 2 over the real experts only (padding is not an expert); load stays by id
+        real = real_experts(moes[i]) if peer else torch.ones(E[i], dtype=torch.bool)
+        mass[i][~real] = 0.0
+        if peer:
+            E[i] = int(real.sum())
+            row["experts"] = E[i]
         total = float(mass[i].sum())
-        z = (mass[i] / total).float() if total > 0 else torch.zeros(E[i])
+        z = (mass[i] / total).float() if total > 0 else torch.zeros(real.numel())
         nz = z[z > 0]
         seen = tokens[i] > 0  # a layer that saw no token has no usage or error to report
         row.update({
             "tokens": tokens[i],
-            "usage": float((z > 0).float().mean()) if seen else None,
+            "usage": float((z[real] > 0).float().mean()) if seen and E[i] else None,
             "uneven": float(math.log(E[i]) + (nz * nz.log()).sum()) if total > 0 else None,
             "max load": float(z.max()) if total > 0 else None,
-            "rel err": (math.sqrt(err[i][0] / err[i][1]) if err[i][1] > 0
-                        else 0.0 if seen and err[i][0] == 0 else None),
+            "rel err": None if peer else (math.sqrt(err[i][0] / err[i][1]) if err[i][1] > 0
+                                          else 0.0 if seen and err[i][0] == 0 else None),
             "dropped": dropped[i],
             "load": z,
         })

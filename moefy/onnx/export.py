@@ -3,6 +3,7 @@
     model, example inputs ──checked, run once eagerly──▶ (a typed error before any export)
           ──torch.export under no_grad (batch / sequence dims dynamic)──▶ ExportedProgram
           ──torch.onnx (dynamo) + moefy::expert_ffn lowered per target──▶ ONNX model
+            (a PEER layer needs no lowering: its retrieval and experts trace to standard ops)
           ──declared input / output dims fixed where the program has a static size──▶
           ──onnx.checker (full) → shape inference → ONNX Runtime vs PyTorch on the example
             inputs and on inputs of another token count──▶ file (written only when it passed)
@@ -42,6 +43,7 @@ from moefy.errors import (
     first_line,
 )
 from moefy.layers.moe import MoE
+from moefy.layers.peer import PEER
 from moefy.onnx.lowering import ort_expressible, translation_table
 from moefy.passes.trace import export_model, split_inputs
 from moefy.runtime.session import Session
@@ -69,12 +71,13 @@ class ExportResult:
 
     path: Path
     target: str
-    moe_layers: int
+    moe_layers: int  # layers of experts: moefy.MoE and moefy.PEER
     opset: int
-    kernel: str
+    kernel: str  # how MoE experts run; PEER layers are standard ops under every kernel
     max_diff: list[float] = field(default_factory=list)  # per validation input, relative
     tolerance: float | None = None
     notes: list[str] = field(default_factory=list)
+    peer_layers: int = 0  # how many of moe_layers are PEER
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, *,
@@ -83,8 +86,17 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
     """Export ``model`` to ONNX with every MoE lowered for ``target``.
 
     Args:
-        model: a model holding ``moefy.MoE`` layers (a model with none exports as plain
-            ``torch.onnx`` would, with a warning).
+        model: a model holding ``moefy.MoE`` or ``moefy.PEER`` layers (a model with none
+            exports as plain ``torch.onnx`` would, with a warning). A PEER layer exports as
+            standard ops under every target: query ``Gemm`` (its eval BatchNorm folded in),
+            sub-key ``MatMul``s, ``TopK`` (k static) per half, the k² candidate sums (``Add``
+            with broadcast), ``TopK``, ids by integer ``Div`` / ``Mod``, ``GatherElements``,
+            the weights (``Softmax`` / ``Sigmoid``), then ``Gather`` of each retrieved
+            expert's rows, ``MatMul``s and a weighted sum, slots of weight 0 masked
+            (``Where``); the tables are initializers. The model is exported in eval mode (its
+            training flags are restored afterwards): a PEER's query BatchNorm with its
+            running statistics, folded into plain ops (a note says so for a layer that was
+            training).
         path: the .onnx file to write; nothing is left there when export or validation fails.
         example_inputs: a tuple of positional tensors or a dict of keyword tensors
             (optional for Hugging Face models).
@@ -152,10 +164,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
         raise ExportInputError(f"export_onnx: cannot write {path}: {parent} is not a writable "
                                "directory; create it first or choose another path")
     moes = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
-    notes = _check_lowerable(moes, target, kernel)
-    if not moes:
-        warnings.warn(f"{type(model).__name__} holds no moefy.MoE layer: exporting it as plain "
-                      "torch.onnx would", stacklevel=2)
+    peers = [(name, m) for name, m in model.named_modules() if isinstance(m, PEER)]
+    notes = _check_lowerable(moes, target, kernel) + _check_peers(peers, kernel)
+    if not moes and not peers:
+        warnings.warn(f"{type(model).__name__} holds no moefy.MoE or moefy.PEER layer: "
+                      "exporting it as plain torch.onnx would", stacklevel=2)
     try:
         args, kwargs = split_inputs(model, example_inputs)
     except MoefyError as exc:  # the tracer's wording, under export's own error type
@@ -175,6 +188,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
             with _workdir(parent) as workdir:
                 result = _export(model, path, workdir, args, kwargs, moes, notes, target,
                                  kernel, opsets, dynamic, validate)
+                result.moe_layers += len(peers)
+                result.peer_layers = len(peers)
                 _publish(workdir, parent)
         return result
     finally:
@@ -427,6 +442,28 @@ def _check_lowerable(moes: list[tuple[str, MoE]], target: str, kernel: str) -> l
                 notes.append(f"{name or type(m).__name__}: ONNX Runtime's MoE computes GELU in "
                              "its tanh form; this layer uses erf-GELU (difference per "
                              "activation ≤ 5e-4)")
+    return notes
+
+
+def _check_peers(peers: list[tuple[str, PEER]], kernel: str) -> list[str]:
+    """Refuse, before anything is traced, PEER layers the export cannot validate; return
+    notes saying how the PEER layers export."""
+    if not peers:
+        return []
+    for name, m in peers:
+        if m.down.dtype != torch.float32:
+            raise ExportInputError(f"{name or 'PEER'}: export_onnx exports float32 PEER layers, "
+                                   f"this one is {m.down.dtype}; export model.float()")
+    names = ", ".join(name or type(m).__name__ for name, m in peers)
+    notes = [f"{len(peers)} PEER layer(s) ({names}): product-key retrieval (TopK, k static) "
+             "and the retrieved experts (Gather, weighted sum) exported as standard ONNX ops"
+             + ("; kernel 'moe_op' (com.microsoft.MoE) applies to moefy.MoE layers only"
+                if kernel == "moe_op" else "")]
+    # export_onnx exports the eval-mode function (as for every module); for PEER that means
+    # the query BatchNorm with its running statistics, not the batch's
+    notes += [f"{name or type(m).__name__}: in training mode; exported in eval mode (query "
+              "BatchNorm with its running statistics, folded into plain ops)"
+              for name, m in peers if m.training and m.query_norm is not None]
     return notes
 
 

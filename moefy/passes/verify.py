@@ -18,7 +18,9 @@ from torch.utils._pytree import tree_leaves
 from moefy.config import MoEConfig
 from moefy.errors import ConversionError, VerificationError, first_line
 from moefy.layers.moe import MoE
+from moefy.layers.peer import PEER
 from moefy.passes.base import Pass, PassResult
+from moefy.passes.peer import all_experts
 
 _log = logging.getLogger("moefy.convert")
 
@@ -83,12 +85,13 @@ class Verify(Pass):
         if not self.enabled:
             return PassResult(False)
         moes = [m for m in s.target.modules() if isinstance(m, MoE)]
+        peers = [m for m in s.target.modules() if isinstance(m, PEER)]
         refitted = s.config.fit_steps > 0 and s.config.method == "split" and bool(s.stats)
         if not refitted:  # a layer fit (fit_steps) retrains the experts: no longer a carve
-            with _every_expert_active(moes):
+            with _every_expert_active(moes), _every_peer_expert_active(peers):
                 _compare(s.reference, outputs(s.target, s.args, s.kwargs),
                          "with every expert active")
-        why_not = _not_preserving(s.config)
+        why_not = _not_preserving(s.config) or _peer_not_preserving(peers)
         got = outputs(s.target, s.args, s.kwargs)
         if why_not is None:
             _compare(s.reference, got, "as configured")
@@ -105,7 +108,7 @@ class Verify(Pass):
                           "every expert active, and that ")
                        + "the routed model's outputs are finite")
         _log.info("verification: %s", checked)
-        for m in moes:
+        for m in moes + peers:
             m.conversion = {**getattr(m, "conversion", {}), "verified": checked}
         return PassResult(False, {"outputs_checked": len(got)})
 
@@ -116,6 +119,8 @@ def _not_preserving(config: MoEConfig) -> str | None:
         return "a capacity factor drops assignments"
     if config.router == "expert_choice":
         return "expert choice gives some tokens fewer experts"
+    if config.method == "peer":
+        return None  # per layer: _peer_not_preserving
     if config.method == "split":
         if config.top_k < config.num_experts:
             return f"top_k={config.top_k} of {config.num_experts} experts"
@@ -126,6 +131,30 @@ def _not_preserving(config: MoEConfig) -> str | None:
         return (f"router={config.router!r} with granularity={config.granularity} may select "
                 "part of a copy")
     return None
+
+
+def _peer_not_preserving(peers: list[PEER]) -> str | None:
+    """Why converted PEER layers do not reproduce their dense FFNs, or None when each
+    retrieves all of its N experts (heads · top_k = N: each head owns a block of rows)."""
+    short = [m for m in peers if m.heads * m.top_k < m.num_experts]
+    if not short:
+        return None
+    m = short[0]
+    return (f"PEER retrieves heads·top_k = {m.heads * m.top_k} of {m.num_experts} "
+            "single-neuron experts per token")
+
+
+@contextlib.contextmanager
+def _every_peer_expert_active(peers: list[PEER]):
+    """Each PEER layer temporarily evaluates all N experts at weight 1 straight from its
+    tables (no retrieval): a converted FFN's carving must then give the dense FFN."""
+    try:
+        for m in peers:
+            m.forward = (lambda layer: lambda x, mask=None: all_experts(layer, x))(m)
+        yield
+    finally:
+        for m in peers:
+            m.__dict__.pop("forward", None)
 
 
 @contextlib.contextmanager
