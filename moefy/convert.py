@@ -84,6 +84,17 @@ def convert(model: nn.Module, config: MoEConfig, *, example_inputs=None, calibra
     if calibration_data is None and config.peer_fit_steps:
         raise ConversionError(f"peer_fit_steps={config.peer_fit_steps} fits PEER's keys and query "
                               "on calibration tokens: pass calibration_data, or peer_fit_steps=0")
+    if _fits_with_gradients(config, calibration_data) and (
+            torch.is_inference_mode_enabled()
+            or any(p.is_inference() for p in model.parameters())):
+        where = ("convert was called under torch.inference_mode()"
+                 if torch.is_inference_mode_enabled() else
+                 "the model's weights are inference tensors (made under torch.inference_mode())")
+        raise ConversionError(
+            f"{where}, and this conversion fits routers or keys with gradients on the "
+            "calibration data, which inference mode forbids: call convert under "
+            "torch.no_grad() instead (and build the model outside inference_mode), or set "
+            "fit_steps=0 with router_init other than 'fit' (split) / peer_fit_steps=0 (peer)")
     existing = [name for name, m in model.named_modules() if isinstance(m, (MoE, PEER))]
     if existing:
         raise AlreadyConvertedError(
@@ -98,6 +109,14 @@ def convert(model: nn.Module, config: MoEConfig, *, example_inputs=None, calibra
     with _CONVERTING:  # torch.export is not thread-safe: one conversion at a time
         return _convert(model, config, example_inputs, calibration_data, inplace, verify,
                         explain, progress)
+
+
+def _fits_with_gradients(config: MoEConfig, calibration_data) -> bool:
+    if calibration_data is None:
+        return False
+    if config.method == "split":
+        return config.fit_steps > 0 or config.router_init in (None, "fit")
+    return config.method == "peer" and config.peer_fit_steps != 0
 
 
 _CONVERTING = threading.RLock()  # re-entrant: a calibration generator may itself convert

@@ -637,3 +637,29 @@ def test_convert_inside_a_calibration_generator_does_not_deadlock():
 
     moefy.convert(model, moefy.MoEConfig(method="split", num_experts=4, top_k=2),
                   example_inputs=inputs, calibration_data=batches())
+
+
+class _TwoLayerFFN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(16, 64)
+        self.down = torch.nn.Linear(64, 16)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.gelu(self.up(x)))
+
+
+@pytest.mark.parametrize("config", (
+    moefy.MoEConfig(method="split", num_experts=4, top_k=2),  # router_init "fit" with data
+    moefy.MoEConfig(method="peer", top_k=16),  # keys and query fitted with data
+))
+def test_fitting_conversions_refuse_inference_mode_before_any_change(config):
+    model = _TwoLayerFFN()
+    before = copy.deepcopy(model.state_dict())
+    data = [(torch.randn(256, 16),)]
+    with torch.inference_mode(), pytest.raises(ConversionError, match="inference_mode"):
+        moefy.convert(model, config, calibration_data=data, inplace=True)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():  # the way out the message gives
+        converted = moefy.convert(model, config, calibration_data=data)
+    assert converted(torch.randn(3, 16)).shape == (3, 16)

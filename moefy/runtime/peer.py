@@ -20,12 +20,13 @@ passes no gradient, in every implementation.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from moefy.activations import ACTIVATIONS, Activation, get_activation
-from moefy.errors import InputError
+from moefy.errors import InputError, TrainingInputError
 from moefy.runtime._kernels import peer_kernels_available
 
 # Gathered rows one chunk of the PyTorch path may hold at once (per table it gathers).
@@ -197,6 +198,22 @@ def _table_grad(uniq: Tensor, values: Tensor, size: torch.Size, sparse: bool) ->
     return values.new_zeros(size).index_copy_(0, uniq, values)
 
 
+def first_order(backward):
+    """For a hand-written backward with no derivative of its own. Under ``create_graph=True``
+    (a gradient penalty, Hessian-vector products) its result would carry no graph and the
+    second-order terms would silently vanish (torch's ``once_differentiable`` catches that
+    only when the incoming gradient itself requires grad): a clear error instead."""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise TrainingInputError(
+                "moefy's PEER kernels have no second derivative: a backward with "
+                "create_graph=True (gradient penalties, double backward) is not supported; "
+                "take first-order gradients only")
+        return backward(ctx, *grads)
+    return wrapper
+
+
 class _PeerKernel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ids, weights, down, up, down_bias, gate, activation, sparse):
@@ -208,7 +225,7 @@ class _PeerKernel(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_y):
         x, ids, weights, down, up, down_bias, gate, pre, gpre = ctx.saved_tensors
         need_x, _, need_w, need_down, need_up, need_bias, need_gate = ctx.needs_input_grad[:7]
@@ -225,6 +242,8 @@ class _PeerKernel(torch.autograd.Function):
                 None, None)
 
 
+
+
 # --------------------------------------------------------------------------- PyTorch paths
 
 
@@ -239,7 +258,7 @@ class _GatherScalars(torch.autograd.Function):
         return table[ids]
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad):
         (ids,) = ctx.saved_tensors
         flat, g = ids.reshape(-1), grad.reshape(-1)
@@ -258,7 +277,7 @@ class _CoalescedGrad(torch.autograd.Function):
         return table.view_as(table)
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad):
         return grad.coalesce() if grad.is_sparse else grad
 

@@ -242,6 +242,7 @@ def test_state_dict_round_trip_and_deepcopy():
     (dict(num_experts=64, query_norm="layer"), "query_norm"),
     (dict(num_experts=64, heads=0), "heads"),
     (dict(num_experts=64, activation=torch.nn.GELU()), "name"),
+    (dict(num_experts=64, activation=torch.tanh), "name"),
 ))
 def test_bad_configuration(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -324,3 +325,70 @@ def test_runs_under_autocast():
         got = layer(x)
     assert got.dtype == torch.float32
     assert (got - want).norm() < 0.1 * want.norm()
+
+
+def test_trains_under_autocast():
+    layer = randomise(moefy.PEER(16, 64, heads=2, top_k=4)).train()
+    x = torch.randn(7, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().square().mean().backward()
+    for p in (x, layer.keys_a, layer.keys_b, layer.query.weight, layer.down):
+        assert p.grad is not None and p.grad.dtype == p.dtype and torch.isfinite(p.grad).all()
+
+
+def test_second_order_gradients_are_refused_not_silently_dropped():
+    layer = randomise(moefy.PEER(16, 64, heads=2, top_k=4)).eval()
+    x = torch.randn(5, 16, requires_grad=True)
+    with pytest.raises(moefy.errors.TrainingInputError, match="create_graph"):
+        torch.autograd.grad(layer(x).sum(), x, create_graph=True)
+
+
+def test_a_nan_token_in_training_leaves_other_tokens_and_statistics_finite():
+    layer = randomise(moefy.PEER(16, 64, heads=2, top_k=4)).train()
+    x = torch.randn(6, 16)
+    clean = copy.deepcopy(layer)
+    want = clean(torch.cat([x[:2], x[3:]]))
+    x[2] = float("nan")
+    y = layer(x)
+    assert torch.isnan(y[2]).all()
+    torch.testing.assert_close(torch.cat([y[:2], y[3:]]), want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(layer.query_norm.running_mean, clean.query_norm.running_mean)
+    assert torch.isfinite(layer.eval()(torch.randn(3, 16))).all()
+
+
+def test_layer_built_in_inference_mode_trains_its_statistics_under_no_grad():
+    with torch.inference_mode():
+        layer = moefy.PEER(16, 64, heads=2, top_k=4)
+    before = layer.query_norm.running_mean.clone()
+    with torch.no_grad():
+        layer(torch.randn(8, 16) + 3)
+    assert not torch.equal(layer.query_norm.running_mean, before)
+
+
+@pytest.mark.parametrize("norm", ("momentum_none", "untracked"))
+def test_other_batchnorm_settings(norm):
+    layer = randomise(moefy.PEER(16, 64, heads=2, top_k=4))
+    if norm == "momentum_none":  # a cumulative average
+        layer.query_norm.momentum = None
+        x = torch.randn(10, 16)
+        layer.train()(x)
+        q = layer.query(x)
+        torch.testing.assert_close(layer.query_norm.running_mean, q.mean(0).detach())
+    else:
+        layer.query_norm = torch.nn.BatchNorm1d(layer.heads * layer.key_dim,
+                                                track_running_stats=False)
+        x = torch.randn(10, 16)
+        torch.testing.assert_close(layer.eval()(x), layer.train()(x))
+
+
+def test_sparse_gradients_stay_sparse_under_torch_compile():
+    layer = randomise(moefy.PEER(16, 64, heads=2, top_k=4, sparse=True))
+    x = torch.randn(5, 16)
+    compiled = torch.compile(layer, backend="eager")
+    compiled(x).square().sum().backward()
+    assert layer.down.grad.is_sparse and layer.up.grad.is_sparse
+    got = layer.down.grad.to_dense()
+    layer.down.grad = None
+    layer(x).square().sum().backward()
+    torch.testing.assert_close(got, layer.down.grad.to_dense())

@@ -1,6 +1,7 @@
 // PEER's product-key search for float32 CPU scores, one call for all (token, head) rows.
 //
 //   peer_search(s_a (R, n1), s_b (R, n2), k) -> (a (R, k), b (R, k))   int64 positions
+//   peer_key_grad(rows (R, d), pos (R, k), g (R, k), n) -> (n, d)       its sparse backward
 //
 // Per row: the top-k' (k' = min(k, n)) of each half's sub-key scores, then the top-k of the
 // k'·k' sums s_a[a] + s_b[b], in descending order of the sum. The caller forms the expert id
@@ -19,9 +20,11 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <functional>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -51,7 +54,42 @@ struct TopK {
   }
 };
 
-inline void select(const float* s, int64_t n, TopK& top) {
+constexpr int64_t kBlock = 16;
+
+// The k largest of s[0..n). With n >= 2k: the maxima of blocks of 16 come first (a vectorised
+// pass); the k-th largest block maximum is a lower bound of the k-th largest score (k blocks
+// each hold a score at least that high), so only blocks whose maximum reaches it are visited,
+// and few of their scores pass it. Otherwise, a plain insertion scan.
+inline void select(const float* s, int64_t n, TopK& top, float* block_max) {
+  const int64_t blocks = n / kBlock;
+  if (blocks >= 2 * top.k) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float* p = s + b * kBlock;
+      float m = p[0];
+      for (int64_t j = 1; j < kBlock; ++j) m = p[j] > m ? p[j] : m;
+      // a NaN first score: +inf keeps nth_element's ordering valid (and falls back below)
+      block_max[b] = m == m ? m : std::numeric_limits<float>::infinity();
+    }
+    float* kth = block_max + blocks;  // scratch copy for the selection
+    std::copy(block_max, block_max + blocks, kth);
+    std::nth_element(kth, kth + (top.k - 1), kth + blocks, std::greater<float>());
+    const float bound = kth[top.k - 1];
+    if (bound == bound) {  // not NaN
+      for (int64_t b = 0; b < blocks; ++b) {
+        if (!(block_max[b] >= bound)) continue;
+        const float* p = s + b * kBlock;
+        for (int64_t j = 0; j < kBlock; ++j) {
+          if (p[j] >= bound && (top.size < top.k || p[j] > top.threshold()))
+            top.push(p[j], b * kBlock + j);
+        }
+      }
+      for (int64_t i = blocks * kBlock; i < n; ++i) {
+        if (top.size < top.k || s[i] > top.threshold()) top.push(s[i], i);
+      }
+      if (top.size == top.k) return;
+      top.size = 0;  // fewer than k passed (not possible without NaN): start over plainly
+    }
+  }
   int64_t i = 0;
   for (; i < n && top.size < top.k; ++i) top.push(s[i], i);
   float thr = top.threshold();
@@ -81,12 +119,12 @@ std::tuple<at::Tensor, at::Tensor> peer_search(const at::Tensor& s_a, const at::
   int64_t* ob = out_b.data_ptr<int64_t>();
 
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-    std::vector<float> va(ka), vb(kb), vc(k);
+    std::vector<float> va(ka), vb(kb), vc(k), scratch(2 * (std::max(n1, n2) / kBlock + 1));
     std::vector<int64_t> ia(ka), ib(kb), ic(k);
     for (int64_t r = begin; r < end; ++r) {
       TopK ta{va.data(), ia.data(), ka}, tb{vb.data(), ib.data(), kb};
-      select(pa + r * n1, n1, ta);
-      select(pb + r * n2, n2, tb);
+      select(pa + r * n1, n1, ta, scratch.data());
+      select(pb + r * n2, n2, tb, scratch.data());
       TopK tc{vc.data(), ic.data(), k};  // position i·kb + j in the candidate grid
       for (int64_t i = 0; i < ka; ++i) {
         if (tc.size == k && !(va[i] + vb[0] > tc.threshold())) break;
@@ -105,10 +143,59 @@ std::tuple<at::Tensor, at::Tensor> peer_search(const at::Tensor& s_a, const at::
   return {out_a, out_b};
 }
 
+// The gradient of one sub-key table: out[i] = sum over the (row r, slot j) pairs with
+// pos[r, j] == i of g[r, j] * rows[r]. The pairs are counting-sorted by sub-key (n is small),
+// then each sub-key's sum is made by one task: no atomics, no (R·k, d) temporary. A pair of
+// gradient exactly 0 adds nothing (it is skipped, so an inf in its row cannot make a NaN).
+at::Tensor peer_key_grad(const at::Tensor& rows, const at::Tensor& pos, const at::Tensor& g,
+                         int64_t n) {
+  TORCH_CHECK(rows.dim() == 2 && pos.dim() == 2 && g.sizes() == pos.sizes() &&
+                  pos.size(0) == rows.size(0),
+              "peer_key_grad: rows (R, d), pos (R, k), g (R, k) expected");
+  TORCH_CHECK(rows.scalar_type() == at::kFloat && g.scalar_type() == at::kFloat &&
+                  pos.scalar_type() == at::kLong,
+              "peer_key_grad: float32 rows and g, int64 pos expected");
+  TORCH_CHECK(rows.is_contiguous() && pos.is_contiguous() && g.is_contiguous(),
+              "peer_key_grad: contiguous inputs expected");
+  const int64_t k = pos.size(1), d = rows.size(1), pairs = pos.numel();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  const float* pg = g.data_ptr<float>();
+  const float* pr = rows.data_ptr<float>();
+  std::vector<int64_t> start(n + 1, 0), order(pairs);
+  for (int64_t p = 0; p < pairs; ++p) {
+    TORCH_CHECK(pp[p] >= 0 && pp[p] < n, "peer_key_grad: position out of range");
+    ++start[pp[p] + 1];
+  }
+  for (int64_t i = 0; i < n; ++i) start[i + 1] += start[i];
+  {
+    std::vector<int64_t> next(start.begin(), start.end() - 1);
+    for (int64_t p = 0; p < pairs; ++p) order[next[pp[p]]++] = p;
+  }
+  at::Tensor out = at::zeros({n, d}, rows.options());
+  float* po = out.data_ptr<float>();
+  at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float* acc = po + i * d;
+      for (int64_t q = start[i]; q < start[i + 1]; ++q) {
+        const int64_t p = order[q];
+        const float w = pg[p];
+        if (w == 0.f) continue;
+        const float* row = pr + (p / k) * d;
+        for (int64_t c = 0; c < d; ++c) acc[c] += w * row[c];
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(moefy_cpu, m) {
   m.def("peer_search(Tensor s_a, Tensor s_b, int k) -> (Tensor, Tensor)");
+  m.def("peer_key_grad(Tensor rows, Tensor pos, Tensor g, int n) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(moefy_cpu, CPU, m) { m.impl("peer_search", peer_search); }
+TORCH_LIBRARY_IMPL(moefy_cpu, CPU, m) {
+  m.impl("peer_search", peer_search);
+  m.impl("peer_key_grad", peer_key_grad);
+}
