@@ -13,6 +13,10 @@ Rows:
   a dense SwiGLU FFN of width 2 × 14336; the ratio dispatch / dense GEMM;
 - decode at 1 and 8 tokens: time, and the bandwidth reached on the expert weights actually
   read (the distinct experts the tokens chose), as a fraction of the measured copy bandwidth.
+- PEER (``benchmarks/bench_peer.py --device cuda --dtype bfloat16``, issue 12's size): its
+  whole table printed first, then forward and forward+backward against the ideal time of the
+  unavoidable FLOPs at this GPU's bf16 GEMM rate, and the speed-up over the straightforward
+  version that materialises the gathered weights.
 
 Without CUDA it prints why and exits with status 0 (nothing to check); with failing tests it
 exits with status 1.
@@ -158,6 +162,24 @@ def bench_decode(rows: list[tuple[str, str]], ew, bandwidth: float) -> None:
                      f"{reached / bandwidth:.0%} of copy bandwidth"))
 
 
+def bench_peer(rows: list[tuple[str, str]]) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_peer as peer
+
+    print()
+    res = peer.main(["--device", "cuda", "--dtype", "bfloat16"])  # prints its own table
+    fwd, train = res["whole"]["forward"], res["whole"]["fwd+bwd"]
+    ideal = res["ideal"]
+    rows.append(("PEER bf16 (N 1024², H 256, h 8, k 16, T 2048): forward / ideal",
+                 f"{fwd['moefy.PEER'] / ideal:.2f} ({fwd['moefy.PEER'] * 1e3:.2f} ms, ideal "
+                 f"{ideal * 1e3:.2f} ms at {res['rate'] / 1e12:.0f} TFLOP/s)"))
+    rows.append(("PEER bf16: forward+backward / ideal",
+                 f"{train['moefy.PEER'] / ideal:.2f} ({train['moefy.PEER'] * 1e3:.2f} ms)"))
+    rows.append(("PEER bf16: speed-up over materialised gathers (fwd, fwd+bwd)",
+                 f"{fwd['straightforward'] / fwd['moefy.PEER']:.2f}×, "
+                 f"{train['straightforward'] / train['moefy.PEER']:.2f}×"))
+
+
 def print_table(title: str, rows: list[tuple[str, str]]) -> None:
     width = max(len(name) for name, _ in rows)
     print(f"\n{title}")
@@ -202,6 +224,11 @@ def main() -> int:
             bench_decode(rows, ew, bandwidth)
         except RuntimeError as exc:
             rows.append(("decode", f"failed: {str(exc).splitlines()[0]}"))
+            ok = False
+        try:
+            bench_peer(rows)
+        except (RuntimeError, ValueError) as exc:  # torch.cuda.OutOfMemoryError, moefy errors
+            rows.append(("PEER bf16", f"failed: {str(exc).splitlines()[0]}"))
             ok = False
     rows.append(("wall time", f"{time.perf_counter() - start:.0f} s"))
     print_table(title, rows)
