@@ -54,36 +54,54 @@ struct TopK {
   }
 };
 
-constexpr int64_t kBlock = 16;
+// 16 floats: one AVX-512 register, two AVX2 ones; GCC/Clang lower it to what the target has.
+typedef float v16 __attribute__((vector_size(64)));
+constexpr int64_t kLanes = 16;
+constexpr int64_t kGroup = kLanes * kLanes;  // 16 vectors of 16 scores
 
-// The k largest of s[0..n). With n >= 2k: the maxima of blocks of 16 come first (a vectorised
-// pass); the k-th largest block maximum is a lower bound of the k-th largest score (k blocks
-// each hold a score at least that high), so only blocks whose maximum reaches it are visited,
-// and few of their scores pass it. Otherwise, a plain insertion scan.
-inline void select(const float* s, int64_t n, TopK& top, float* block_max) {
-  const int64_t blocks = n / kBlock;
-  if (blocks >= 2 * top.k) {
-    for (int64_t b = 0; b < blocks; ++b) {
-      const float* p = s + b * kBlock;
-      float m = p[0];
-      for (int64_t j = 1; j < kBlock; ++j) m = p[j] > m ? p[j] : m;
-      // a NaN first score: +inf keeps nth_element's ordering valid (and falls back below)
-      block_max[b] = m == m ? m : std::numeric_limits<float>::infinity();
+inline v16 load16(const float* p) {
+  v16 v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// The k largest of s[0..n). The scores are cut into subsets — in each group of 256, lane l
+// of its 16 vectors — whose maxima come from lane-wise vector maxima. The k-th largest subset
+// maximum is a lower bound of the k-th largest score (k subsets each hold a score at least
+// that high), so only subsets whose maximum reaches it are visited, and few of their scores
+// pass it. Short rows (fewer than 2k subsets): a plain insertion scan.
+inline void select(const float* s, int64_t n, TopK& top, float* subset_max) {
+  const int64_t groups = n / kGroup, subsets = groups * kLanes;
+  if (subsets >= 2 * top.k) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* p = s + g * kGroup;
+      v16 m = load16(p);
+      for (int64_t j = 1; j < kLanes; ++j) {
+        const v16 v = load16(p + j * kLanes);
+        m = v > m ? v : m;
+      }
+      for (int64_t l = 0; l < kLanes; ++l) {
+        // a NaN maximum: +inf keeps nth_element's ordering valid (and falls back below)
+        subset_max[g * kLanes + l] = m[l] == m[l] ? m[l] : std::numeric_limits<float>::infinity();
+      }
     }
-    float* kth = block_max + blocks;  // scratch copy for the selection
-    std::copy(block_max, block_max + blocks, kth);
-    std::nth_element(kth, kth + (top.k - 1), kth + blocks, std::greater<float>());
+    float* kth = subset_max + subsets;  // scratch copy for the selection
+    std::copy(subset_max, subset_max + subsets, kth);
+    std::nth_element(kth, kth + (top.k - 1), kth + subsets, std::greater<float>());
     const float bound = kth[top.k - 1];
     if (bound == bound) {  // not NaN
-      for (int64_t b = 0; b < blocks; ++b) {
-        if (!(block_max[b] >= bound)) continue;
-        const float* p = s + b * kBlock;
-        for (int64_t j = 0; j < kBlock; ++j) {
-          if (p[j] >= bound && (top.size < top.k || p[j] > top.threshold()))
-            top.push(p[j], b * kBlock + j);
+      for (int64_t g = 0; g < groups; ++g) {
+        for (int64_t l = 0; l < kLanes; ++l) {
+          if (!(subset_max[g * kLanes + l] >= bound)) continue;
+          const float* p = s + g * kGroup + l;
+          for (int64_t j = 0; j < kLanes; ++j) {
+            const float v = p[j * kLanes];
+            if (v >= bound && (top.size < top.k || v > top.threshold()))
+              top.push(v, g * kGroup + j * kLanes + l);
+          }
         }
       }
-      for (int64_t i = blocks * kBlock; i < n; ++i) {
+      for (int64_t i = groups * kGroup; i < n; ++i) {
         if (top.size < top.k || s[i] > top.threshold()) top.push(s[i], i);
       }
       if (top.size == top.k) return;
@@ -119,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor> peer_search(const at::Tensor& s_a, const at::
   int64_t* ob = out_b.data_ptr<int64_t>();
 
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-    std::vector<float> va(ka), vb(kb), vc(k), scratch(2 * (std::max(n1, n2) / kBlock + 1));
+    std::vector<float> va(ka), vb(kb), vc(k), scratch(2 * (std::max(n1, n2) / kLanes + 1));
     std::vector<int64_t> ia(ka), ib(kb), ic(k);
     for (int64_t r = begin; r < end; ++r) {
       TopK ta{va.data(), ia.data(), ka}, tb{vb.data(), ib.data(), kb};
