@@ -13,8 +13,8 @@ import torch
 import torch.nn as nn
 
 from moefy.activations import get_activation
-from moefy.errors import InputError
 from moefy.layers import routers
+from moefy.layers.inputs import check_layer_input
 from moefy.layers.routers import ROUTERS, Selection
 from moefy.runtime import ops as _ops  # noqa: F401  (registers torch.ops.moefy.*)
 from moefy.runtime.dispatch import ExpertRunner
@@ -378,28 +378,7 @@ class MoE(nn.Module):
                     self.selection_bias = self.selection_bias + step
 
     def _flatten(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise InputError(f"MoE expects a tensor of shape (..., {self.hidden_size}), got "
-                             f"{type(x).__name__}")
-        if x.dim() == 0 or x.shape[-1] != self.hidden_size:
-            raise InputError(
-                f"MoE expects input of shape (..., {self.hidden_size}), got {tuple(x.shape)}")
-        w = self.w_in
-        if x.dtype != w.dtype:
-            fix = (f"cast the input (x.to({w.dtype})) or the layer (moe.to({x.dtype}))"
-                   if x.is_floating_point() else f"pass floating-point input (x.to({w.dtype}))")
-            raise InputError(f"MoE: input is {x.dtype} but the layer's weights are {w.dtype}; "
-                             f"{fix}")
-        if x.device != w.device and w.device.type != "meta":
-            raise InputError(f"MoE: input is on {x.device} but the layer is on {w.device}; "
-                             f"move one of them (moe.to({str(x.device)!r}))")
-        # one check per forward, not a walk over the parameters: they are made together
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and (
-                w.requires_grad and w.is_inference()):
-            raise InputError(
-                "MoE: this layer's weights were created under torch.inference_mode() and "
-                "cannot take part in autograd; call it under torch.no_grad() or "
-                "torch.inference_mode(), or rebuild it outside inference mode")
+        check_layer_input(x, self.hidden_size, self.w_in, "MoE", "moe")
         return x.reshape(-1, self.hidden_size)
 
     def __getstate__(self):

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from moefy.activations import get_activation
 from moefy.errors import InputError
+from moefy.layers.inputs import check_layer_input
 from moefy.runtime.peer import advise_huge_pages, first_order, peer_experts
 
 SCORES = ("softmax", "sigmoid", "none")
@@ -469,27 +470,7 @@ class PEER(nn.Module):
 
     def _flatten(self, x: torch.Tensor, mask: torch.Tensor | None
                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if not isinstance(x, torch.Tensor):
-            raise InputError(f"PEER expects a tensor of shape (..., {self.hidden_size}), got "
-                             f"{type(x).__name__}")
-        if x.dim() == 0 or x.shape[-1] != self.hidden_size:
-            raise InputError(
-                f"PEER expects input of shape (..., {self.hidden_size}), got {tuple(x.shape)}")
-        w = self.down
-        if x.dtype != w.dtype:
-            fix = (f"cast the input (x.to({w.dtype})) or the layer (peer.to({x.dtype}))"
-                   if x.is_floating_point() else f"pass floating-point input (x.to({w.dtype}))")
-            raise InputError(f"PEER: input is {x.dtype} but the layer's weights are {w.dtype}; "
-                             f"{fix}")
-        if x.device != w.device and w.device.type != "meta":
-            raise InputError(f"PEER: input is on {x.device} but the layer is on {w.device}; "
-                             f"move one of them (peer.to({str(x.device)!r}))")
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling() and (
-                w.requires_grad and w.is_inference()):
-            raise InputError(
-                "PEER: this layer's weights were created under torch.inference_mode() and "
-                "cannot take part in autograd; call it under torch.no_grad() or "
-                "torch.inference_mode(), or rebuild it outside inference mode")
+        check_layer_input(x, self.hidden_size, self.down, "PEER", "peer")
         x2 = x.reshape(-1, self.hidden_size)
         if mask is None:
             return x2, None
