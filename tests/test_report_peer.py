@@ -9,6 +9,7 @@ import torch.nn as nn
 
 import moefy
 from moefy.report import real_experts
+from tests.passes.models import PreNormResidual as Block
 
 
 def forced_layer():
@@ -126,16 +127,6 @@ def test_routing_over_data_matches_a_brute_force_oracle_and_skips_padding():
     own = moefy.report(OwnMask(layer), [{"x": x, "pad": attention_mask.bool()},
                                         {"x": x[:1]}]).layers[0]
     assert own["tokens"] == 14 and own["uneven"] == pytest.approx(uneven, rel=1e-5)
-
-
-class Block(nn.Module):
-    def __init__(self, ffn):
-        super().__init__()
-        self.norm = nn.LayerNorm(16)
-        self.ffn = ffn
-
-    def forward(self, x):
-        return x + self.ffn(self.norm(x))
 
 
 def small_model():

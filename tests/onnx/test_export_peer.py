@@ -11,6 +11,7 @@ import torch.nn as nn
 import moefy
 from moefy.errors import ExportInputError
 from moefy.onnx import check_tensorrt_ops
+from tests.passes.models import PreNormResidual as Block
 
 # (target, layer options): the paper's layer, sigmoid + gated + biases, a converted FFN's
 # unweighted sum, no BatchNorm; top_k 6 above a half's 4 sub-keys (k' = min(k, n) per half)
@@ -84,16 +85,6 @@ def test_topk_is_static(tmp_path):
     topks = [n for n in graph.node if n.op_type == "TopK"]
     assert len(topks) == 3  # half A, half B, the k² candidates
     assert all(n.input[1] in constants for n in topks)
-
-
-class Block(nn.Module):
-    def __init__(self, ffn):
-        super().__init__()
-        self.norm = nn.LayerNorm(16)
-        self.ffn = ffn
-
-    def forward(self, x):
-        return x + self.ffn(self.norm(x))
 
 
 def small_model():

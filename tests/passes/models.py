@@ -244,3 +244,15 @@ def architecture_configs():
                                        num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2),
                      tf.Wav2Vec2Model, 2),
     }
+
+
+class PreNormResidual(nn.Module):
+    """x + ffn(LayerNorm(x)): a transformer block's FFN half, around any FFN or MoE layer."""
+
+    def __init__(self, ffn: nn.Module, width: int = 16):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.ffn = ffn
+
+    def forward(self, x):
+        return x + self.ffn(self.norm(x))
