@@ -392,3 +392,21 @@ def test_sparse_gradients_stay_sparse_under_torch_compile():
     layer.down.grad = None
     layer(x).square().sum().backward()
     torch.testing.assert_close(got, layer.down.grad.to_dense())
+
+
+@pytest.mark.parametrize("n1,n2,k", ((1024, 1024, 16), (300, 517, 16), (1000, 40, 7),
+                                     (512, 512, 1), (64, 64, 16)))
+def test_search_kernel_on_ties_infinities_and_ragged_rows(n1, n2, k):
+    from moefy.runtime._kernels import search_kernel_available
+    if not search_kernel_available():
+        pytest.skip("C++ kernels unavailable (MOEFY_NO_EXT=1 or no compiler)")
+    g = torch.Generator().manual_seed(n1 + k)
+    s_a, s_b = torch.randn(400, n1, generator=g), torch.randn(400, n2, generator=g)
+    s_a[:40] = s_a[:40].round()  # many ties
+    s_a[40:50] = -float("inf")
+    s_a[40:50, :3] = 1.0  # fewer finite scores than k in one half
+    a, b = torch.ops.moefy_cpu.peer_search(s_a, s_b, k)
+    got = s_a.gather(1, a) + s_b.gather(1, b)
+    want = (s_a[:, :, None] + s_b[:, None, :]).flatten(1).topk(k, dim=1).values
+    torch.testing.assert_close(got, want)
+    assert (got[:, :-1] >= got[:, 1:]).all()  # descending

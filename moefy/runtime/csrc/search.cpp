@@ -57,7 +57,6 @@ struct TopK {
 // 16 floats: one AVX-512 register, two AVX2 ones; GCC/Clang lower it to what the target has.
 typedef float v16 __attribute__((vector_size(64)));
 constexpr int64_t kLanes = 16;
-constexpr int64_t kGroup = kLanes * kLanes;  // 16 vectors of 16 scores
 
 inline v16 load16(const float* p) {
   v16 v;
@@ -65,47 +64,35 @@ inline v16 load16(const float* p) {
   return v;
 }
 
-// The k largest of s[0..n). The scores are cut into subsets — in each group of 256, lane l
-// of its 16 vectors — whose maxima come from lane-wise vector maxima. The k-th largest subset
-// maximum is a lower bound of the k-th largest score (k subsets each hold a score at least
-// that high), so only subsets whose maximum reaches it are visited, and few of their scores
-// pass it. Short rows (fewer than 2k subsets): a plain insertion scan.
-inline void select(const float* s, int64_t n, TopK& top, float* subset_max) {
-  const int64_t groups = n / kGroup, subsets = groups * kLanes;
-  if (subsets >= 2 * top.k) {
-    for (int64_t g = 0; g < groups; ++g) {
-      const float* p = s + g * kGroup;
-      v16 m = load16(p);
-      for (int64_t j = 1; j < kLanes; ++j) {
-        const v16 v = load16(p + j * kLanes);
-        m = v > m ? v : m;
-      }
-      for (int64_t l = 0; l < kLanes; ++l) {
-        // a NaN maximum: +inf keeps nth_element's ordering valid (and falls back below)
-        subset_max[g * kLanes + l] = m[l] == m[l] ? m[l] : std::numeric_limits<float>::infinity();
-      }
+// The k largest of s[0..n), for k <= 16 and n >= 256: a bound first, then only the scores
+// that reach it. Lane l's maximum over the 16-float vectors of the row is the maximum of the
+// subset {s[l], s[16 + l], s[32 + l], ...}; the smallest of the 16 lane maxima is a lower bound
+// of the 16th (so of the k-th) largest score, found without a branch. The scores that reach it
+// (a few percent of a row) are appended branch-free to a buffer, and only those are ranked.
+// Anything else (short rows, k > 16, a NaN bound): a plain insertion scan.
+inline void select(const float* s, int64_t n, TopK& top, float* buf_v, int64_t* buf_i) {
+  const int64_t vecs = n / kLanes;
+  if (top.k <= kLanes && vecs >= 2 * kLanes) {
+    v16 m = load16(s);
+    for (int64_t j = 1; j < vecs; ++j) {
+      const v16 v = load16(s + j * kLanes);
+      m = v > m ? v : m;
     }
-    float* kth = subset_max + subsets;  // scratch copy for the selection
-    std::copy(subset_max, subset_max + subsets, kth);
-    std::nth_element(kth, kth + (top.k - 1), kth + subsets, std::greater<float>());
-    const float bound = kth[top.k - 1];
-    if (bound == bound) {  // not NaN
-      for (int64_t g = 0; g < groups; ++g) {
-        for (int64_t l = 0; l < kLanes; ++l) {
-          if (!(subset_max[g * kLanes + l] >= bound)) continue;
-          const float* p = s + g * kGroup + l;
-          for (int64_t j = 0; j < kLanes; ++j) {
-            const float v = p[j * kLanes];
-            if (v >= bound && (top.size < top.k || v > top.threshold()))
-              top.push(v, g * kGroup + j * kLanes + l);
-          }
+    float bound = m[0];
+    for (int64_t l = 1; l < kLanes; ++l) bound = m[l] < bound ? m[l] : bound;
+    if (bound == bound) {  // not NaN (a NaN score would make the lane maxima unreliable)
+      int64_t count = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        buf_v[count] = s[i];
+        buf_i[count] = i;
+        count += s[i] >= bound;
+      }
+      if (count >= top.k) {
+        for (int64_t c = 0; c < count; ++c) {
+          if (top.size < top.k || buf_v[c] > top.threshold()) top.push(buf_v[c], buf_i[c]);
         }
+        return;
       }
-      for (int64_t i = groups * kGroup; i < n; ++i) {
-        if (top.size < top.k || s[i] > top.threshold()) top.push(s[i], i);
-      }
-      if (top.size == top.k) return;
-      top.size = 0;  // fewer than k passed (not possible without NaN): start over plainly
     }
   }
   int64_t i = 0;
@@ -137,12 +124,12 @@ std::tuple<at::Tensor, at::Tensor> peer_search(const at::Tensor& s_a, const at::
   int64_t* ob = out_b.data_ptr<int64_t>();
 
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-    std::vector<float> va(ka), vb(kb), vc(k), scratch(2 * (std::max(n1, n2) / kLanes + 1));
-    std::vector<int64_t> ia(ka), ib(kb), ic(k);
+    std::vector<float> va(ka), vb(kb), vc(k), buf_v(std::max(n1, n2) + 1);
+    std::vector<int64_t> ia(ka), ib(kb), ic(k), buf_i(std::max(n1, n2) + 1);
     for (int64_t r = begin; r < end; ++r) {
       TopK ta{va.data(), ia.data(), ka}, tb{vb.data(), ib.data(), kb};
-      select(pa + r * n1, n1, ta, scratch.data());
-      select(pb + r * n2, n2, tb, scratch.data());
+      select(pa + r * n1, n1, ta, buf_v.data(), buf_i.data());
+      select(pb + r * n2, n2, tb, buf_v.data(), buf_i.data());
       TopK tc{vc.data(), ic.data(), k};  // position i·kb + j in the candidate grid
       for (int64_t i = 0; i < ka; ++i) {
         if (tc.size == k && !(va[i] + vb[0] > tc.threshold())) break;
