@@ -22,7 +22,7 @@ class MoEConfig:
             N = d_ff padded to a product-key grid n1 × n2 with inert experts; product keys
             and query fitted to retrieve the neurons the FFN activates most, see
             ``moefy.passes.peer``).
-        num_experts: routed experts per FFN (split, upcycle; peer: unused, N follows d_ff).
+        num_experts: routed experts per FFN (split, upcycle; peer: leave it, N follows d_ff).
         top_k: experts per token (peer: neurons per head; the active fraction is
             peer_heads · top_k / d_ff).
         shared_experts: always-on experts (split: carved from the FFN's neurons).
@@ -172,7 +172,8 @@ class MoEConfig:
         """Settings of the other methods that a PEER conversion cannot honour."""
         unused = [("shared_experts", 0), ("capacity_factor", None), ("router", "softmax"),
                   ("router_init", None), ("compensate", None), ("compensate_rank", None),
-                  ("fit_steps", 0), ("partition", "kmeans")]
+                  ("fit_steps", 0), ("partition", "kmeans"), ("num_experts", 16),
+                  ("top_p", 0.5), ("granularity", 1)]
         for name, default in unused:
             if getattr(self, name) != default and not (name == "compensate" and
                                                        self.compensate is False):

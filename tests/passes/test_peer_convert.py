@@ -176,6 +176,8 @@ BAD_CONFIGS = (
     (dict(method="peer", peer_fit_steps=-1), "peer_fit_steps"),
     (dict(method="split", peer_heads=2), "peer_heads"),
     (dict(method="peer", top_k=0), "top_k"),
+    (dict(method="peer", num_experts=4), "num_experts"),
+    (dict(method="peer", top_p=0.3), "top_p"),
 )
 
 
