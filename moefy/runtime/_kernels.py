@@ -39,6 +39,7 @@ import torch
 
 _SOURCES = [Path(__file__).with_name("csrc") / name
             for name in ("decode.cpp", "peer.cpp", "search.cpp")]
+_HEADERS = [Path(__file__).with_name("csrc") / "common.h"]  # in the digest, not compiled alone
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 _DEFAULT_TIMEOUT_S = 300.0
@@ -87,7 +88,7 @@ def library_name() -> str:
     h = hashlib.sha1()
     for part in (_cpu_flags(), torch.__version__, sys.version, " ".join(_CFLAGS + _LDFLAGS)):
         h.update(part.encode())
-    for source in _SOURCES:
+    for source in _SOURCES + _HEADERS:
         h.update(source.read_bytes())
     return f"moefy_cpu_{h.hexdigest()[:12]}"
 

@@ -17,6 +17,8 @@
 #include <c10/util/Optional.h>
 #include <torch/library.h>
 
+#include "common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -25,21 +27,6 @@
 namespace {
 
 constexpr int64_t kMaxTokens = 64;
-
-// 16 floats: one AVX-512 register, two AVX2 ones; GCC/Clang lower it to what the target has.
-typedef float v16 __attribute__((vector_size(64)));
-
-inline v16 load16(const float* p) {
-  v16 v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline float hsum(v16 v) {
-  float s = 0.f;
-  for (int l = 0; l < 16; ++l) s += v[l];
-  return s;
-}
 
 // out[t] = dot(row, X + t * ldx) for t < TT: the row is loaded once per 16 columns and
 // multiplied into TT register accumulators; with few tokens, R independent accumulators per
@@ -84,35 +71,6 @@ inline void dots(const float* row, const float* X, int64_t ldx, int64_t n, int64
     t += 2;
   }
   if (t < T) multi_dot<1>(row, X + t * ldx, ldx, n, out + t);
-}
-
-enum class Act { relu, gelu, gelu_tanh, silu, squared_relu, quick_gelu, hardswish };
-
-Act parse_activation(const std::string& name) {
-  if (name == "relu") return Act::relu;
-  if (name == "gelu") return Act::gelu;
-  if (name == "gelu_tanh") return Act::gelu_tanh;
-  if (name == "silu") return Act::silu;
-  if (name == "squared_relu") return Act::squared_relu;
-  if (name == "quick_gelu") return Act::quick_gelu;
-  if (name == "hardswish") return Act::hardswish;
-  TORCH_CHECK(false, "moefy decode kernel: unknown activation '", name, "'");
-}
-
-inline float activate(Act act, float v) {
-  switch (act) {
-    case Act::relu: return v > 0.f ? v : 0.f;
-    case Act::gelu: return 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f));
-    case Act::gelu_tanh: {
-      const float inner = 0.79788456080286536f * (v + 0.044715f * v * v * v);
-      return 0.5f * v * (1.f + std::tanh(inner));
-    }
-    case Act::silu: return v / (1.f + std::exp(-v));
-    case Act::squared_relu: return v > 0.f ? v * v : 0.f;
-    case Act::quick_gelu: return v / (1.f + std::exp(-1.702f * v));
-    case Act::hardswish: return v * std::min(std::max(v + 3.f, 0.f), 6.f) / 6.f;
-  }
-  return v;
 }
 
 void check_weight(const at::Tensor& w, int64_t E, int64_t rows, int64_t cols, const char* name) {

@@ -24,6 +24,8 @@
 #include <c10/util/Optional.h>
 #include <torch/library.h>
 
+#include "common.h"
+
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -48,21 +50,7 @@ constexpr int kBlock = 8;
 // Pairs ahead whose token rows the table-gradient loop prefetches.
 constexpr int64_t kAhead = 4;
 
-typedef float v16 __attribute__((vector_size(64)));
-
-inline v16 load16(const float* p) {
-  v16 v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-
 inline void store16(float* p, v16 v) { __builtin_memcpy(p, &v, sizeof(v)); }
-
-inline float hsum(v16 v) {
-  float s = 0.f;
-  for (int l = 0; l < 16; ++l) s += v[l];
-  return s;
-}
 
 // y = c * x
 inline void scale(float c, const float* __restrict x, float* __restrict y, int64_t n) {
@@ -153,36 +141,7 @@ bool advise_huge_pages(const Tensor& t) {
 #endif
 }
 
-enum class Act { relu, gelu, gelu_tanh, silu, squared_relu, quick_gelu, hardswish };
-
-Act parse_activation(const std::string& name) {
-  if (name == "relu") return Act::relu;
-  if (name == "gelu") return Act::gelu;
-  if (name == "gelu_tanh") return Act::gelu_tanh;
-  if (name == "silu") return Act::silu;
-  if (name == "squared_relu") return Act::squared_relu;
-  if (name == "quick_gelu") return Act::quick_gelu;
-  if (name == "hardswish") return Act::hardswish;
-  TORCH_CHECK(false, "moefy peer kernel: unknown activation '", name, "'");
-}
-
-constexpr float kGeluTanhC = 0.79788456080286536f;  // sqrt(2 / pi)
-
 inline float sigmoid(float v) { return 1.f / (1.f + std::exp(-v)); }
-
-inline float activate(Act act, float v) {
-  switch (act) {
-    case Act::relu: return v > 0.f ? v : 0.f;
-    case Act::gelu: return 0.5f * v * (1.f + std::erf(v * 0.70710678118654752f));
-    case Act::gelu_tanh:
-      return 0.5f * v * (1.f + std::tanh(kGeluTanhC * (v + 0.044715f * v * v * v)));
-    case Act::silu: return v / (1.f + std::exp(-v));
-    case Act::squared_relu: return v > 0.f ? v * v : 0.f;
-    case Act::quick_gelu: return v / (1.f + std::exp(-1.702f * v));
-    case Act::hardswish: return v * std::min(std::max(v + 3.f, 0.f), 6.f) / 6.f;
-  }
-  return v;
-}
 
 // d activate / dv, matching PyTorch's backward formulas (relu and hardswish boundaries too).
 inline float activate_grad(Act act, float v) {

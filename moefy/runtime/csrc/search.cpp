@@ -23,6 +23,8 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include "common.h"
+
 #include <algorithm>
 #include <functional>
 #include <limits>
@@ -30,6 +32,8 @@
 #include <vector>
 
 namespace {
+
+constexpr int64_t kLanes = 16;  // floats in a v16
 
 // Keeps the k largest values seen (descending) and their positions.
 struct TopK {
@@ -53,16 +57,6 @@ struct TopK {
     pos[i] = p;
   }
 };
-
-// 16 floats: one AVX-512 register, two AVX2 ones; GCC/Clang lower it to what the target has.
-typedef float v16 __attribute__((vector_size(64)));
-constexpr int64_t kLanes = 16;
-
-inline v16 load16(const float* p) {
-  v16 v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
 
 // The k largest of s[0..n), for k <= 16 and n >= 256: a bound first, then only the scores
 // that reach it. Lane l's maximum over the 16-float vectors of the row is the maximum of the
