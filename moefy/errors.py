@@ -103,3 +103,19 @@ class ReportInputError(MoefyError, ValueError):
 
 class InputError(MoefyError, ValueError):
     """An input to a moefy layer or function has the wrong shape, dtype, device or kind."""
+
+
+class SaveError(MoefyError, ValueError):
+    """``moefy.save`` cannot write the model as asked (a layer it cannot describe, a bad
+    directory); nothing was written."""
+
+
+class LoadError(MoefyError):
+    """``moefy.load`` cannot rebuild the saved model: a missing or damaged file, a plan from a
+    newer moefy, a model of another architecture, or a missing / mismatched tensor. Raised
+    before any module is built or changed."""
+
+
+class HFExportError(MoefyError, ValueError):
+    """``moefy.export_hf`` cannot write the model in the asked Hugging Face format exactly; the
+    message says what the format cannot hold and which format can."""

@@ -1,0 +1,332 @@
+"""moefy.save / moefy.load: bit-exact round trips (also in a fresh process), no pickling, and
+a clear LoadError / SaveError for every broken input, before anything changes."""
+
+import json
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+
+import moefy
+from moefy.errors import LoadError, SaveError
+
+LLAMA = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+
+
+def _ids(batch=2, length=9, vocab=96):
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(1))
+
+
+def _calibration(n=4, vocab=96):
+    g = torch.Generator().manual_seed(2)
+    return [{"input_ids": torch.randint(0, vocab, (4, 16), generator=g),
+             "attention_mask": torch.ones(4, 16, dtype=torch.long)} for _ in range(n)]
+
+
+def _llama():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LLAMA).eval()
+
+
+def _convert(config, data=None, model=None):
+    ids = _ids()
+    example = None if data is not None else {"input_ids": ids,
+                                             "attention_mask": torch.ones_like(ids)}
+    return moefy.convert(model or _llama(), config, example_inputs=example, calibration_data=data)
+
+
+CONVERSIONS = {
+    "split-calibrated": lambda: _convert(moefy.MoEConfig(
+        method="split", num_experts=3, top_k=2, shared_experts=1, fit_steps=3), _calibration()),
+    "upcycle-sigmoid": lambda: _convert(moefy.MoEConfig(method="upcycle", num_experts=4, top_k=2,
+                                                        router="sigmoid")),
+    "upcycle-granular": lambda: _convert(moefy.MoEConfig(method="upcycle", num_experts=4,
+                                                         top_k=2, granularity=2)),
+    "peer": lambda: _convert(moefy.MoEConfig(method="peer", top_k=4, peer_heads=2,
+                                             peer_fit_steps=20),
+                             _calibration()),
+    "hash": lambda: _convert(moefy.MoEConfig(method="upcycle", num_experts=4, top_k=1,
+                                             router="hash")),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CONVERSIONS))
+def test_round_trip_is_bit_exact_from_the_config_alone_and_onto_a_fresh_model(kind, tmp_path):
+    model = CONVERSIONS[kind]()
+    ids = _ids()
+    ref = model(input_ids=ids).logits
+    moefy.save(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors", "moefy.json"]
+
+    back = moefy.load(tmp_path)  # from config.json alone
+    assert type(back) is LlamaForCausalLM and not back.training
+    assert torch.equal(back(input_ids=ids).logits, ref)
+    assert back.lm_head.weight is back.model.embed_tokens.weight  # tied again, not copied
+    again = moefy.load(tmp_path, LlamaForCausalLM(LLAMA))
+    assert torch.equal(again(input_ids=ids).logits, ref)
+    layers = [m for m in back.modules() if isinstance(m, (moefy.MoE, moefy.PEER))]
+    assert len(layers) == 2
+    method = "upcycle" if kind == "hash" else kind.split("-")[0]
+    assert all(m.conversion["method"] == method for m in layers)
+
+
+def test_layer_settings_changed_after_conversion_survive(tmp_path):
+    model = CONVERSIONS["upcycle-sigmoid"]()
+    model.train()
+    model(input_ids=_ids())  # a training forward nudges the sigmoid router's selection bias
+    moe = model.model.layers[0].mlp
+    assert moe.selection_bias.abs().sum() > 0
+    moe.top_k, moe.capacity_factor, moe.expert_dropout, moe.prepack = 1, 1.5, 0.25, False
+    model.eval()
+    moefy.save(model, tmp_path)
+    back = moefy.load(tmp_path).model.layers[0].mlp
+    assert (back.top_k, back.capacity_factor, back.expert_dropout, back.prepack) == (
+        1, 1.5, 0.25, False)
+    assert torch.equal(back.selection_bias, moe.selection_bias)
+
+
+def test_split_keeps_its_partition_and_compensation(tmp_path):
+    model = CONVERSIONS["split-calibrated"]()
+    moe = model.model.layers[1].mlp
+    moefy.save(model, tmp_path)
+    back = moefy.load(tmp_path).model.layers[1].mlp
+    assert back.expert_neurons == moe.expert_neurons and back.shared_neurons == moe.shared_neurons
+    assert back.shared.compensation is not None
+    assert back.conversion["compensation"] == moe.conversion["compensation"]
+
+
+def test_bert_identities_and_bfloat16(tmp_path):
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=2, num_attention_heads=4)).eval()
+    ids = _ids()
+    model = moefy.convert(bert, moefy.MoEConfig(num_experts=4, top_k=2),
+                          example_inputs={"input_ids": ids}).to(torch.bfloat16)
+    ref = model(input_ids=ids).last_hidden_state
+    moefy.save(model, tmp_path)
+    plan = json.loads((tmp_path / "moefy.json").read_text())
+    assert plan["identities"] == ["encoder.layer.0.output.dense", "encoder.layer.1.output.dense"]
+    back = moefy.load(tmp_path)
+    assert back.encoder.layer[0].intermediate.w_in.dtype == torch.bfloat16
+    assert torch.equal(back(input_ids=ids).last_hidden_state, ref)
+
+
+class ConvFFN(nn.Module):
+    """A 1x1-convolution FFN with a trailing dropout: the MoE gets wrapped (channels last,
+    dropout kept)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.ffn = nn.Sequential(nn.Conv2d(16, 64, 1), nn.GELU(), nn.Conv2d(64, 16, 1))
+        self.mlp = nn.Sequential(nn.Linear(16, 48), nn.ReLU(), nn.Linear(48, 16), nn.Dropout(0.1))
+
+    def forward(self, x):
+        h = self.stem(x)
+        h = h + self.ffn(h)
+        return self.mlp(h.mean((2, 3)))
+
+
+def test_a_model_that_is_not_from_hugging_face(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    model = moefy.convert(ConvFFN().eval(), moefy.MoEConfig(num_experts=4, top_k=2),
+                          example_inputs=(x,))
+    ref = model(x)
+    moefy.save(model, tmp_path)
+    assert not (tmp_path / "config.json").exists()
+    with pytest.raises(LoadError, match="not a Hugging Face model: build a fresh dense ConvFFN"):
+        moefy.load(tmp_path)
+    back = moefy.load(tmp_path, ConvFFN())
+    assert torch.equal(back(x), ref)
+    wrappers = {e["path"]: e["wrappers"] for e in json.loads(
+        (tmp_path / "moefy.json").read_text())["layers"]}
+    assert wrappers["ffn"] == [{"type": "channels_last", "dim": 1}]
+    assert wrappers["mlp"] == [{"type": "dropout", "p": 0.1}]
+
+
+def test_a_single_layer(tmp_path):
+    moe = moefy.MoE(8, 16, num_experts=4, top_k=2, shared_expert_size=8, router="noisy")
+    x = torch.randn(5, 8)
+    moefy.save(moe, tmp_path)
+    back = moefy.load(tmp_path, moefy.MoE(8, 16, num_experts=4, top_k=2))
+    assert torch.equal(back(x), moe.eval()(x))
+
+
+def test_fresh_process_never_unpickles(tmp_path):
+    """Load in a new interpreter where pickle and torch.load are booby-trapped."""
+    model = CONVERSIONS["split-calibrated"]()
+    ids = _ids()
+    save_file({"ids": ids, "logits": model(input_ids=ids).logits.contiguous()},
+              tmp_path / "ref.safetensors")
+    moefy.save(model, tmp_path / "ckpt")
+    script = textwrap.dedent(f"""
+        import pickle, torch
+        import moefy
+        def trap(*a, **k):
+            raise AssertionError("unpickling")
+        class Trap:
+            def __init__(self, *a, **k):
+                trap()
+        pickle.load = pickle.loads = torch.load = trap
+        pickle.Unpickler = Trap
+        from safetensors.torch import load_file
+        ref = load_file({str(tmp_path / 'ref.safetensors')!r})
+        model = moefy.load({str(tmp_path / 'ckpt')!r})
+        assert torch.equal(model(input_ids=ref["ids"]).logits, ref["logits"]), "differs"
+        print("bit-exact")
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "bit-exact" in run.stdout
+    assert pickle.load is not None  # (this process is untouched)
+
+
+# ------------------------------------------------------------------ errors
+
+
+@pytest.fixture
+def saved(tmp_path):
+    moefy.save(CONVERSIONS["upcycle-sigmoid"](), tmp_path)
+    return tmp_path
+
+
+def _untouched(model: nn.Module, state: dict) -> bool:
+    now = model.state_dict()
+    return now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state) \
+        and not any(isinstance(m, moefy.MoE) for m in model.modules())
+
+
+def test_plan_from_a_newer_moefy(saved):
+    plan = json.loads((saved / "moefy.json").read_text())
+    plan["format_version"], plan["moefy_version"] = 99, "9.0.0"
+    (saved / "moefy.json").write_text(json.dumps(plan))
+    with pytest.raises(LoadError, match=r"written by moefy 9\.0\.0 in plan format 99.*upgrade"):
+        moefy.load(saved)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("missing", "missing 1 tensor.*model.layers.1.mlp.w_in"),
+    ("shape", "other shapes: model.layers.1.mlp.w_in"),
+    ("extra", "1 unexpected tensor.*stray"),
+])
+def test_missing_or_mismatched_tensor(saved, damage, message):
+    state = load_file(saved / "model.safetensors")
+    if damage == "missing":
+        del state["model.layers.1.mlp.w_in"]
+    elif damage == "shape":
+        state["model.layers.1.mlp.w_in"] = state["model.layers.1.mlp.w_in"][:, :-1].clone()
+    else:
+        state["stray"] = torch.zeros(3)
+    save_file(state, saved / "model.safetensors")
+    fresh = LlamaForCausalLM(LLAMA)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(LoadError, match=message):
+        moefy.load(saved, fresh)
+    assert _untouched(fresh, before)
+
+
+def test_another_architecture(saved):
+    bert = BertModel(BertConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
+                                num_hidden_layers=2, num_attention_heads=4))
+    with pytest.raises(LoadError, match="holds a converted LlamaForCausalLM, but the model "
+                                        "given is a BertModel"):
+        moefy.load(saved, bert)
+    smaller = LlamaForCausalLM(LlamaConfig(**{**LLAMA.to_dict(), "num_hidden_layers": 1}))
+    before = {k: v.clone() for k, v in smaller.state_dict().items()}
+    with pytest.raises(LoadError, match="no module 'model.layers.1.mlp'"):
+        moefy.load(saved, smaller)
+    assert _untouched(smaller, before)
+    wider = LlamaForCausalLM(LlamaConfig(**{**LLAMA.to_dict(), "hidden_size": 64}))
+    with pytest.raises(LoadError, match="other shapes"):
+        moefy.load(saved, wider)
+
+
+def test_a_converted_model_is_not_a_fresh_one(saved):
+    with pytest.raises(LoadError, match="already holds moefy layers"):
+        moefy.load(saved, moefy.load(saved))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate", "damaged or truncated"),
+    ("no-weights", "holds no model.safetensors"),
+    ("no-plan", "holds no moefy.json"),
+    ("bad-json", "is damaged \\(not JSON"),
+    ("no-config", "holds no config.json"),
+])
+def test_broken_files(saved, damage, message):
+    weights = saved / "model.safetensors"
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "no-weights":
+        weights.unlink()
+    elif damage == "no-plan":
+        (saved / "moefy.json").unlink()
+    elif damage == "bad-json":
+        (saved / "moefy.json").write_text("{not json")
+    else:
+        (saved / "config.json").unlink()
+    with pytest.raises(LoadError, match=message):
+        moefy.load(saved)
+
+
+def test_no_such_directory(tmp_path):
+    with pytest.raises(LoadError, match="no such directory"):
+        moefy.load(tmp_path / "nope")
+
+
+def test_what_cannot_be_saved(tmp_path):
+    class Inline(nn.Module):  # an FFN inline in the model's forward: graph mode
+        def __init__(self):
+            super().__init__()
+            self.w1, self.w2 = nn.Parameter(torch.randn(32, 8)), nn.Parameter(torch.randn(8, 32))
+
+        def forward(self, x):
+            return torch.relu(x @ self.w1.t()) @ self.w2.t()
+
+    graph = moefy.convert(Inline(), moefy.MoEConfig(num_experts=4, top_k=2),
+                          example_inputs=(torch.randn(3, 8),))
+    with pytest.raises(SaveError, match="graph mode"):
+        moefy.save(graph, tmp_path / "g")
+    moe = moefy.MoE(8, 16, num_experts=4, top_k=2, activation=nn.Tanh())
+    with pytest.raises(SaveError, match="custom activation"):
+        moefy.save(moe, tmp_path / "a")
+    with pytest.raises(SaveError, match="JSON-serialisable"):
+        moefy.save(moefy.MoE(8, 16, 4, 2), tmp_path / "i", info={"x": object()})
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SaveError, match="not a directory"):
+        moefy.save(moefy.MoE(8, 16, 4, 2), tmp_path / "file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing written
+
+
+def test_smollm2_split_round_trip(smollm2_slice, tmp_path):
+    """Real weights: two SmolLM2 layers split with calibration text, saved with the tokenizer,
+    rebuilt from the folder alone."""
+    model, tokenizer = smollm2_slice(2)
+    text = [moefy.convert.__doc__, moefy.MoE.__doc__]
+    batches = [dict(tokenizer(t, return_tensors="pt", truncation=True, max_length=64))
+               for t in text]
+    moe = moefy.convert(model, moefy.MoEConfig(method="split", num_experts=8, top_k=4,
+                                                       compensate="mean"),
+                        calibration_data=batches)
+    ids = tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        ref = moe(**ids).logits
+    moefy.save(moe, tmp_path, tokenizer=tokenizer, info={"source": "smollm2"})
+    back = moefy.load(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(back(**ids).logits, ref)
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+    assert moefy.checkpoint.read_plan(tmp_path)["info"] == {"source": "smollm2"}
+    from transformers import AutoTokenizer
+    assert AutoTokenizer.from_pretrained(tmp_path)("Paris").input_ids == tokenizer(
+        "Paris").input_ids
