@@ -416,6 +416,9 @@ def _build_layer(entry: dict) -> nn.Module:
     kind = entry.get("kind")
     if kind not in _LAYERS:
         raise LoadError(f"unknown layer kind {kind!r} in the plan")
+    if not (isinstance(entry.get("args"), dict) and isinstance(entry.get("state"), dict)
+            and isinstance(entry.get("wrappers", []), list)):
+        raise LoadError(f"the plan is damaged: {entry.get('path')!r} lacks its args or state")
     args = dict(entry["args"])
     if kind == "PEER":
         args["num_experts"] = tuple(args["num_experts"])
@@ -436,16 +439,20 @@ def _build_layer(entry: dict) -> nn.Module:
                                                   torch.empty(hidden, rank), torch.empty(hidden))
             else:
                 layer = PEER(hidden, args.pop("num_experts"), **args)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, KeyError) as exc:
             raise LoadError(f"the plan's {entry.get('path') or 'layer'} cannot be built: "
                             f"{exc}") from exc
     for wrap in reversed(entry.get("wrappers", [])):
-        if wrap["type"] == "channels_last":
-            layer = ChannelsLast(layer, wrap["dim"])
-        elif wrap["type"] == "dropout":
-            layer = nn.Sequential(layer, nn.Dropout(wrap["p"]))
-        else:
-            raise LoadError(f"unknown wrapper {wrap['type']!r} in the plan")
+        kind = wrap.get("type") if isinstance(wrap, dict) else None
+        try:
+            if kind == "channels_last":
+                layer = ChannelsLast(layer, int(wrap["dim"]))
+            elif kind == "dropout":
+                layer = nn.Sequential(layer, nn.Dropout(float(wrap["p"])))
+            else:
+                raise LoadError(f"unknown wrapper {wrap!r} in the plan")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LoadError(f"the plan is damaged: wrapper {wrap!r}: {exc}") from exc
     return layer
 
 

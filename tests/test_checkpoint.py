@@ -262,6 +262,8 @@ def test_a_converted_model_is_not_a_fresh_one(saved):
     ("no-plan", "holds no moefy.json"),
     ("bad-json", "is damaged \\(not JSON"),
     ("no-config", "holds no config.json"),
+    ("bad-entry", "damaged: 'model.layers.0.mlp' lacks its args"),
+    ("bad-args", "model.layers.0.mlp cannot be built: .*top_k"),
 ])
 def test_broken_files(saved, damage, message):
     weights = saved / "model.safetensors"
@@ -273,6 +275,13 @@ def test_broken_files(saved, damage, message):
         (saved / "moefy.json").unlink()
     elif damage == "bad-json":
         (saved / "moefy.json").write_text("{not json")
+    elif damage.startswith("bad-"):
+        plan = json.loads((saved / "moefy.json").read_text())
+        if damage == "bad-entry":
+            del plan["layers"][0]["args"]
+        else:
+            plan["layers"][0]["args"]["top_k"] = 99
+        (saved / "moefy.json").write_text(json.dumps(plan))
     else:
         (saved / "config.json").unlink()
     with pytest.raises(LoadError, match=message):
