@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from moefy.activations import get_activation
-from moefy.errors import HFExportError, MissingDependencyError
+from moefy.errors import HFExportError, MissingDependencyError, first_line
 from moefy.layers.moe import MoE
 from moefy.layers.peer import PEER
 
@@ -205,7 +205,8 @@ def _read_source(model: nn.Module, tf) -> _Source:
     if not paths:
         raise HFExportError(f"the {kind} has no moefy MoE layers: convert it first "
                             "(moefy.convert with method 'upcycle' or 'split'); a dense model "
-                            "needs no MoE export (save it with model.save_pretrained)")
+                            "needs no MoE export (model.save_pretrained writes it), and "
+                            "moefy.save / moefy.export_onnx take any model")
     expected = {f"model.layers.{i}.mlp" for i in range(len(decoder.layers))}
     stray = sorted(paths - expected)
     if stray:
@@ -482,10 +483,15 @@ def export_hf(model: nn.Module, directory, architecture: str = "mixtral", *, tok
     loads it and reproduces the model in eval mode (the routers' training-only noise and expert
     dropout are not part of a checkpoint).
 
-    >>> import moefy, transformers  # doctest: +SKIP
-    >>> moe = moefy.convert(llama, moefy.MoEConfig(method="upcycle", num_experts=4, top_k=2))
-    >>> path = moefy.export_hf(moe, "out", "mixtral", tokenizer=tokenizer)
-    >>> transformers.AutoModelForCausalLM.from_pretrained(path)  # a MixtralForCausalLM
+    >>> import tempfile, transformers
+    >>> from moefy import MoEConfig, convert
+    >>> llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+    ...     vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...     num_attention_heads=4, num_key_value_heads=2))
+    >>> moe = convert(llama, MoEConfig(method="upcycle", num_experts=4, top_k=2))
+    >>> path = export_hf(moe, tempfile.mkdtemp(), "mixtral")  # tokenizer=... adds its files
+    >>> type(transformers.AutoModelForCausalLM.from_pretrained(path)).__name__
+    'MixtralForCausalLM'
     """
     tf = _transformers()
     if architecture not in ARCHITECTURES:
@@ -528,8 +534,11 @@ def export_hf(model: nn.Module, directory, architecture: str = "mixtral", *, tok
 def _verify(model: nn.Module, path: Path, src: _Source, tf) -> str:
     """"" when transformers loads ``path`` completely and (float32 / float64) its logits equal
     ``model``'s on a probe sequence; else what went wrong."""
-    loaded, info = tf.AutoModelForCausalLM.from_pretrained(
-        path, local_files_only=True, dtype=src.dtype, output_loading_info=True)
+    try:
+        loaded, info = tf.AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, dtype=src.dtype, output_loading_info=True)
+    except (RuntimeError, ValueError, OSError) as exc:  # e.g. experts it could not pack
+        return f"transformers cannot load it: {first_line(exc)}"
     wrong = {k: sorted(v)[:4] for k, v in info.items() if v}
     if wrong:
         return f"transformers reports {json.dumps(wrong)}"
