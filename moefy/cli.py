@@ -741,7 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export-hf", parents=[common], formatter_class=fmt,
                        epilog=EXPORT_HF_EPILOG,
                        help="write a Hugging Face MoE checkpoint (Mixtral, Qwen2-MoE, "
-                            "DeepSeek-V3)",
+                            "GLM4-MoE)",
                        description=_para(
                            "Write a converted model as a Hugging Face MoE checkpoint that "
                            "transformers loads without moefy."))
