@@ -105,7 +105,13 @@ def _new_moe(dense: DenseWeights, expert_size: int, config: MoEConfig, *, combin
                   activation=dense.activation, gated=dense.w_gate is not None, bias=bias,
                   shared_expert_size=shared_size, combine=combine, router=config.router,
                   capacity_factor=config.capacity_factor, top_p=config.top_p)
-    return moe.to(dense.w_in.dtype).to_empty(device=dense.w_in.device)
+    moe = moe.to(dense.w_in.dtype).to_empty(device=dense.w_in.device)
+    # to_empty leaves whatever was in memory: zero everything, so that what the builders do
+    # not set (the sigmoid router's selection bias, the noisy router's noise weights) starts
+    # where MoE.__init__ puts it, and no stale memory ever reaches a model or a file
+    for t in [*moe.parameters(), *moe.buffers()]:
+        t.zero_()
+    return moe
 
 
 def _zeros_if_none(t: torch.Tensor | None, n: int, like: torch.Tensor) -> torch.Tensor:

@@ -113,3 +113,19 @@ def test_compensation_rank_sets_the_map_and_trades_error():
     assert errs[10] < errs[2], errs
     with pytest.raises(ValueError, match="compensate_rank"):
         moefy.MoEConfig(compensate_rank=0)
+
+
+@pytest.mark.parametrize("method", ["split", "upcycle"])
+def test_what_the_builders_do_not_set_starts_at_zero(method):
+    """Layers are built on the meta device and materialised empty: the sigmoid router's
+    selection bias and the noisy router's noise weights must still start at zero (stale
+    memory there once routed half the tokens to dead experts)."""
+    dense = nn.Sequential(nn.Linear(64, 1024), nn.GELU(), nn.Linear(1024, 64))
+    garbage = torch.full((1 << 16,), 3e30)  # leaves non-zero memory for the allocator to reuse
+    del garbage
+    for router in ("sigmoid", "noisy"):
+        moe = moefy.convert(dense, moefy.MoEConfig(method=method, num_experts=8, top_k=2,
+                                                   router=router),
+                            example_inputs=(torch.randn(4, 64),))[0]
+        state = moe.selection_bias if router == "sigmoid" else moe.router_noise.weight
+        assert torch.equal(state, torch.zeros_like(state)), router
