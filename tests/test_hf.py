@@ -274,6 +274,9 @@ def test_what_no_format_holds_in_a_layer_is_refused(tmp_path):
     moe.shared.bias = torch.nn.Parameter(torch.zeros(32))  # zero: dropped, exact
     _assert_same(model, _load(moefy.export_hf(model, tmp_path / "ok", "qwen2_moe")), _ids(),
                  generate=False)
+    moe.router.bias = torch.nn.Parameter(torch.randn(4))  # a fitted split router's bias
+    _refused(model, tmp_path, "mixtral", "router has a bias", "router_init='similarity'")
+    moe.router.bias = None
     moe.shared.set_compensation(torch.randn(4, 32), torch.randn(32, 4), torch.zeros(32))
     _refused(model, tmp_path, "mixtral", "shared.compensation")
     moe.shared.compensation = None
