@@ -1,7 +1,9 @@
 """``moefy.save`` / ``moefy.load``: a converted model as files, and back, without pickling.
 
     directory/
-      model.safetensors   every tensor of the model's state dict (a tied tensor once)
+      moefy.safetensors   every tensor of the model's state dict (a tied tensor once); not
+                          named model.safetensors, so that transformers' from_pretrained
+                          does not half-load it as the dense model
       moefy.json          the plan: where each MoE / PEER layer sits, how to build it, the
                           wrappers and identities conversion put around it, tied names
       config.json         the base model's Hugging Face config (when it has one)
@@ -18,13 +20,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from moefy.errors import LoadError, MissingDependencyError, SaveError
+from moefy.errors import LoadError, MissingDependencyError, SaveError, first_line
 from moefy.layers.moe import MoE
 from moefy.layers.peer import PEER
 from moefy.passes.rewrite import ChannelsLast
@@ -32,7 +36,7 @@ from moefy.passes.rewrite import ChannelsLast
 FORMAT = "moefy"
 FORMAT_VERSION = 1
 PLAN_FILE = "moefy.json"
-WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_FILE = "moefy.safetensors"
 _LAYERS = {"MoE": MoE, "PEER": PEER}
 
 
@@ -59,40 +63,81 @@ def save(model: nn.Module, directory: str | os.PathLike, *, tokenizer=None,
     >>> bool(torch.equal(back.w_in, moe.w_in))
     True
     """
+    model = _unwrap_compiled(model)
     if not isinstance(model, nn.Module):
         raise SaveError(f"save expects a torch.nn.Module, got {type(model).__name__}")
-    directory = Path(directory)
+    directory = _as_path(directory, SaveError, "save")
     if directory.exists() and not directory.is_dir():
         raise SaveError(f"{directory} exists and is not a directory")
-    if info is not None:
-        try:
-            json.dumps(info, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise SaveError(f"save: info must be a JSON-serialisable dict: {exc}") from exc
+    if info is not None and not isinstance(info, dict):
+        raise SaveError(f"save: info must be a dict, got {type(info).__name__}")
+    try:
+        json.dumps(info or {}, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise SaveError(f"save: info must be a JSON-serialisable dict: {exc}") from exc
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise SaveError(f"save: tokenizer must be a Hugging Face tokenizer (with save_pretrained), "
+                        f"got {type(tokenizer).__name__}")
     plan = _plan(model)
     plan["info"] = info or {}
+    plan["id"] = uuid.uuid4().hex  # also in the weights' header: a plan and weights that
+    # two saves wrote into one folder at once never pass for one checkpoint
     tensors, aliases = _tensors(model)
     plan["aliases"] = aliases
+    plan["frozen"] = [n for n, p in model.named_parameters() if not p.requires_grad]
     config = _hf_config(model)
     directory.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
 
-    # write beside the final names, then rename: a failure never leaves half a checkpoint
-    # behind a valid plan
+    # everything is written into a work folder first, then moved in, the plan last: a failure
+    # leaves the folder as it was, and a plan is never beside weights it does not describe
     with tempfile.TemporaryDirectory(dir=directory, prefix=".moefy-") as tmp:
         tmp = Path(tmp)
-        save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt", "moefy": "1"})
+        try:
+            save_file(tensors, tmp / WEIGHTS_FILE, metadata={"format": "pt", "moefy": plan["id"]})
+            if config is not None:
+                config.to_json_file(tmp / "config.json")
+                generation = getattr(model, "generation_config", None)
+                if generation is not None:
+                    generation.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            raise SaveError(f"save: writing {directory} failed ({type(exc).__name__}: "
+                            f"{exc}); nothing there was changed") from exc
+        written = sorted(p.name for p in tmp.iterdir())
+        plan["files"] = written
         (tmp / PLAN_FILE).write_text(json.dumps(plan, indent=1, allow_nan=False) + "\n")
-        os.replace(tmp / WEIGHTS_FILE, directory / WEIGHTS_FILE)
-        os.replace(tmp / PLAN_FILE, directory / PLAN_FILE)
-    if config is not None:
-        config.to_json_file(directory / "config.json")
-        generation = getattr(model, "generation_config", None)
-        if generation is not None:
-            generation.save_pretrained(directory)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+        for name in _previous_files(directory):  # what an earlier save there wrote
+            if name not in written and (directory / name).is_file():
+                (directory / name).unlink()
+        for name in [*written, PLAN_FILE]:
+            if (directory / name).is_dir():
+                shutil.rmtree(directory / name)
+            os.replace(tmp / name, directory / name)
     return directory
+
+
+def _previous_files(directory: Path) -> list[str]:
+    try:
+        plan = json.loads((directory / PLAN_FILE).read_text())
+        files = plan.get("files", []) if isinstance(plan, dict) else []
+        return [f for f in files if isinstance(f, str) and "/" not in f and f != ".."]
+    except (OSError, ValueError):
+        return []
+
+
+def _as_path(directory, error: type[Exception], what: str) -> Path:
+    if not isinstance(directory, (str, os.PathLike)):
+        raise error(f"{what}: directory must be a path (str or os.PathLike), got "
+                    f"{type(directory).__name__}")
+    return Path(directory).expanduser()
+
+
+def _unwrap_compiled(model):
+    """The module a ``torch.compile`` wrapper runs (its class is what gets saved)."""
+    return getattr(model, "_orig_mod", model) if type(model).__name__ == "OptimizedModule" \
+        else model
 
 
 def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
@@ -101,24 +146,33 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
     ``load(directory)`` rebuilds a Hugging Face model from the saved ``config.json`` alone:
     no dense weights, no calibration, no tracing. ``load(directory, model)`` applies the plan
     to ``model`` itself — a freshly built dense model of the saved class (any
-    ``nn.Module``, also one that is not from Hugging Face) — and returns it.
+    ``nn.Module``, also one that is not from Hugging Face; a ``torch.compile`` wrapper of one
+    too) — and returns it. A saved bare ``MoE`` / ``PEER`` comes back as a new layer (the one
+    given only says which class is expected). Parameters frozen when saved stay frozen.
 
     Raises ``moefy.errors.LoadError`` before any layer is swapped in when a file is missing or
-    damaged, the plan comes from a newer moefy, ``model`` is of another class or lacks a
-    module the plan names, or a tensor is missing, unexpected or of another shape.
+    damaged, the plan comes from a newer moefy or another save than the weights, ``model`` is
+    of another class, has another Hugging Face config than the saved one, lacks a module the
+    plan names or sits on the meta device, or a tensor is missing, unexpected, of another
+    shape or of another kind (integer / floating point).
     """
-    directory = Path(directory)
+    directory = _as_path(directory, LoadError, "load")
     plan = read_plan(directory)
-    header = _read_header(directory / WEIGHTS_FILE)
+    header = _read_header(directory / WEIGHTS_FILE, plan["id"])
     base = plan["base"]
+    given = model
     if model is None:
         model = _build_hf(directory, base)
     elif not isinstance(model, nn.Module):
         raise LoadError(f"load: model must be a torch.nn.Module, got {type(model).__name__}")
-    elif type(model).__name__ != base["class"]:
-        raise LoadError(f"{directory} holds a converted {base['class']}, but the model given is "
-                        f"a {type(model).__name__}: pass a fresh {base['class']} built like the "
-                        "one that was converted")
+    else:
+        model = _unwrap_compiled(model)
+        if type(model).__name__ != base["class"]:
+            raise LoadError(
+                f"{directory} holds a converted {base['class']}, but the model given is a "
+                f"{type(model).__name__}: pass a fresh {base['class']} built like the one "
+                "that was converted")
+        _check_config(directory, model)
     converted = [n for n, m in model.named_modules() if isinstance(m, (MoE, PEER))]
     if converted and plan["layers"] and not isinstance(model, (MoE, PEER)):
         raise LoadError(f"the model given already holds moefy layers ({converted[0]}, ...): "
@@ -126,39 +180,45 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
     layers = _skeletons(plan, model)  # meta device: names and shapes only
     _check_tensors(directory, model, plan, layers, header)
 
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    state = load_file(directory / WEIGHTS_FILE)
+    try:
+        state = load_file(directory / WEIGHTS_FILE)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise LoadError(f"{directory / WEIGHTS_FILE} is damaged ({exc}); save the model "
+                        "again") from exc
+    # from here on nothing can fail on the file's account: it was all checked
     for name, canonical in plan["aliases"].items():
         state[name] = state[canonical]
     for path in plan["identities"]:
         if not isinstance(model.get_submodule(path), nn.Identity):
             model.set_submodule(path, nn.Identity())
-    if "" in layers:  # the model is itself one layer
+    if "" in layers:  # the model is itself one layer: the result is a new layer
         model = layers[""]
     for path, layer in layers.items():
         if path:
             model.set_submodule(path, layer)
     model.load_state_dict(state, strict=True, assign=True)
     _tie(model, plan["aliases"])
-    for entry in plan["layers"]:
-        _restore_state(_unwrap(model.get_submodule(entry["path"])), entry)
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise LoadError(f"{directory}: {left[0]} was not in the file (it is not part of the "
-                        "state dict); this model cannot be rebuilt from its plan")
-    if plan.get("hash_routing"):
+    for name in plan.get("frozen", []):
+        model.get_parameter(name).requires_grad_(False)
+    if plan.get("hash_routing") and "" not in layers:
         from moefy.convert import _pop_token_ids, _push_token_ids
 
         model.register_forward_pre_hook(_push_token_ids, with_kwargs=True)
         model.register_forward_hook(_pop_token_ids, always_call=True)
-    return model.eval()
+    model.eval()
+    return model if given is None or "" in layers else given  # given: maybe torch.compile's
 
 
 def read_plan(directory: str | os.PathLike) -> dict:
     """The plan of a saved model (``moefy.json``), checked: a missing or damaged file or a plan
     from a newer moefy raises ``LoadError``."""
-    directory = Path(directory)
+    directory = _as_path(directory, LoadError, "load")
+    if directory.is_file():
+        raise LoadError(f"{directory} is a file: give the folder moefy.save wrote (the one that "
+                        f"holds {PLAN_FILE} and {WEIGHTS_FILE})")
     if not directory.is_dir():
         raise LoadError(f"{directory}: no such directory (give the folder moefy.save wrote)")
     path = directory / PLAN_FILE
@@ -171,7 +231,9 @@ def read_plan(directory: str | os.PathLike) -> dict:
     if not isinstance(plan, dict) or plan.get("format") != FORMAT:
         raise LoadError(f"{path} is not a moefy plan")
     version = plan.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise LoadError(f"{path} is damaged: format_version {version!r} is not a positive int")
+    if version > FORMAT_VERSION:
         from moefy import __version__
 
         raise LoadError(
@@ -182,6 +244,12 @@ def read_plan(directory: str | os.PathLike) -> dict:
                       ("aliases", dict), ("info", dict)):
         if not isinstance(plan.get(key), kind):
             raise LoadError(f"{path} is damaged: '{key}' is missing or not a {kind.__name__}")
+    if not isinstance(plan["base"].get("class"), str) or not isinstance(plan.get("id"), str):
+        raise LoadError(f"{path} is damaged: the base class or the checkpoint id is missing")
+    if not all(isinstance(e, dict) for e in plan["layers"]) or not all(
+            isinstance(p, str) for p in [*plan["identities"], *plan.get("frozen", [])]):
+        raise LoadError(f"{path} is damaged: a layer entry is not an object, or a path not a "
+                        "string")
     return plan
 
 
@@ -210,8 +278,8 @@ def _plan(model: nn.Module) -> dict:
             "base": {"class": type(model).__name__, "module": type(model).__module__,
                      "hf": _hf_config(model) is not None},
             "layers": [e for e in layers if e is not None], "identities": identities,
-            "hash_routing": any(isinstance(m, MoE) and m.router_type == "hash"
-                                for m in model.modules())}
+            "hash_routing": any(getattr(h, "__name__", "") == "_push_token_ids"
+                                for h in model._forward_pre_hooks.values())}
 
 
 def _describe(model: nn.Module, path: str, layer: nn.Module) -> dict:
@@ -356,8 +424,9 @@ def _hf_config(model: nn.Module):
 
 # ------------------------------------------------------------------ load
 
-def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Names, shapes and dtypes of a safetensors file's tensors, from its header alone."""
+def _read_header(path: Path, plan_id: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Names, shapes and dtypes of a safetensors file's tensors, from its header alone; the
+    file must come from the same save as the plan."""
     if not path.is_file():
         raise LoadError(f"{path.parent} holds no {path.name}: the weights are missing")
     size = path.stat().st_size
@@ -367,6 +436,8 @@ def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
             if not 0 < n <= size - 8:
                 raise ValueError("bad header length")
             header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
         out, end = {}, 0
         for name, meta in header.items():
             if name == "__metadata__":
@@ -378,6 +449,10 @@ def _read_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
             raise ValueError(f"the file ends at byte {size}, its tensors need {8 + n + end}")
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise LoadError(f"{path} is damaged or truncated ({exc}); save the model again") from exc
+    if (header.get("__metadata__") or {}).get("moefy") != plan_id:
+        raise LoadError(f"{path} and {PLAN_FILE} beside it come from different saves (two "
+                        "saves into one folder at once, or a file copied in): save the model "
+                        "again")
     return out
 
 
@@ -400,15 +475,54 @@ def _build_hf(directory: Path, base: dict) -> nn.Module:
                         "moefy.load(directory, model)")
     try:
         config = transformers.AutoConfig.from_pretrained(directory, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        raise LoadError(f"{directory}/config.json cannot be read: {exc}") from exc
+        generation = (transformers.GenerationConfig.from_pretrained(directory)
+                      if (directory / "generation_config.json").is_file() else None)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LoadError(f"{directory}: config.json or generation_config.json cannot be read: "
+                        f"{first_line(exc)}") from exc
+    if config.architectures and base["class"] not in config.architectures:
+        raise LoadError(f"{directory}/config.json describes {', '.join(config.architectures)}, "
+                        f"not the {base['class']} that was saved (another file copied in?): "
+                        "save the model again")
     from transformers.initialization import no_init_weights
 
-    with no_init_weights():  # every weight comes from the file
-        model = cls._from_config(config)
-    if (directory / "generation_config.json").is_file() and hasattr(model, "generation_config"):
-        model.generation_config = transformers.GenerationConfig.from_pretrained(directory)
+    try:
+        with no_init_weights():  # every weight comes from the file
+            model = cls._from_config(config)
+    except (AttributeError, ValueError, TypeError, KeyError) as exc:
+        raise LoadError(f"{directory}/config.json does not build a {base['class']}: "
+                        f"{first_line(exc)}") from exc
+    if generation is not None and hasattr(model, "generation_config"):
+        model.generation_config = generation
     return model
+
+
+# config entries that say how a model was loaded or run, not what it computes
+_CONFIG_VOLATILE = {"transformers_version", "_name_or_path", "architectures", "dtype",
+                    "torch_dtype", "quantization_config", "use_cache", "output_attentions",
+                    "output_hidden_states", "return_dict", "attn_implementation"}
+
+
+def _check_config(directory: Path, model: nn.Module) -> None:
+    """A fresh Hugging Face model must have the saved config (tensor shapes alone miss e.g.
+    another number of heads, RoPE base or norm epsilon)."""
+    config = _hf_config(model)
+    path = directory / "config.json"
+    if config is None or not path.is_file():
+        return
+    try:  # both in full (the file holds what differs from the class's defaults)
+        saved = json.loads(type(config).from_json_file(path).to_json_string(use_diff=False))
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise LoadError(f"{path} is damaged ({exc}); save the model again") from exc
+    mine = json.loads(config.to_json_string(use_diff=False))
+    differ = sorted(k for k in set(saved) | set(mine)
+                    if k not in _CONFIG_VOLATILE and saved.get(k) != mine.get(k))
+    if differ:
+        shown = "; ".join(f"{k}: {saved.get(k)!r} saved, {mine.get(k)!r} given"
+                          for k in differ[:4])
+        raise LoadError(f"the model given was built with another config than the saved one "
+                        f"({shown}): build it from {path} (or call moefy.load(directory) "
+                        "without a model)")
 
 
 def _build_layer(entry: dict) -> nn.Module:
@@ -420,11 +534,11 @@ def _build_layer(entry: dict) -> nn.Module:
             and isinstance(entry.get("wrappers", []), list)):
         raise LoadError(f"the plan is damaged: {entry.get('path')!r} lacks its args or state")
     args = dict(entry["args"])
-    if kind == "PEER":
-        args["num_experts"] = tuple(args["num_experts"])
-    hidden = args.pop("hidden_size")
     with torch.device("meta"):
         try:
+            if kind == "PEER":
+                args["num_experts"] = tuple(args["num_experts"])
+            hidden = args.pop("hidden_size")
             if kind == "MoE":
                 layer = MoE(hidden, args.pop("expert_size"), args.pop("num_experts"),
                             args.pop("top_k"), **args)
@@ -439,7 +553,7 @@ def _build_layer(entry: dict) -> nn.Module:
                                                   torch.empty(hidden, rank), torch.empty(hidden))
             else:
                 layer = PEER(hidden, args.pop("num_experts"), **args)
-        except (TypeError, ValueError, KeyError) as exc:
+        except (TypeError, ValueError, KeyError, RuntimeError) as exc:
             raise LoadError(f"the plan's {entry.get('path') or 'layer'} cannot be built: "
                             f"{exc}") from exc
     for wrap in reversed(entry.get("wrappers", [])):
@@ -478,6 +592,11 @@ def _skeletons(plan: dict, model: nn.Module) -> dict[str, nn.Module]:
                 f"is not the architecture that was converted ({type(model).__name__} built "
                 "with another config?)") from exc
         layers[path] = _build_layer(entry)
+        try:
+            _restore_state(_unwrap(layers[path]), entry)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LoadError(f"the plan is damaged: {path or 'the layer'}'s settings: "
+                            f"{type(exc).__name__}: {exc}") from exc
     for path in plan["identities"]:
         try:
             model.get_submodule(path)
@@ -500,6 +619,22 @@ def _check_tensors(directory: Path, model: nn.Module, plan: dict, layers: dict,
     for path, layer in layers.items():
         prefix = f"{path}." if path else ""
         want.update({prefix + k: tuple(v.shape) for k, v in layer.state_dict().items()})
+    on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
+               if t.is_meta and not under(n)]
+    if on_meta:
+        raise LoadError(f"the model given has tensors on the meta device ({on_meta[0]}, ...): "
+                        "build the fresh model on the CPU (its buffers that are not saved, "
+                        "e.g. rotary frequencies, must be real)")
+    kinds = {k: v.is_floating_point() for k, v in model.state_dict().items() if not under(k)}
+    for path, layer in layers.items():
+        prefix = f"{path}." if path else ""
+        kinds.update({prefix + k: v.is_floating_point() for k, v in layer.state_dict().items()})
+    odd = [k for k, (_, dtype) in header.items()
+           if k in kinds and kinds[k] != (dtype.startswith("F") or dtype == "BF16")]
+    if odd:
+        raise LoadError(f"{directory}/{WEIGHTS_FILE}: {odd[0]} is stored as "
+                        f"{header[odd[0]][1]}, which is not the kind of number the model holds "
+                        "there (integer vs floating point): save the model again")
     have = {k: shape for k, (shape, _) in header.items()}
     for name, canonical in plan["aliases"].items():
         if canonical not in have:
@@ -535,19 +670,44 @@ def _tie(model: nn.Module, aliases: dict) -> None:
 
 
 def _restore_state(layer: nn.Module, entry: dict) -> None:
+    """The layer's settings that its constructor does not take (validated: a wrong type is a
+    TypeError / ValueError here, on the meta skeleton, not later in a forward)."""
     state = entry["state"]
+
+    def flag(name: str) -> bool:
+        if not isinstance(state[name], bool):
+            raise TypeError(f"{name} must be true or false, got {state[name]!r}")
+        return state[name]
+
+    def neurons(name: str):
+        value = state.get(name)
+        if value is not None and not (isinstance(value, list) and all(
+                isinstance(v, (int, list)) for v in value)):
+            raise TypeError(f"{name} must be a list, got {type(value).__name__}")
+        return value
+
     if isinstance(layer, MoE):
-        layer.expert_dropout = state["expert_dropout"]
-        layer.bias_update_rate = state["bias_update_rate"]
-        layer.prepack = state["prepack"]
-        layer.expert_neurons = state["expert_neurons"]
-        layer.shared_neurons = state["shared_neurons"]
-        layer.shared.use_compensation = state["use_compensation"]
+        layer.expert_dropout = state["expert_dropout"]  # the setter checks the range
+        rate = state["bias_update_rate"]
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (
+                math.isfinite(rate) and rate >= 0):
+            raise ValueError(f"bias_update_rate must be a finite number >= 0, got {rate!r}")
+        layer.bias_update_rate = float(rate)
+        layer.prepack = flag("prepack")
+        layer.expert_neurons = neurons("expert_neurons")
+        layer.shared_neurons = neurons("shared_neurons")
+        layer.shared.use_compensation = flag("use_compensation")
     else:
         if state.get("expert_neurons") is not None:
-            layer.expert_neurons = state["expert_neurons"]
+            layer.expert_neurons = neurons("expert_neurons")
         if layer.query_norm is not None:
-            layer.query_norm.momentum = state["norm_momentum"]
-            layer.query_norm.eps = state["norm_eps"]
-    if state.get("conversion") is not None:
-        layer.conversion = state["conversion"]
+            momentum, eps = state["norm_momentum"], state["norm_eps"]
+            if momentum is not None and not isinstance(momentum, (int, float)) or not (
+                    isinstance(eps, (int, float)) and eps > 0):
+                raise ValueError(f"norm_momentum / norm_eps: {momentum!r} / {eps!r}")
+            layer.query_norm.momentum, layer.query_norm.eps = momentum, eps
+    conversion = state.get("conversion")
+    if conversion is not None:
+        if not isinstance(conversion, dict):
+            raise TypeError(f"conversion must be an object, got {type(conversion).__name__}")
+        layer.conversion = conversion

@@ -50,7 +50,7 @@ _SIGMOID_ROUTED = ("deepseek_v3", "glm4_moe")
 _KEEP = "moefy.save (and moefy.load) or moefy.export_onnx keep the model as it is"
 # files of another checkpoint that transformers would read instead of (or besides) ours
 _FOREIGN_WEIGHTS = ("model.safetensors.index.json", "pytorch_model.bin",
-                    "pytorch_model.bin.index.json")
+                    "pytorch_model.bin.index.json", "moefy.json", "moefy.safetensors")
 
 
 @dataclass
@@ -457,7 +457,8 @@ def _check_directory(directory) -> Path:
                             "checkpoint into")
     if path.is_dir():
         foreign = sorted(p.name for p in path.iterdir()
-                         if p.name in _FOREIGN_WEIGHTS or p.name.startswith("model-"))
+                         if p.name in _FOREIGN_WEIGHTS or (
+                             p.name.startswith("model-") and p.suffix == ".safetensors"))
         if foreign:
             raise HFExportError(f"{path} already holds another checkpoint's weights "
                                 f"({', '.join(foreign)}), which transformers would load with "

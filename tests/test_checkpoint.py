@@ -64,7 +64,7 @@ def test_round_trip_is_bit_exact_from_the_config_alone_and_onto_a_fresh_model(ki
     ref = model(input_ids=ids).logits
     moefy.save(model, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors", "moefy.json"]
+        "config.json", "generation_config.json", "moefy.json", "moefy.safetensors"]
 
     back = moefy.load(tmp_path)  # from config.json alone
     assert type(back) is LlamaForCausalLM and not back.training
@@ -220,14 +220,15 @@ def test_plan_from_a_newer_moefy(saved):
     ("extra", "1 unexpected tensor.*stray"),
 ])
 def test_missing_or_mismatched_tensor(saved, damage, message):
-    state = load_file(saved / "model.safetensors")
+    state = load_file(saved / "moefy.safetensors")
     if damage == "missing":
         del state["model.layers.1.mlp.w_in"]
     elif damage == "shape":
         state["model.layers.1.mlp.w_in"] = state["model.layers.1.mlp.w_in"][:, :-1].clone()
     else:
         state["stray"] = torch.zeros(3)
-    save_file(state, saved / "model.safetensors")
+    plan_id = json.loads((saved / "moefy.json").read_text())["id"]
+    save_file(state, saved / "moefy.safetensors", metadata={"format": "pt", "moefy": plan_id})
     fresh = LlamaForCausalLM(LLAMA)
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
     with pytest.raises(LoadError, match=message):
@@ -243,12 +244,20 @@ def test_another_architecture(saved):
         moefy.load(saved, bert)
     smaller = LlamaForCausalLM(LlamaConfig(**{**LLAMA.to_dict(), "num_hidden_layers": 1}))
     before = {k: v.clone() for k, v in smaller.state_dict().items()}
-    with pytest.raises(LoadError, match="no module 'model.layers.1.mlp'"):
+    with pytest.raises(LoadError, match="another config.*num_hidden_layers: 2 saved, 1 given"):
         moefy.load(saved, smaller)
     assert _untouched(smaller, before)
-    wider = LlamaForCausalLM(LlamaConfig(**{**LLAMA.to_dict(), "hidden_size": 64}))
-    with pytest.raises(LoadError, match="other shapes"):
-        moefy.load(saved, wider)
+
+
+def test_a_model_without_the_module_the_plan_names(tmp_path):
+    x = torch.randn(2, 3, 8, 8)
+    moefy.save(moefy.convert(ConvFFN().eval(), moefy.MoEConfig(num_experts=4, top_k=2),
+                             example_inputs=(x,)), tmp_path)
+    fresh = ConvFFN()
+    del fresh.ffn
+    with pytest.raises(LoadError, match="no module 'ffn'"):
+        moefy.load(tmp_path, fresh)
+    assert not any(isinstance(m, moefy.MoE) for m in fresh.modules())
 
 
 def test_a_converted_model_is_not_a_fresh_one(saved):
@@ -258,7 +267,7 @@ def test_a_converted_model_is_not_a_fresh_one(saved):
 
 @pytest.mark.parametrize("damage, message", [
     ("truncate", "damaged or truncated"),
-    ("no-weights", "holds no model.safetensors"),
+    ("no-weights", "holds no moefy.safetensors"),
     ("no-plan", "holds no moefy.json"),
     ("bad-json", "is damaged \\(not JSON"),
     ("no-config", "holds no config.json"),
@@ -266,7 +275,7 @@ def test_a_converted_model_is_not_a_fresh_one(saved):
     ("bad-args", "model.layers.0.mlp cannot be built: .*top_k"),
 ])
 def test_broken_files(saved, damage, message):
-    weights = saved / "model.safetensors"
+    weights = saved / "moefy.safetensors"
     if damage == "truncate":
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     elif damage == "no-weights":
@@ -339,3 +348,105 @@ def test_smollm2_split_round_trip(smollm2_slice, tmp_path):
     from transformers import AutoTokenizer
     assert AutoTokenizer.from_pretrained(tmp_path)("Paris").input_ids == tokenizer(
         "Paris").input_ids
+
+
+def test_a_plan_and_weights_of_different_saves(tmp_path):
+    moefy.save(CONVERSIONS["upcycle-sigmoid"](), tmp_path / "a")
+    moefy.save(CONVERSIONS["hash"](), tmp_path / "b")
+    (tmp_path / "b" / "moefy.safetensors").replace(tmp_path / "a" / "moefy.safetensors")
+    with pytest.raises(LoadError, match="come from different saves"):
+        moefy.load(tmp_path / "a")
+
+
+def test_a_fresh_model_of_another_config_with_the_same_shapes(saved):
+    fresh = LlamaForCausalLM(LlamaConfig(**{**LLAMA.to_dict(), "rope_theta": 100.0,
+                                            "rms_norm_eps": 0.1}))
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(LoadError, match="another config than the saved one.*rms_norm_eps"):
+        moefy.load(saved, fresh)
+    assert _untouched(fresh, before)
+
+
+def test_a_fresh_model_on_the_meta_device(saved):
+    with torch.device("meta"):
+        fresh = LlamaForCausalLM(LLAMA)
+    with pytest.raises(LoadError, match="meta device"):
+        moefy.load(saved, fresh)
+    assert not any(isinstance(m, moefy.MoE) for m in fresh.modules())
+
+
+def test_an_integer_where_weights_are_floats(saved):
+    state = load_file(saved / "moefy.safetensors")
+    state["model.layers.0.mlp.w_in"] = state["model.layers.0.mlp.w_in"].int()
+    metadata = {"format": "pt", "moefy": json.loads((saved / "moefy.json").read_text())["id"]}
+    save_file(state, saved / "moefy.safetensors", metadata=metadata)
+    fresh = LlamaForCausalLM(LLAMA)
+    with pytest.raises(LoadError, match="w_in is stored as I32"):
+        moefy.load(saved, fresh)
+    assert not any(isinstance(m, moefy.MoE) for m in fresh.modules())
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: p["layers"][0]["state"].update(expert_dropout=5), "expert_dropout"),
+    (lambda p: p["layers"][0]["state"].update(bias_update_rate="fast"), "bias_update_rate"),
+    (lambda p: p["layers"][0]["state"].update(use_compensation=None), "use_compensation"),
+    (lambda p: p["layers"][0].update(kind="PEER"), "cannot be built"),
+    (lambda p: p["layers"][0]["args"].update(num_experts=2 ** 62), "cannot be built|shapes"),
+    (lambda p: p.update(format_version=0), "format_version 0"),
+    (lambda p: p.update(format_version="1"), "format_version '1'"),
+    (lambda p: p["layers"].append(3), "not an object"),
+    (lambda p: p["base"].pop("class"), "base class"),
+])
+def test_hand_edited_plans(saved, edit, message):
+    plan = json.loads((saved / "moefy.json").read_text())
+    edit(plan)
+    (saved / "moefy.json").write_text(json.dumps(plan))
+    fresh = LlamaForCausalLM(LLAMA)
+    with pytest.raises(LoadError, match=message):
+        moefy.load(saved, fresh)
+    assert not any(isinstance(m, moefy.MoE) for m in fresh.modules())
+
+
+def test_saving_again_replaces_the_earlier_save(tmp_path):
+    from transformers import AutoTokenizer
+
+    from moefy._pretrained import minilm_folder
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
+    moefy.save(CONVERSIONS["upcycle-sigmoid"](), tmp_path, tokenizer=tokenizer)
+    assert (tmp_path / "tokenizer.json").exists()
+    layer = moefy.MoE(8, 16, num_experts=4, top_k=2)
+    moefy.save(layer, tmp_path)  # no tokenizer, no Hugging Face config this time
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moefy.json", "moefy.safetensors"]
+    back = moefy.load(tmp_path, moefy.MoE(8, 16, num_experts=4, top_k=2))
+    assert back is not layer and torch.equal(back.w_in, layer.w_in)  # a bare layer: a new one
+
+
+def test_frozen_parameters_and_compiled_models(tmp_path):
+    model = CONVERSIONS["upcycle-sigmoid"]()
+    moefy.freeze(model, train="routers")
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    moefy.save(torch.compile(model), tmp_path)
+    assert json.loads((tmp_path / "moefy.json").read_text())["base"]["class"] == \
+        "LlamaForCausalLM"
+    back = moefy.load(tmp_path)
+    assert {n for n, p in back.named_parameters() if not p.requires_grad} == frozen
+    compiled = torch.compile(LlamaForCausalLM(LLAMA))
+    assert moefy.load(tmp_path, compiled) is compiled
+    assert isinstance(compiled._orig_mod.model.layers[0].mlp, moefy.MoE)
+
+
+def test_bad_arguments(tmp_path):
+    moe = moefy.MoE(8, 16, 4, 2)
+    with pytest.raises(SaveError, match="directory must be a path"):
+        moefy.save(moe, 3)
+    with pytest.raises(SaveError, match="tokenizer must be a Hugging Face tokenizer"):
+        moefy.save(moe, tmp_path / "t", tokenizer="gpt2")
+    with pytest.raises(SaveError, match="info must be a dict"):
+        moefy.save(moe, tmp_path / "t", info=[1, 2])
+    assert not (tmp_path / "t").exists()
+    with pytest.raises(LoadError, match="directory must be a path"):
+        moefy.load(3)
+    moefy.save(moe, tmp_path / "ok")
+    with pytest.raises(LoadError, match="is a file: give the folder"):
+        moefy.load(tmp_path / "ok" / "moefy.json", moe)

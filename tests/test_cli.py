@@ -224,10 +224,10 @@ def test_damaged_checkpoint_is_one_line_and_verbose_shows_the_traceback(converte
     out, _ = converted
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)
-    weights = broken / "model.safetensors"
+    weights = broken / "moefy.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # truncated, as by a full disk
     line = one_line_error(run("export-onnx", str(broken), "-o", str(tmp_path / "m.onnx")))
-    assert "model.safetensors" in line
+    assert "moefy.safetensors" in line
     # the same failure in-process (a second subprocess would cost seconds), with --verbose
     assert cli.main(["export-onnx", str(broken), "-o", str(tmp_path / "m.onnx"), "-v"]) == 1
     err = capsys.readouterr().err

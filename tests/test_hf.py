@@ -301,6 +301,12 @@ def test_bad_arguments_are_refused(tmp_path):
     with pytest.raises(HFExportError, match="another checkpoint"):
         moefy.export_hf(model, other)
     assert sorted(p.name for p in other.iterdir()) == ["model.safetensors.index.json"]
+    moefy.save(model, tmp_path / "saved")  # a moefy checkpoint: the export must not mix in
+    with pytest.raises(HFExportError, match=r"another checkpoint's weights \(moefy.json"):
+        moefy.export_hf(model, tmp_path / "saved")
+    (tmp_path / "card").mkdir()
+    (tmp_path / "card" / "model-card.md").write_text("# notes")  # not weights: fine
+    moefy.export_hf(model, tmp_path / "card", verify=False)
     _refused(_tiny(), tmp_path, "mixtral", "no moefy MoE layers", "convert it first",
              "moefy.save")
     _refused(torch.nn.Linear(4, 4), tmp_path, "mixtral", "got Linear", "moefy.save")
