@@ -276,7 +276,11 @@ def _plan(model: nn.Module) -> dict:
                   and not any(n.startswith(p + ".") for p in inside)]
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "moefy_version": __version__,
             "base": {"class": type(model).__name__, "module": type(model).__module__,
-                     "hf": _hf_config(model) is not None},
+                     "hf": _hf_config(model) is not None,
+                     # how attention runs is not in config.json; eager vs sdpa differ in
+                     # the last bits
+                     "attn_implementation": getattr(getattr(model, "config", None),
+                                                    "_attn_implementation", None)},
             "layers": [e for e in layers if e is not None], "identities": identities,
             "hash_routing": any(getattr(h, "__name__", "") == "_push_token_ids"
                                 for h in model._forward_pre_hooks.values())}
@@ -487,8 +491,10 @@ def _build_hf(directory: Path, base: dict) -> nn.Module:
     from transformers.initialization import no_init_weights
 
     try:
+        attention = base.get("attn_implementation")
+        extra = {"attn_implementation": attention} if isinstance(attention, str) else {}
         with no_init_weights():  # every weight comes from the file
-            model = cls._from_config(config)
+            model = cls._from_config(config, **extra)
     except (AttributeError, ValueError, TypeError, KeyError) as exc:
         raise LoadError(f"{directory}/config.json does not build a {base['class']}: "
                         f"{first_line(exc)}") from exc

@@ -350,6 +350,17 @@ def test_smollm2_split_round_trip(smollm2_slice, tmp_path):
         "Paris").input_ids
 
 
+def test_eager_attention_stays_eager(tmp_path):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM._from_config(LLAMA, attn_implementation="eager").eval()
+    model = _convert(moefy.MoEConfig(method="upcycle", num_experts=4, top_k=2), model=model)
+    ids = _ids()
+    moefy.save(model, tmp_path)
+    back = moefy.load(tmp_path)
+    assert back.config._attn_implementation == "eager"
+    assert torch.equal(back(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
 def test_a_plan_and_weights_of_different_saves(tmp_path):
     moefy.save(CONVERSIONS["upcycle-sigmoid"](), tmp_path / "a")
     moefy.save(CONVERSIONS["hash"](), tmp_path / "b")
