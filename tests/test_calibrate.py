@@ -2,8 +2,10 @@
 
 import math
 
+import pytest
 import torch
 
+import moefy
 from moefy.calibrate import MARKER_FRACTION, FFNStats, token_mask
 
 
@@ -43,3 +45,20 @@ def test_padding_is_not_data():
     keep = token_mask({"attention_mask": mask})
     assert keep.tolist() == [True, True, False, True, False, False]
     assert token_mask({"attention_mask": mask[0]}) is None and token_mask({}) is None
+
+
+@pytest.mark.parametrize("form", ["dict without attention_mask", "tuple", "bare tensor"])
+def test_causal_lm_calibration_without_attention_mask(smollm2_slice, form):
+    """A causal LM's calibration text is often just token ids: every form calibrates (real
+    SmolLM2 layers, batches of different lengths) and compensates from the statistics."""
+    model, tokenizer = smollm2_slice(2)
+    texts = [moefy.convert.__doc__, moefy.MoE.__doc__, moefy.report.__doc__]
+    ids = [tokenizer(t, return_tensors="pt", truncation=True, max_length=48 + 8 * i).input_ids
+           for i, t in enumerate(texts)]
+    data = {"dict without attention_mask": [{"input_ids": t} for t in ids],
+            "tuple": [(t,) for t in ids], "bare tensor": ids}[form]
+    moe = moefy.convert(model, moefy.MoEConfig(method="split", num_experts=8, top_k=4,
+                                               compensate="mean"), calibration_data=data)
+    layer = moe.model.layers[1].mlp
+    assert isinstance(layer, moefy.MoE) and layer.conversion["compensation"] == "mean"
+    assert layer.shared.bias is not None and torch.isfinite(layer.shared.bias).all()
