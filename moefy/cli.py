@@ -18,7 +18,9 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -116,6 +118,11 @@ def _writable_target(path: Path, what: str) -> None:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise CommandError(f"cannot write {what} {path}: {parent} is not a writable directory")
+    try:  # permissions can say yes where the file system says no (/proc, read-only mounts)
+        tempfile.TemporaryDirectory(dir=parent, prefix=".moefy-probe-").cleanup()
+    except OSError as exc:
+        raise CommandError(f"cannot write {what} {path}: {parent}: "
+                           f"{exc.strerror or first_line(exc)}") from exc
 
 
 def _out_dir(path: str, what: str, *, checkpoint: bool) -> Path:
@@ -209,6 +216,21 @@ def _load_tokenizer(out: Path):
     return AutoTokenizer.from_pretrained(out, local_files_only=True)
 
 
+def _at_least_one(args, *flags: str) -> None:
+    """Usage errors for counts below 1 (and non-finite numbers), before anything loads."""
+    for flag in flags:
+        value = getattr(args, flag, None)
+        if value is not None and (value < 1 or not math.isfinite(value)):
+            raise CommandUsageError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+
+
+def _check_seq_len(model, seq_len: int, flag: str = "--seq-len") -> None:
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit and seq_len > limit:
+        raise CommandUsageError(f"{flag} {seq_len} is longer than the model takes "
+                                f"({limit} positions)")
+
+
 def _example_inputs(model, tokenizer, batch: int, seq_len: int) -> dict:
     """``batch`` rows of ``seq_len`` tokens: real text when there is a tokenizer (repeated to
     length), else random token ids of the model's vocabulary."""
@@ -296,8 +318,10 @@ def cmd_convert(args, console: Console) -> None:
     for flag in ("seq_len", "batch_size", "calibration_tokens"):
         if getattr(args, flag) < 1:
             raise CommandUsageError(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.distill_minutes is not None and args.distill_minutes < 0:
-        raise CommandUsageError("--distill-minutes cannot be negative")
+    if args.distill_minutes is not None and not (
+            math.isfinite(args.distill_minutes) and args.distill_minutes >= 0):
+        raise CommandUsageError(f"--distill-minutes must be a finite number >= 0, got "
+                                f"{args.distill_minutes}")
     if args.calibration and not Path(args.calibration).exists():
         raise CommandError(f"--calibration {args.calibration}: no such file or directory")
     out = _out_dir(args.output, "checkpoint", checkpoint=True)
@@ -389,11 +413,13 @@ def cmd_report(args, console: Console) -> None:
     if args.plot and not args.data:
         raise CommandUsageError("--plot needs --data FILE.txt|DIR: the heatmap shows the "
                                 "experts' load on that text")
+    _at_least_one(args, "seq_len", "batch_size", "max_tokens")
     if args.plot:
         _writable_target(Path(args.plot), "the heatmap")
     model = _load_checkpoint(out, console)
     batches = None
     if args.data:
+        _check_seq_len(model, args.seq_len)
         batches, tokens, files = token_batches(
             _load_tokenizer(out), args.data, "--data", seq_len=args.seq_len,
             batch_size=args.batch_size, max_tokens=args.max_tokens)
@@ -413,10 +439,16 @@ def cmd_report(args, console: Console) -> None:
 def cmd_export_onnx(args, console: Console) -> None:
     out = _checkpoint_dir(args.checkpoint)
     target = Path(args.output)
-    if target.suffix != ".onnx":
-        raise CommandUsageError(f"-o {target}: the file name must end in .onnx")
+    if target.suffix != ".onnx" or target.name == ".onnx":
+        raise CommandUsageError(f"-o {target}: give a file name ending in .onnx")
+    if target.is_dir():
+        raise CommandUsageError(f"-o {target} is a directory; give the ONNX file to write")
+    if args.seq_len < 2:
+        raise CommandUsageError(f"--seq-len must be at least 2 (the export keeps the sequence "
+                                f"axis dynamic), got {args.seq_len}")
     _writable_target(target, "the ONNX file")
     model = _load_checkpoint(out, console)
+    _check_seq_len(model, args.seq_len)
     inputs = _example_inputs(model, _load_tokenizer(out), 2, args.seq_len)
     console.status(f"exporting to {target} (target {args.target}) and checking it in ONNX "
                    "Runtime")
@@ -450,9 +482,7 @@ def cmd_bench(args, console: Console) -> None:
     from moefy._pretrained import load_pretrained
 
     out = _checkpoint_dir(args.checkpoint)
-    for flag in ("batch", "seq_len", "runs"):
-        if getattr(args, flag) < 1:
-            raise CommandUsageError(f"--{flag.replace('_', '-')} must be at least 1")
+    _at_least_one(args, "batch", "seq_len", "runs")
     source = args.dense or _plan_info(out).get("source")
     if not source:
         raise CommandUsageError(f"{out} does not say which dense model it came from; name it "
@@ -461,6 +491,8 @@ def cmd_bench(args, console: Console) -> None:
     with console.libraries_quiet():
         dense = load_pretrained(source).model
     moe = _load_checkpoint(out, console)
+    _same_architecture(dense, moe, source)
+    _check_seq_len(moe, args.seq_len)
     inputs = _example_inputs(moe, _load_tokenizer(out), args.batch, args.seq_len)
     models = {"dense": dense, "MoE": moe}
     rows = []  # (model, engine, times)
@@ -488,6 +520,18 @@ def cmd_bench(args, console: Console) -> None:
                         for i, (c, w) in enumerate(zip(r, widths, strict=True))))
     if busy is not None:
         print(busy)
+
+
+def _same_architecture(dense, moe, source: str) -> None:
+    """bench compares a model with its own dense original, not with any other model."""
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+    want = {k: getattr(getattr(moe, "config", None), k, None) for k in keys}
+    got = {k: getattr(getattr(dense, "config", None), k, None) for k in keys}
+    if type(dense).__name__ != type(moe).__name__ or want != got:
+        differ = ", ".join(f"{k} {got[k]} vs {want[k]}" for k in keys if got[k] != want[k])
+        raise CommandUsageError(
+            f"--dense {source} is a {type(dense).__name__} ({differ or 'another class'}), not "
+            f"the dense {type(moe).__name__} this checkpoint was converted from: name that one")
 
 
 def _cpu_seconds() -> tuple[float, float, float] | None:
@@ -828,13 +872,33 @@ def _message(exc: Exception) -> str:
     file names the path; anything else is unexpected and says how to see more."""
     text = " ".join(str(exc).split())  # moefy's messages may span lines; keep them whole
     if isinstance(exc, MoefyError):
-        return text
+        return _in_flags(text)
     if isinstance(exc, FileNotFoundError) and exc.filename:
         return f"{exc.filename}: no such file or directory"
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.filename or ''}: {exc.strerror}".lstrip(": ")
     return (f"{type(exc).__name__}: {first_line(exc) or 'no message'} (unexpected; rerun "
             "with --verbose for the traceback)")
+
+
+# the library's words for what the command line calls flags
+_FLAG_WORDS = [
+    (re.compile(r"moefy\.export_hf\(model, directory, architecture='(\w+)'\)"),
+     r"moefy export-hf OUT --architecture \1 -o DIR"),
+    (re.compile(r"\bnum_experts \+ shared_experts\b"), "--experts + --shared"),
+    (re.compile(r"\bsetting num_experts\b"), "--experts"),
+    (re.compile(r"\bnum_experts \((\d+)\)"), r"--experts (\1)"),
+    (re.compile(r"\bsetting top_k\b"), "--top-k"),
+    (re.compile(r"\bsetting shared_experts\b"), "--shared"),
+    (re.compile(r"\bre-convert it with top_k=1\b"), "convert again with --top-k 1"),
+    (re.compile(r"\blower top_k or peer_heads\b"), "lower --top-k"),
+]
+
+
+def _in_flags(text: str) -> str:
+    for pattern, words in _FLAG_WORDS:
+        text = pattern.sub(words, text)
+    return text
 
 
 if __name__ == "__main__":

@@ -251,7 +251,7 @@ def test_contradicting_settings_are_usage_errors_before_loading(tmp_path, capsys
     # the model does not exist: these must be refused before anything is loaded
     model = str(tmp_path / "absent")
     cases = [(["--partition", "coactivation"], "--partition coactivation needs --calibration"),
-             (["--experts", "4", "--top-k", "8"], "top_k (8) cannot exceed num_experts (4)"),
+             (["--experts", "4", "--top-k", "8"], "--top-k (8) cannot exceed --experts (4)"),
              (["--distill-minutes", "1"], "--distill-minutes needs --calibration"),
              (["--method", "peer", "--experts", "8"], "--experts does not apply to --method "
                                                       "peer")]
@@ -298,3 +298,69 @@ def test_bench_notes_when_other_processes_used_the_cores():
     assert "kept 1.0 of" in cli._busy_note((0.0, 0.0, 0.0), (1.0, 2.5, 1.5))
     assert cli._busy_note((0.0, 0.0, 0.0), (1.0, 1.6, 1.5)) is None
     assert cli._busy_note(None, (1.0, 2.5, 1.5)) is None
+
+
+def test_bad_numbers_are_usage_errors_before_any_work(converted, workspace, tmp_path, capsys):
+    """Found by a hostile trial: these used to fail late with raw errors (ZeroDivisionError,
+    a split_size RuntimeError, max_seconds=nan after the conversion)."""
+    out, _ = converted
+    data = str(workspace / "notes.txt")
+    cases = [
+        (["report", str(out), "--data", data, "--seq-len", "0"], "--seq-len must be at least 1"),
+        (["report", str(out), "--data", data, "--batch-size", "0"], "--batch-size must be at"),
+        (["report", str(out), "--data", data, "--max-tokens", "-1"], "--max-tokens must be at"),
+        (["report", str(out), "--data", data, "--seq-len", "300"],
+         "--seq-len 300 is longer than the model takes (128 positions)"),
+        (["bench", str(out), "--seq-len", "300"], "longer than the model takes"),
+        (["export-onnx", str(out), "--seq-len", "1", "-o", str(tmp_path / "m.onnx")],
+         "--seq-len must be at least 2"),
+        (["export-onnx", str(out), "-o", str(tmp_path)], "give a file name ending in .onnx"),
+        (["convert", str(workspace / "tiny"), "--calibration", data, "--distill-minutes", "nan",
+          "-o", str(tmp_path / "o")], "--distill-minutes must be a finite number"),
+    ]
+    (tmp_path / "d.onnx").mkdir()
+    cases.append((["export-onnx", str(out), "-o", str(tmp_path / "d.onnx")], "is a directory"))
+    for argv, message in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (argv, err)
+
+
+def test_unloadable_models_and_outputs_are_one_clear_line(converted, workspace, tmp_path,
+                                                          capsys):
+    out, _ = converted
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"not gguf at all")
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text(
+        (workspace / "tiny" / "config.json").read_text())
+    cases = [([str(out)], "is a converted moefy checkpoint, not a dense model"),
+             ([str(fake)], "transformers cannot load this GGUF file"),
+             ([str(tmp_path / "noweights")], "transformers cannot load it")]
+    for model, message in cases:
+        assert cli.main(["convert", *model, "-o", str(tmp_path / "o")]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "unexpected" not in err and err.count("\n") == 1, err
+    assert cli.main(["convert", str(workspace / "tiny"), "-o", "/proc/moefy-out"]) == 1
+    assert "cannot write checkpoint /proc/moefy-out" in capsys.readouterr().err
+
+
+def test_bench_refuses_a_dense_model_of_another_architecture(converted, workspace, tmp_path,
+                                                             capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out, _ = converted
+    other = LlamaConfig(**{**LlamaForCausalLM.from_pretrained(workspace / "tiny").config
+                           .to_dict(), "hidden_size": 64})
+    LlamaForCausalLM(other).save_pretrained(tmp_path / "wider")
+    assert cli.main(["bench", str(out), "--dense", str(tmp_path / "wider"), "--no-onnx",
+                     "--runs", "1"]) == 2
+    assert "hidden_size 64 vs 32" in capsys.readouterr().err
+
+
+def test_messages_speak_in_flags():
+    assert cli._in_flags("mixtral can hold this model: moefy.export_hf(model, directory, "
+                         "architecture='mixtral')") == (
+        "mixtral can hold this model: moefy export-hf OUT --architecture mixtral -o DIR")
+    assert cli._in_flags("setting num_experts must be a positive int") == (
+        "--experts must be a positive int")
