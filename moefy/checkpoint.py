@@ -616,7 +616,7 @@ def _check_tensors(directory: Path, model: nn.Module, plan: dict, layers: dict,
                    header: dict) -> None:
     """The tensors the rebuilt model will hold ≡ the file's (plus aliases), by name and
     shape; else LoadError naming the first differences."""
-    replaced = [p for p in [*layers, *plan["identities"]]]
+    replaced = [*layers, *plan["identities"]]
 
     def under(name: str) -> bool:
         return any(not p or name == p or name.startswith(p + ".") for p in replaced)
