@@ -264,6 +264,9 @@ def packed_path_applies(x: torch.Tensor) -> bool:
     )
 
 
+_WORKSPACE = threading.local()  # PackedExperts' gather buffer: one per thread, for all layers
+
+
 class PackedExperts:
     """Expert weights prepacked for oneDNN, plus a reusable gather workspace per thread.
 
@@ -289,7 +292,6 @@ class PackedExperts:
         act = get_activation(ew.activation)
         self._act = act
         self._post = act.onednn or ("none", "")
-        self._local = threading.local()
         self.small_batch_tokens = SMALL_BATCH_TOKENS
 
     def matches(self, ew: ExpertWeights) -> bool:
@@ -300,13 +302,17 @@ class PackedExperts:
         return all(s is None or torch.equal(s, _row_sample(t))
                    for s, t in zip(self._samples, ew[:3], strict=True))
 
-    def _workspace(self, rows: int, cols: int) -> torch.Tensor:
-        # Grow-only, one per thread: a fresh multi-MB buffer per call costs page faults on
-        # every forward, and a shared one would mix two threads' tokens.
-        buf = getattr(self._local, "xs", None)
+    @staticmethod
+    def _workspace(rows: int, cols: int) -> torch.Tensor:
+        # Grow-only, one per thread and shared by every layer (a thread runs one layer at a
+        # time): a fresh multi-MB buffer per call costs page faults on every forward, a shared
+        # one across threads would mix their tokens, and one per layer held a buffer of the
+        # largest batch in each of a model's layers (15-20 GB for SmolLM2 at E64 top-32).
+        buf = getattr(_WORKSPACE, "xs", None)
         if buf is None or buf.numel() < rows * cols:
             with torch.inference_mode(False):  # a normal tensor: writable in every mode
-                buf = self._local.xs = torch.empty(rows * cols)
+                _WORKSPACE.xs = None  # let the old one go before the larger one is made
+                buf = _WORKSPACE.xs = torch.empty(rows * cols)
         return buf[: rows * cols].view(rows, cols)
 
     def _hidden(self, xe: torch.Tensor, e: int) -> torch.Tensor:

@@ -204,3 +204,39 @@ def test_decode_kernel_rejects_bad_input():
         torch.ops.moefy_cpu.decode_ffn(torch.randn(65, 8), *make_routing(65, 4, 2), *args, "gelu")
     with pytest.raises(RuntimeError, match="unknown activation"):
         torch.ops.moefy_cpu.decode_ffn(x, w, i, *args, "tanh")
+
+
+def test_layers_share_one_gather_workspace_per_thread():
+    """The grow-only gather buffer is one per thread for all layers, not one per layer (a
+    model's every layer once held a buffer of its largest batch: 15-20 GB for SmolLM2 at
+    E64 top-32); another thread gets its own, and results stay the reference's."""
+    import threading
+
+    from moefy.layers.moe import MoE
+    from moefy.runtime import dispatch
+
+    torch.manual_seed(0)
+    layers = [MoE(32, 64, num_experts=8, top_k=4).eval() for _ in range(3)]
+    x = torch.randn(dispatch.SMALL_BATCH_TOKENS + 200, 32)
+    with torch.no_grad():
+        for m in layers:  # grows to the largest layer's need
+            m(x)
+        buf = dispatch._WORKSPACE.xs
+        outs = [m(x) for m in layers]
+        assert dispatch._WORKSPACE.xs is buf  # then every layer reuses it
+    seen = {}
+
+    def other():
+        with torch.no_grad():
+            seen["out"] = layers[1](x)
+        seen["buf"] = dispatch._WORKSPACE.xs
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert seen["buf"] is not buf
+    torch.testing.assert_close(seen["out"], outs[1])
+    for m, out in zip(layers, outs, strict=True):
+        w, i = m.route(x)
+        ref = reference_ffn(x, w, i, m.expert_weights())
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
