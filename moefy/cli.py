@@ -37,6 +37,7 @@ import moefy
 from moefy.config import METHODS, PARTITIONS, ROUTERS, MoEConfig
 from moefy.errors import MoefyError, first_line
 from moefy.hf import ARCHITECTURES as HF_ARCHITECTURES
+from moefy.training import _distill_for
 
 PLAN_FILE = "moefy.json"  # what marks a directory written by moefy.save
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")  # what a --calibration / --data folder offers
@@ -257,16 +258,6 @@ def _load_checkpoint(out: Path, console: Console):
     return model
 
 
-def _kl_loss(student_out, teacher_out, batch) -> torch.Tensor:
-    """KL(teacher ‖ student) of the next-token distributions, over real tokens: what a causal
-    LM's quality depends on (an MSE on logits weighs every vocabulary entry alike)."""
-    s = student_out.logits.float().log_softmax(-1)
-    t = teacher_out.logits.float().log_softmax(-1)
-    kl = (t.exp() * (t - s)).sum(-1)  # (B, S)
-    mask = batch["attention_mask"].to(kl.dtype)
-    return (kl * mask).sum() / mask.sum().clamp_min(1.0)
-
-
 def _ffn_fraction(rep) -> str:
     """Mean share of the dense FFN's work a token does after conversion (report's column)."""
     shares = [float(row["FFN FLOPs"].rstrip("%")) for row in rep.layers
@@ -287,6 +278,7 @@ def cmd_convert(args, console: Console) -> None:
 
     started = time.perf_counter()
     # every setting is checked before the model is loaded (that can take a while)
+    _check_budget_flags(args)
     settings = {"method": args.method}
     if args.method == "peer":
         unused = [f"--{flag}" for flag in ("experts", "shared", "partition", "router")
@@ -305,8 +297,15 @@ def cmd_convert(args, console: Console) -> None:
         settings["partition"] = "coactivation"  # neurons that fire together, from the data
     if args.calibration:
         settings["calibration_tokens"] = args.calibration_tokens
+    if args.minutes is not None:
+        settings["minutes"] = args.minutes
     try:
-        config = MoEConfig(**settings)
+        if args.active is not None:  # the recipe picks the experts; router and seed may stay
+            chosen = MoEConfig.for_budget(args.active, args.minutes)
+            config = MoEConfig(**{**vars(chosen), **{k: v for k, v in settings.items()
+                                                     if k not in ("method", "partition")}})
+        else:
+            config = MoEConfig(**settings)
     except ValueError as exc:
         raise CommandUsageError(str(exc).replace("MoEConfig.", "setting ")) from exc
     if config.partition == "coactivation" and config.method == "split" and not args.calibration:
@@ -336,7 +335,7 @@ def cmd_convert(args, console: Console) -> None:
         raise CommandUsageError(f"--seq-len {args.seq_len} is longer than the model takes "
                                 f"({limit} positions)")
     lines = []
-    batches = None
+    batches = held = None
     if args.calibration:
         batches, tokens, files = token_batches(
             dense.tokenizer, args.calibration, "--calibration", seq_len=args.seq_len,
@@ -344,6 +343,11 @@ def cmd_convert(args, console: Console) -> None:
         chunks = sum(len(b["input_ids"]) for b in batches)
         lines.append(f"calibration: {tokens} tokens from {files} file(s) ({chunks} chunks of "
                      f"{batches[0]['input_ids'].shape[1]}, batches of {args.batch_size})")
+        if config.minutes is not None:
+            batches, held = _hold_out(batches)
+            if held:
+                lines.append(f"held out for measuring: {_tokens(held)} of them (the last "
+                             "batch; not calibrated or distilled on)")
 
     t = time.perf_counter()
     moe = moefy.convert(dense.model, config, calibration_data=batches,
@@ -361,6 +365,12 @@ def cmd_convert(args, console: Console) -> None:
     lines.append(f"active FFN work per token: {_ffn_fraction(rep)} of the dense FFNs; "
                  f"parameters {moe_params / 1e6:.2f}M (dense {dense_params / 1e6:.2f}M)")
 
+    if config.minutes is not None:
+        lines.insert(1, _budget_choice(config, args))
+        lines.append(_budget_result(moe, config))
+        if held:
+            console.status("measuring on the held-out text")
+            lines.append(_fidelity(dense, moe, held))
     if args.distill_minutes:
         lines.append(_distill(moe, dense, batches, args.distill_minutes * 60.0, console))
 
@@ -377,6 +387,98 @@ def cmd_convert(args, console: Console) -> None:
     print("\n".join(lines))
 
 
+def _check_budget_flags(args) -> None:
+    """--active / --minutes: what they need and what they replace, before any work."""
+    if args.active is not None:
+        picked = [f"--{flag.replace('_', '-')}" for flag in ("experts", "top_k", "shared",
+                                                             "partition")
+                  if getattr(args, flag) is not None]
+        if picked:
+            raise CommandUsageError(
+                f"--active picks the experts itself; drop {', '.join(picked)} (or drop "
+                "--active and set --experts, --top-k and --shared yourself)")
+        if args.method != "split":
+            raise CommandUsageError(f"--active builds a split (a share of each FFN's neurons); "
+                                    f"it does not apply to --method {args.method}")
+        if not args.calibration:
+            raise CommandUsageError("--active needs --calibration FILE.txt|DIR: the experts, "
+                                    "router and compensation are fitted on that text")
+    if args.minutes is not None:
+        if not (math.isfinite(args.minutes) and args.minutes > 0):
+            raise CommandUsageError(f"--minutes must be a finite number > 0, got "
+                                    f"{args.minutes}")
+        if not args.calibration:
+            raise CommandUsageError("--minutes needs --calibration FILE.txt|DIR: the time left "
+                                    "after building distils the model on that text")
+        if args.distill_minutes is not None:
+            raise CommandUsageError("--minutes is the whole conversion's budget, distillation "
+                                    "included; drop --distill-minutes")
+        if args.method == "peer":
+            raise CommandUsageError("--minutes does not apply to --method peer")
+
+
+def _hold_out(batches: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(calibration batches, held-out batches): the last batch is kept apart to measure the
+    result on text it was not fitted on (none when there is a single batch)."""
+    if len(batches) < 2:
+        return batches, []
+    return batches[:-1], batches[-1:]
+
+
+def _tokens(batches: list[dict]) -> int:
+    return sum(int(b["attention_mask"].sum()) for b in batches)
+
+
+def _budget_choice(config: MoEConfig, args) -> str:
+    pieces = config.num_experts + config.shared_experts
+    active = (config.top_k + config.shared_experts) / pieces
+    how = ("--active" if args.active is not None else "your settings")
+    return (f"budget: {active:.1%} of each FFN's neurons active ({how}): {pieces} experts of "
+            f"1/{pieces} of the FFN, {config.shared_experts} shared + top-{config.top_k} of "
+            f"{config.num_experts} routed; partition {config.partition}, compensation "
+            f"{config.compensate or 'none'}, router {config.router_init or 'default'}; "
+            f"{config.minutes:g} min in all, distillation gets what building leaves")
+
+
+def _budget_result(moe, config: MoEConfig) -> str:
+    info = next((m.conversion.get("distill") for m in moe.modules()
+                 if isinstance(m, moefy.MoE) and hasattr(m, "conversion")), None) or {}
+    if not info.get("steps"):
+        return f"distillation: none ({info.get('why', 'no MoE layer')})"
+    return (f"distillation: {info['steps']} steps in {info['seconds']:.0f} s, loss "
+            f"{info['loss_first']:.4g} -> {info['loss_last']:.4g}")
+
+
+def _fidelity(dense, moe, held: list[dict]) -> str:
+    """How close the result stays to the dense model on the held-out batches: perplexity for
+    causal LMs, else the cosine of mean-pooled output states."""
+    totals = {"dense": 0.0, "moe": 0.0}
+    cosines = []
+    with torch.inference_mode():
+        for b in held:
+            outs = {"dense": dense.model(**b), "moe": moe(**b)}
+            mask = b["attention_mask"]
+            if dense.causal:
+                for name, out in outs.items():
+                    logits = out.logits[:, :-1].float()
+                    nll = torch.nn.functional.cross_entropy(
+                        logits.reshape(-1, logits.shape[-1]), b["input_ids"][:, 1:].reshape(-1),
+                        reduction="none").view_as(mask[:, 1:]) * mask[:, 1:]
+                    totals[name] += float(nll.sum())
+            else:
+                m = mask.unsqueeze(-1).float()
+                pooled = [(o[0].float() * m).sum(1) / m.sum(1) for o in outs.values()]
+                cosines.append(torch.nn.functional.cosine_similarity(*pooled, dim=-1))
+    if dense.causal:
+        count = sum(float(b["attention_mask"][:, 1:].sum()) for b in held)
+        ppl = {k: math.exp(v / count) for k, v in totals.items()}
+        return (f"held-out perplexity: dense {ppl['dense']:.2f}, moefy {ppl['moe']:.2f} "
+                f"({ppl['moe'] / ppl['dense']:.3f}x)")
+    cos = torch.cat(cosines)
+    return (f"held-out embedding cosine to the dense model (mean-pooled): mean "
+            f"{float(cos.mean()):.4f}, min {float(cos.min()):.4f}")
+
+
 def _source(model: str) -> str:
     """What bench reloads the dense model from: a built-in name, or an absolute path (the
     checkpoint may be used from another directory)."""
@@ -384,27 +486,14 @@ def _source(model: str) -> str:
 
 
 def _distill(moe, dense, batches, seconds: float, console: Console) -> str:
-    """Distil the MoE towards the dense model for ``seconds``. ``distill``'s learning-rate
-    schedule (warm-up, cosine decay) is laid out over its ``steps``, so a few probe steps
-    measure the step time and the rest of the budget becomes a step count."""
-    loss = _kl_loss if dense.causal else None
+    """Distil the MoE towards the dense model for ``seconds`` (KL on next-token logits for
+    causal LMs, else the relative MSE of the outputs)."""
     console.status(f"distilling for {seconds / 60:g} min (the dense model is the teacher)")
-    t = time.perf_counter()
-    probe = min(2, len(batches))
-    log = moefy.distill(moe, dense.model, batches, steps=probe, loss=loss, max_seconds=seconds,
-                        progress=False)
-    per_step = (time.perf_counter() - t) / max(1, len(log))
-    left = seconds - (time.perf_counter() - t)
-    if left > per_step:
-        steps = max(1, int(left / per_step))
-        log += moefy.distill(moe, dense.model, batches, steps=steps, loss=loss,
-                             max_seconds=left, progress=console.live)
-    elapsed = time.perf_counter() - t
+    info = _distill_for(moe, dense.model, batches, seconds, progress=console.live)
     kind = "KL on next-token logits" if dense.causal else "relative MSE of the outputs"
-    head, tail = log[:probe], log[-probe:]
-    steps = f"{len(log)} step" + ("" if len(log) == 1 else "s")
-    return (f"distillation: {steps} in {elapsed:.0f} s, loss ({kind}) "
-            f"{statistics.mean(head):.4g} -> {statistics.mean(tail):.4g}")
+    steps = f"{info['steps']} step" + ("" if info["steps"] == 1 else "s")
+    return (f"distillation: {steps} in {info['seconds']:.0f} s, loss ({kind}) "
+            f"{info['loss_first']:.4g} -> {info['loss_last']:.4g}")
 
 
 def cmd_report(args, console: Console) -> None:
@@ -636,7 +725,13 @@ grouped (--partition coactivation, the default with it), the always-on part comp
 for the skipped experts, and the router is fitted. --distill-minutes then trains the experts
 and routers to reproduce the dense model on that text.
 
+--active F --minutes M says what you want instead: F of each FFN's neurons per token and M
+minutes in all; moefy picks the split (fine experts, half of the active ones shared, fitted
+router, compensation), distils with the time building leaves, and prints what it chose and
+the result on held-out text.
+
 examples:
+  moefy convert smollm2 --active 0.25 --calibration docs/ --minutes 15 -o smollm2-moe
   moefy convert minilm --method split --experts 16 --top-k 4 -o minilm-moe
   moefy convert smollm2 --experts 16 --top-k 8 --calibration notes.txt -o smollm2-moe
   moefy convert ./my-llama --method upcycle --experts 8 --top-k 2 -o llama-upcycled
@@ -749,6 +844,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-minutes", type=float, metavar="N",
                    help="then train the MoE towards the dense model on the calibration text "
                         "for N minutes")
+    p.add_argument("--active", type=float, metavar="F",
+                   help="say what you want: this share of each FFN's neurons per token "
+                        "(e.g. 0.25); moefy picks experts, top-k, shared experts, "
+                        "compensation and router (needs --calibration)")
+    p.add_argument("--minutes", type=float, metavar="M",
+                   help="wall-time budget of the conversion: what building leaves is spent "
+                        "distilling on the calibration text; the last calibration batch is "
+                        "held out and the result measured on it")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per calibration chunk (128)")
     p.add_argument("--batch-size", type=int, default=8, help="chunks per batch (8)")
     p.add_argument("--seed", type=int, help="random seed of routers and partitions (0)")

@@ -71,6 +71,12 @@ class MoEConfig:
             as the dense FFN activates them on calibration tokens (needs calibration_data).
             Default: 200 with calibration_data, else 0 (keys and query from the weights
             alone).
+        minutes: a wall-time budget for the whole ``convert`` call (None: no budget). After
+            calibration, building and fits, the time left distils the converted model
+            towards the dense one on the calibration batches (KL on next-token logits for
+            models that return ``.logits``, else the relative MSE of the first output; the
+            MoE parts are trained, see ``moefy.distill``). Needs calibration_data. A
+            conversion that alone takes longer is logged, not stopped.
         calibration_tokens: read ``calibration_data`` until each FFN has seen this many
             tokens (default 2^20), then stop and
             log it: an endless stream (a repeating iterator) cannot hang the conversion.
@@ -102,6 +108,44 @@ class MoEConfig:
     peer_heads: int | None = None
     peer_key_dim: int | None = None
     peer_fit_steps: int | None = None
+    minutes: float | None = None
+
+    @classmethod
+    def for_budget(cls, active: float, minutes: float | None = None, *,
+                   experts: int = 64) -> MoEConfig:
+        """Settings for a share of active FFN neurons and a time budget: say what you
+        want, not how.
+
+        ``active`` (0 < active < 1): the share of each FFN's neurons a token uses. The FFN is
+        cut into ``experts`` equal pieces (fine experts: a token's important neurons are
+        scattered, measured on SmolLM2 and all-MiniLM-L6-v2, see the README). Half of the
+        active pieces are shared (always on: the neurons most often among tokens' strongest
+        on the calibration data), the other half routed by a fitted router among the rest,
+        partitioned by co-activation, with linear compensation of the skipped experts.
+        ``minutes``: the conversion's wall-time budget; what calibration and building leave
+        is spent distilling (``MoEConfig.minutes``). Needs calibration_data.
+
+        >>> c = MoEConfig.for_budget(0.25, minutes=10)
+        >>> (c.shared_experts, c.num_experts, c.top_k, c.minutes)
+        (8, 56, 8, 10)
+        """
+        if not (isinstance(active, (int, float)) and not isinstance(active, bool)
+                and 0 < active < 1):
+            raise ValueError(f"MoEConfig.for_budget: active must be a share of the FFN's "
+                             f"neurons, 0 < active < 1, got {active!r}")
+        if not isinstance(experts, int) or isinstance(experts, bool) or experts < 2:
+            raise ValueError(f"MoEConfig.for_budget: experts must be an int >= 2, got "
+                             f"{experts!r}")
+        pieces = round(active * experts)
+        if not 1 <= pieces < experts:
+            raise ValueError(
+                f"MoEConfig.for_budget: active={active} of {experts} experts rounds to "
+                f"{pieces} active experts; pick active in [{1 / experts:.3g}, "
+                f"{(experts - 1) / experts:.3g}] or more experts")
+        shared = pieces // 2
+        return cls(method="split", num_experts=experts - shared, shared_experts=shared,
+                   top_k=pieces - shared, partition="coactivation", router_init="fit",
+                   compensate="linear", minutes=minutes)
 
     def __post_init__(self):
         def positive(name: str, allow_zero: bool = False) -> None:
@@ -124,6 +168,11 @@ class MoEConfig:
             positive(name, allow_zero=True)
         if self.calibration_tokens is not None:
             positive("calibration_tokens")
+        m = self.minutes
+        if m is not None and not (isinstance(m, (int, float)) and not isinstance(m, bool)
+                                  and math.isfinite(m) and m > 0):
+            raise ValueError(f"MoEConfig.minutes must be None (no budget) or a finite number "
+                             f"> 0, got {m!r}")
         for name in ("peer_heads", "peer_key_dim", "peer_fit_steps"):
             if getattr(self, name) is not None:
                 if self.method != "peer":
@@ -173,7 +222,7 @@ class MoEConfig:
         unused = [("shared_experts", 0), ("capacity_factor", None), ("router", "softmax"),
                   ("router_init", None), ("compensate", None), ("compensate_rank", None),
                   ("fit_steps", 0), ("partition", "kmeans"), ("num_experts", 16),
-                  ("top_p", 0.5), ("granularity", 1)]
+                  ("top_p", 0.5), ("granularity", 1), ("minutes", None)]
         for name, default in unused:
             if getattr(self, name) != default and not (name == "compensate" and
                                                        self.compensate is False):

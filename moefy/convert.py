@@ -7,6 +7,7 @@ import fnmatch
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ from moefy.layers.peer import PEER
 from moefy.passes import build, find_ffn, peer, rewrite, trace
 from moefy.passes.base import Pass, PassResult
 from moefy.passes.verify import RunDense, Verify, describe, describe_batch, token_ids
+from moefy.training import _distill_for
 
 _log = logging.getLogger(__name__)
 
@@ -84,7 +86,15 @@ def convert(model: nn.Module, config: MoEConfig, *, example_inputs=None, calibra
     if calibration_data is None and config.peer_fit_steps:
         raise ConversionError(f"peer_fit_steps={config.peer_fit_steps} fits PEER's keys and query "
                               "on calibration tokens: pass calibration_data, or peer_fit_steps=0")
-    if _fits_with_gradients(config, calibration_data) and (
+    if config.minutes is not None and calibration_data is None:
+        raise ConversionError(f"minutes={config.minutes} spends the time left after building "
+                              "on distillation over calibration batches: pass "
+                              "calibration_data, or minutes=None")
+    if config.minutes is not None and inplace:
+        raise ConversionError("minutes= distils the converted model towards the dense one, "
+                              "which inplace=True would overwrite: convert a copy "
+                              "(inplace=False), or minutes=None")
+    if (_fits_with_gradients(config, calibration_data) or config.minutes is not None) and (
             torch.is_inference_mode_enabled()
             or any(p.is_inference() for p in model.parameters())):
         where = ("convert was called under torch.inference_mode()"
@@ -106,9 +116,10 @@ def convert(model: nn.Module, config: MoEConfig, *, example_inputs=None, calibra
         # trace with inputs shaped like the calibration batches (same keys and dtypes), not
         # with ones made up from the config
         calibration_data, example_inputs = _peek(calibration_data)
+    started = time.perf_counter()  # the budget (config.minutes) counts from here
     with _CONVERTING:  # torch.export is not thread-safe: one conversion at a time
         return _convert(model, config, example_inputs, calibration_data, inplace, verify,
-                        explain, progress)
+                        explain, progress, started)
 
 
 def _fits_with_gradients(config: MoEConfig, calibration_data) -> bool:
@@ -134,10 +145,10 @@ def _peek(data) -> tuple[Iterable, object]:
 
 
 def _convert(model, config, example_inputs, calibration_data, inplace, verify, explain,
-             progress) -> nn.Module:
+             progress, started) -> nn.Module:
     state = _State(model, config, *trace.split_inputs(model, example_inputs),
                    calibration_data=calibration_data, inplace=inplace, explain=explain,
-                   progress=progress)
+                   progress=progress, started=started)
     pipeline = [
         RunDense(keep=verify),  # inputs that do not fit fail here, in the model's own words
         TraceUnits(),  # graphs first: everything after reads structure, not class names
@@ -147,7 +158,8 @@ def _convert(model, config, example_inputs, calibration_data, inplace, verify, e
         CheckBeforeChange(),  # every failure that input can cause, before anything changes
         Calibrate(),  # statistics the split builder reads
         BuildAndRewrite(),  # one FFN at a time: peak memory is the result plus one FFN
-        Verify(enabled=verify),  # last: compares the finished model with the dense one
+        Verify(enabled=verify),  # compares the finished model with the dense one
+        DistillForBudget(),  # last: spends what is left of config.minutes
     ]
     try:
         for step in pipeline:
@@ -180,6 +192,8 @@ class _State:
     reference: list | None = None  # the dense model's output tensors on the example inputs
     originals: dict = field(default_factory=dict)  # in place: module path -> the dense module
     target: nn.Module | None = None
+    started: float = 0.0  # perf_counter at convert's start (config.minutes counts from it)
+    batches: list = field(default_factory=list)  # calibration batches kept for distillation
 
 
 class TraceUnits(Pass):
@@ -372,6 +386,8 @@ class Calibrate(Pass):
                     f"sizes except batch and sequence; got {describe_batch(batch)}. Nothing "
                     "was changed.") from exc
             batches += 1
+            if s.config.minutes is not None:
+                s.batches.append(batch)  # distillation cycles through them after building
             tokens = min((st.tokens for st in s.stats.values()), default=0)
             progress.update(f"{batches} batches, {tokens:,} tokens")
             cap = s.config.calibration_tokens
@@ -480,6 +496,34 @@ class BuildAndRewrite(Pass):
         moe.conversion = {"name": p.plan.name, "method": s.config.method,
                           "dense_ffn_size": dense.ffn_size, **getattr(moe, "conversion", {})}
         return moe
+
+
+class DistillForBudget(Pass):
+    """converted model ⇒ the same, distilled towards the dense model on the calibration
+    batches for what is left of ``config.minutes``. Each MoE's ``conversion`` records it."""
+
+    def call(self, s: _State) -> PassResult:
+        if s.config.minutes is None:
+            return PassResult(False)
+        left = s.config.minutes * 60.0 - (time.perf_counter() - s.started)
+        moes = [m for m in s.target.modules() if isinstance(m, MoE)]
+        exact = all(m.top_k >= m.num_experts for m in moes) or s.config.method == "upcycle"
+        if exact or left <= 1.0 or not s.batches:
+            why = ("the conversion is exact: nothing to distil" if exact else
+                   "no calibration batch was kept" if not s.batches else
+                   f"building took {s.config.minutes * 60.0 - left:.0f} s, the whole budget "
+                   f"of {s.config.minutes:g} min")
+            _log.info("minutes=%g: no distillation (%s)", s.config.minutes, why)
+            info = {"steps": 0, "why": why}
+        else:
+            info = _distill_for(s.target, s.model, s.batches, left, progress=s.progress)
+            _log.info("minutes=%g: distilled %d steps in %.0f s, loss %.4g -> %.4g",
+                      s.config.minutes, info["steps"], info["seconds"], info["loss_first"],
+                      info["loss_last"])
+        for m in moes:
+            m.conversion = {**getattr(m, "conversion", {}), "distill": info}
+        s.batches = []
+        return PassResult(False, info)
 
 
 def _restore(s: _State) -> None:

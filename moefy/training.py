@@ -320,4 +320,76 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
             p.requires_grad_(flags.get(id(p), True))
         for m, training in modes:
             m.training = training
+        for m in moes:  # the last step's auxiliary losses would keep its autograd graph alive
+            m.last_aux = None
     return log
+
+
+def _logits_kl(student_out, teacher_out, batch) -> torch.Tensor:
+    """KL(teacher ‖ student) of the per-token output distributions over real tokens: what a
+    language model's quality depends on (an MSE on logits weighs every vocabulary entry
+    alike)."""
+    s = student_out.logits.float().log_softmax(-1)
+    t = teacher_out.logits.float().log_softmax(-1)
+    kl = (t.exp() * (t - s)).sum(-1)  # (B, S)
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    if not isinstance(mask, torch.Tensor) or mask.shape != kl.shape:
+        return kl.mean()
+    mask = mask.to(kl.dtype)
+    return (kl * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def _budget_loss(student_out, teacher_out, batch) -> torch.Tensor:
+    """KL on logits for models that return ``.logits`` (language models), else the default
+    relative MSE of the first float output."""
+    if isinstance(getattr(teacher_out, "logits", None), torch.Tensor):
+        return _logits_kl(student_out, teacher_out, batch)
+    return _default_loss(student_out, teacher_out, batch)
+
+
+DISTILL_TOKENS = 1024  # tokens per distillation step: a short budget buys more, smaller steps
+DISTILL_LR = 1e-4  # AdamW on the MoE parts; see the README for what short budgets reach
+
+
+def _rebatch(batches: list, tokens: int) -> list:
+    """Dict batches of (B, S) tensors cut along B into batches of about ``tokens`` tokens
+    (at least one row each); other batches are kept as they are."""
+    out = []
+    for b in batches:
+        ids = b.get("input_ids") if isinstance(b, dict) else None
+        if not (isinstance(ids, torch.Tensor) and ids.dim() == 2 and all(
+                isinstance(v, torch.Tensor) and v.shape[:1] == ids.shape[:1]
+                for v in b.values())):
+            out.append(b)
+            continue
+        rows = max(1, tokens // max(1, ids.shape[1]))
+        for i in range(0, ids.shape[0], rows):
+            out.append({k: v[i:i + rows] for k, v in b.items()})
+    return out
+
+
+def _distill_for(model: nn.Module, teacher: nn.Module, data, seconds: float, *,
+                lr: float | None = None, progress: bool | None = None) -> dict:
+    """Distil ``model`` towards ``teacher`` for about ``seconds`` of wall time (the budget
+    recipes and ``moefy convert --distill-minutes``). ``distill``'s learning-rate schedule
+    (warm-up, cosine decay) is laid out over its ``steps``: a few probe steps measure the
+    step time, and the rest of the budget becomes a step count so the schedule ends with it.
+    Returns {"steps", "seconds", "loss_first", "loss_last"} (the mean loss of the first and
+    of the last two steps)."""
+    start = time.perf_counter()
+    lr = DISTILL_LR if lr is None else lr
+    data = _rebatch(data, DISTILL_TOKENS)
+    probe = 2  # the first step also pays one-time costs: time the second alone
+    log = distill(model, teacher, data, steps=1, lr=lr, loss=_budget_loss, progress=False)
+    second = time.perf_counter()
+    if second - start < seconds:
+        log += distill(model, teacher, data, steps=1, lr=lr, loss=_budget_loss,
+                       progress=False)
+    per_step = time.perf_counter() - second
+    left = seconds - (time.perf_counter() - start)
+    if left > per_step and len(log) == probe:
+        log += distill(model, teacher, data, steps=max(1, int(left / per_step)), lr=lr,
+                       loss=_budget_loss, max_seconds=left, progress=progress)
+    head, tail = log[:probe], log[-probe:]
+    return {"steps": len(log), "seconds": time.perf_counter() - start,
+            "loss_first": sum(head) / len(head), "loss_last": sum(tail) / len(tail)}

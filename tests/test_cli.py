@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -364,3 +365,48 @@ def test_messages_speak_in_flags():
         "mixtral can hold this model: moefy export-hf OUT --architecture mixtral -o DIR")
     assert cli._in_flags("setting num_experts must be a positive int") == (
         "--experts must be a positive int")
+
+
+# ----------------------------------------------------------------------------- budget
+
+
+def test_convert_for_a_budget_says_what_it_chose_and_measured(workspace):
+    out = workspace / "tiny-budget"
+    proc = run("convert", str(workspace / "tiny"), "--active", "0.25", "--minutes", "0.4",
+               "--calibration", str(workspace / "notes.txt"), "--seq-len", "32",
+               "--batch-size", "4", "--calibration-tokens", "768", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert ("budget: 25.0% of each FFN's neurons active (--active): 64 experts of 1/64 of "
+            "the FFN, 8 shared + top-8 of 56 routed") in text
+    assert "held out for measuring: 128 of them" in text
+    # the steps distillation gets depend on how fast this machine built the model (tested
+    # in tests/test_convert.py); the line saying what happened is always there
+    assert re.search(r"distillation: (\d+ steps in|none \(building took)", text), text
+    ppl = [line for line in text.splitlines() if line.startswith("held-out perplexity")]
+    assert len(ppl) == 1 and ppl[0].endswith("x)")
+    info = json.loads((out / "moefy.json").read_text())["info"]
+    assert info["config"]["minutes"] == 0.4 and info["config"]["shared_experts"] == 8
+    model = moefy.load(out)
+    moes = [m for m in model.modules() if isinstance(m, moefy.MoE)]
+    assert len(moes) == 2 and all(m.top_k == 8 and m.num_experts == 56 for m in moes)
+
+
+def test_budget_flags_are_checked_before_loading(tmp_path, capsys):
+    model = str(tmp_path / "absent")
+    cal = ["--calibration", str(tmp_path)]
+    cases = [(["--active", "0.25", "--experts", "8", *cal], "--active picks the experts "
+                                                            "itself; drop --experts"),
+             (["--active", "0.25"], "--active needs --calibration"),
+             (["--active", "0.25", "--method", "upcycle", *cal], "does not apply to --method "
+                                                                 "upcycle"),
+             (["--active", "1.5", *cal], "active must be a share"),
+             (["--minutes", "5"], "--minutes needs --calibration"),
+             (["--minutes", "nan", *cal], "--minutes must be a finite number > 0"),
+             (["--minutes", "0", *cal], "--minutes must be a finite number > 0"),
+             (["--minutes", "5", "--distill-minutes", "1", *cal], "drop --distill-minutes")]
+    for flags, message in cases:
+        assert cli.main(["convert", model, *flags, "-o", str(tmp_path / "o")]) == 2, flags
+        err = capsys.readouterr().err
+        assert err.startswith("moefy: error: ") and message in err and err.count("\n") == 1, (
+            flags, err)

@@ -210,3 +210,43 @@ def test_distill_explains_a_teacher_that_takes_other_inputs_and_a_detached_loss(
     with pytest.raises(TrainingInputError, match="does not depend"):
         moefy.distill(moe, dense, [(torch.randn(4, 8),)], steps=1, loss=detached,
                       progress=False)
+
+
+def test_budget_distillation_cuts_batches_into_steps_of_about_a_thousand_tokens():
+    from moefy.training import _rebatch
+
+    ids = torch.arange(8 * 256).view(8, 256)
+    batches = _rebatch([{"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                        (torch.randn(3, 4),)], 1024)
+    dicts = [b for b in batches if isinstance(b, dict)]
+    assert [tuple(b["input_ids"].shape) for b in dicts] == [(4, 256), (4, 256)]
+    assert torch.equal(torch.cat([b["input_ids"] for b in dicts]), ids)  # every row, in order
+    assert isinstance(batches[-1], tuple)  # not a dict of (B, S) tensors: kept whole
+    long = _rebatch([{"input_ids": torch.zeros(2, 4096, dtype=torch.long)}], 1024)
+    assert [tuple(b["input_ids"].shape) for b in long] == [(1, 4096), (1, 4096)]  # ≥ 1 row
+
+
+def test_budget_loss_is_kl_on_logits_for_language_models():
+    from types import SimpleNamespace
+
+    from moefy.training import _budget_loss, _default_loss
+
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    kl = torch.nn.functional.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True,
+                                    reduction="none").sum(-1)
+    want = (kl * mask).sum() / mask.sum()
+    got = _budget_loss(SimpleNamespace(logits=s), SimpleNamespace(logits=t),
+                       {"attention_mask": mask})
+    assert torch.allclose(got, want, atol=1e-6)
+    assert _budget_loss(SimpleNamespace(logits=t), SimpleNamespace(logits=t), {}) < 1e-6
+    plain = (s,), (t,)  # no logits: the relative MSE of the first output
+    assert torch.equal(_budget_loss(*plain, {}), _default_loss(*plain, {}))
+
+
+def test_distill_leaves_no_autograd_graph_behind():
+    model, moe_model, data = setup()
+    moefy.distill(moe_model, model, data, steps=2, lr=1e-3, progress=False)
+    # a training forward's auxiliary losses hold the step's graph (every activation)
+    assert all(m.last_aux is None for m in moe_model.modules() if isinstance(m, moefy.MoE))
