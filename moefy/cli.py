@@ -37,7 +37,7 @@ import moefy
 from moefy.config import METHODS, PARTITIONS, ROUTERS, MoEConfig
 from moefy.errors import MoefyError, first_line
 from moefy.hf import ARCHITECTURES as HF_ARCHITECTURES
-from moefy.training import _distill_for
+from moefy.training import distill_for
 
 PLAN_FILE = "moefy.json"  # what marks a directory written by moefy.save
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")  # what a --calibration / --data folder offers
@@ -301,9 +301,11 @@ def cmd_convert(args, console: Console) -> None:
         settings["minutes"] = args.minutes
     try:
         if args.active is not None:  # the recipe picks the experts; router and seed may stay
-            chosen = MoEConfig.for_budget(args.active, args.minutes)
-            config = MoEConfig(**{**vars(chosen), **{k: v for k, v in settings.items()
-                                                     if k not in ("method", "partition")}})
+            chosen = MoEConfig.for_budget(args.active, args.minutes,
+                                          **({"experts": args.experts} if args.experts else {}))
+            config = MoEConfig(**{**vars(chosen), **{
+                k: v for k, v in settings.items()
+                if k not in ("method", "partition", "num_experts")}})
         else:
             config = MoEConfig(**settings)
     except ValueError as exc:
@@ -345,9 +347,10 @@ def cmd_convert(args, console: Console) -> None:
                      f"{batches[0]['input_ids'].shape[1]}, batches of {args.batch_size})")
         if config.minutes is not None:
             batches, held = _hold_out(batches)
-            if held:
-                lines.append(f"held out for measuring: {_tokens(held)} of them (the last "
-                             "batch; not calibrated or distilled on)")
+            lines.append(f"held out for measuring: {_tokens(held)} of them (the last "
+                         "batch; not calibrated or distilled on)" if held else
+                         "held out for measuring: nothing (a single batch of calibration "
+                         "text; give more text or a smaller --batch-size)")
 
     t = time.perf_counter()
     moe = moefy.convert(dense.model, config, calibration_data=batches,
@@ -365,12 +368,11 @@ def cmd_convert(args, console: Console) -> None:
     lines.append(f"active FFN work per token: {_ffn_fraction(rep)} of the dense FFNs; "
                  f"parameters {moe_params / 1e6:.2f}M (dense {dense_params / 1e6:.2f}M)")
 
+    budget = args.active is not None or config.minutes is not None
+    if budget:
+        lines.insert(1, _budget_choice(config, moe, args))
     if config.minutes is not None:
-        lines.insert(1, _budget_choice(config, args))
-        lines.append(_budget_result(moe, config))
-        if held:
-            console.status("measuring on the held-out text")
-            lines.append(_fidelity(dense, moe, held))
+        lines.append(_budget_result(moe, dense.causal))
     if args.distill_minutes:
         lines.append(_distill(moe, dense, batches, args.distill_minutes * 60.0, console))
 
@@ -380,23 +382,30 @@ def cmd_convert(args, console: Console) -> None:
             "calibration_tokens": 0 if batches is None else
             sum(b["input_ids"].numel() for b in batches),
             "distill_minutes": args.distill_minutes or 0,
+            "distill": _distill_info(moe),
             "command": ["moefy", *args.argv]}
     console.status(f"saving to {out}")
     moefy.save(moe, out, tokenizer=dense.tokenizer, info=info)
     lines.append(f"wrote {out} ({_size(out)}) in {time.perf_counter() - started:.1f} s in all")
+    if held:  # after saving: the result is kept whatever the measurement meets
+        console.status("measuring on the held-out text")
+        lines.append(_fidelity(dense, moe, held))
     print("\n".join(lines))
 
 
 def _check_budget_flags(args) -> None:
     """--active / --minutes: what they need and what they replace, before any work."""
     if args.active is not None:
-        picked = [f"--{flag.replace('_', '-')}" for flag in ("experts", "top_k", "shared",
-                                                             "partition")
+        if not (math.isfinite(args.active) and 0 < args.active < 1):
+            raise CommandUsageError(f"--active is the share of each FFN's neurons a token "
+                                    f"uses, between 0 and 1 (e.g. 0.25), got {args.active}")
+        picked = [f"--{flag.replace('_', '-')}" for flag in ("top_k", "shared", "partition")
                   if getattr(args, flag) is not None]
         if picked:
             raise CommandUsageError(
-                f"--active picks the experts itself; drop {', '.join(picked)} (or drop "
-                "--active and set --experts, --top-k and --shared yourself)")
+                f"--active picks top-k and shared experts itself; drop {', '.join(picked)} "
+                "(--experts sets how many pieces each FFN is cut into; or drop --active and "
+                "set --experts, --top-k and --shared yourself)")
         if args.method != "split":
             raise CommandUsageError(f"--active builds a split (a share of each FFN's neurons); "
                                     f"it does not apply to --method {args.method}")
@@ -404,6 +413,12 @@ def _check_budget_flags(args) -> None:
             raise CommandUsageError("--active needs --calibration FILE.txt|DIR: the experts, "
                                     "router and compensation are fitted on that text")
     if args.minutes is not None:
+        if args.method != "split":
+            raise CommandUsageError(
+                f"--minutes distils a split with the time building leaves; --method "
+                f"{args.method} " + ("is exact: there is nothing to distil (use "
+                                     "--distill-minutes to train it further)"
+                                     if args.method == "upcycle" else "does not take it"))
         if not (math.isfinite(args.minutes) and args.minutes > 0):
             raise CommandUsageError(f"--minutes must be a finite number > 0, got "
                                     f"{args.minutes}")
@@ -413,8 +428,6 @@ def _check_budget_flags(args) -> None:
         if args.distill_minutes is not None:
             raise CommandUsageError("--minutes is the whole conversion's budget, distillation "
                                     "included; drop --distill-minutes")
-        if args.method == "peer":
-            raise CommandUsageError("--minutes does not apply to --method peer")
 
 
 def _hold_out(batches: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -429,23 +442,35 @@ def _tokens(batches: list[dict]) -> int:
     return sum(int(b["attention_mask"].sum()) for b in batches)
 
 
-def _budget_choice(config: MoEConfig, args) -> str:
+def _budget_choice(config: MoEConfig, moe, args) -> str:
+    """What the conversion chose, as the built layers record it (compensation falls back to
+    the mean on too little text)."""
     pieces = config.num_experts + config.shared_experts
     active = (config.top_k + config.shared_experts) / pieces
-    how = ("--active" if args.active is not None else "your settings")
+    how = "--active" if args.active is not None else "your settings"
+    built = next((m.conversion for m in moe.modules()
+                  if isinstance(m, moefy.MoE) and hasattr(m, "conversion")), {})
+    budget = ("" if config.minutes is None else
+              f"; {config.minutes:g} min in all, distillation gets what building leaves")
     return (f"budget: {active:.1%} of each FFN's neurons active ({how}): {pieces} experts of "
             f"1/{pieces} of the FFN, {config.shared_experts} shared + top-{config.top_k} of "
             f"{config.num_experts} routed; partition {config.partition}, compensation "
-            f"{config.compensate or 'none'}, router {config.router_init or 'default'}; "
-            f"{config.minutes:g} min in all, distillation gets what building leaves")
+            f"{built.get('compensation', 'none')}, router {built.get('router_init', '?')}"
+            + budget)
 
 
-def _budget_result(moe, config: MoEConfig) -> str:
-    info = next((m.conversion.get("distill") for m in moe.modules()
-                 if isinstance(m, moefy.MoE) and hasattr(m, "conversion")), None) or {}
-    if not info.get("steps"):
+def _distill_info(moe) -> dict | None:
+    return next((m.conversion.get("distill") for m in moe.modules()
+                 if isinstance(m, moefy.MoE) and hasattr(m, "conversion")), None)
+
+
+def _budget_result(moe, causal: bool) -> str:
+    info = _distill_info(moe) or {}
+    if not info.get("steps") or "loss_first" not in info:
         return f"distillation: none ({info.get('why', 'no MoE layer')})"
-    return (f"distillation: {info['steps']} steps in {info['seconds']:.0f} s, loss "
+    kind = "KL on next-token logits" if causal else "relative MSE of the outputs"
+    steps = f"{info['steps']} step" + ("" if info["steps"] == 1 else "s")
+    return (f"distillation: {steps} in {info['seconds']:.0f} s, loss ({kind}) "
             f"{info['loss_first']:.4g} -> {info['loss_last']:.4g}")
 
 
@@ -471,6 +496,8 @@ def _fidelity(dense, moe, held: list[dict]) -> str:
                 cosines.append(torch.nn.functional.cosine_similarity(*pooled, dim=-1))
     if dense.causal:
         count = sum(float(b["attention_mask"][:, 1:].sum()) for b in held)
+        if not count:
+            return "held-out perplexity: none (chunks of one token predict nothing)"
         ppl = {k: math.exp(v / count) for k, v in totals.items()}
         return (f"held-out perplexity: dense {ppl['dense']:.2f}, moefy {ppl['moe']:.2f} "
                 f"({ppl['moe'] / ppl['dense']:.3f}x)")
@@ -489,7 +516,7 @@ def _distill(moe, dense, batches, seconds: float, console: Console) -> str:
     """Distil the MoE towards the dense model for ``seconds`` (KL on next-token logits for
     causal LMs, else the relative MSE of the outputs)."""
     console.status(f"distilling for {seconds / 60:g} min (the dense model is the teacher)")
-    info = _distill_for(moe, dense.model, batches, seconds, progress=console.live)
+    info = distill_for(moe, dense.model, batches, seconds, progress=console.live)
     kind = "KL on next-token logits" if dense.causal else "relative MSE of the outputs"
     steps = f"{info['steps']} step" + ("" if info["steps"] == 1 else "s")
     return (f"distillation: {steps} in {info['seconds']:.0f} s, loss ({kind}) "

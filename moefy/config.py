@@ -123,7 +123,8 @@ class MoEConfig:
         on the calibration data), the other half routed by a fitted router among the rest,
         partitioned by co-activation, with linear compensation of the skipped experts.
         ``minutes``: the conversion's wall-time budget; what calibration and building leave
-        is spent distilling (``MoEConfig.minutes``). Needs calibration_data.
+        is spent distilling (``MoEConfig.minutes``). Needs calibration_data; reads at most
+        16384 tokens of it (``calibration_tokens``): building must leave time to distil.
 
         >>> c = MoEConfig.for_budget(0.25, minutes=10)
         >>> (c.shared_experts, c.num_experts, c.top_k, c.minutes)
@@ -145,7 +146,7 @@ class MoEConfig:
         shared = pieces // 2
         return cls(method="split", num_experts=experts - shared, shared_experts=shared,
                    top_k=pieces - shared, partition="coactivation", router_init="fit",
-                   compensate="linear", minutes=minutes)
+                   compensate="linear", minutes=minutes, calibration_tokens=1 << 14)
 
     def __post_init__(self):
         def positive(name: str, allow_zero: bool = False) -> None:

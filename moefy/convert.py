@@ -20,6 +20,7 @@ from moefy.errors import (
     AlreadyConvertedError,
     ConversionError,
     NoFFNFoundError,
+    NonFiniteLossError,
     TraceError,
     first_line,
 )
@@ -29,7 +30,7 @@ from moefy.layers.peer import PEER
 from moefy.passes import build, find_ffn, peer, rewrite, trace
 from moefy.passes.base import Pass, PassResult
 from moefy.passes.verify import RunDense, Verify, describe, describe_batch, token_ids
-from moefy.training import _distill_for
+from moefy.training import distill_for
 
 _log = logging.getLogger(__name__)
 
@@ -116,8 +117,8 @@ def convert(model: nn.Module, config: MoEConfig, *, example_inputs=None, calibra
         # trace with inputs shaped like the calibration batches (same keys and dtypes), not
         # with ones made up from the config
         calibration_data, example_inputs = _peek(calibration_data)
-    started = time.perf_counter()  # the budget (config.minutes) counts from here
     with _CONVERTING:  # torch.export is not thread-safe: one conversion at a time
+        started = time.perf_counter()  # the budget (config.minutes) counts from here
         return _convert(model, config, example_inputs, calibration_data, inplace, verify,
                         explain, progress, started)
 
@@ -513,17 +514,25 @@ class DistillForBudget(Pass):
                    "no calibration batch was kept" if not s.batches else
                    f"building took {s.config.minutes * 60.0 - left:.0f} s, the whole budget "
                    f"of {s.config.minutes:g} min")
-            _log.info("minutes=%g: no distillation (%s)", s.config.minutes, why)
+            (_log.info if exact else _log.warning)(
+                "minutes=%g: no distillation (%s)", s.config.minutes, why)
             info = {"steps": 0, "why": why}
         else:
-            info = _distill_for(s.target, s.model, s.batches, left, progress=s.progress)
-            _log.info("minutes=%g: distilled %d steps in %.0f s, loss %.4g -> %.4g",
-                      s.config.minutes, info["steps"], info["seconds"], info["loss_first"],
-                      info["loss_last"])
+            try:
+                info = distill_for(s.target, s.model, s.batches, left, progress=s.progress)
+            except NonFiniteLossError as exc:
+                # distill keeps the weights of the last good step: the conversion stands
+                _log.warning("minutes=%g: distillation stopped: %s", s.config.minutes,
+                             first_line(exc))
+                info = {"steps": len(exc.log), "why": f"stopped: {first_line(exc)}"}
+            if info.get("steps") and "loss_first" in info:
+                _log.info("minutes=%g: distilled %d steps in %.0f s, loss %.4g -> %.4g",
+                          s.config.minutes, info["steps"], info["seconds"],
+                          info["loss_first"], info["loss_last"])
         for m in moes:
             m.conversion = {**getattr(m, "conversion", {}), "distill": info}
         s.batches = []
-        return PassResult(False, info)
+        return PassResult(bool(info.get("steps")), info)
 
 
 def _restore(s: _State) -> None:

@@ -193,6 +193,7 @@ def _step_loss(model: nn.Module, teacher: nn.Module, loss_fn: Callable, aux: flo
     return value
 
 
+@torch.enable_grad()  # a caller under torch.no_grad() still means "train"
 def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
             lr: float = 1e-4, train: str = "moe", loss: Callable | None = None,
             aux: float = 0.0, max_seconds: float | None = None, warmup: float = 0.05,
@@ -353,7 +354,8 @@ DISTILL_LR = 1e-4  # AdamW on the MoE parts; see the README for what short budge
 
 def _rebatch(batches: list, tokens: int) -> list:
     """Dict batches of (B, S) tensors cut along B into batches of about ``tokens`` tokens
-    (at least one row each); other batches are kept as they are."""
+    (at least one row each; pieces that are all padding are left out); other batches are
+    kept as they are."""
     out = []
     for b in batches:
         ids = b.get("input_ids") if isinstance(b, dict) else None
@@ -364,21 +366,28 @@ def _rebatch(batches: list, tokens: int) -> list:
             continue
         rows = max(1, tokens // max(1, ids.shape[1]))
         for i in range(0, ids.shape[0], rows):
-            out.append({k: v[i:i + rows] for k, v in b.items()})
+            part = {k: v[i:i + rows] for k, v in b.items()}
+            mask = part.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and not bool(mask.any()):
+                continue  # all padding: nothing to learn from, and no loss to average
+            out.append(part)
     return out
 
 
-def _distill_for(model: nn.Module, teacher: nn.Module, data, seconds: float, *,
+def distill_for(model: nn.Module, teacher: nn.Module, data, seconds: float, *,
                 lr: float | None = None, progress: bool | None = None) -> dict:
     """Distil ``model`` towards ``teacher`` for about ``seconds`` of wall time (the budget
     recipes and ``moefy convert --distill-minutes``). ``distill``'s learning-rate schedule
-    (warm-up, cosine decay) is laid out over its ``steps``: a few probe steps measure the
-    step time, and the rest of the budget becomes a step count so the schedule ends with it.
+    (warm-up, cosine decay) is laid out over its ``steps``: two probe steps measure the step
+    time, and the rest of the budget becomes a step count (a quarter more, as steps vary;
+    ``max_seconds`` ends it on time).
     Returns {"steps", "seconds", "loss_first", "loss_last"} (the mean loss of the first and
     of the last two steps)."""
     start = time.perf_counter()
     lr = DISTILL_LR if lr is None else lr
     data = _rebatch(data, DISTILL_TOKENS)
+    if not data:
+        return {"steps": 0, "why": "no calibration batch has a real (unpadded) token"}
     probe = 2  # the first step also pays one-time costs: time the second alone
     log = distill(model, teacher, data, steps=1, lr=lr, loss=_budget_loss, progress=False)
     second = time.perf_counter()
@@ -388,7 +397,9 @@ def _distill_for(model: nn.Module, teacher: nn.Module, data, seconds: float, *,
     per_step = time.perf_counter() - second
     left = seconds - (time.perf_counter() - start)
     if left > per_step and len(log) == probe:
-        log += distill(model, teacher, data, steps=max(1, int(left / per_step)), lr=lr,
+        # steps vary in length (batches of other sizes): plan 25% more than the probe step
+        # suggests and let max_seconds end it, the learning rate then ~10% of its peak
+        log += distill(model, teacher, data, steps=max(1, int(1.25 * left / per_step)), lr=lr,
                        loss=_budget_loss, max_seconds=left, progress=progress)
     head, tail = log[:probe], log[-probe:]
     return {"steps": len(log), "seconds": time.perf_counter() - start,

@@ -395,12 +395,16 @@ def test_convert_for_a_budget_says_what_it_chose_and_measured(workspace):
 def test_budget_flags_are_checked_before_loading(tmp_path, capsys):
     model = str(tmp_path / "absent")
     cal = ["--calibration", str(tmp_path)]
-    cases = [(["--active", "0.25", "--experts", "8", *cal], "--active picks the experts "
-                                                            "itself; drop --experts"),
+    cases = [(["--active", "0.25", "--top-k", "8", *cal], "--active picks top-k and shared "
+                                                          "experts itself; drop --top-k"),
              (["--active", "0.25"], "--active needs --calibration"),
              (["--active", "0.25", "--method", "upcycle", *cal], "does not apply to --method "
                                                                  "upcycle"),
-             (["--active", "1.5", *cal], "active must be a share"),
+             (["--active", "1.5", *cal], "--active is the share of each FFN's neurons"),
+             (["--active", "0", *cal], "between 0 and 1"),
+             (["--minutes", "5", "--method", "upcycle", *cal], "upcycle is exact: there is "
+                                                               "nothing to distil"),
+             (["--minutes", "5", "--method", "peer"], "--method peer does not take it"),
              (["--minutes", "5"], "--minutes needs --calibration"),
              (["--minutes", "nan", *cal], "--minutes must be a finite number > 0"),
              (["--minutes", "0", *cal], "--minutes must be a finite number > 0"),

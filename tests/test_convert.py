@@ -2,6 +2,7 @@
 function; the caller's model untouched; clear errors."""
 
 import copy
+import math
 import time
 
 import pytest
@@ -707,6 +708,27 @@ def test_minutes_distils_what_building_leaves_of_the_budget():
     assert elapsed < seconds + 2 * per_step + 1.0  # the budget, a step over at most
     assert _kl_to(dense, budget, held) < 0.8 * _kl_to(dense, plain, held)  # held-out tokens
     assert all(torch.equal(v, dense.state_dict()[k]) for k, v in before.items())  # teacher
+
+
+def test_minutes_under_no_grad_still_distils():
+    """convert's own advice for inference mode is torch.no_grad(): distillation must still
+    train there."""
+    dense = _tiny_lm()
+    gen = torch.Generator().manual_seed(2)
+    calib = [{"input_ids": torch.randint(0, 64, (4, 32), generator=gen),
+              "attention_mask": torch.ones(4, 32, dtype=torch.long)} for _ in range(4)]
+    calib.append({"input_ids": torch.zeros(4, 32, dtype=torch.long),
+                  "attention_mask": torch.zeros(4, 32, dtype=torch.long)})  # all padding
+    t0 = time.perf_counter()
+    moefy.convert(dense, moefy.MoEConfig.for_budget(0.5, experts=8), calibration_data=calib)
+    seconds = time.perf_counter() - t0 + 3.0
+    with torch.no_grad():
+        moe = moefy.convert(dense, moefy.MoEConfig.for_budget(0.5, minutes=seconds / 60,
+                                                              experts=8),
+                            calibration_data=calib)
+    info = next(m for m in moe.modules() if isinstance(m, moefy.MoE)).conversion["distill"]
+    assert info["steps"] >= 2 and all(math.isfinite(info[k]) for k in ("loss_first",
+                                                                          "loss_last"))
 
 
 def test_minutes_needs_calibration_and_a_copy():
