@@ -32,6 +32,7 @@ from moefy.errors import LoadError, MissingDependencyError, SaveError, first_lin
 from moefy.layers.moe import MoE
 from moefy.layers.peer import PEER
 from moefy.passes.rewrite import ChannelsLast
+from moefy.runtime.parallel import refuse_sharded
 
 FORMAT = "moefy"
 FORMAT_VERSION = 1
@@ -66,6 +67,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, tokenizer=None,
     model = _unwrap_compiled(model)
     if not isinstance(model, nn.Module):
         raise SaveError(f"save expects a torch.nn.Module, got {type(model).__name__}")
+    refuse_sharded(model, "save", SaveError)
     directory = _as_path(directory, SaveError, "save")
     if directory.exists() and not directory.is_dir():
         raise SaveError(f"{directory} exists and is not a directory")

@@ -119,3 +119,9 @@ class LoadError(MoefyError):
 class HFExportError(MoefyError, ValueError):
     """``moefy.export_hf`` cannot write the model in the asked Hugging Face format exactly; the
     message says what the format cannot hold and which format can."""
+
+
+class ExpertParallelError(MoefyError, RuntimeError):
+    """``moefy.runtime.expert_parallel`` cannot shard the model as asked: no initialised
+    process group, no MoE layer, a layer sharded already, or ranks holding different
+    weights. Raised before anything changes."""

@@ -41,6 +41,7 @@ from moefy.activations import get_activation
 from moefy.errors import HFExportError, MissingDependencyError, first_line
 from moefy.layers.moe import MoE
 from moefy.layers.peer import PEER
+from moefy.runtime.parallel import refuse_sharded
 
 ARCHITECTURES = ("mixtral", "qwen2_moe", "deepseek_v3", "glm4_moe")
 SOURCES = ("llama", "mistral", "qwen2")  # config.model_type of the models export_hf reads
@@ -504,6 +505,8 @@ def export_hf(model: nn.Module, directory, architecture: str = "mixtral", *, tok
     if architecture not in ARCHITECTURES:
         raise HFExportError(f"architecture must be one of {', '.join(ARCHITECTURES)}; got "
                             f"{architecture!r}")
+    if isinstance(model, nn.Module):
+        refuse_sharded(model, "export_hf", HFExportError)
     path = _check_directory(directory)
     src = _read_source(model, tf)
     problems = _check(src, architecture)

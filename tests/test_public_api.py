@@ -6,6 +6,6 @@ def test_public_surface_is_pinned():
         "MoE", "MoEConfig", "PEER", "__version__", "aux_loss", "convert", "distill", "export_hf",
         "export_onnx", "freeze", "load", "onnx", "report", "runtime", "save"]
     assert sorted(moefy.runtime.__all__) == ["ExpertWeights", "Session", "expert_ffn",
-                                             "reference_ffn"]
+                                             "expert_parallel", "reference_ffn"]
     assert sorted(moefy.onnx.__all__) == ["ExportError", "ExportResult", "check_tensorrt_ops",
                                           "export_onnx"]

@@ -359,7 +359,11 @@ class MoE(nn.Module):
     def routed(self, x: torch.Tensor, weights: torch.Tensor,
                indices: torch.Tensor) -> torch.Tensor:
         """Σ_j weights[t, j] · expert_{indices[t, j]}(x[t]) for flattened tokens x (T, H);
-        the runtime picks the kernel (``moefy.runtime.dispatch.ExpertRunner``)."""
+        the runtime picks the kernel (``moefy.runtime.dispatch.ExpertRunner``); with
+        ``moefy.runtime.expert_parallel`` the experts run on the ranks that own them."""
+        if getattr(self, "_expert_parallel", None) is not None:
+            from moefy.runtime.parallel import routed
+            return routed(self, x, weights, indices)
         return self._runner(x, weights, indices, self.expert_weights(),
                             training=self.training, prepack=self.prepack,
                             capacity_factor=self.capacity_factor)

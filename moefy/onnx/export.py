@@ -46,6 +46,7 @@ from moefy.layers.moe import MoE
 from moefy.layers.peer import PEER
 from moefy.onnx.lowering import ort_expressible, translation_table
 from moefy.passes.trace import export_model, split_inputs
+from moefy.runtime.parallel import refuse_sharded
 from moefy.runtime.session import Session
 
 TARGETS = ("ort", "standard")
@@ -138,6 +139,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
     if not isinstance(model, nn.Module):
         raise ExportInputError(f"export_onnx: model must be a torch.nn.Module, got "
                                f"{type(model).__name__}")
+    refuse_sharded(model, "export_onnx", ExportInputError)
     if target not in TARGETS:
         raise ExportInputError(f"export_onnx: target must be one of {TARGETS}, got {target!r}")
     kernel = KERNELS[target][0] if kernel is None else kernel

@@ -1,0 +1,197 @@
+"""Expert parallelism on ``torch.distributed``: each rank keeps a contiguous block of every MoE
+layer's routed experts; tokens travel to the rank that owns their expert and back.
+
+    each rank: its own tokens → router (replicated) → (token, slot) pairs sorted by owner rank
+      → counts exchanged (all_to_all_single), then the rows (uneven splits)
+      → the owner runs its local experts on what arrived (the single-process kernels, k = 1)
+      → outputs return by the reverse exchange → weighted and summed in the original order
+
+The router, shared experts, compensation and everything outside the MoE layers stay
+replicated; routing (capacity factor, dropped assignments, auxiliary losses) is decided on
+each rank's own tokens exactly as in one process, so a rank's outputs equal a single
+process's on the same batch. The exchange is differentiable (its backward is the reverse
+exchange), so training works; every rank must run each forward and backward together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from moefy.errors import ExpertParallelError
+
+_EXPERT_TENSORS = ("w_in", "w_gate", "w_out", "b_in", "b_gate", "b_out")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Which routed experts this rank holds: [bounds[rank], bounds[rank + 1]) of E."""
+
+    group: object
+    rank: int
+    world: int
+    bounds: tuple[int, ...]  # world + 1 expert offsets
+
+    @property
+    def start(self) -> int:
+        return self.bounds[self.rank]
+
+    @property
+    def stop(self) -> int:
+        return self.bounds[self.rank + 1]
+
+
+def expert_parallel(model: nn.Module, process_group=None) -> nn.Module:
+    """Shard the routed experts of every ``moefy.MoE`` in ``model`` across the ranks of
+    ``process_group`` (default: the whole world), in place, and return ``model``.
+
+    Rank r keeps experts [r·E/W, (r+1)·E/W) (contiguous blocks; with E not a multiple of the
+    world size W the first E mod W ranks hold one more). Every rank must hold the same
+    weights before the call (load the same checkpoint everywhere): this is checked.
+
+    >>> # under torchrun: dist.init_process_group("gloo"); model = expert_parallel(model)
+    """
+    from moefy.layers.moe import MoE
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ExpertParallelError(
+            "expert_parallel needs an initialised torch.distributed process group: run under "
+            "torchrun and call torch.distributed.init_process_group('gloo' or 'nccl') first")
+    group = process_group if process_group is not None else dist.group.WORLD
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    moes = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+    if not moes:
+        raise ExpertParallelError(f"{type(model).__name__} holds no moefy.MoE layer: convert "
+                                  "it first (moefy.convert)")
+    sharded = [name for name, m in moes if getattr(m, "_expert_parallel", None) is not None]
+    if sharded:
+        raise ExpertParallelError(f"{', '.join(sharded[:4])} already sharded: call "
+                                  "expert_parallel once, on the unsharded model")
+    _check_same_weights(moes, group, world)
+    for _, moe in moes:
+        E = moe.num_experts
+        bounds = tuple(r * (E // world) + min(r, E % world) for r in range(world + 1))
+        shard = Shard(group, rank, world, bounds)
+        for name in _EXPERT_TENSORS:
+            p = getattr(moe, name)
+            if p is not None:
+                local = p.detach()[shard.start:shard.stop].clone()
+                setattr(moe, name, nn.Parameter(local, requires_grad=p.requires_grad))
+        moe._expert_parallel = shard
+        moe.invalidate()
+    return model
+
+
+def reduce_gradients(model: nn.Module, average: bool = False) -> None:
+    """After ``backward`` on every rank: sum (or average) the gradients of every parameter
+    that is not a sharded expert over the ranks, so that the replicated parts see the whole
+    batch, as the sharded experts already do (their gradients come from every rank's
+    tokens). With each rank's loss divided by the world size, ``average=False`` gives
+    exactly the gradients of one process on all ranks' tokens."""
+    from moefy.layers.moe import MoE
+
+    groups = {m._expert_parallel.group for m in model.modules()
+              if isinstance(m, MoE) and getattr(m, "_expert_parallel", None) is not None}
+    if len(groups) != 1:
+        raise ExpertParallelError("reduce_gradients needs a model sharded by expert_parallel "
+                                  "(over one process group)")
+    group = groups.pop()
+    sharded = {id(getattr(m, n)) for m in model.modules()
+               if isinstance(m, MoE) and getattr(m, "_expert_parallel", None) is not None
+               for n in _EXPERT_TENSORS if getattr(m, n) is not None}
+    world = dist.get_world_size(group)
+    for p in model.parameters():  # in model order on every rank: the collectives match
+        if id(p) in sharded or not p.requires_grad:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)  # a rank whose tokens skipped it still takes part
+        dist.all_reduce(p.grad, group=group)
+        if average:
+            p.grad /= world
+
+
+def refuse_sharded(model, what: str, error: type[Exception]) -> None:
+    """Raise ``error`` when ``model`` holds expert-parallel layers: each rank has only its
+    own experts, and writing them as the model would be silently wrong."""
+    sharded = [name for name, m in model.named_modules()
+               if getattr(m, "_expert_parallel", None) is not None]
+    if sharded:
+        raise error(
+            f"{what}: {', '.join(sharded[:4])} {'is' if len(sharded) == 1 else 'are'} sharded "
+            "by moefy.runtime.expert_parallel (this rank holds only its own experts); "
+            f"{what} the model before sharding it (gathering the shards is not implemented "
+            "yet)")
+
+
+def _check_same_weights(moes, group, world: int) -> None:
+    """Every rank must start from the same weights: compare a checksum of each layer."""
+    sums = torch.stack([torch.stack([t.detach().double().sum() for t in m.parameters()]).sum()
+                        for _, m in moes]).cpu()
+    gathered = [torch.empty_like(sums) for _ in range(world)]
+    dist.all_gather(gathered, sums, group=group)
+    differ = [moes[i][0] for i in range(len(moes))
+              if any(not torch.allclose(g[i], sums[i], rtol=1e-9, atol=1e-9)
+                     for g in gathered)]
+    if differ:
+        raise ExpertParallelError(
+            f"the ranks hold different weights in {', '.join(differ[:4])}: load the same "
+            "model on every rank (same checkpoint, same seed) before expert_parallel")
+
+
+def routed(moe, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """``MoE.routed`` of a sharded layer: Σ_j weights[t, j] · expert_{indices[t, j]}(x[t])
+    for this rank's tokens x (T, H), the experts running on the ranks that own them."""
+    shard: Shard = moe._expert_parallel
+    if shard.world == 1:  # every expert is here: the single-process path, no exchange
+        return moe._runner(x, weights, indices, moe.expert_weights(), training=moe.training,
+                           prepack=moe.prepack, capacity_factor=moe.capacity_factor)
+    T, k = indices.shape
+    H = x.shape[-1]
+    flat = indices.reshape(-1)
+    bounds = torch.tensor(shard.bounds[1:-1], dtype=flat.dtype, device=flat.device)
+    owner = torch.bucketize(flat, bounds, right=True)  # (T·k,) rank that holds the expert
+    order = torch.argsort(owner * moe.num_experts + flat, stable=True)
+    token = order // k
+    send_counts = torch.bincount(owner, minlength=shard.world)
+    recv_counts = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv_counts, send_counts, group=shard.group)
+    send_sizes, recv_sizes = send_counts.tolist(), recv_counts.tolist()
+    starts = torch.tensor(shard.bounds[:-1], dtype=flat.dtype, device=flat.device)
+    local_ids = flat[order] - starts[owner[order]]
+    recv_ids = flat.new_empty(sum(recv_sizes))
+    dist.all_to_all_single(recv_ids, local_ids, recv_sizes, send_sizes, group=shard.group)
+    differentiable = torch.is_grad_enabled() and (
+        x.requires_grad or any(p.requires_grad for p in moe.parameters()))
+    exchange = _exchange_with_grad if differentiable else _exchange
+    send = x[token]
+    if differentiable and not send.requires_grad:
+        # every rank must run both backward exchanges in step, also one whose rows need no
+        # gradient (or that received none): a leaf that asks for one keeps them in the graph
+        send = send.detach().requires_grad_()
+    recv_x = exchange(send, recv_sizes, send_sizes, shard.group)
+    if recv_x.shape[0]:
+        out = moe._runner(recv_x, recv_x.new_ones(recv_x.shape[0], 1), recv_ids[:, None],
+                          moe.expert_weights(), training=moe.training, prepack=moe.prepack)
+    else:  # nothing arrived: still part of the graph, so the backward exchange happens
+        out = recv_x * 0
+    back = exchange(out, send_sizes, recv_sizes, shard.group)  # (T·k, H) in ``order``
+    contrib = back * weights.reshape(-1)[order, None].to(back.dtype)
+    return x.new_zeros(T, H).index_add(0, token, contrib)
+
+
+def _exchange(rows: torch.Tensor, out_sizes: list[int], in_sizes: list[int],
+              group) -> torch.Tensor:
+    out = rows.new_empty(sum(out_sizes), *rows.shape[1:])
+    dist.all_to_all_single(out, rows.contiguous(), out_sizes, in_sizes, group=group)
+    return out
+
+
+def _exchange_with_grad(rows: torch.Tensor, out_sizes: list[int], in_sizes: list[int],
+                        group) -> torch.Tensor:
+    from torch.distributed.nn.functional import all_to_all_single
+
+    out = rows.new_empty(sum(out_sizes), *rows.shape[1:])
+    return all_to_all_single(out, rows.contiguous(), out_sizes, in_sizes, group=group)

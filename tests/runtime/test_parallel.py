@@ -1,0 +1,208 @@
+"""Expert parallelism: 2 and 4 gloo processes give each rank the outputs and gradients of one
+process on the same tokens (router, shared part: per rank; experts: summed over the ranks'
+tokens), for softmax, sigmoid and capacity-factor routing, with a rank that receives no token
+and a rank that sends none."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import moefy
+from moefy.errors import ExpertParallelError, ExportInputError, HFExportError, SaveError
+from moefy.runtime.parallel import expert_parallel
+
+H, I, E = 16, 8, 6
+CASES = [dict(router="softmax"), dict(router="sigmoid"),
+         dict(router="softmax", capacity_factor=0.5), dict(router="softmax", skew=True)]
+
+
+def _layer(case: dict) -> moefy.MoE:
+    torch.manual_seed(0)
+    moe = moefy.MoE(H, I, E, 2, gated=True, shared_expert_size=4, router=case["router"],
+                    capacity_factor=case.get("capacity_factor"))
+    if case.get("skew"):  # every token picks experts 0 and 1: only rank 0 receives rows
+        with torch.no_grad():
+            moe.router.weight.zero_()
+            moe.router.weight[:2, 0] = 50.0
+    return moe.train()
+
+
+def _tokens(rank: int, world: int, case: dict) -> torch.Tensor:
+    g = torch.Generator().manual_seed(100 + rank)
+    count = 0 if rank == world - 1 and world > 2 else 5 + 3 * rank  # the last of 4 sends none
+    x = torch.randn(count, H, generator=g)
+    if case.get("skew"):
+        x[:, 0] = x[:, 0].abs() + 1.0
+    return x
+
+
+def _reference(case: dict, world: int):
+    """One process, each rank's tokens in turn: outputs, and the gradients of
+    Σ_r (y_r · c_r).sum() (per rank for replicated tensors, summed for experts)."""
+    outputs, grads = [], []
+    for r in range(world):
+        moe = _layer(case)
+        x = _tokens(r, world, case).requires_grad_()
+        y = moe(x)
+        (y * _cotangent(y, r)).sum().backward()
+        outputs.append((y.detach(), x.grad))
+        grads.append({n: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                      for n, p in moe.named_parameters()})
+    return outputs, grads
+
+
+def _cotangent(y: torch.Tensor, rank: int) -> torch.Tensor:
+    return torch.randn(y.shape, generator=torch.Generator().manual_seed(7 + rank))
+
+
+def _worker(rank: int, world: int, init: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        for case in CASES:
+            outputs, grads = _reference(case, world)
+            moe = expert_parallel(torch.nn.Sequential(_layer(case)))[0]
+            x = _tokens(rank, world, case).requires_grad_()
+            y = moe(x)
+            (y * _cotangent(y, rank)).sum().backward()
+            want_y, want_dx = outputs[rank]
+            torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5, msg=str(case))
+            if x.shape[0]:
+                torch.testing.assert_close(x.grad, want_dx, rtol=1e-5, atol=1e-5)
+            shard = moe._expert_parallel
+            for name, p in moe.named_parameters():
+                if name.split(".")[0] in ("w_in", "w_gate", "w_out", "b_in", "b_gate",
+                                          "b_out"):
+                    want = sum(g[name] for g in grads)[shard.start:shard.stop]
+                else:  # replicated: this rank's own tokens only
+                    want = grads[rank][name]
+                got = p.grad if p.grad is not None else torch.zeros_like(p)
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5,
+                                           msg=f"{case} {name}")
+            assert moe.last_dropped == _dropped(case, rank, world)  # capacity: as in one
+            with torch.no_grad():  # inference: the plain exchange, the packed kernels
+                moe.eval()
+                ref = _layer(case).eval()
+                torch.testing.assert_close(moe(x), ref(x), rtol=1e-5, atol=1e-5)
+    finally:
+        dist.destroy_process_group()
+
+
+def _dropped(case: dict, rank: int, world: int) -> int:
+    moe = _layer(case)
+    moe(_tokens(rank, world, case))
+    return moe.last_dropped
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_expert_parallel_matches_one_process(world, tmp_path):
+    mp.start_processes(_worker, args=(world, f"file://{tmp_path / 'store'}"), nprocs=world,
+                       start_method="spawn", join=True)
+
+
+def test_expert_parallel_needs_a_process_group():
+    with pytest.raises(ExpertParallelError, match="init_process_group"):
+        expert_parallel(torch.nn.Sequential(_layer(CASES[0])))
+
+
+def _mismatch_worker(rank: int, world: int, init: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        model = torch.nn.Sequential(_layer(CASES[0]))
+        if rank:
+            with torch.no_grad():
+                model[0].w_in.add_(1.0)
+        before = copy.deepcopy(model.state_dict())
+        with pytest.raises(ExpertParallelError, match="different weights"):
+            expert_parallel(model)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+        # a sharded model holds only this rank's experts: writing it as the model is refused
+        sharded = expert_parallel(torch.nn.Sequential(_layer(CASES[0])))
+        with pytest.raises(SaveError, match="sharded by moefy.runtime.expert_parallel"):
+            moefy.save(sharded, f"{init[len('file://'):]}-save-{rank}")
+        with pytest.raises(ExportInputError, match="sharded"):
+            moefy.export_onnx(sharded, f"{init[len('file://'):]}-{rank}.onnx",
+                              (torch.randn(3, H),))
+        with pytest.raises(HFExportError, match="sharded"):
+            moefy.export_hf(sharded, f"{init[len('file://'):]}-hf-{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_mismatched_ranks_and_writing_a_shard_are_refused(tmp_path):
+    mp.start_processes(_mismatch_worker, args=(2, f"file://{tmp_path / 'store'}"), nprocs=2,
+                       start_method="spawn", join=True)
+
+
+def _tiny_upcycled():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=32)
+    dense = tf.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    moe = moefy.convert(dense, moefy.MoEConfig(method="upcycle", num_experts=4, top_k=2),
+                        example_inputs={"input_ids": ids})
+    with torch.no_grad():  # make the copies differ, so that routing matters
+        for m in moe.modules():
+            if isinstance(m, moefy.MoE):
+                m.w_in.add_(0.05 * torch.randn(m.w_in.shape,
+                                               generator=torch.Generator().manual_seed(1)))
+    return moe.train()
+
+
+def _batches(steps: int, world: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return [torch.randint(0, 64, (2 * world, 12), generator=g) for _ in range(steps)]
+
+
+def _train(model, batches, rank=None, world=1, steps=4) -> list[float]:
+    from moefy.runtime.parallel import reduce_gradients
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    losses = []
+    for ids in batches[:steps]:
+        opt.zero_grad()
+        # one process: each rank's share of the batch in turn, as the ranks see it (the
+        # auxiliary loss is per forward: per rank)
+        total = torch.zeros(())
+        for part in ids.chunk(world) if rank is None else [ids.chunk(world)[rank]]:
+            loss = model(input_ids=part, labels=part).loss + 0.01 * moefy.aux_loss(model)
+            (loss / world).backward()
+            total += loss.detach() / world
+        if rank is not None:
+            reduce_gradients(model)
+            dist.all_reduce(total)
+        opt.step()
+        losses.append(float(total))
+    return losses
+
+
+def _training_worker(rank: int, world: int, init: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        model = expert_parallel(_tiny_upcycled())
+        losses = _train(model, _batches(4, world), rank, world)
+        if rank == 0:
+            torch.save(torch.tensor(losses), out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_training_under_two_processes_follows_the_single_process_loss_curve(tmp_path):
+    """An upcycled tiny LLaMA, SGD with the auxiliary loss: the same loss at every step as one
+    process that runs each rank's share of the batch in turn."""
+    world = 2
+    single = _train(_tiny_upcycled(), _batches(4, world))
+    out = str(tmp_path / "losses.pt")
+    mp.start_processes(_training_worker, args=(world, f"file://{tmp_path / 'store'}", out),
+                       nprocs=world, start_method="spawn", join=True)
+    parallel = torch.load(out, weights_only=True).tolist()
+    assert single[-1] < single[0]  # it trains
+    assert parallel == pytest.approx(single, rel=1e-5, abs=1e-6)
