@@ -79,7 +79,7 @@ class LoadMeter:
             with torch.no_grad():
                 _, indices = module.route(args[0])
             self.counts[name] = torch.bincount(indices.reshape(-1),
-                                               minlength=module.num_experts).double()
+                                               minlength=module.num_experts).float()
         return hook
 
     def summary(self) -> str:
@@ -147,8 +147,8 @@ def main() -> None:
         (total / world).backward()
         reduce_gradients(model)
         opt.step()
-        seconds = torch.tensor([time.perf_counter() - t0])
-        report = torch.stack([total.detach().cpu() / world])
+        seconds = torch.tensor([time.perf_counter() - t0], device=device)  # NCCL: on the GPU
+        report = torch.stack([total.detach() / world])
         dist.all_reduce(report)
         dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
         tokens = world * batch.numel()

@@ -331,6 +331,10 @@ class MoE(nn.Module):
         """Routed expert ``e`` as a standalone dense FFN that shares this layer's weights."""
         if not 0 <= e < self.num_experts:
             raise IndexError(f"expert index {e} out of range for {self.num_experts} experts")
+        if getattr(self, "_expert_parallel", None) is not None:
+            from moefy.errors import ExpertParallelError
+            raise ExpertParallelError("expert(e) of a layer sharded by expert_parallel: this "
+                                      "rank holds only its own experts")
         return _ExpertView(self, e)
 
     def expert_weights(self) -> ExpertWeights:
@@ -371,8 +375,11 @@ class MoE(nn.Module):
     # ------------------------------------------------------------------ internals
     def _record_training(self, sel: Selection) -> None:
         self.last_aux = routers.auxiliary_losses(sel, self.num_experts)
-        if self.router_type == "sigmoid" and sel.indices.shape[0]:
+        shard = getattr(self, "_expert_parallel", None)
+        if self.router_type == "sigmoid" and (sel.indices.shape[0] or shard is not None):
             load = routers.expert_load(sel.indices, sel.used, self.num_experts)
+            if shard is not None:  # the replicated bias follows every rank's load alike
+                torch.distributed.all_reduce(load, group=shard.group)
             step = self.bias_update_rate * torch.sign(load.mean() - load)
             with torch.no_grad():
                 if torch.compiler.is_compiling() or not self.selection_bias.is_inference() or (

@@ -62,6 +62,9 @@ def expert_parallel(model: nn.Module, process_group=None) -> nn.Module:
             "torchrun and call torch.distributed.init_process_group('gloo' or 'nccl') first")
     group = process_group if process_group is not None else dist.group.WORLD
     world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if rank < 0:
+        raise ExpertParallelError("this process is not a member of process_group: call "
+                                  "expert_parallel on the ranks of the group only")
     moes = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
     if not moes:
         raise ExpertParallelError(f"{type(model).__name__} holds no moefy.MoE layer: convert "
@@ -70,7 +73,7 @@ def expert_parallel(model: nn.Module, process_group=None) -> nn.Module:
     if sharded:
         raise ExpertParallelError(f"{', '.join(sharded[:4])} already sharded: call "
                                   "expert_parallel once, on the unsharded model")
-    _check_same_weights(moes, group, world)
+    _check_same_weights(model, moes, group, world)
     for _, moe in moes:
         E = moe.num_experts
         bounds = tuple(r * (E // world) + min(r, E % world) for r in range(world + 1))
@@ -89,8 +92,10 @@ def reduce_gradients(model: nn.Module, average: bool = False) -> None:
     """After ``backward`` on every rank: sum (or average) the gradients of every parameter
     that is not a sharded expert over the ranks, so that the replicated parts see the whole
     batch, as the sharded experts already do (their gradients come from every rank's
-    tokens). With each rank's loss divided by the world size, ``average=False`` gives
-    exactly the gradients of one process on all ranks' tokens."""
+    tokens). With each rank's loss divided by the world size, ``average=False`` gives the
+    gradients of one process that runs each rank's tokens in turn (routing, capacity and
+    auxiliary losses per rank's forward). It reduces over the expert-parallel group only:
+    data-parallel replicas of the experts (expert × data parallel meshes) are not handled."""
     from moefy.layers.moe import MoE
 
     groups = {m._expert_parallel.group for m in model.modules()
@@ -126,13 +131,28 @@ def refuse_sharded(model, what: str, error: type[Exception]) -> None:
             "yet)")
 
 
-def _check_same_weights(moes, group, world: int) -> None:
-    """Every rank must start from the same weights: compare a checksum of each layer."""
-    sums = torch.stack([torch.stack([t.detach().double().sum() for t in m.parameters()]).sum()
-                        for _, m in moes]).cpu()
+def _collective_device(group) -> torch.device:
+    """Where this group's collectives take tensors: NCCL only CUDA ones."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _check_same_weights(model: nn.Module, moes, group, world: int) -> None:
+    """Every rank must start from the same weights: compare a checksum of each MoE layer
+    and one of everything else (parameters and buffers)."""
+    def checksum(tensors) -> torch.Tensor:
+        sums = [t.detach().sum(dtype=torch.float64) for t in tensors if t.is_floating_point()]
+        return torch.stack(sums).sum().cpu() if sums else torch.zeros((), dtype=torch.float64)
+
+    inside = {id(t) for _, m in moes for t in [*m.parameters(), *m.buffers()]}
+    rest = [t for t in [*model.parameters(), *model.buffers()] if id(t) not in inside]
+    names = [name for name, _ in moes] + ["the layers outside the MoEs"]
+    sums = torch.stack([checksum([*m.parameters(), *m.buffers()]) for _, m in moes]
+                       + [checksum(rest)]).to(_collective_device(group))
     gathered = [torch.empty_like(sums) for _ in range(world)]
     dist.all_gather(gathered, sums, group=group)
-    differ = [moes[i][0] for i in range(len(moes))
+    differ = [names[i] for i in range(len(names))
               if any(not torch.allclose(g[i], sums[i], rtol=1e-9, atol=1e-9)
                      for g in gathered)]
     if differ:
@@ -141,6 +161,7 @@ def _check_same_weights(moes, group, world: int) -> None:
             "model on every rank (same checkpoint, same seed) before expert_parallel")
 
 
+@torch.compiler.disable  # data-dependent exchanges: run eagerly inside a compiled model
 def routed(moe, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """``MoE.routed`` of a sharded layer: Σ_j weights[t, j] · expert_{indices[t, j]}(x[t])
     for this rank's tokens x (T, H), the experts running on the ranks that own them."""
@@ -150,21 +171,34 @@ def routed(moe, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -
                            prepack=moe.prepack, capacity_factor=moe.capacity_factor)
     T, k = indices.shape
     H = x.shape[-1]
-    flat = indices.reshape(-1)
+    # only slots that carry weight travel (a weight-0 slot contributes nothing, and is never
+    # multiplied by 0 here either: an inf output must not become NaN)
+    w_flat = weights.reshape(-1)
+    pos = (w_flat != 0).nonzero().squeeze(1)
+    flat = indices.reshape(-1)[pos]
     bounds = torch.tensor(shard.bounds[1:-1], dtype=flat.dtype, device=flat.device)
-    owner = torch.bucketize(flat, bounds, right=True)  # (T·k,) rank that holds the expert
+    owner = torch.bucketize(flat, bounds, right=True)  # rank that holds each pair's expert
     order = torch.argsort(owner * moe.num_experts + flat, stable=True)
-    token = order // k
-    send_counts = torch.bincount(owner, minlength=shard.world)
-    recv_counts = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv_counts, send_counts, group=shard.group)
-    send_sizes, recv_sizes = send_counts.tolist(), recv_counts.tolist()
+    token = pos[order] // k
+    differentiable = torch.is_grad_enabled() and (
+        x.requires_grad or any(p.requires_grad for p in moe.parameters()))
+    # counts and each rank's grad mode in one exchange: a rank that trains while another
+    # does not would wait forever in its backward exchange, so all of them stop here
+    header = torch.stack([torch.bincount(owner, minlength=shard.world),
+                          torch.full((shard.world,), int(differentiable), dtype=owner.dtype,
+                                     device=owner.device)], dim=1)
+    received = torch.empty_like(header)
+    dist.all_to_all_single(received, header, group=shard.group)
+    if bool((received[:, 1] != int(differentiable)).any()):
+        raise ExpertParallelError(
+            "the ranks run this MoE layer in different modes (gradients on some, off on "
+            "others): every rank must run each forward and backward together, in the same "
+            "grad mode (torch.no_grad / inference_mode on all ranks or on none)")
+    send_sizes, recv_sizes = header[:, 0].tolist(), received[:, 0].tolist()
     starts = torch.tensor(shard.bounds[:-1], dtype=flat.dtype, device=flat.device)
     local_ids = flat[order] - starts[owner[order]]
     recv_ids = flat.new_empty(sum(recv_sizes))
     dist.all_to_all_single(recv_ids, local_ids, recv_sizes, send_sizes, group=shard.group)
-    differentiable = torch.is_grad_enabled() and (
-        x.requires_grad or any(p.requires_grad for p in moe.parameters()))
     exchange = _exchange_with_grad if differentiable else _exchange
     send = x[token]
     if differentiable and not send.requires_grad:
@@ -177,9 +211,9 @@ def routed(moe, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -
                           moe.expert_weights(), training=moe.training, prepack=moe.prepack)
     else:  # nothing arrived: still part of the graph, so the backward exchange happens
         out = recv_x * 0
-    back = exchange(out, send_sizes, recv_sizes, shard.group)  # (T·k, H) in ``order``
-    contrib = back * weights.reshape(-1)[order, None].to(back.dtype)
-    return x.new_zeros(T, H).index_add(0, token, contrib)
+    back = exchange(out, send_sizes, recv_sizes, shard.group)  # (pairs, H) in ``order``
+    contrib = back * w_flat[pos[order], None].to(back.dtype)
+    return x.new_zeros(T, H, dtype=contrib.dtype).index_add(0, token, contrib)
 
 
 def _exchange(rows: torch.Tensor, out_sizes: list[int], in_sizes: list[int],
