@@ -365,7 +365,8 @@ class MoE(nn.Module):
         """Σ_j weights[t, j] · expert_{indices[t, j]}(x[t]) for flattened tokens x (T, H);
         the runtime picks the kernel (``moefy.runtime.dispatch.ExpertRunner``); with
         ``moefy.runtime.expert_parallel`` the experts run on the ranks that own them."""
-        if getattr(self, "_expert_parallel", None) is not None:
+        shard = getattr(self, "_expert_parallel", None)
+        if shard is not None and shard.world > 1:  # one rank holds every expert: no exchange
             from moefy.runtime.parallel import routed
             return routed(self, x, weights, indices)
         return self._runner(x, weights, indices, self.expert_weights(),

@@ -166,9 +166,6 @@ def routed(moe, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -
     """``MoE.routed`` of a sharded layer: Σ_j weights[t, j] · expert_{indices[t, j]}(x[t])
     for this rank's tokens x (T, H), the experts running on the ranks that own them."""
     shard: Shard = moe._expert_parallel
-    if shard.world == 1:  # every expert is here: the single-process path, no exchange
-        return moe._runner(x, weights, indices, moe.expert_weights(), training=moe.training,
-                           prepack=moe.prepack, capacity_factor=moe.capacity_factor)
     T, k = indices.shape
     H = x.shape[-1]
     # only slots that carry weight travel (a weight-0 slot contributes nothing, and is never

@@ -84,6 +84,12 @@ def _worker(rank: int, world: int, init: str) -> None:
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5,
                                            msg=f"{case} {name}")
             assert moe.last_dropped == _dropped(case, rank, world)  # capacity: as in one
+            if case["router"] == "sigmoid":  # the replicated balancing bias stays replicated:
+                # it follows the load of all ranks' tokens, as one process on all of them
+                whole = _layer(case)
+                whole(torch.cat([_tokens(r, world, case) for r in range(world)]))
+                torch.testing.assert_close(moe.selection_bias, whole.selection_bias)
+                assert bool(moe.selection_bias.abs().sum() > 0)  # it did move
             with torch.no_grad():  # inference: the plain exchange, the packed kernels
                 moe.eval()
                 ref = _layer(case).eval()
