@@ -32,7 +32,7 @@ from moefy.errors import LoadError, MissingDependencyError, SaveError, first_lin
 from moefy.layers.moe import MoE
 from moefy.layers.peer import PEER
 from moefy.passes.rewrite import ChannelsLast
-from moefy.runtime.parallel import refuse_sharded
+from moefy.runtime.parallel import gathered_on_rank0
 
 FORMAT = "moefy"
 FORMAT_VERSION = 1
@@ -57,6 +57,12 @@ def save(model: nn.Module, directory: str | os.PathLike, *, tokenizer=None,
     described without pickling code: graph-mode conversions (an FFN inline in a larger
     forward became a traced graph) and layers with a custom activation module.
 
+    A model sharded by ``moefy.runtime.expert_parallel`` is saved by every rank of its group
+    together (not ``if rank == 0``): the experts are gathered, and rank 0 writes the same
+    checkpoint one process would write for the whole model (the replicated weights must be
+    equal on every rank, or ``SaveError``). ``load`` it on every rank, then call
+    ``expert_parallel`` again to shard it.
+
     >>> import tempfile
     >>> moe = MoE(8, 16, num_experts=4, top_k=2)
     >>> with tempfile.TemporaryDirectory() as d:
@@ -67,10 +73,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, tokenizer=None,
     model = _unwrap_compiled(model)
     if not isinstance(model, nn.Module):
         raise SaveError(f"save expects a torch.nn.Module, got {type(model).__name__}")
-    refuse_sharded(model, "save", SaveError)
     directory = _as_path(directory, SaveError, "save")
-    if directory.exists() and not directory.is_dir():
-        raise SaveError(f"{directory} exists and is not a directory")
     if info is not None and not isinstance(info, dict):
         raise SaveError(f"save: info must be a dict, got {type(info).__name__}")
     try:
@@ -80,6 +83,15 @@ def save(model: nn.Module, directory: str | os.PathLike, *, tokenizer=None,
     if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
         raise SaveError(f"save: tokenizer must be a Hugging Face tokenizer (with save_pretrained), "
                         f"got {type(tokenizer).__name__}")
+    # a model sharded by expert_parallel: rank 0 writes it with every layer's experts gathered
+    gathered_on_rank0(model, lambda whole: _write(whole, directory, tokenizer, info), "save",
+                      SaveError)
+    return directory
+
+
+def _write(model: nn.Module, directory: Path, tokenizer, info: dict | None) -> None:
+    if directory.exists() and not directory.is_dir():  # here: on the rank that writes
+        raise SaveError(f"{directory} exists and is not a directory")
     plan = _plan(model)
     plan["info"] = info or {}
     plan["id"] = uuid.uuid4().hex  # also in the weights' header: a plan and weights that
@@ -117,7 +129,6 @@ def save(model: nn.Module, directory: str | os.PathLike, *, tokenizer=None,
             if (directory / name).is_dir():
                 shutil.rmtree(directory / name)
             os.replace(tmp / name, directory / name)
-    return directory
 
 
 def _previous_files(directory: Path) -> list[str]:

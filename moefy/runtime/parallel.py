@@ -127,8 +127,8 @@ def refuse_sharded(model, what: str, error: type[Exception]) -> None:
         raise error(
             f"{what}: {', '.join(sharded[:4])} {'is' if len(sharded) == 1 else 'are'} sharded "
             "by moefy.runtime.expert_parallel (this rank holds only its own experts); "
-            f"{what} the model before sharding it (gathering the shards is not implemented "
-            "yet)")
+            f"{what} the model before sharding it, or moefy.save it (every rank together: it "
+            "gathers the experts) and load it in one process")
 
 
 def _collective_device(group) -> torch.device:
@@ -141,24 +141,118 @@ def _collective_device(group) -> torch.device:
 def _check_same_weights(model: nn.Module, moes, group, world: int) -> None:
     """Every rank must start from the same weights: compare a checksum of each MoE layer
     and one of everything else (parameters and buffers)."""
-    def checksum(tensors) -> torch.Tensor:
-        sums = [t.detach().sum(dtype=torch.float64) for t in tensors if t.is_floating_point()]
-        return torch.stack(sums).sum().cpu() if sums else torch.zeros((), dtype=torch.float64)
-
     inside = {id(t) for _, m in moes for t in [*m.parameters(), *m.buffers()]}
-    rest = [t for t in [*model.parameters(), *model.buffers()] if id(t) not in inside]
-    names = [name for name, _ in moes] + ["the layers outside the MoEs"]
-    sums = torch.stack([checksum([*m.parameters(), *m.buffers()]) for _, m in moes]
-                       + [checksum(rest)]).to(_collective_device(group))
-    gathered = [torch.empty_like(sums) for _ in range(world)]
-    dist.all_gather(gathered, sums, group=group)
-    differ = [names[i] for i in range(len(names))
-              if any(not torch.allclose(g[i], sums[i], rtol=1e-9, atol=1e-9)
-                     for g in gathered)]
+    parts = [(name, [*m.parameters(), *m.buffers()]) for name, m in moes]
+    parts.append(("the layers outside the MoEs",
+                  [t for t in [*model.parameters(), *model.buffers()] if id(t) not in inside]))
+    differ = _differing(parts, group, world)
     if differ:
         raise ExpertParallelError(
             f"the ranks hold different weights in {', '.join(differ[:4])}: load the same "
             "model on every rank (same checkpoint, same seed) before expert_parallel")
+
+
+def _differing(parts: list[tuple[str, list[torch.Tensor]]], group, world: int) -> list[str]:
+    """The names of the parts whose float64 checksum is not the same on every rank."""
+    def checksum(tensors) -> torch.Tensor:
+        sums = [t.detach().sum(dtype=torch.float64) for t in tensors if t.is_floating_point()]
+        return torch.stack(sums).sum().cpu() if sums else torch.zeros((), dtype=torch.float64)
+
+    sums = torch.stack([checksum(tensors) for _, tensors in parts]).to(
+        _collective_device(group))
+    gathered = [torch.empty_like(sums) for _ in range(world)]
+    dist.all_gather(gathered, sums, group=group)
+    return [parts[i][0] for i in range(len(parts))
+            if any(not torch.allclose(g[i], sums[i], rtol=1e-9, atol=1e-9) for g in gathered)]
+
+
+def _sharded(model: nn.Module) -> list:
+    return [m for m in model.modules() if getattr(m, "_expert_parallel", None) is not None]
+
+
+def gathered_on_rank0(model: nn.Module, write, what: str, error: type[Exception]):
+    """Run ``write(model)`` on rank 0 of the model's expert-parallel group, with every sharded
+    layer's experts gathered there (the layer as one process holds it), and return its
+    result there (None on the other ranks, which take part in the gathers). A model that is
+    not sharded is simply passed to ``write``. Every rank of the group must call this
+    together. The model is unchanged afterwards, on every rank.
+
+    Raises ``error`` on every rank, with nothing written, when the replicated weights differ
+    between the ranks (rank 0's would silently stand for all of them), and on every rank
+    when ``write`` fails on rank 0."""
+    layers = _sharded(model)
+    if not layers:
+        return write(model)
+    groups = {m._expert_parallel.group for m in layers}
+    if len(groups) != 1:
+        raise error(f"{what}: the model is sharded over more than one process group")
+    group = groups.pop()
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    experts = {id(getattr(m, n)) for m in layers for n in _EXPERT_TENSORS
+               if getattr(m, n) is not None}
+    parts = [(name, [t for t in [*m.parameters(), *m.buffers()] if id(t) not in experts])
+             for name, m in model.named_modules()
+             if getattr(m, "_expert_parallel", None) is not None]
+    inside = {id(t) for m in layers for t in [*m.parameters(), *m.buffers()]}
+    parts.append(("the layers outside the MoEs",
+                  [t for t in [*model.parameters(), *model.buffers()] if id(t) not in inside]))
+    try:  # the first collective: where a rank that did not call this leaves the others
+        differ = _differing(parts, group, world)
+    except RuntimeError as exc:
+        raise error(f"{what} of an expert-parallel model failed in its first exchange ({exc}):"
+                    f" every rank must call {what} together (it gathers the experts), not "
+                    "only rank 0") from exc
+    if differ:
+        raise error(
+            f"{what}: the ranks hold different replicated weights in {', '.join(differ[:4])}"
+            " (rank 0's would stand for all of them): call parallel.reduce_gradients after "
+            "every backward so that every rank takes the same step; nothing was written")
+    device = _collective_device(group)
+    swapped, result, failure = [], None, None
+    try:
+        for moe in layers:
+            shard = moe._expert_parallel
+            for name in _EXPERT_TENSORS:
+                p = getattr(moe, name)
+                if p is None:
+                    continue
+                full = _gather_rows(p.detach(), shard, device)
+                if rank == 0:
+                    swapped.append((moe, name, p))
+                    setattr(moe, name, nn.Parameter(full, requires_grad=p.requires_grad))
+            if rank == 0:
+                swapped.append((moe, "_expert_parallel", shard))
+                moe._expert_parallel = None
+        if rank == 0:
+            try:
+                result = write(model)
+            except Exception as exc:  # noqa: BLE001 - the other ranks must hear of it
+                failure = exc
+    finally:
+        for moe, name, value in reversed(swapped):  # the same objects: optimizers still hold
+            setattr(moe, name, value)
+    flag = torch.tensor([failure is not None], dtype=torch.int64, device=device)
+    dist.broadcast(flag, src=dist.get_global_rank(group, 0), group=group)
+    if failure is not None:
+        raise failure
+    if bool(flag.item()):
+        raise error(f"{what} failed on rank 0 of the expert-parallel group (its error says "
+                    "why)")
+    return result
+
+
+def _gather_rows(t: torch.Tensor, shard: Shard, device: torch.device) -> torch.Tensor | None:
+    """The whole (E, ...) tensor from every rank's block of rows, on the CPU of rank 0; None
+    on the others. Sent as bytes (padded to the largest block), whatever the dtype."""
+    sizes = [b - a for a, b in zip(shard.bounds[:-1], shard.bounds[1:], strict=True)]
+    block = t.new_zeros(max(sizes), *t.shape[1:])
+    block[: t.shape[0]] = t
+    send = block.view(torch.uint8).to(device)  # bytes: any dtype, on any backend
+    out = [torch.empty_like(send) for _ in range(shard.world)]
+    dist.all_gather(out, send, group=shard.group)
+    if shard.rank != 0:
+        return None
+    return torch.cat([o.cpu().view(t.dtype)[:n] for o, n in zip(out, sizes, strict=True)])
 
 
 @torch.compiler.disable  # data-dependent exchanges: run eagerly inside a compiled model

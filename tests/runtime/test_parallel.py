@@ -6,6 +6,9 @@ and a rank that sends none."""
 from __future__ import annotations
 
 import copy
+import datetime
+import os
+import time
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import moefy
+from moefy.checkpoint import read_plan
 from moefy.errors import ExpertParallelError, ExportInputError, HFExportError, SaveError
 from moefy.runtime.parallel import expert_parallel
 
@@ -115,7 +119,7 @@ def test_expert_parallel_needs_a_process_group():
         expert_parallel(torch.nn.Sequential(_layer(CASES[0])))
 
 
-def _mismatch_worker(rank: int, world: int, init: str) -> None:
+def _refusals_worker(rank: int, world: int, init: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         model = torch.nn.Sequential(_layer(CASES[0]))
@@ -126,27 +130,77 @@ def _mismatch_worker(rank: int, world: int, init: str) -> None:
         with pytest.raises(ExpertParallelError, match="different weights"):
             expert_parallel(model)
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-        # a sharded model holds only this rank's experts: writing it as the model is refused
         sharded = expert_parallel(torch.nn.Sequential(_layer(CASES[0])))
         # one rank without gradients, the other with: both stop with the same error instead
         # of waiting forever in the backward exchange
         with pytest.raises(ExpertParallelError, match="different modes"):
             with torch.set_grad_enabled(rank == 0):
                 sharded(torch.randn(4, H))
-        with pytest.raises(SaveError, match="sharded by moefy.runtime.expert_parallel"):
-            moefy.save(sharded, f"{init[len('file://'):]}-save-{rank}")
+        # exporting one rank's shard as the model is refused (save gathers: see below)
         with pytest.raises(ExportInputError, match="sharded"):
             moefy.export_onnx(sharded, f"{init[len('file://'):]}-{rank}.onnx",
                               (torch.randn(3, H),))
         with pytest.raises(HFExportError, match="sharded"):
             moefy.export_hf(sharded, f"{init[len('file://'):]}-hf-{rank}")
+        # replicated weights that drifted apart (no reduce_gradients): rank 0's would stand
+        # for all, so every rank refuses and nothing is written
+        with torch.no_grad():
+            sharded[0].router.weight.add_(rank)
+        target = f"{init[len('file://'):]}-drifted"
+        with pytest.raises(SaveError, match="different replicated weights in 0"):
+            moefy.save(sharded, target)
+        assert not os.path.exists(target)
+        # a bare bf16 layer, 5 experts in blocks of 3 and 2: the gathered checkpoint is the
+        # one a single process writes, byte for byte, and the shard is unchanged after it
+        torch.manual_seed(3)
+        whole = moefy.MoE(H, I, 5, 2, gated=True, bias=True).to(torch.bfloat16)
+        layer = expert_parallel(copy.deepcopy(whole))
+        held = {n: (p, p.clone()) for n, p in layer.named_parameters()}
+        moefy.save(layer, f"{init[len('file://'):]}-bf16", info={"rank": 0})
+        assert {n: p for n, p in layer.named_parameters()} == {n: p for n, (p, _) in
+                                                               held.items()}
+        assert all(torch.equal(p, old) for p, old in held.values())
+        assert layer._expert_parallel.stop - layer._expert_parallel.start == 3 - rank
+        if rank == 0:
+            moefy.save(whole, f"{init[len('file://'):]}-bf16-single", info={"rank": 0})
+        # the data-parallel habit `if rank == 0: save(...)`: rank 0 waits in the gather until
+        # the group's timeout, then says what to do instead of hanging
+        group = dist.new_group(timeout=datetime.timedelta(seconds=2))
+        alone = expert_parallel(torch.nn.Sequential(_layer(CASES[0])), group)
+        if rank == 0:
+            with pytest.raises(SaveError, match="every rank must call save together"):
+                moefy.save(alone, f"{init[len('file://'):]}-alone")
+        else:
+            time.sleep(3)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def test_mismatched_ranks_and_writing_a_shard_are_refused(tmp_path):
-    mp.start_processes(_mismatch_worker, args=(2, f"file://{tmp_path / 'store'}"), nprocs=2,
+def test_refusals_and_a_gathered_save_of_a_bare_layer(tmp_path):
+    """Refused: ranks with different weights, mixed grad modes, exporting a shard, saving
+    replicated weights that drifted apart. A sharded bf16 layer saves as one process's."""
+    mp.start_processes(_refusals_worker, args=(2, f"file://{tmp_path / 'store'}"), nprocs=2,
                        start_method="spawn", join=True)
+    _assert_same_checkpoint(tmp_path / "store-bf16", tmp_path / "store-bf16-single",
+                            exact=True)
+
+
+def _assert_same_checkpoint(got, want, exact: bool) -> None:
+    from safetensors.torch import load_file
+
+    a, b = load_file(got / "moefy.safetensors"), load_file(want / "moefy.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and a[name].shape == b[name].shape, name
+        if exact:
+            assert torch.equal(a[name], b[name]), name
+        else:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+    plan_a, plan_b = read_plan(got), read_plan(want)
+    plan_a.pop("id"), plan_b.pop("id")
+    assert plan_a == plan_b
+    assert sorted(p.name for p in got.iterdir()) == sorted(p.name for p in want.iterdir())
 
 
 def _tiny_upcycled():
@@ -199,21 +253,38 @@ def _training_worker(rank: int, world: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         model = expert_parallel(_tiny_upcycled())
+        moefy.save(model, f"{out}-untrained")  # every rank calls it; rank 0 writes
         losses = _train(model, _batches(4, world), rank, world)
+        moefy.save(model, f"{out}-trained")
         if rank == 0:
             torch.save(torch.tensor(losses), out)
+        # the checkpoint shards again: loaded on every rank, it continues as the model did
+        ids = _batches(5, world)[4].chunk(world)[rank]
+        again = expert_parallel(moefy.load(f"{out}-trained"))
+        assert again.model.layers[0].mlp.w_in.shape == model.model.layers[0].mlp.w_in.shape
+        with torch.no_grad():
+            torch.testing.assert_close(again(input_ids=ids).logits,
+                                       model.eval()(input_ids=ids).logits, rtol=0, atol=0)
     finally:
         dist.destroy_process_group()
 
 
 def test_training_under_two_processes_follows_the_single_process_loss_curve(tmp_path):
     """An upcycled tiny LLaMA, SGD with the auxiliary loss: the same loss at every step as one
-    process that runs each rank's share of the batch in turn."""
+    process that runs each rank's share of the batch in turn; saved by both ranks, the model
+    is the checkpoint one process writes, before and after training."""
     world = 2
-    single = _train(_tiny_upcycled(), _batches(4, world))
+    model = _tiny_upcycled()
+    moefy.save(model, tmp_path / "single-untrained")
+    single = _train(model, _batches(4, world))
+    moefy.save(model, tmp_path / "single-trained")
     out = str(tmp_path / "losses.pt")
     mp.start_processes(_training_worker, args=(world, f"file://{tmp_path / 'store'}", out),
                        nprocs=world, start_method="spawn", join=True)
     parallel = torch.load(out, weights_only=True).tolist()
     assert single[-1] < single[0]  # it trains
     assert parallel == pytest.approx(single, rel=1e-5, abs=1e-6)
+    _assert_same_checkpoint(tmp_path / "losses.pt-untrained", tmp_path / "single-untrained",
+                            exact=True)
+    _assert_same_checkpoint(tmp_path / "losses.pt-trained", tmp_path / "single-trained",
+                            exact=False)
