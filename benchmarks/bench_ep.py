@@ -3,9 +3,10 @@ processes (gloo on this machine), for the layer shapes of ``make bench``.
 
 Each process holds its block of the experts (``moefy.runtime.expert_parallel``) and its own
 tokens (the shape's token count per process); a forward is timed whole (barrier to barrier)
-and the time inside ``torch.distributed.all_to_all_single`` (counts, expert ids, rows out,
+and the time inside ``torch.distributed.all_to_all_single`` (counts, pair metadata, rows and weights out,
 rows back) is summed separately. Printed per shape and process count: median ms per forward
-(the slowest rank), the exchange's share of it, and tokens/s over all processes. Inference
+(the slowest rank), the exchange's share of it, tokens/s over all processes, and the rows
+each token sends (one per rank that owns one of its top-k experts, at most k). Inference
 (no_grad, eval); the machine's cores are shared among the processes.
 
 Caveat: gloo between processes on one machine is a functional test of the exchange, not a
@@ -72,7 +73,15 @@ def _worker(rank: int, world: int, init: str, rounds: int, out: str) -> None:
                         comms.append(spent[0])
             stats = torch.tensor([statistics.median(totals), statistics.median(comms)])
             dist.all_reduce(stats, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
-            results[name] = stats.tolist()
+            # rows each token sends: one per rank that owns one of its experts (its slots
+            # on that rank travel together)
+            with torch.no_grad():
+                sel = moe.select(x)
+            owner = torch.bucketize(sel.indices, torch.tensor(
+                moe._expert_parallel.bounds[1:-1]), right=True)
+            visits = torch.tensor([float(sum(len(set(r)) for r in owner.tolist()) / T)])
+            dist.all_reduce(visits)
+            results[name] = stats.tolist() + [visits.item() / world]
     finally:
         dist.all_to_all_single = plain
         dist.destroy_process_group()
@@ -94,13 +103,13 @@ def main() -> None:
                                               out), nprocs=world, start_method="spawn")
             rows[world] = torch.load(out, weights_only=True)
     print(f"{'shape':6s} {'procs':>5s} {'ms/forward':>11s} {'exchange':>9s} "
-          f"{'tokens/s':>10s}")
+          f"{'tokens/s':>10s} {'rows/token':>10s}")
     for name, shape in SHAPES.items():
         for world in worlds:
-            total, comm = rows[world][name]
+            total, comm, visits = rows[world][name]
             tokens = world * shape[-1]
             print(f"{name:6s} {world:5d} {total * 1e3:11.1f} {comm / total:9.0%} "
-                  f"{tokens / total:10,.0f}")
+                  f"{tokens / total:10,.0f} {visits if world > 1 else 0:10.2f}")
     print("gloo on one machine, the cores shared by the processes: a functional test of the "
           "exchange, not a network")
 

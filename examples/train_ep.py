@@ -22,6 +22,12 @@ Several machines (the same script on each; NCCL with one GPU per process):
         --rdzv-endpoint HOST:29500 examples/train_ep.py --backend nccl
     (and --node-rank 1 on the second machine)
 
+Saving and resuming: ``--save DIR`` has every rank call ``moefy.save`` at the end (the experts
+are gathered; rank 0 writes the checkpoint one process would write for the whole model), then
+loads it back on every rank, shards it again and checks that it computes what the trained
+model computes. ``--resume DIR`` continues from such a checkpoint (with any number of
+processes) instead of upcycling.
+
 The experts are what each rank holds apart; E must be at least the world size for every
 rank to own one (a rank with none only routes).
 """
@@ -102,6 +108,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--aux", type=float, default=1e-2, help="weight of the balance loss")
     parser.add_argument("--backend", default="gloo", help="gloo (CPU) or nccl (GPU)")
+    parser.add_argument("--save", metavar="DIR", help="save the trained model here")
+    parser.add_argument("--resume", metavar="DIR", help="continue from a moefy.save folder")
     args = parser.parse_args()
 
     dist.init_process_group(args.backend)
@@ -119,9 +127,14 @@ def main() -> None:
     ids = tok(" ".join(sentences("packages", 4000)), return_tensors="pt").input_ids[0]
     rows = ids[: ids.numel() // args.seq_len * args.seq_len].view(-1, args.seq_len)
     example = {"input_ids": rows[:1]}
-    model = moefy.convert(dense, moefy.MoEConfig(method="upcycle", num_experts=args.experts,
-                                                 top_k=args.top_k),
-                          example_inputs=example)
+    if args.resume:
+        model = moefy.load(args.resume)
+        args.experts = next(m for m in model.modules() if isinstance(m, moefy.MoE)).num_experts
+    else:
+        model = moefy.convert(dense, moefy.MoEConfig(method="upcycle",
+                                                     num_experts=args.experts,
+                                                     top_k=args.top_k),
+                              example_inputs=example)
     del dense
     model = moefy.runtime.expert_parallel(model.to(device).train())
     mine = rows[rank::world]  # each rank its own share of the text
@@ -131,7 +144,8 @@ def main() -> None:
     moes = sum(isinstance(m, moefy.MoE) for m in model.modules())
     local = sum(p.numel() for p in model.parameters()) / 1e6
     low, high = args.experts // world, -(-args.experts // world)
-    say(f"{world} processes ({args.backend}); {args.model} upcycled: {moes} MoE layers, "
+    origin = f"resumed from {args.resume}" if args.resume else f"{args.model} upcycled"
+    say(f"{world} processes ({args.backend}); {origin}: {moes} MoE layers, "
         f"{args.experts} experts top-{args.top_k}, {low if low == high else f'{low}-{high}'} "
         f"experts per rank; {local:.1f}M parameters on rank 0; {per_step} × {args.seq_len} "
         "tokens per rank per step")
@@ -155,7 +169,24 @@ def main() -> None:
         load_line = meter.summary()
         say(f"step {step + 1:3d}  loss {report.item():.4f}  {tokens / seconds.item():7.0f} "
             f"tokens/s  {load_line}", flush=True)
+    if args.save:
+        save_and_reload(model, tok, args, rows[-1:].to(device), device, say)
     dist.destroy_process_group()
+
+
+def save_and_reload(model, tok, args, probe, device, say) -> None:
+    """Every rank saves (the experts are gathered to rank 0, which writes), then every rank
+    loads the folder, shards it again and compares its logits with the trained model's."""
+    t0 = time.perf_counter()
+    moefy.save(model, args.save, tokenizer=tok,
+               info={"example": "train_ep", "steps": args.steps, "world": dist.get_world_size()})
+    say(f"saved to {args.save} in {time.perf_counter() - t0:.1f} s (rank 0 wrote the "
+        "gathered model)")
+    again = moefy.runtime.expert_parallel(moefy.load(args.save).to(device))
+    with torch.no_grad():
+        diff = (again(input_ids=probe).logits - model.eval()(input_ids=probe).logits).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    say(f"loaded on every rank and sharded again: logits differ by at most {diff.item():.2e}")
 
 
 if __name__ == "__main__":

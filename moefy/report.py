@@ -120,9 +120,21 @@ def _static_row(name: str, m: MoE) -> dict:
             else f"{(m.top_k * m.expert_size + shared_size) / dense_size:.0%}")
     return {"name": info.get("name", name), "method": info.get("method", "—"),
             "E": m.num_experts, "k": m.top_k, "shared": shared_size,
-            "params": f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M",
+            "params": f"{_layer_params(m) / 1e6:.2f}M",
             "active": f"{active / 1e6:.2f}M", "FFN FLOPs": frac,
             "calib skipped": info.get("calibration_skipped", 0)}
+
+
+def _layer_params(m: MoE) -> int:
+    """Parameters of the whole layer, also when ``moefy.runtime.expert_parallel`` left this
+    rank only its block of the routed experts (the rows it lacks are counted per expert)."""
+    total = sum(p.numel() for p in m.parameters())
+    shard = getattr(m, "_expert_parallel", None)
+    if shard is not None:
+        missing = m.num_experts - (shard.stop - shard.start)
+        total += missing * sum(math.prod(p.shape[1:]) for p in (
+            m.w_in, m.w_gate, m.w_out, m.b_in, m.b_gate, m.b_out) if p is not None)
+    return total
 
 
 def _peer_row(name: str, m: PEER) -> dict:

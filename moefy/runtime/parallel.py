@@ -43,6 +43,14 @@ class Shard:
     def stop(self) -> int:
         return self.bounds[self.rank + 1]
 
+    def __deepcopy__(self, memo):
+        return self  # frozen, no tensors: a deep copy of the model runs on the same group
+
+    def __reduce__(self):
+        raise ExpertParallelError(
+            "a model sharded by expert_parallel cannot be pickled (its process group lives "
+            "in this process): save it with moefy.save, every rank together")
+
 
 def expert_parallel(model: nn.Module, process_group=None) -> nn.Module:
     """Shard the routed experts of every ``moefy.MoE`` in ``model`` across the ranks of
@@ -88,14 +96,21 @@ def expert_parallel(model: nn.Module, process_group=None) -> nn.Module:
     return model
 
 
-def reduce_gradients(model: nn.Module, average: bool = False) -> None:
+def reduce_gradients(model: nn.Module, average: bool = False, *,
+                     data_parallel_group=None) -> None:
     """After ``backward`` on every rank: sum (or average) the gradients of every parameter
     that is not a sharded expert over the ranks, so that the replicated parts see the whole
     batch, as the sharded experts already do (their gradients come from every rank's
-    tokens). With each rank's loss divided by the world size, ``average=False`` gives the
-    gradients of one process that runs each rank's tokens in turn (routing, capacity and
-    auxiliary losses per rank's forward). It reduces over the expert-parallel group only:
-    data-parallel replicas of the experts (expert × data parallel meshes) are not handled."""
+    tokens of the expert-parallel group). With each rank's loss divided by the number of
+    ranks, ``average=False`` gives the gradients of one process that runs each rank's tokens
+    in turn (routing, capacity and auxiliary losses per rank's forward); ``average=True``
+    gives the same from undivided losses (every gradient, the experts' too, is divided by
+    the number of ranks).
+
+    Expert × data parallelism: with ``data_parallel_group`` (the ranks that hold the same
+    expert block, one from each expert-parallel group, e.g. the columns of a 2-D mesh) the
+    experts' gradients are summed over it too, and the replicated ones over both groups:
+    every rank then takes the step of one process on all ranks' tokens."""
     from moefy.layers.moe import MoE
 
     groups = {m._expert_parallel.group for m in model.modules()
@@ -104,17 +119,24 @@ def reduce_gradients(model: nn.Module, average: bool = False) -> None:
         raise ExpertParallelError("reduce_gradients needs a model sharded by expert_parallel "
                                   "(over one process group)")
     group = groups.pop()
+    if data_parallel_group is not None and dist.get_rank(data_parallel_group) < 0:
+        raise ExpertParallelError("this process is not a member of data_parallel_group")
     sharded = {id(getattr(m, n)) for m in model.modules()
                if isinstance(m, MoE) and getattr(m, "_expert_parallel", None) is not None
                for n in _EXPERT_TENSORS if getattr(m, n) is not None}
-    world = dist.get_world_size(group)
+    data_world = 1 if data_parallel_group is None else dist.get_world_size(data_parallel_group)
+    world = dist.get_world_size(group) * data_world
     for p in model.parameters():  # in model order on every rank: the collectives match
-        if id(p) in sharded or not p.requires_grad:
+        if not p.requires_grad:
             continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)  # a rank whose tokens skipped it still takes part
-        dist.all_reduce(p.grad, group=group)
-        if average:
+        expert = id(p) in sharded
+        if not expert:
+            dist.all_reduce(p.grad, group=group)
+        if data_parallel_group is not None:
+            dist.all_reduce(p.grad, group=data_parallel_group)
+        if average:  # the experts' gradients too are sums over every rank's tokens
             p.grad /= world
 
 
@@ -258,10 +280,13 @@ def _gather_rows(t: torch.Tensor, shard: Shard, device: torch.device) -> torch.T
 @torch.compiler.disable  # data-dependent exchanges: run eagerly inside a compiled model
 def routed(moe, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """``MoE.routed`` of a sharded layer: Σ_j weights[t, j] · expert_{indices[t, j]}(x[t])
-    for this rank's tokens x (T, H), the experts running on the ranks that own them."""
+    for this rank's tokens x (T, H), the experts running on the ranks that own them.
+
+    A token travels once to each rank that owns one of its experts (not once per slot), with
+    the (expert, weight) pairs it has there; the owner returns one row per token, the
+    weighted sum of its experts' outputs, and the origin adds the rows of each token."""
     shard: Shard = moe._expert_parallel
     T, k = indices.shape
-    H = x.shape[-1]
     # only slots that carry weight travel (a weight-0 slot contributes nothing, and is never
     # multiplied by 0 here either: an inf output must not become NaN)
     w_flat = weights.reshape(-1)
@@ -269,42 +294,60 @@ def routed(moe, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -
     flat = indices.reshape(-1)[pos]
     bounds = torch.tensor(shard.bounds[1:-1], dtype=flat.dtype, device=flat.device)
     owner = torch.bucketize(flat, bounds, right=True)  # rank that holds each pair's expert
-    order = torch.argsort(owner * moe.num_experts + flat, stable=True)
-    token = pos[order] // k
+    token = pos // k
+    order = torch.argsort(owner * T + token, stable=True)  # by owner, then token
+    owner, token, flat, pos = owner[order], token[order], flat[order], pos[order]
+    # the rows to send: one per (owner, token); ``row`` numbers them within each owner's block
+    keys, row = torch.unique_consecutive(owner * T + token, return_inverse=True)
+    row_token, row_owner = keys % max(T, 1), keys // max(T, 1)
+    send_rows = torch.bincount(row_owner, minlength=shard.world)
+    send_pairs = torch.bincount(owner, minlength=shard.world)
+    row = row - (torch.cumsum(send_rows, 0) - send_rows)[owner]
     differentiable = torch.is_grad_enabled() and (
-        x.requires_grad or any(p.requires_grad for p in moe.parameters()))
+        x.requires_grad or weights.requires_grad
+        or any(p.requires_grad for p in moe.parameters()))
     # counts and each rank's grad mode in one exchange: a rank that trains while another
     # does not would wait forever in its backward exchange, so all of them stop here
-    header = torch.stack([torch.bincount(owner, minlength=shard.world),
-                          torch.full((shard.world,), int(differentiable), dtype=owner.dtype,
-                                     device=owner.device)], dim=1)
+    header = torch.stack([send_rows, send_pairs, torch.full_like(send_rows,
+                                                                 int(differentiable))], dim=1)
     received = torch.empty_like(header)
     dist.all_to_all_single(received, header, group=shard.group)
-    if bool((received[:, 1] != int(differentiable)).any()):
+    if bool((received[:, 2] != int(differentiable)).any()):
         raise ExpertParallelError(
             "the ranks run this MoE layer in different modes (gradients on some, off on "
             "others): every rank must run each forward and backward together, in the same "
             "grad mode (torch.no_grad / inference_mode on all ranks or on none)")
-    send_sizes, recv_sizes = header[:, 0].tolist(), received[:, 0].tolist()
+    rows_out, pairs_out = send_rows.tolist(), send_pairs.tolist()
+    rows_in, pairs_in = received[:, 0].tolist(), received[:, 1].tolist()
     starts = torch.tensor(shard.bounds[:-1], dtype=flat.dtype, device=flat.device)
-    local_ids = flat[order] - starts[owner[order]]
-    recv_ids = flat.new_empty(sum(recv_sizes))
-    dist.all_to_all_single(recv_ids, local_ids, recv_sizes, send_sizes, group=shard.group)
+    meta = torch.stack([flat - starts[owner], row], dim=1)  # (local expert, row) per pair
+    recv_meta = meta.new_empty(sum(pairs_in), 2)
+    dist.all_to_all_single(recv_meta, meta, pairs_in, pairs_out, group=shard.group)
     exchange = _exchange_with_grad if differentiable else _exchange
-    send = x[token]
-    if differentiable and not send.requires_grad:
-        # every rank must run both backward exchanges in step, also one whose rows need no
-        # gradient (or that received none): a leaf that asks for one keeps them in the graph
-        send = send.detach().requires_grad_()
-    recv_x = exchange(send, recv_sizes, send_sizes, shard.group)
-    if recv_x.shape[0]:
-        out = moe._runner(recv_x, recv_x.new_ones(recv_x.shape[0], 1), recv_ids[:, None],
-                          moe.expert_weights(), training=moe.training, prepack=moe.prepack)
-    else:  # nothing arrived: still part of the graph, so the backward exchange happens
-        out = recv_x * 0
-    back = exchange(out, send_sizes, recv_sizes, shard.group)  # (pairs, H) in ``order``
-    contrib = back * w_flat[pos[order], None].to(back.dtype)
-    return x.new_zeros(T, H, dtype=contrib.dtype).index_add(0, token, contrib)
+    send_x, send_w = x[row_token], w_flat[pos]
+    if differentiable:
+        # every rank must run each backward exchange in step, also one whose rows or weights
+        # need no gradient (or that received none): a leaf that asks for one keeps them in
+        # the graph
+        if not send_x.requires_grad:
+            send_x = send_x.detach().requires_grad_()
+        if not send_w.requires_grad:
+            send_w = send_w.detach().requires_grad_()
+    recv_x = exchange(send_x, rows_in, rows_out, shard.group)
+    recv_w = exchange(send_w[:, None], pairs_in, pairs_out, shard.group)
+    # each pair's row in recv_x: its row within its sender's block, plus where that block is
+    received_from = torch.repeat_interleave(
+        torch.arange(shard.world, device=flat.device), received[:, 1])
+    block_start = torch.cumsum(received[:, 0], 0) - received[:, 0]
+    at = recv_meta[:, 1] + block_start[received_from]
+    if recv_meta.shape[0]:
+        out = moe._runner(recv_x[at], recv_w, recv_meta[:, :1], moe.expert_weights(),
+                          training=moe.training, prepack=moe.prepack)
+        out = out.new_zeros(recv_x.shape[0], out.shape[1]).index_add(0, at, out)
+    else:  # nothing arrived: still part of the graph, so the backward exchanges happen
+        out = recv_x * 0 + recv_w.sum() * 0
+    back = exchange(out, rows_out, rows_in, shard.group)  # one row per (owner, token)
+    return back.new_zeros(T, x.shape[-1]).index_add(0, row_token, back)
 
 
 def _exchange(rows: torch.Tensor, out_sizes: list[int], in_sizes: list[int],
@@ -316,7 +359,18 @@ def _exchange(rows: torch.Tensor, out_sizes: list[int], in_sizes: list[int],
 
 def _exchange_with_grad(rows: torch.Tensor, out_sizes: list[int], in_sizes: list[int],
                         group) -> torch.Tensor:
-    from torch.distributed.nn.functional import all_to_all_single
+    return _Exchange.apply(rows, out_sizes, in_sizes, group)
 
-    out = rows.new_empty(sum(out_sizes), *rows.shape[1:])
-    return all_to_all_single(out, rows.contiguous(), out_sizes, in_sizes, group=group)
+
+class _Exchange(torch.autograd.Function):
+    """all_to_all_single whose backward is the reverse exchange of the gradients."""
+
+    @staticmethod
+    def forward(ctx, rows, out_sizes, in_sizes, group):
+        ctx.sizes, ctx.group = (out_sizes, in_sizes), group
+        return _exchange(rows, out_sizes, in_sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_sizes, in_sizes = ctx.sizes
+        return _exchange(grad, in_sizes, out_sizes, ctx.group), None, None, None

@@ -64,19 +64,22 @@ def _cotangent(y: torch.Tensor, rank: int) -> torch.Tensor:
     return torch.randn(y.shape, generator=torch.Generator().manual_seed(7 + rank))
 
 
-def _worker(rank: int, world: int, init: str) -> None:
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+def _worker(rank: int, world: int, init: str, backend: str = "gloo") -> None:
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=init, rank=rank, world_size=world)
     try:
         for case in CASES:
-            outputs, grads = _reference(case, world)
-            moe = expert_parallel(torch.nn.Sequential(_layer(case)))[0]
-            x = _tokens(rank, world, case).requires_grad_()
+            outputs, grads = _reference(case, world)  # on the CPU
+            moe = expert_parallel(torch.nn.Sequential(_layer(case).to(device)))[0]
+            x = _tokens(rank, world, case).to(device).requires_grad_()
             y = moe(x)
-            (y * _cotangent(y, rank)).sum().backward()
+            (y * _cotangent(y.cpu(), rank).to(device)).sum().backward()
             want_y, want_dx = outputs[rank]
-            torch.testing.assert_close(y, want_y, rtol=1e-5, atol=1e-5, msg=str(case))
+            torch.testing.assert_close(y.cpu(), want_y, rtol=1e-5, atol=1e-5, msg=str(case))
             if x.shape[0]:
-                torch.testing.assert_close(x.grad, want_dx, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(x.grad.cpu(), want_dx, rtol=1e-5, atol=1e-5)
             shard = moe._expert_parallel
             for name, p in moe.named_parameters():
                 if name.split(".")[0] in ("w_in", "w_gate", "w_out", "b_in", "b_gate",
@@ -84,7 +87,7 @@ def _worker(rank: int, world: int, init: str) -> None:
                     want = sum(g[name] for g in grads)[shard.start:shard.stop]
                 else:  # replicated: this rank's own tokens only
                     want = grads[rank][name]
-                got = p.grad if p.grad is not None else torch.zeros_like(p)
+                got = p.grad.cpu() if p.grad is not None else torch.zeros_like(want)
                 torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5,
                                            msg=f"{case} {name}")
             assert moe.last_dropped == _dropped(case, rank, world)  # capacity: as in one
@@ -92,14 +95,39 @@ def _worker(rank: int, world: int, init: str) -> None:
                 # it follows the load of all ranks' tokens, as one process on all of them
                 whole = _layer(case)
                 whole(torch.cat([_tokens(r, world, case) for r in range(world)]))
-                torch.testing.assert_close(moe.selection_bias, whole.selection_bias)
+                torch.testing.assert_close(moe.selection_bias.cpu(), whole.selection_bias)
                 assert bool(moe.selection_bias.abs().sum() > 0)  # it did move
             with torch.no_grad():  # inference: the plain exchange, the packed kernels
                 moe.eval()
                 ref = _layer(case).eval()
-                torch.testing.assert_close(moe(x), ref(x), rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(moe(x).cpu(), ref(x.cpu()), rtol=1e-5, atol=1e-5)
+        if world == 4:
+            _mesh(rank, world, device)
     finally:
         dist.destroy_process_group()
+
+
+def _mesh(rank: int, world: int, device: torch.device) -> None:
+    """Expert × data parallelism on a 2 × 2 mesh: experts sharded over {0, 1} and {2, 3},
+    replicated over {0, 2} and {1, 3}. After reduce_gradients(average=True) every rank holds
+    the mean over all four ranks' tokens, as one process running them in turn."""
+    from moefy.runtime.parallel import reduce_gradients
+
+    experts = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates each
+    data = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    case = CASES[0]
+    _, grads = _reference(case, world)
+    moe = expert_parallel(torch.nn.Sequential(_layer(case).to(device)), experts[rank // 2])[0]
+    y = moe(_tokens(rank, world, case).to(device))
+    (y * _cotangent(y.cpu(), rank).to(device)).sum().backward()
+    reduce_gradients(moe, average=True, data_parallel_group=data[rank % 2])
+    shard = moe._expert_parallel
+    assert (shard.start, shard.stop) == ((0, 3) if rank % 2 == 0 else (3, 6))
+    for name, p in moe.named_parameters():
+        want = sum(g[name] for g in grads) / world
+        if name in ("w_in", "w_gate", "w_out", "b_in", "b_gate", "b_out"):
+            want = want[shard.start:shard.stop]
+        torch.testing.assert_close(p.grad.cpu(), want, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def _dropped(case: dict, rank: int, world: int) -> int:
@@ -112,6 +140,16 @@ def _dropped(case: dict, rank: int, world: int) -> int:
 def test_expert_parallel_matches_one_process(world, tmp_path):
     mp.start_processes(_worker, args=(world, f"file://{tmp_path / 'store'}"), nprocs=world,
                        start_method="spawn", join=True)
+
+
+@pytest.mark.gpu
+def test_expert_parallel_on_nccl_matches_one_process(tmp_path):
+    """The same checks with NCCL, one process per GPU (at most 4; NCCL does not put two
+    ranks on one GPU, so with one GPU this is the one-rank path: sharding, checksums and
+    the exchange set-up on CUDA tensors)."""
+    world = min(torch.cuda.device_count(), 4)
+    mp.start_processes(_worker, args=(world, f"file://{tmp_path / 'store'}", "nccl"),
+                       nprocs=world, start_method="spawn", join=True)
 
 
 def test_expert_parallel_needs_a_process_group():
