@@ -339,11 +339,18 @@ def routed(moe, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -
     received_from = torch.repeat_interleave(
         torch.arange(shard.world, device=flat.device), received[:, 1])
     block_start = torch.cumsum(received[:, 0], 0) - received[:, 0]
-    at = recv_meta[:, 1] + block_start[received_from]
+    at = recv_meta[:, 1] + block_start[received_from]  # nondecreasing: a row's pairs adjoin
     if recv_meta.shape[0]:
-        out = moe._runner(recv_x[at], recv_w, recv_meta[:, :1], moe.expert_weights(),
+        # the rows as tokens of the single-process kernels: (rows, slots) with each row's
+        # pairs in its first slots; the rest weigh 0, which the kernels skip
+        R = recv_x.shape[0]
+        per_row = torch.bincount(at, minlength=R)
+        slot = torch.arange(at.shape[0], device=at.device) - (per_row.cumsum(0) - per_row)[at]
+        width = int(per_row.max())
+        row_w = recv_w.new_zeros(R, width).index_put((at, slot), recv_w[:, 0])
+        row_ids = recv_meta.new_zeros(R, width).index_put((at, slot), recv_meta[:, 0])
+        out = moe._runner(recv_x, row_w, row_ids, moe.expert_weights(),
                           training=moe.training, prepack=moe.prepack)
-        out = out.new_zeros(recv_x.shape[0], out.shape[1]).index_add(0, at, out)
     else:  # nothing arrived: still part of the graph, so the backward exchanges happen
         out = recv_x * 0 + recv_w.sum() * 0
     back = exchange(out, rows_out, rows_in, shard.group)  # one row per (owner, token)
