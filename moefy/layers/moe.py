@@ -381,6 +381,8 @@ class MoE(nn.Module):
             load = routers.expert_load(sel.indices, sel.used, self.num_experts)
             if shard is not None:  # the replicated bias follows every rank's load alike
                 torch.distributed.all_reduce(load, group=shard.group)
+                if shard.data_group is not None:  # and over the replicas of the mesh
+                    torch.distributed.all_reduce(load, group=shard.data_group)
             step = self.bias_update_rate * torch.sign(load.mean() - load)
             with torch.no_grad():
                 if torch.compiler.is_compiling() or not self.selection_bias.is_inference() or (

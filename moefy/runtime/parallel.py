@@ -34,6 +34,7 @@ class Shard:
     rank: int
     world: int
     bounds: tuple[int, ...]  # world + 1 expert offsets
+    data_group: object = None  # the replicas of this block (expert x data parallelism)
 
     @property
     def start(self) -> int:
@@ -52,13 +53,20 @@ class Shard:
             "in this process): save it with moefy.save, every rank together")
 
 
-def expert_parallel(model: nn.Module, process_group=None) -> nn.Module:
+def expert_parallel(model: nn.Module, process_group=None, *,
+                    data_parallel_group=None) -> nn.Module:
     """Shard the routed experts of every ``moefy.MoE`` in ``model`` across the ranks of
     ``process_group`` (default: the whole world), in place, and return ``model``.
 
     Rank r keeps experts [r·E/W, (r+1)·E/W) (contiguous blocks; with E not a multiple of the
     world size W the first E mod W ranks hold one more). Every rank must hold the same
     weights before the call (load the same checkpoint everywhere): this is checked.
+
+    Expert × data parallelism (a 2-D mesh): ``process_group`` is this rank's row (the ranks
+    that split the experts among them) and ``data_parallel_group`` its column (the ranks
+    that hold the same block: one from each row). ``reduce_gradients`` then sums over both,
+    the sigmoid router's balancing bias follows the load of every rank, and ``moefy.save``
+    writes from the first row only.
 
     >>> # under torchrun: dist.init_process_group("gloo"); model = expert_parallel(model)
     """
@@ -73,6 +81,9 @@ def expert_parallel(model: nn.Module, process_group=None) -> nn.Module:
     if rank < 0:
         raise ExpertParallelError("this process is not a member of process_group: call "
                                   "expert_parallel on the ranks of the group only")
+    if data_parallel_group is not None and dist.get_rank(data_parallel_group) < 0:
+        raise ExpertParallelError("this process is not a member of data_parallel_group: pass "
+                                  "the group of the ranks that hold the same experts as it")
     moes = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
     if not moes:
         raise ExpertParallelError(f"{type(model).__name__} holds no moefy.MoE layer: convert "
@@ -82,10 +93,13 @@ def expert_parallel(model: nn.Module, process_group=None) -> nn.Module:
         raise ExpertParallelError(f"{', '.join(sharded[:4])} already sharded: call "
                                   "expert_parallel once, on the unsharded model")
     _check_same_weights(model, moes, group, world)
+    if data_parallel_group is not None:
+        _check_same_weights(model, moes, data_parallel_group,
+                            dist.get_world_size(data_parallel_group))
     for _, moe in moes:
         E = moe.num_experts
         bounds = tuple(r * (E // world) + min(r, E % world) for r in range(world + 1))
-        shard = Shard(group, rank, world, bounds)
+        shard = Shard(group, rank, world, bounds, data_parallel_group)
         for name in _EXPERT_TENSORS:
             p = getattr(moe, name)
             if p is not None:
@@ -96,8 +110,7 @@ def expert_parallel(model: nn.Module, process_group=None) -> nn.Module:
     return model
 
 
-def reduce_gradients(model: nn.Module, average: bool = False, *,
-                     data_parallel_group=None) -> None:
+def reduce_gradients(model: nn.Module, average: bool = False) -> None:
     """After ``backward`` on every rank: sum (or average) the gradients of every parameter
     that is not a sharded expert over the ranks, so that the replicated parts see the whole
     batch, as the sharded experts already do (their gradients come from every rank's
@@ -107,35 +120,31 @@ def reduce_gradients(model: nn.Module, average: bool = False, *,
     gives the same from undivided losses (every gradient, the experts' too, is divided by
     the number of ranks).
 
-    Expert × data parallelism: with ``data_parallel_group`` (the ranks that hold the same
-    expert block, one from each expert-parallel group, e.g. the columns of a 2-D mesh) the
-    experts' gradients are summed over it too, and the replicated ones over both groups:
-    every rank then takes the step of one process on all ranks' tokens."""
+    With a ``data_parallel_group`` (``expert_parallel``'s mesh), the experts' gradients are
+    also summed over it, and the replicated ones over both groups: every rank takes the
+    step of one process on all the mesh's tokens."""
     from moefy.layers.moe import MoE
 
-    groups = {m._expert_parallel.group for m in model.modules()
+    shards = {(m._expert_parallel.group, m._expert_parallel.data_group) for m in model.modules()
               if isinstance(m, MoE) and getattr(m, "_expert_parallel", None) is not None}
-    if len(groups) != 1:
+    if len(shards) != 1:
         raise ExpertParallelError("reduce_gradients needs a model sharded by expert_parallel "
                                   "(over one process group)")
-    group = groups.pop()
-    if data_parallel_group is not None and dist.get_rank(data_parallel_group) < 0:
-        raise ExpertParallelError("this process is not a member of data_parallel_group")
+    group, data_group = shards.pop()
     sharded = {id(getattr(m, n)) for m in model.modules()
                if isinstance(m, MoE) and getattr(m, "_expert_parallel", None) is not None
                for n in _EXPERT_TENSORS if getattr(m, n) is not None}
-    data_world = 1 if data_parallel_group is None else dist.get_world_size(data_parallel_group)
-    world = dist.get_world_size(group) * data_world
+    world = dist.get_world_size(group) * (
+        1 if data_group is None else dist.get_world_size(data_group))
     for p in model.parameters():  # in model order on every rank: the collectives match
         if not p.requires_grad:
             continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)  # a rank whose tokens skipped it still takes part
-        expert = id(p) in sharded
-        if not expert:
+        if id(p) not in sharded:
             dist.all_reduce(p.grad, group=group)
-        if data_parallel_group is not None:
-            dist.all_reduce(p.grad, group=data_parallel_group)
+        if data_group is not None:
+            dist.all_reduce(p.grad, group=data_group)
         if average:  # the experts' gradients too are sums over every rank's tokens
             p.grad /= world
 
@@ -196,20 +205,22 @@ def gathered_on_rank0(model: nn.Module, write, what: str, error: type[Exception]
     """Run ``write(model)`` on rank 0 of the model's expert-parallel group, with every sharded
     layer's experts gathered there (the layer as one process holds it), and return its
     result there (None on the other ranks, which take part in the gathers). A model that is
-    not sharded is simply passed to ``write``. Every rank of the group must call this
-    together. The model is unchanged afterwards, on every rank.
+    not sharded is simply passed to ``write``. Every rank must call this together; on an
+    expert × data mesh the row that holds global rank 0 gathers and writes, and the other
+    rows wait for the outcome. The model is unchanged afterwards, on every rank.
 
     Raises ``error`` on every rank, with nothing written, when the replicated weights differ
-    between the ranks (rank 0's would silently stand for all of them), and on every rank
-    when ``write`` fails on rank 0."""
+    between the ranks, or the experts between data-parallel replicas (rank 0's would
+    silently stand for all of them), and on every rank when ``write`` fails on rank 0."""
     layers = _sharded(model)
     if not layers:
         return write(model)
-    groups = {m._expert_parallel.group for m in layers}
+    groups = {(m._expert_parallel.group, m._expert_parallel.data_group) for m in layers}
     if len(groups) != 1:
         raise error(f"{what}: the model is sharded over more than one process group")
-    group = groups.pop()
+    group, data_group = groups.pop()
     world, rank = dist.get_world_size(group), dist.get_rank(group)
+    device = _collective_device(group)
     experts = {id(getattr(m, n)) for m in layers for n in _EXPERT_TENSORS
                if getattr(m, n) is not None}
     parts = [(name, [t for t in [*m.parameters(), *m.buffers()] if id(t) not in experts])
@@ -224,12 +235,43 @@ def gathered_on_rank0(model: nn.Module, write, what: str, error: type[Exception]
         raise error(f"{what} of an expert-parallel model failed in its first exchange ({exc}):"
                     f" every rank must call {what} together (it gathers the experts), not "
                     "only rank 0") from exc
-    if differ:
+    writes, source, replicas = True, None, []
+    if data_group is not None:  # a mesh: the row of global rank 0 writes for all rows
+        writes = 0 in dist.get_process_group_ranks(group)
+        replicas = _differing([("the model", [*model.parameters(), *model.buffers()])],
+                              data_group, dist.get_world_size(data_group))
+        column = [torch.zeros(1, dtype=torch.int64, device=device)
+                  for _ in range(dist.get_world_size(data_group))]
+        dist.all_gather(column, torch.tensor([int(writes)], device=device), group=data_group)
+        writers = [i for i, c in enumerate(column) if c.item()]
+        if len(writers) == 1:
+            source = dist.get_global_rank(data_group, writers[0])
+    # every rank learns of any rank's problem (over its row, then its column), so that all
+    # of them stop here together
+    flags = torch.tensor([bool(differ), bool(replicas),
+                          data_group is not None and source is None], dtype=torch.int64,
+                         device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
+    if data_group is not None:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=data_group)
+    if bool(flags[0]):
         raise error(
-            f"{what}: the ranks hold different replicated weights in {', '.join(differ[:4])}"
-            " (rank 0's would stand for all of them): call parallel.reduce_gradients after "
-            "every backward so that every rank takes the same step; nothing was written")
-    device = _collective_device(group)
+            f"{what}: the ranks hold different replicated weights in "
+            f"{', '.join(differ[:4]) or 'another row of the mesh'} (rank 0's would stand for "
+            "all of them): call parallel.reduce_gradients after every backward so that every "
+            "rank takes the same step; nothing was written")
+    if bool(flags[1]):
+        raise error(f"{what}: the data-parallel replicas hold different weights (call "
+                    "parallel.reduce_gradients after every backward); nothing was written")
+    if bool(flags[2]):
+        raise error(f"{what}: data_parallel_group is not a column of a mesh whose rows are "
+                    "the expert-parallel groups (one member of each row); nothing was written")
+    if not writes:  # another row writes: wait for its outcome
+        flag = torch.zeros(1, dtype=torch.int64, device=device)
+        dist.broadcast(flag, src=source, group=data_group)
+        if bool(flag.item()):
+            raise error(f"{what} failed on global rank 0 (its error says why)")
+        return None
     swapped, result, failure = [], None, None
     try:
         for moe in layers:
@@ -255,6 +297,8 @@ def gathered_on_rank0(model: nn.Module, write, what: str, error: type[Exception]
             setattr(moe, name, value)
     flag = torch.tensor([failure is not None], dtype=torch.int64, device=device)
     dist.broadcast(flag, src=dist.get_global_rank(group, 0), group=group)
+    if data_group is not None:  # tell this column's other rows
+        dist.broadcast(flag, src=source, group=data_group)
     if failure is not None:
         raise failure
     if bool(flag.item()):

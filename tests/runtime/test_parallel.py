@@ -102,32 +102,42 @@ def _worker(rank: int, world: int, init: str, backend: str = "gloo") -> None:
                 ref = _layer(case).eval()
                 torch.testing.assert_close(moe(x).cpu(), ref(x.cpu()), rtol=1e-5, atol=1e-5)
         if world == 4:
-            _mesh(rank, world, device)
+            _mesh(rank, world, device, init)
     finally:
         dist.destroy_process_group()
 
 
-def _mesh(rank: int, world: int, device: torch.device) -> None:
-    """Expert × data parallelism on a 2 × 2 mesh: experts sharded over {0, 1} and {2, 3},
-    replicated over {0, 2} and {1, 3}. After reduce_gradients(average=True) every rank holds
-    the mean over all four ranks' tokens, as one process running them in turn."""
+def _mesh(rank: int, world: int, device: torch.device, init: str) -> None:
+    """Expert × data parallelism on a 2 × 2 mesh: experts sharded over the rows {0, 1} and
+    {2, 3}, replicated over the columns {0, 2} and {1, 3}. After reduce_gradients(average=
+    True) every rank holds the mean over all four ranks' tokens, as one process running them
+    in turn; the sigmoid router's bias follows all four ranks' load; a save by all four
+    ranks writes the checkpoint of one process."""
     from moefy.runtime.parallel import reduce_gradients
 
-    experts = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates each
-    data = [dist.new_group([0, 2]), dist.new_group([1, 3])]
-    case = CASES[0]
-    _, grads = _reference(case, world)
-    moe = expert_parallel(torch.nn.Sequential(_layer(case).to(device)), experts[rank // 2])[0]
-    y = moe(_tokens(rank, world, case).to(device))
-    (y * _cotangent(y.cpu(), rank).to(device)).sum().backward()
-    reduce_gradients(moe, average=True, data_parallel_group=data[rank % 2])
-    shard = moe._expert_parallel
-    assert (shard.start, shard.stop) == ((0, 3) if rank % 2 == 0 else (3, 6))
-    for name, p in moe.named_parameters():
-        want = sum(g[name] for g in grads) / world
-        if name in ("w_in", "w_gate", "w_out", "b_in", "b_gate", "b_out"):
-            want = want[shard.start:shard.stop]
-        torch.testing.assert_close(p.grad.cpu(), want, rtol=1e-4, atol=1e-6, msg=name)
+    rows = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates each
+    columns = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    for case in CASES[:2]:
+        _, grads = _reference(case, world)
+        moe = expert_parallel(torch.nn.Sequential(_layer(case).to(device)), rows[rank // 2],
+                              data_parallel_group=columns[rank % 2])[0]
+        y = moe(_tokens(rank, world, case).to(device))
+        (y * _cotangent(y.cpu(), rank).to(device)).sum().backward()
+        reduce_gradients(moe, average=True)
+        shard = moe._expert_parallel
+        assert (shard.start, shard.stop) == ((0, 3) if rank % 2 == 0 else (3, 6))
+        for name, p in moe.named_parameters():
+            want = sum(g[name] for g in grads) / world
+            if name in ("w_in", "w_gate", "w_out", "b_in", "b_gate", "b_out"):
+                want = want[shard.start:shard.stop]
+            torch.testing.assert_close(p.grad.cpu(), want, rtol=1e-4, atol=1e-6,
+                                       msg=f"{case} {name}")
+    whole = _layer(case)  # the sigmoid case: its bias after all four ranks' tokens
+    whole(torch.cat([_tokens(r, world, case) for r in range(world)]))
+    torch.testing.assert_close(moe.selection_bias.cpu(), whole.selection_bias, rtol=0, atol=0)
+    moefy.save(moe, f"{init[len('file://'):]}-mesh")
+    if rank == 0:
+        moefy.save(whole, f"{init[len('file://'):]}-mesh-single")
 
 
 def _dropped(case: dict, rank: int, world: int) -> int:
@@ -140,6 +150,9 @@ def _dropped(case: dict, rank: int, world: int) -> int:
 def test_expert_parallel_matches_one_process(world, tmp_path):
     mp.start_processes(_worker, args=(world, f"file://{tmp_path / 'store'}"), nprocs=world,
                        start_method="spawn", join=True)
+    if world == 4:  # the 2 x 2 mesh's save
+        _assert_same_checkpoint(tmp_path / "store-mesh", tmp_path / "store-mesh-single",
+                                exact=True)
 
 
 @pytest.mark.gpu
