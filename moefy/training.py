@@ -227,6 +227,14 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
     # every argument is checked before anything changes
     _check_module(teacher, "teacher", "distill")
     moes = _moes(model, "distill")
+    sharded = [n for n, m in model.named_modules()
+               if getattr(m, "_expert_parallel", None) is not None]
+    if sharded:  # its steps would leave the replicated weights apart on every rank
+        raise TrainingInputError(
+            f"distill: {sharded[0]} is sharded by moefy.runtime.expert_parallel; distill "
+            "trains in one process. Distil before sharding, or write the training loop with "
+            "moefy.runtime.parallel.reduce_gradients after each backward (examples/"
+            "train_ep.py)")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise TrainingInputError(f"distill: steps must be a positive int, got {steps!r}")
     _check_number(lr, "lr", "distill", positive=True)

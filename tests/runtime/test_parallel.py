@@ -17,7 +17,13 @@ import torch.multiprocessing as mp
 
 import moefy
 from moefy.checkpoint import read_plan
-from moefy.errors import ExpertParallelError, ExportInputError, HFExportError, SaveError
+from moefy.errors import (
+    ExpertParallelError,
+    ExportInputError,
+    HFExportError,
+    SaveError,
+    TrainingInputError,
+)
 from moefy.runtime.parallel import expert_parallel
 
 H, I, E = 16, 8, 6
@@ -193,6 +199,10 @@ def _refusals_worker(rank: int, world: int, init: str) -> None:
                               (torch.randn(3, H),))
         with pytest.raises(HFExportError, match="sharded"):
             moefy.export_hf(sharded, f"{init[len('file://'):]}-hf-{rank}")
+        # distill steps without reduce_gradients would leave the replicas apart
+        with pytest.raises(TrainingInputError, match="sharded"):
+            moefy.distill(sharded, torch.nn.Sequential(_layer(CASES[0])), [torch.randn(4, H)],
+                          steps=1)
         # replicated weights that drifted apart (no reduce_gradients): rank 0's would stand
         # for all, so every rank refuses and nothing is written
         with torch.no_grad():
