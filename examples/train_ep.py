@@ -136,7 +136,8 @@ def main() -> None:
                                                      top_k=args.top_k),
                               example_inputs=example)
     del dense
-    model = moefy.runtime.expert_parallel(model.to(device).train())
+    # shard first, then move: each GPU receives only its block of the experts
+    model = moefy.runtime.expert_parallel(model.train()).to(device)
     mine = rows[rank::world]  # each rank its own share of the text
     per_step = args.batch
     if mine.shape[0] < per_step:
@@ -182,7 +183,7 @@ def save_and_reload(model, tok, args, probe, device, say) -> None:
                info={"example": "train_ep", "steps": args.steps, "world": dist.get_world_size()})
     say(f"saved to {args.save} in {time.perf_counter() - t0:.1f} s (rank 0 wrote the "
         "gathered model)")
-    again = moefy.runtime.expert_parallel(moefy.load(args.save).to(device))
+    again = moefy.runtime.expert_parallel(moefy.load(args.save)).to(device)
     with torch.no_grad():
         diff = (again(input_ids=probe).logits - model.eval()(input_ids=probe).logits).abs().max()
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
