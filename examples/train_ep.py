@@ -26,7 +26,9 @@ Saving and resuming: ``--save DIR`` has every rank call ``moefy.save`` at the en
 are gathered; rank 0 writes the checkpoint one process would write for the whole model), then
 loads it back on every rank, shards it again and checks that it computes what the trained
 model computes. ``--resume DIR`` continues from such a checkpoint (with any number of
-processes) instead of upcycling.
+processes) instead of upcycling: ``moefy.runtime.parallel.load_sharded`` reads only each
+rank's experts from the file. The optimizer starts afresh (its state is not saved). Across
+machines both need a folder every machine sees (a shared filesystem).
 
 The experts are what each rank holds apart; E must be at least the world size for every
 rank to own one (a rank with none only routes).
@@ -50,7 +52,7 @@ import torch.distributed as dist  # noqa: E402
 from corpus import sentences  # noqa: E402
 
 import moefy  # noqa: E402
-from moefy.runtime.parallel import reduce_gradients  # noqa: E402
+from moefy.runtime.parallel import load_sharded, reduce_gradients  # noqa: E402
 
 
 def load(name: str):
@@ -127,8 +129,8 @@ def main() -> None:
     ids = tok(" ".join(sentences("packages", 4000)), return_tensors="pt").input_ids[0]
     rows = ids[: ids.numel() // args.seq_len * args.seq_len].view(-1, args.seq_len)
     example = {"input_ids": rows[:1]}
-    if args.resume:
-        model = moefy.load(args.resume)
+    if args.resume:  # each rank reads only its own experts
+        model = load_sharded(args.resume)
         args.experts = next(m for m in model.modules() if isinstance(m, moefy.MoE)).num_experts
     else:
         model = moefy.convert(dense, moefy.MoEConfig(method="upcycle",
@@ -137,7 +139,9 @@ def main() -> None:
                               example_inputs=example)
     del dense
     # shard first, then move: each GPU receives only its block of the experts
-    model = moefy.runtime.expert_parallel(model.train()).to(device)
+    if not args.resume:
+        model = moefy.runtime.expert_parallel(model)
+    model = model.train().to(device)
     mine = rows[rank::world]  # each rank its own share of the text
     per_step = args.batch
     if mine.shape[0] < per_step:
@@ -177,13 +181,13 @@ def main() -> None:
 
 def save_and_reload(model, tok, args, probe, device, say) -> None:
     """Every rank saves (the experts are gathered to rank 0, which writes), then every rank
-    loads the folder, shards it again and compares its logits with the trained model's."""
+    reads its own experts back (load_sharded) and compares its logits with the trained model's."""
     t0 = time.perf_counter()
     moefy.save(model, args.save, tokenizer=tok,
                info={"example": "train_ep", "steps": args.steps, "world": dist.get_world_size()})
     say(f"saved to {args.save} in {time.perf_counter() - t0:.1f} s (rank 0 wrote the "
         "gathered model)")
-    again = moefy.runtime.expert_parallel(moefy.load(args.save)).to(device)
+    again = load_sharded(args.save).to(device)
     with torch.no_grad():
         diff = (again(input_ids=probe).logits - model.eval()(input_ids=probe).logits).abs().max()
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)

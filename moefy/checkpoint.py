@@ -169,6 +169,13 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
     plan names or sits on the meta device, or a tensor is missing, unexpected, of another
     shape or of another kind (integer / floating point).
     """
+    return _load(directory, model)
+
+
+def _load(directory, model: nn.Module | None, shard=None) -> nn.Module:
+    """``load``; with ``shard(layers)`` (``moefy.runtime.parallel.load_sharded``), which
+    shards the rebuilt layers' experts and returns {tensor name: (first row, end row)}, only
+    those rows of those tensors are read from the file."""
     directory = _as_path(directory, LoadError, "load")
     plan = read_plan(directory)
     header = _read_header(directory / WEIGHTS_FILE, plan["id"])
@@ -192,12 +199,14 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
                         "pass a fresh dense model")
     layers = _skeletons(plan, model)  # meta device: names and shapes only
     _check_tensors(directory, model, plan, layers, header)
+    rows = shard(layers) if shard is not None else {}
 
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError, safe_open
 
     try:
-        state = load_file(directory / WEIGHTS_FILE)
+        with safe_open(directory / WEIGHTS_FILE, framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys() if k not in rows}  # noqa: SIM118
+        state.update(_read_rows(directory / WEIGHTS_FILE, rows))
     except (SafetensorError, OSError, ValueError) as exc:
         raise LoadError(f"{directory / WEIGHTS_FILE} is damaged ({exc}); save the model "
                         "again") from exc
@@ -470,6 +479,32 @@ def _read_header(path: Path, plan_id: str) -> dict[str, tuple[tuple[int, ...], s
         raise LoadError(f"{path} and {PLAN_FILE} beside it come from different saves (two "
                         "saves into one folder at once, or a file copied in): save the model "
                         "again")
+    return out
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+           "BF16": torch.bfloat16}
+
+
+def _read_rows(path: Path, rows: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+    """{name: rows [start, stop) of that tensor}, each read from its byte range in the file
+    alone (safetensors' own slicing reads the whole tensor first)."""
+    if not rows:
+        return {}
+    out = {}
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        for name, (start, stop) in rows.items():
+            meta = header[name]
+            dtype, shape = _DTYPES[meta["dtype"]], meta["shape"]
+            row = math.prod(shape[1:]) * dtype.itemsize
+            f.seek(8 + n + meta["data_offsets"][0] + start * row)
+            data = bytearray(f.read((stop - start) * row))
+            if len(data) != (stop - start) * row:
+                raise ValueError(f"{name} is cut short")
+            out[name] = torch.frombuffer(data, dtype=dtype).reshape(stop - start, *shape[1:]) \
+                if data else torch.empty(0, *shape[1:], dtype=dtype)
     return out
 
 

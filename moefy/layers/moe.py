@@ -353,9 +353,10 @@ class MoE(nn.Module):
         sel = self.select(x2, token_ids)
         if not torch.compiler.is_compiling():  # counts and training state, not graph
             self.last_dropped = 0 if sel.dropped is None else int(sel.dropped.sum())
-        if self.training:
-            self._record_training(sel)
         y = self.routed(x2, sel.weights.to(x2.dtype), sel.indices)
+        if self.training:  # after routed: with expert parallelism its exchange checks first
+            # that every rank is in the same mode, before this all-reduces the sigmoid load
+            self._record_training(sel)
         if not self.shared.is_empty:
             y = y + self.shared(x2)
         return y.reshape(*lead, self.hidden_size)

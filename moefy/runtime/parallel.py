@@ -72,18 +72,6 @@ def expert_parallel(model: nn.Module, process_group=None, *,
     """
     from moefy.layers.moe import MoE
 
-    if not dist.is_available() or not dist.is_initialized():
-        raise ExpertParallelError(
-            "expert_parallel needs an initialised torch.distributed process group: run under "
-            "torchrun and call torch.distributed.init_process_group('gloo' or 'nccl') first")
-    group = process_group if process_group is not None else dist.group.WORLD
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    if rank < 0:
-        raise ExpertParallelError("this process is not a member of process_group: call "
-                                  "expert_parallel on the ranks of the group only")
-    if data_parallel_group is not None and dist.get_rank(data_parallel_group) < 0:
-        raise ExpertParallelError("this process is not a member of data_parallel_group: pass "
-                                  "the group of the ranks that hold the same experts as it")
     moes = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
     if not moes:
         raise ExpertParallelError(f"{type(model).__name__} holds no moefy.MoE layer: convert "
@@ -92,21 +80,113 @@ def expert_parallel(model: nn.Module, process_group=None, *,
     if sharded:
         raise ExpertParallelError(f"{', '.join(sharded[:4])} already sharded: call "
                                   "expert_parallel once, on the unsharded model")
-    _check_same_weights(model, moes, group, world)
-    if data_parallel_group is not None:
-        _check_same_weights(model, moes, data_parallel_group,
-                            dist.get_world_size(data_parallel_group))
+    group, rank, world = _group_of(process_group, data_parallel_group)
+    inside = {id(t) for _, m in moes for t in [*m.parameters(), *m.buffers()]}
+    parts = [(name or "the MoE layer", [*m.parameters(), *m.buffers()]) for name, m in moes]
+    parts.append(("the layers outside the MoEs",
+                  [t for t in [*model.parameters(), *model.buffers()] if id(t) not in inside]))
+    differ = _agree(parts, group, data_parallel_group)
+    if differ:
+        raise ExpertParallelError(
+            f"the ranks hold different weights in {differ}: load the same model on every "
+            "rank (same checkpoint, same seed) before expert_parallel")
     for _, moe in moes:
         E = moe.num_experts
         bounds = tuple(r * (E // world) + min(r, E % world) for r in range(world + 1))
         shard = Shard(group, rank, world, bounds, data_parallel_group)
         for name in _EXPERT_TENSORS:
             p = getattr(moe, name)
-            if p is not None:
-                local = p.detach()[shard.start:shard.stop].clone()
-                setattr(moe, name, nn.Parameter(local, requires_grad=p.requires_grad))
+            if p is not None:  # the same Parameter, now this rank's block: an optimizer
+                # made before still holds it (one with state fails on the shape, not silently)
+                p.data = p.detach()[shard.start:shard.stop].clone()
         moe._expert_parallel = shard
         moe.invalidate()
+    return model
+
+
+def _group_of(process_group, data_parallel_group) -> tuple[object, int, int]:
+    """(group, this rank in it, its size), after checking that torch.distributed is set up,
+    that this process belongs to both groups, and that the data-parallel group is a column
+    of a mesh whose rows are expert-parallel groups (the verdict agreed on every rank)."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise ExpertParallelError(
+            "expert parallelism needs an initialised torch.distributed process group: run "
+            "under torchrun and call torch.distributed.init_process_group('gloo' or 'nccl') "
+            "first")
+    group = process_group if process_group is not None else dist.group.WORLD
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if rank < 0:
+        raise ExpertParallelError("this process is not a member of process_group: call "
+                                  "expert_parallel on the ranks of the group only")
+    if data_parallel_group is None:
+        return group, rank, world
+    if dist.get_rank(data_parallel_group) < 0:
+        raise ExpertParallelError("this process is not a member of data_parallel_group: pass "
+                                  "the group of the ranks that hold the same experts as it")
+    device = _collective_device(group)
+    mine = torch.tensor([rank, world, min(dist.get_process_group_ranks(group))],
+                        dtype=torch.int64, device=device)
+    column = [torch.empty_like(mine) for _ in range(dist.get_world_size(data_parallel_group))]
+    dist.all_gather(column, mine, group=data_parallel_group)
+    ok = (all(int(c[0]) == rank and int(c[1]) == world for c in column)
+          and len({int(c[2]) for c in column}) == len(column))
+    verdict = torch.tensor([int(ok)], dtype=torch.int64, device=device)
+    dist.all_reduce(verdict, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(verdict, op=dist.ReduceOp.MIN, group=data_parallel_group)
+    if not int(verdict):
+        raise ExpertParallelError(
+            "data_parallel_group must be a column of a mesh whose rows are the expert-parallel "
+            "groups: one rank from each row, all at the same place in their rows (so that they "
+            "hold the same experts); e.g. rows [0, 1], [2, 3] and columns [0, 2], [1, 3]")
+    return group, rank, world
+
+
+def load_sharded(directory, model: nn.Module | None = None, process_group=None, *,
+                 data_parallel_group=None) -> nn.Module:
+    """``moefy.load`` and ``expert_parallel`` in one, reading from the file only the experts
+    this rank keeps (host memory: the replicated part and this rank's block, not the whole
+    model on every rank). Every rank of the group calls it with the same folder (a shared
+    filesystem across machines), with any number of ranks; the result is what
+    ``expert_parallel(moefy.load(directory, model), process_group, ...)`` gives.
+
+    Raises ``LoadError`` as ``moefy.load`` does, and ``ExpertParallelError`` on every rank
+    when the ranks read different checkpoints."""
+    from moefy.checkpoint import _load, _unwrap, read_plan
+    from moefy.layers.moe import MoE
+
+    group, rank, world = _group_of(process_group, data_parallel_group)
+
+    def shard(layers: dict) -> dict:
+        rows = {}
+        for path, layer in layers.items():
+            for name, m in _unwrap(layer).named_modules():
+                if not isinstance(m, MoE):
+                    continue
+                E = m.num_experts
+                bounds = tuple(r * (E // world) + min(r, E % world) for r in range(world + 1))
+                m._expert_parallel = Shard(group, rank, world, bounds, data_parallel_group)
+                prefix = ".".join(x for x in (path, name) if x)
+                for tensor in _EXPERT_TENSORS:
+                    p = getattr(m, tensor)
+                    if p is not None:  # meta: only the shape changes
+                        p.data = p.data[bounds[rank]:bounds[rank + 1]]
+                        rows[f"{prefix}.{tensor}" if prefix else tensor] = (
+                            bounds[rank], bounds[rank + 1])
+        return rows
+
+    model = _load(directory, model, shard)
+    # every rank must have read the same save: its id, and the replicated weights
+    save_id = int(read_plan(directory)["id"][:12], 16)
+    parts = [("the checkpoint's save id", [torch.tensor(float(save_id), dtype=torch.float64)])]
+    experts = {id(getattr(m, n)) for m in _sharded(model) for n in _EXPERT_TENSORS
+               if getattr(m, n) is not None}
+    parts.append(("the replicated weights", [t for t in [*model.parameters(), *model.buffers()]
+                                              if id(t) not in experts]))
+    differ = _agree(parts, group, data_parallel_group)
+    if differ:
+        raise ExpertParallelError(
+            f"the ranks read different checkpoints ({differ}): give every rank the same "
+            "folder (on a filesystem all machines share)")
     return model
 
 
@@ -136,17 +216,52 @@ def reduce_gradients(model: nn.Module, average: bool = False) -> None:
                for n in _EXPERT_TENSORS if getattr(m, n) is not None}
     world = dist.get_world_size(group) * (
         1 if data_group is None else dist.get_world_size(data_group))
-    for p in model.parameters():  # in model order on every rank: the collectives match
-        if not p.requires_grad:
-            continue
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)  # a rank whose tokens skipped it still takes part
-        if id(p) not in sharded:
-            dist.all_reduce(p.grad, group=group)
-        if data_group is not None:
-            dist.all_reduce(p.grad, group=data_group)
-        if average:  # the experts' gradients too are sums over every rank's tokens
+    params = [p for p in model.parameters() if p.requires_grad]  # the same order everywhere
+    sparse = [p for p in params if p.grad is not None and p.grad.is_sparse]
+    if sparse:
+        raise ExpertParallelError("reduce_gradients: sparse gradients (nn.Embedding(sparse="
+                                  "True)) are not supported; use dense embeddings")
+    # a parameter no rank's tokens reached keeps grad None, as in one process (an optimizer
+    # skips it); one that some rank's reached is zero-filled elsewhere, to be summed
+    device = _collective_device(group)
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int64, device=device)
+    dist.all_reduce(has, op=dist.ReduceOp.MAX, group=group)
+    if data_group is not None:
+        dist.all_reduce(has, op=dist.ReduceOp.MAX, group=data_group)
+    grads = []
+    for p, reached in zip(params, has.tolist(), strict=True):
+        if reached:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p)
+    replicated = [p.grad for p in grads if id(p) not in sharded]
+    _all_reduce_flat(replicated, group)
+    if data_group is not None:
+        _all_reduce_flat(replicated + [p.grad for p in grads if id(p) in sharded], data_group)
+    if average:  # the experts' gradients too are sums over every rank's tokens
+        for p in grads:
             p.grad /= world
+
+
+def _all_reduce_flat(tensors: list[torch.Tensor], group, bucket: int = 1 << 24) -> None:
+    """Sum ``tensors`` over ``group`` in place, a few large messages instead of one per
+    tensor: consecutive tensors of one dtype and device are flattened together, up to
+    ``bucket`` elements a message."""
+    i = 0
+    while i < len(tensors):
+        j, size = i + 1, tensors[i].numel()
+        while (j < len(tensors) and tensors[j].dtype == tensors[i].dtype
+               and tensors[j].device == tensors[i].device
+               and size + tensors[j].numel() <= bucket):
+            size += tensors[j].numel()
+            j += 1
+        flat = torch.cat([t.reshape(-1) for t in tensors[i:j]])
+        dist.all_reduce(flat, group=group)
+        offset = 0
+        for t in tensors[i:j]:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+        i = j
 
 
 def refuse_sharded(model, what: str, error: type[Exception]) -> None:
@@ -169,25 +284,39 @@ def _collective_device(group) -> torch.device:
     return torch.device("cpu")
 
 
-def _check_same_weights(model: nn.Module, moes, group, world: int) -> None:
-    """Every rank must start from the same weights: compare a checksum of each MoE layer
-    and one of everything else (parameters and buffers)."""
-    inside = {id(t) for _, m in moes for t in [*m.parameters(), *m.buffers()]}
-    parts = [(name, [*m.parameters(), *m.buffers()]) for name, m in moes]
-    parts.append(("the layers outside the MoEs",
-                  [t for t in [*model.parameters(), *model.buffers()] if id(t) not in inside]))
-    differ = _differing(parts, group, world)
-    if differ:
-        raise ExpertParallelError(
-            f"the ranks hold different weights in {', '.join(differ[:4])}: load the same "
-            "model on every rank (same checkpoint, same seed) before expert_parallel")
+def _agree(parts: list[tuple[str, list[torch.Tensor]]], group, data_group) -> str:
+    """The parts that differ between the ranks of ``group`` (and of ``data_group``), named,
+    or ""; every rank gets a non-empty answer when any rank sees a difference."""
+    differ = _differing(parts, group, dist.get_world_size(group))
+    if data_group is not None:
+        differ += [n for n in _differing(parts, data_group, dist.get_world_size(data_group))
+                   if n not in differ]
+    device = _collective_device(group)
+    flag = torch.tensor([int(bool(differ))], dtype=torch.int64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if data_group is not None:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=data_group)
+    if not int(flag):
+        return ""
+    return ", ".join(differ[:4]) if differ else "another rank's weights"
 
 
 def _differing(parts: list[tuple[str, list[torch.Tensor]]], group, world: int) -> list[str]:
     """The names of the parts whose float64 checksum is not the same on every rank."""
     def checksum(tensors) -> torch.Tensor:
-        sums = [t.detach().sum(dtype=torch.float64) for t in tensors if t.is_floating_point()]
-        return torch.stack(sums).sum().cpu() if sums else torch.zeros((), dtype=torch.float64)
+        # sums, sums of squares (experts in another order change them) and non-finite
+        # counts (a NaN weight on every rank is equal, not different)
+        out = torch.zeros(3, dtype=torch.float64)
+        for t in tensors:
+            if t.is_floating_point() and t.numel():
+                t = t.detach()
+                bad = (~t.isfinite()).sum()
+                if bad:
+                    t = t.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+                norm = torch.linalg.vector_norm(t, dtype=torch.float64)
+                out += torch.stack([t.sum(dtype=torch.float64), norm.square(),
+                                    bad.to(torch.float64)]).cpu()
+        return out
 
     sums = torch.stack([checksum(tensors) for _, tensors in parts]).to(
         _collective_device(group))
@@ -223,7 +352,8 @@ def gathered_on_rank0(model: nn.Module, write, what: str, error: type[Exception]
     device = _collective_device(group)
     experts = {id(getattr(m, n)) for m in layers for n in _EXPERT_TENSORS
                if getattr(m, n) is not None}
-    parts = [(name, [t for t in [*m.parameters(), *m.buffers()] if id(t) not in experts])
+    parts = [(name or "the MoE layer",
+              [t for t in [*m.parameters(), *m.buffers()] if id(t) not in experts])
              for name, m in model.named_modules()
              if getattr(m, "_expert_parallel", None) is not None]
     inside = {id(t) for m in layers for t in [*m.parameters(), *m.buffers()]}
@@ -350,17 +480,19 @@ def routed(moe, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -
     differentiable = torch.is_grad_enabled() and (
         x.requires_grad or weights.requires_grad
         or any(p.requires_grad for p in moe.parameters()))
-    # counts and each rank's grad mode in one exchange: a rank that trains while another
-    # does not would wait forever in its backward exchange, so all of them stop here
-    header = torch.stack([send_rows, send_pairs, torch.full_like(send_rows,
-                                                                 int(differentiable))], dim=1)
+    # counts and each rank's modes in one exchange: a rank that needs gradients while another
+    # does not would wait forever in its backward exchange, one in train mode in the sigmoid
+    # router's all-reduce, so all of them stop here
+    mode = int(differentiable) + 2 * int(moe.training)
+    header = torch.stack([send_rows, send_pairs, torch.full_like(send_rows, mode)], dim=1)
     received = torch.empty_like(header)
     dist.all_to_all_single(received, header, group=shard.group)
-    if bool((received[:, 2] != int(differentiable)).any()):
+    if bool((received[:, 2] != mode).any()):
         raise ExpertParallelError(
             "the ranks run this MoE layer in different modes (gradients on some, off on "
-            "others): every rank must run each forward and backward together, in the same "
-            "grad mode (torch.no_grad / inference_mode on all ranks or on none)")
+            "others, or train() on some, eval() on others): every rank must run each forward "
+            "and backward together, in the same modes (torch.no_grad / inference_mode and "
+            "model.train() / eval() on all ranks alike)")
     rows_out, pairs_out = send_rows.tolist(), send_pairs.tolist()
     rows_in, pairs_in = received[:, 0].tolist(), received[:, 1].tolist()
     starts = torch.tensor(shard.bounds[:-1], dtype=flat.dtype, device=flat.device)

@@ -24,9 +24,10 @@ from moefy.errors import (
     SaveError,
     TrainingInputError,
 )
-from moefy.runtime.parallel import expert_parallel
+from moefy.runtime.parallel import expert_parallel, load_sharded
 
 H, I, E = 16, 8, 6
+TIMEOUT = datetime.timedelta(seconds=60)  # a deadlock fails the test instead of hanging CI
 CASES = [dict(router="softmax"), dict(router="sigmoid"), dict(router="topp"),
          dict(router="softmax", capacity_factor=0.5), dict(router="softmax", skew=True)]
 
@@ -74,7 +75,8 @@ def _worker(rank: int, world: int, init: str, backend: str = "gloo") -> None:
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=init, rank=rank, world_size=world)
+    dist.init_process_group(backend, init_method=init, rank=rank, world_size=world,
+                            timeout=TIMEOUT)
     try:
         for case in CASES:
             outputs, grads = _reference(case, world)  # on the CPU
@@ -144,6 +146,10 @@ def _mesh(rank: int, world: int, device: torch.device, init: str) -> None:
     moefy.save(moe, f"{init[len('file://'):]}-mesh")
     if rank == 0:
         moefy.save(whole, f"{init[len('file://'):]}-mesh-single")
+    back = load_sharded(f"{init[len('file://'):]}-mesh", moefy.MoE(H, I, E, 2),
+                        rows[rank // 2], data_parallel_group=columns[rank % 2])
+    assert back._expert_parallel.bounds == shard.bounds
+    assert all(torch.equal(v, moe.state_dict()[k]) for k, v in back.state_dict().items())
 
 
 def _dropped(case: dict, rank: int, world: int) -> int:
@@ -177,7 +183,8 @@ def test_expert_parallel_needs_a_process_group():
 
 
 def _refusals_worker(rank: int, world: int, init: str) -> None:
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=TIMEOUT)
     try:
         model = torch.nn.Sequential(_layer(CASES[0]))
         if rank:
@@ -193,6 +200,37 @@ def _refusals_worker(rank: int, world: int, init: str) -> None:
         with pytest.raises(ExpertParallelError, match="different modes"):
             with torch.set_grad_enabled(rank == 0):
                 sharded(torch.randn(4, H))
+        # one rank in train(), the other in eval(): the sigmoid router's load all-reduce
+        # would wait forever; the exchange's header stops both first
+        sigmoid = expert_parallel(torch.nn.Sequential(_layer(CASES[1])))
+        with pytest.raises(ExpertParallelError, match="different modes"):
+            with torch.no_grad():
+                sigmoid.train(rank == 0)(torch.randn(4, H))
+        # a data-parallel group that is not a column of a mesh would sum different experts'
+        # gradients: refused on every rank
+        with pytest.raises(ExpertParallelError, match="column of a mesh"):
+            expert_parallel(torch.nn.Sequential(_layer(CASES[0])),
+                            data_parallel_group=dist.group.WORLD)
+        # a NaN weight equal on every rank is equal, not "different weights"
+        nan = torch.nn.Sequential(_layer(CASES[0]))
+        with torch.no_grad():
+            nan[0].router.weight[0, 0] = float("nan")
+        expert_parallel(nan)
+        # the optimizer may be made before sharding: it holds the same parameters, and a
+        # parameter no rank's tokens reached keeps grad None (AdamW leaves it alone)
+        from moefy.runtime.parallel import reduce_gradients
+
+        model = torch.nn.ModuleDict({"moe": _layer(CASES[0]), "unused": torch.nn.Linear(2, 2)})
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
+        expert_parallel(model)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        model["moe"](_tokens(rank, world, CASES[0])).square().sum().backward()
+        reduce_gradients(model)
+        assert model["unused"].weight.grad is None
+        opt.step()
+        moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+        assert {"moe.w_in", "moe.w_out", "moe.router.weight"} <= moved
+        assert not any(n.startswith("unused") for n in moved)
         # exporting one rank's shard as the model is refused (save gathers: see below)
         with pytest.raises(ExportInputError, match="sharded"):
             moefy.export_onnx(sharded, f"{init[len('file://'):]}-{rank}.onnx",
@@ -311,7 +349,8 @@ def _train(model, batches, rank=None, world=1, steps=4) -> list[float]:
 
 
 def _training_worker(rank: int, world: int, init: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=TIMEOUT)
     try:
         model = expert_parallel(_tiny_upcycled())
         moefy.save(model, f"{out}-untrained")  # every rank calls it; rank 0 writes
@@ -319,13 +358,22 @@ def _training_worker(rank: int, world: int, init: str, out: str) -> None:
         moefy.save(model, f"{out}-trained")
         if rank == 0:
             torch.save(torch.tensor(losses), out)
-        # the checkpoint shards again: loaded on every rank, it continues as the model did
+        # the checkpoint shards again: loaded on every rank, it continues as the model did;
+        # load_sharded reads only this rank's experts from the file, to the same model
         ids = _batches(5, world)[4].chunk(world)[rank]
         again = expert_parallel(moefy.load(f"{out}-trained"))
+        direct = load_sharded(f"{out}-trained")
         assert again.model.layers[0].mlp.w_in.shape == model.model.layers[0].mlp.w_in.shape
+        assert direct.state_dict().keys() == again.state_dict().keys()
+        w_in = direct.model.layers[0].mlp.w_in  # read as its block, not cut from the whole
+        assert w_in.untyped_storage().nbytes() == w_in.numel() * w_in.element_size()
+        assert all(torch.equal(v, again.state_dict()[k]) for k, v in direct.state_dict().items())
         with torch.no_grad():
-            torch.testing.assert_close(again(input_ids=ids).logits,
-                                       model.eval()(input_ids=ids).logits, rtol=0, atol=0)
+            want = model.eval()(input_ids=ids).logits
+            torch.testing.assert_close(again(input_ids=ids).logits, want, rtol=0, atol=0)
+            torch.testing.assert_close(direct(input_ids=ids).logits, want, rtol=0, atol=0)
+        with pytest.raises(ExpertParallelError, match="different checkpoints"):
+            load_sharded(f"{out}-trained" if rank else f"{out}-untrained")
     finally:
         dist.destroy_process_group()
 
