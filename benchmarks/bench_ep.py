@@ -3,11 +3,11 @@ processes (gloo on this machine), for the layer shapes of ``make bench``.
 
 Each process holds its block of the experts (``moefy.runtime.expert_parallel``) and its own
 tokens (the shape's token count per process); a forward is timed whole (barrier to barrier)
-and the time inside ``torch.distributed.all_to_all_single`` (counts, pair metadata, rows and weights out,
-rows back) is summed separately. Printed per shape and process count: median ms per forward
-(the slowest rank), the exchange's share of it, tokens/s over all processes, and the rows
-each token sends (one per rank that owns one of its top-k experts, at most k). Inference
-(no_grad, eval); the machine's cores are shared among the processes.
+and the time inside ``torch.distributed.all_to_all_single`` (counts, pair metadata, rows and
+weights out, rows back) is summed separately. Printed per shape and process count: median ms
+per forward (the slowest rank), the exchange's share of it, tokens/s over all processes, and
+the rows each token sends (one per rank that owns one of its top-k experts, at most k).
+Inference (no_grad, eval); the machine's cores are shared among the processes.
 
 Caveat: gloo between processes on one machine is a functional test of the exchange, not a
 network; across machines (NCCL, InfiniBand) the exchange's share is a different number.
