@@ -497,6 +497,9 @@ def _read_rows(path: Path, rows: dict[str, tuple[int, int]]) -> dict[str, torch.
         header = json.loads(f.read(n))
         for name, (start, stop) in rows.items():
             meta = header[name]
+            if meta["dtype"] not in _DTYPES:
+                raise ValueError(f"{name} is stored as {meta['dtype']}, which a sharded load "
+                                 "does not read")
             dtype, shape = _DTYPES[meta["dtype"]], meta["shape"]
             row = math.prod(shape[1:]) * dtype.itemsize
             f.seek(8 + n + meta["data_offsets"][0] + start * row)

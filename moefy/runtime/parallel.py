@@ -90,15 +90,20 @@ def expert_parallel(model: nn.Module, process_group=None, *,
         raise ExpertParallelError(
             f"the ranks hold different weights in {differ}: load the same model on every "
             "rank (same checkpoint, same seed) before expert_parallel")
+    done = set()  # an expert tensor two layers share is cut once
     for _, moe in moes:
         E = moe.num_experts
         bounds = tuple(r * (E // world) + min(r, E % world) for r in range(world + 1))
         shard = Shard(group, rank, world, bounds, data_parallel_group)
         for name in _EXPERT_TENSORS:
             p = getattr(moe, name)
-            if p is not None:  # the same Parameter, now this rank's block: an optimizer
-                # made before still holds it (one with state fails on the shape, not silently)
+            if p is not None and id(p) not in done:  # the same Parameter, now this rank's
+                # block: an optimizer made before still holds it (one with state fails on the
+                # shape, not silently); gradients kept so far are cut alike
+                done.add(id(p))
                 p.data = p.detach()[shard.start:shard.stop].clone()
+                if p.grad is not None:
+                    p.grad = p.grad[shard.start:shard.stop].clone()
         moe._expert_parallel = shard
         moe.invalidate()
     return model
@@ -151,7 +156,8 @@ def load_sharded(directory, model: nn.Module | None = None, process_group=None, 
 
     Raises ``LoadError`` as ``moefy.load`` does, and ``ExpertParallelError`` on every rank
     when the ranks read different checkpoints."""
-    from moefy.checkpoint import _load, _unwrap, read_plan
+    from moefy.checkpoint import _load, read_plan
+    from moefy.errors import LoadError
     from moefy.layers.moe import MoE
 
     group, rank, world = _group_of(process_group, data_parallel_group)
@@ -159,7 +165,7 @@ def load_sharded(directory, model: nn.Module | None = None, process_group=None, 
     def shard(layers: dict) -> dict:
         rows = {}
         for path, layer in layers.items():
-            for name, m in _unwrap(layer).named_modules():
+            for name, m in layer.named_modules():  # wrappers too: their names are in the file
                 if not isinstance(m, MoE):
                     continue
                 E = m.num_experts
@@ -174,9 +180,28 @@ def load_sharded(directory, model: nn.Module | None = None, process_group=None, 
                             bounds[rank], bounds[rank + 1])
         return rows
 
-    model = _load(directory, model, shard)
+    failure = None
+    try:
+        model = _load(directory, model, shard)
+        if not _sharded(model):
+            raise ExpertParallelError(f"{directory} holds no moefy.MoE layer: nothing to shard "
+                                      "(use moefy.load)")
+        save_id = int(str(read_plan(directory)["id"])[:12], 16)
+    except Exception as exc:  # noqa: BLE001 - the other ranks must not wait for this one
+        failure = exc
+    # a rank that could not load tells the others, which would otherwise wait for it in the
+    # next collective until the group's timeout
+    failed = torch.tensor([int(failure is not None)], dtype=torch.int64,
+                          device=_collective_device(group))
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
+    if data_parallel_group is not None:
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=data_parallel_group)
+    if failure is not None:
+        raise failure
+    if int(failed):
+        raise LoadError(f"another rank could not load {directory} (its error says why); "
+                        "nothing was loaded here either")
     # every rank must have read the same save: its id, and the replicated weights
-    save_id = int(read_plan(directory)["id"][:12], 16)
     parts = [("the checkpoint's save id", [torch.tensor(float(save_id), dtype=torch.float64)])]
     experts = {id(getattr(m, n)) for m in _sharded(model) for n in _EXPERT_TENSORS
                if getattr(m, n) is not None}
@@ -304,18 +329,23 @@ def _agree(parts: list[tuple[str, list[torch.Tensor]]], group, data_group) -> st
 def _differing(parts: list[tuple[str, list[torch.Tensor]]], group, world: int) -> list[str]:
     """The names of the parts whose float64 checksum is not the same on every rank."""
     def checksum(tensors) -> torch.Tensor:
-        # sums, sums of squares (experts in another order change them) and non-finite
-        # counts (a NaN weight on every rank is equal, not different)
-        out = torch.zeros(3, dtype=torch.float64)
+        # sum, sum of squares, a position-weighted sum (experts in another order change it)
+        # and the count of non-finite values (a NaN weight on every rank is equal, not
+        # different), in float64 over chunks of 4M values (little extra memory)
+        out = torch.zeros(4, dtype=torch.float64)
         for t in tensors:
-            if t.is_floating_point() and t.numel():
-                t = t.detach()
-                bad = (~t.isfinite()).sum()
-                if bad:
-                    t = t.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
-                norm = torch.linalg.vector_norm(t, dtype=torch.float64)
-                out += torch.stack([t.sum(dtype=torch.float64), norm.square(),
-                                    bad.to(torch.float64)]).cpu()
+            if not t.is_floating_point():
+                continue
+            offset = 0
+            for chunk in t.detach().reshape(-1).split(1 << 22):
+                c = chunk.to(torch.float64)
+                bad = ~c.isfinite()
+                c = c.masked_fill(bad, 0.0)
+                where = torch.arange(offset, offset + c.numel(), dtype=torch.float64,
+                                     device=c.device).remainder_(1009).add_(1)
+                out += torch.stack([c.sum(), c.square().sum(), (c * where).sum(),
+                                    bad.sum().to(torch.float64)]).cpu()
+                offset += c.numel()
         return out
 
     sums = torch.stack([checksum(tensors) for _, tensors in parts]).to(

@@ -21,6 +21,7 @@ from moefy.errors import (
     ExpertParallelError,
     ExportInputError,
     HFExportError,
+    LoadError,
     SaveError,
     TrainingInputError,
 )
@@ -216,6 +217,39 @@ def _refusals_worker(rank: int, world: int, init: str) -> None:
         with torch.no_grad():
             nan[0].router.weight[0, 0] = float("nan")
         expert_parallel(nan)
+        # experts in another order on one rank are different weights (sums alone miss it)
+        permuted = torch.nn.Sequential(_layer(CASES[0]))
+        if rank:
+            with torch.no_grad():
+                for name in ("w_in", "w_gate", "w_out"):
+                    getattr(permuted[0], name).copy_(getattr(permuted[0], name).flip(0))
+        with pytest.raises(ExpertParallelError, match="different weights"):
+            expert_parallel(permuted)
+        # an expert tensor two layers share is cut once; a gradient kept so far is cut alike
+        a, b = _layer(CASES[0]), _layer(CASES[0])
+        b.w_in = a.w_in
+        a(torch.randn(3, H)).sum().backward()
+        full = a.w_in.grad.clone()
+        tied = expert_parallel(torch.nn.ModuleList([a, b]))
+        assert tied[1].w_in is tied[0].w_in and tied[0].w_in.shape[0] == 3
+        torch.testing.assert_close(tied[0].w_in.grad, full[3 * rank:3 * rank + 3])
+        # load_sharded: wrapped layers (channels-last conv FFN, kept dropout) read by their
+        # names in the file; a rank that cannot load makes every rank raise LoadError
+        from tests.test_checkpoint import ConvFFN
+
+        folder = f"{init[len('file://'):]}-conv"
+        if rank == 0:
+            torch.manual_seed(0)
+            conv = moefy.convert(ConvFFN().eval(), moefy.MoEConfig(num_experts=4, top_k=2),
+                                 example_inputs=(torch.randn(2, 3, 8, 8),))
+            moefy.save(conv, folder)
+        dist.barrier()
+        direct = load_sharded(folder, ConvFFN())
+        again = expert_parallel(moefy.load(folder, ConvFFN()))
+        assert direct.ffn.moe.w_in.shape[0] == 2
+        assert all(torch.equal(v, again.state_dict()[k]) for k, v in direct.state_dict().items())
+        with pytest.raises(LoadError):
+            load_sharded(folder if rank == 0 else f"{folder}-missing", ConvFFN())
         # the optimizer may be made before sharding: it holds the same parameters, and a
         # parameter no rank's tokens reached keeps grad None (AdamW leaves it alone)
         from moefy.runtime.parallel import reduce_gradients
