@@ -12,7 +12,8 @@ Inference (no_grad, eval); the machine's cores are shared among the processes.
 Caveat: gloo between processes on one machine is a functional test of the exchange, not a
 network; across machines (NCCL, InfiniBand) the exchange's share is a different number.
 
-    python benchmarks/bench_ep.py [--worlds 1,2,4] [--rounds 10]
+    python benchmarks/bench_ep.py [--worlds 1,2,4] [--rounds 10]    # spawns each world
+    torchrun --nproc-per-node 2 benchmarks/bench_ep.py               # torchrun's world
 """
 
 from __future__ import annotations
@@ -39,8 +40,11 @@ SHAPES = {"C1": (768, 16, 192, 4, False, "gelu", 2048),
           "C3": (1024, 8, 2816, 2, True, "silu", 512)}
 
 
-def _worker(rank: int, world: int, init: str, rounds: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+def _worker(rank: int, world: int, init: str | None, rounds: int, out: str) -> None:
+    if init is None:  # under torchrun: rank, world and rendezvous from its environment
+        dist.init_process_group("gloo")
+    else:
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     spent = [0.0]
     plain = dist.all_to_all_single
@@ -94,14 +98,23 @@ def main() -> None:
     parser.add_argument("--worlds", default="1,2,4")
     parser.add_argument("--rounds", type=int, default=10)
     args = parser.parse_args()
-    worlds = [int(w) for w in args.worlds.split(",")]
     rows = {}
     with tempfile.TemporaryDirectory() as d:
-        for world in worlds:
-            out = os.path.join(d, f"w{world}.pt")
-            mp.start_processes(_worker, args=(world, f"file://{d}/store{world}", args.rounds,
-                                              out), nprocs=world, start_method="spawn")
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # launched by torchrun: its world, once
+            world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+            worlds, out = [world], os.path.join(d, "result.pt")
+            _worker(rank, world, None, args.rounds, out)
+            if rank:
+                return
             rows[world] = torch.load(out, weights_only=True)
+        else:
+            worlds = [int(w) for w in args.worlds.split(",")]
+            for world in worlds:
+                out = os.path.join(d, f"w{world}.pt")
+                mp.start_processes(_worker, args=(world, f"file://{d}/store{world}",
+                                                  args.rounds, out),
+                                   nprocs=world, start_method="spawn")
+                rows[world] = torch.load(out, weights_only=True)
     print(f"{'shape':6s} {'procs':>5s} {'ms/forward':>11s} {'exchange':>9s} "
           f"{'tokens/s':>10s} {'rows/token':>10s}")
     for name, shape in SHAPES.items():
