@@ -1,16 +1,19 @@
 """Expert parallelism on ``torch.distributed``: each rank keeps a contiguous block of every MoE
-layer's routed experts; tokens travel to the rank that owns their expert and back.
+layer's routed experts; tokens travel to the ranks that own their experts and back.
 
-    each rank: its own tokens → router (replicated) → (token, slot) pairs sorted by owner rank
-      → counts exchanged (all_to_all_single), then the rows (uneven splits)
-      → the owner runs its local experts on what arrived (the single-process kernels, k = 1)
-      → outputs return by the reverse exchange → weighted and summed in the original order
+    each rank: its own tokens → router (replicated) → each token once to every rank that owns
+      one of its experts, with its (expert, weight) pairs there: counts first, then rows,
+      pair metadata and weights (all_to_all_single, uneven splits)
+      → the owner runs its experts on what arrived (the single-process kernels)
+      → one weighted row per token returns by the reverse exchange → added up per token
 
 The router, shared experts, compensation and everything outside the MoE layers stay
 replicated; routing (capacity factor, dropped assignments, auxiliary losses) is decided on
 each rank's own tokens exactly as in one process, so a rank's outputs equal a single
 process's on the same batch. The exchange is differentiable (its backward is the reverse
 exchange), so training works; every rank must run each forward and backward together.
+Saving gathers the experts (``gathered_on_rank0``); ``load_sharded`` reads them back a block
+per rank.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ def expert_parallel(model: nn.Module, process_group=None, *,
     that split the experts among them) and ``data_parallel_group`` its column (the ranks
     that hold the same block: one from each row). ``reduce_gradients`` then sums over both,
     the sigmoid router's balancing bias follows the load of every rank, and ``moefy.save``
-    writes from the first row only.
+    writes from the row that holds global rank 0.
 
     >>> # under torchrun: dist.init_process_group("gloo"); model = expert_parallel(model)
     """
@@ -92,9 +95,7 @@ def expert_parallel(model: nn.Module, process_group=None, *,
             "rank (same checkpoint, same seed) before expert_parallel")
     done = set()  # an expert tensor two layers share is cut once
     for _, moe in moes:
-        E = moe.num_experts
-        bounds = tuple(r * (E // world) + min(r, E % world) for r in range(world + 1))
-        shard = Shard(group, rank, world, bounds, data_parallel_group)
+        shard = Shard(group, rank, world, _bounds(moe.num_experts, world), data_parallel_group)
         for name in _EXPERT_TENSORS:
             p = getattr(moe, name)
             if p is not None and id(p) not in done:  # the same Parameter, now this rank's
@@ -168,8 +169,7 @@ def load_sharded(directory, model: nn.Module | None = None, process_group=None, 
             for name, m in layer.named_modules():  # wrappers too: their names are in the file
                 if not isinstance(m, MoE):
                     continue
-                E = m.num_experts
-                bounds = tuple(r * (E // world) + min(r, E % world) for r in range(world + 1))
+                bounds = _bounds(m.num_experts, world)
                 m._expert_parallel = Shard(group, rank, world, bounds, data_parallel_group)
                 prefix = ".".join(x for x in (path, name) if x)
                 for tensor in _EXPERT_TENSORS:
@@ -191,20 +191,15 @@ def load_sharded(directory, model: nn.Module | None = None, process_group=None, 
         failure = exc
     # a rank that could not load tells the others, which would otherwise wait for it in the
     # next collective until the group's timeout
-    failed = torch.tensor([int(failure is not None)], dtype=torch.int64,
-                          device=_collective_device(group))
-    dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=group)
-    if data_parallel_group is not None:
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=data_parallel_group)
+    failed = _any_rank(failure is not None, group, data_parallel_group)
     if failure is not None:
         raise failure
-    if int(failed):
+    if failed:
         raise LoadError(f"another rank could not load {directory} (its error says why); "
                         "nothing was loaded here either")
     # every rank must have read the same save: its id, and the replicated weights
     parts = [("the checkpoint's save id", [torch.tensor(float(save_id), dtype=torch.float64)])]
-    experts = {id(getattr(m, n)) for m in _sharded(model) for n in _EXPERT_TENSORS
-               if getattr(m, n) is not None}
+    experts = _expert_ids(_sharded(model))
     parts.append(("the replicated weights", [t for t in [*model.parameters(), *model.buffers()]
                                               if id(t) not in experts]))
     differ = _agree(parts, group, data_parallel_group)
@@ -236,9 +231,7 @@ def reduce_gradients(model: nn.Module, average: bool = False) -> None:
         raise ExpertParallelError("reduce_gradients needs a model sharded by expert_parallel "
                                   "(over one process group)")
     group, data_group = shards.pop()
-    sharded = {id(getattr(m, n)) for m in model.modules()
-               if isinstance(m, MoE) and getattr(m, "_expert_parallel", None) is not None
-               for n in _EXPERT_TENSORS if getattr(m, n) is not None}
+    sharded = _expert_ids(_sharded(model))
     world = dist.get_world_size(group) * (
         1 if data_group is None else dist.get_world_size(data_group))
     params = [p for p in model.parameters() if p.requires_grad]  # the same order everywhere
@@ -302,6 +295,28 @@ def refuse_sharded(model, what: str, error: type[Exception]) -> None:
             "gathers the experts) and load it in one process")
 
 
+def _bounds(num_experts: int, world: int) -> tuple[int, ...]:
+    """Expert offsets of the ranks' contiguous blocks; the first E mod W ranks hold one more."""
+    E = num_experts
+    return tuple(r * (E // world) + min(r, E % world) for r in range(world + 1))
+
+
+def _expert_ids(layers) -> set[int]:
+    """ids of the sharded expert tensors of ``layers``."""
+    return {id(getattr(m, n)) for m in layers for n in _EXPERT_TENSORS
+            if getattr(m, n) is not None}
+
+
+def _any_rank(flag: bool, group, data_group) -> bool:
+    """Whether ``flag`` holds on any rank of the row or (on a mesh) of the column: the same
+    answer on every rank, so that all of them stop or go on together."""
+    t = torch.tensor([int(flag)], dtype=torch.int64, device=_collective_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    if data_group is not None:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=data_group)
+    return bool(t.item())
+
+
 def _collective_device(group) -> torch.device:
     """Where this group's collectives take tensors: NCCL only CUDA ones."""
     if dist.get_backend(group) == "nccl":
@@ -316,12 +331,7 @@ def _agree(parts: list[tuple[str, list[torch.Tensor]]], group, data_group) -> st
     if data_group is not None:
         differ += [n for n in _differing(parts, data_group, dist.get_world_size(data_group))
                    if n not in differ]
-    device = _collective_device(group)
-    flag = torch.tensor([int(bool(differ))], dtype=torch.int64, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    if data_group is not None:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=data_group)
-    if not int(flag):
+    if not _any_rank(bool(differ), group, data_group):
         return ""
     return ", ".join(differ[:4]) if differ else "another rank's weights"
 
@@ -380,8 +390,7 @@ def gathered_on_rank0(model: nn.Module, write, what: str, error: type[Exception]
     group, data_group = groups.pop()
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     device = _collective_device(group)
-    experts = {id(getattr(m, n)) for m in layers for n in _EXPERT_TENSORS
-               if getattr(m, n) is not None}
+    experts = _expert_ids(layers)
     parts = [(name or "the MoE layer",
               [t for t in [*m.parameters(), *m.buffers()] if id(t) not in experts])
              for name, m in model.named_modules()
@@ -395,37 +404,24 @@ def gathered_on_rank0(model: nn.Module, write, what: str, error: type[Exception]
         raise error(f"{what} of an expert-parallel model failed in its first exchange ({exc}):"
                     f" every rank must call {what} together (it gathers the experts), not "
                     "only rank 0") from exc
-    writes, source, replicas = True, None, []
-    if data_group is not None:  # a mesh: the row of global rank 0 writes for all rows
+    writes, source = True, None
+    if data_group is not None:  # a mesh (checked by expert_parallel): the row of global
+        # rank 0 writes for all rows; its member in this column tells the others the outcome
         writes = 0 in dist.get_process_group_ranks(group)
-        replicas = _differing([("the model", [*model.parameters(), *model.buffers()])],
-                              data_group, dist.get_world_size(data_group))
+        differ += [f"{n} (between the data-parallel replicas)" for n in _differing(
+            [("the model", [*model.parameters(), *model.buffers()])], data_group,
+            dist.get_world_size(data_group))]
         column = [torch.zeros(1, dtype=torch.int64, device=device)
                   for _ in range(dist.get_world_size(data_group))]
         dist.all_gather(column, torch.tensor([int(writes)], device=device), group=data_group)
-        writers = [i for i, c in enumerate(column) if c.item()]
-        if len(writers) == 1:
-            source = dist.get_global_rank(data_group, writers[0])
-    # every rank learns of any rank's problem (over its row, then its column), so that all
-    # of them stop here together
-    flags = torch.tensor([bool(differ), bool(replicas),
-                          data_group is not None and source is None], dtype=torch.int64,
-                         device=device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=group)
-    if data_group is not None:
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=data_group)
-    if bool(flags[0]):
+        source = dist.get_global_rank(data_group, next(i for i, c in enumerate(column)
+                                                       if c.item()))
+    if _any_rank(bool(differ), group, data_group):
         raise error(
-            f"{what}: the ranks hold different replicated weights in "
-            f"{', '.join(differ[:4]) or 'another row of the mesh'} (rank 0's would stand for "
+            f"{what}: the ranks hold different weights in "
+            f"{', '.join(differ[:4]) or 'another rank of the mesh'} (rank 0's would stand for "
             "all of them): call parallel.reduce_gradients after every backward so that every "
             "rank takes the same step; nothing was written")
-    if bool(flags[1]):
-        raise error(f"{what}: the data-parallel replicas hold different weights (call "
-                    "parallel.reduce_gradients after every backward); nothing was written")
-    if bool(flags[2]):
-        raise error(f"{what}: data_parallel_group is not a column of a mesh whose rows are "
-                    "the expert-parallel groups (one member of each row); nothing was written")
     if not writes:  # another row writes: wait for its outcome
         flag = torch.zeros(1, dtype=torch.int64, device=device)
         dist.broadcast(flag, src=source, group=data_group)

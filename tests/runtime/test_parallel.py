@@ -151,6 +151,16 @@ def _mesh(rank: int, world: int, device: torch.device, init: str) -> None:
                         rows[rank // 2], data_parallel_group=columns[rank % 2])
     assert back._expert_parallel.bounds == shard.bounds
     assert all(torch.equal(v, moe.state_dict()[k]) for k, v in back.state_dict().items())
+    # experts that drifted apart between two replicas (rank 2's block is rank 0's): every
+    # rank of the mesh refuses to save
+    if rank == 2:
+        with torch.no_grad():
+            moe.w_in.add_(1.0)
+    with pytest.raises(SaveError, match="different weights") as refused:
+        moefy.save(moe, f"{init[len('file://'):]}-mesh-drifted")
+    if rank % 2 == 0:  # the column that differs names it; the other hears of it
+        assert "between the data-parallel replicas" in str(refused.value)
+    assert not os.path.exists(f"{init[len('file://'):]}-mesh-drifted")
 
 
 def _dropped(case: dict, rank: int, world: int) -> int:
@@ -280,7 +290,7 @@ def _refusals_worker(rank: int, world: int, init: str) -> None:
         with torch.no_grad():
             sharded[0].router.weight.add_(rank)
         target = f"{init[len('file://'):]}-drifted"
-        with pytest.raises(SaveError, match="different replicated weights in 0"):
+        with pytest.raises(SaveError, match="different weights in 0"):
             moefy.save(sharded, target)
         assert not os.path.exists(target)
         # a bare bf16 layer, 5 experts in blocks of 3 and 2: the gathered checkpoint is the
