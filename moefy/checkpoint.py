@@ -60,8 +60,8 @@ def save(model: nn.Module, directory: str | os.PathLike, *, tokenizer=None,
     A model sharded by ``moefy.runtime.expert_parallel`` is saved by every rank of its group
     together (not ``if rank == 0``): the experts are gathered, and rank 0 writes the same
     checkpoint one process would write for the whole model (the replicated weights must be
-    equal on every rank, or ``SaveError``). ``load`` it on every rank, then call
-    ``expert_parallel`` again to shard it.
+    equal on every rank, or ``SaveError``). ``moefy.runtime.parallel.load_sharded`` reads
+    it back, each rank its own experts.
 
     >>> import tempfile
     >>> moe = MoE(8, 16, num_experts=4, top_k=2)

@@ -24,6 +24,7 @@ from moefy.calibrate import Progress
 from moefy.errors import NonFiniteLossError, TrainingInputError, first_line
 from moefy.layers.moe import MoE
 from moefy.passes.trace import batch_inputs
+from moefy.runtime.parallel import refuse_sharded
 
 TRAINABLE = ("experts", "routers", "moe", "all")
 _log = logging.getLogger(__name__)
@@ -227,14 +228,11 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
     # every argument is checked before anything changes
     _check_module(teacher, "teacher", "distill")
     moes = _moes(model, "distill")
-    sharded = [n for n, m in model.named_modules()
-               if getattr(m, "_expert_parallel", None) is not None]
-    if sharded:  # its steps would leave the replicated weights apart on every rank
-        raise TrainingInputError(
-            f"distill: {sharded[0]} is sharded by moefy.runtime.expert_parallel; distill "
-            "trains in one process. Distil before sharding, or write the training loop with "
-            "moefy.runtime.parallel.reduce_gradients after each backward (examples/"
-            "train_ep.py)")
+    # its steps would leave the replicated weights apart on every rank
+    refuse_sharded(model, "distill", TrainingInputError,
+                   "distill trains in one process. Distil before sharding, or write the "
+                   "training loop with moefy.runtime.parallel.reduce_gradients after each "
+                   "backward (examples/train_ep.py)")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise TrainingInputError(f"distill: steps must be a positive int, got {steps!r}")
     _check_number(lr, "lr", "distill", positive=True)

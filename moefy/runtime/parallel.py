@@ -102,7 +102,10 @@ def expert_parallel(model: nn.Module, process_group=None, *,
                 # block: an optimizer made before still holds it (one with state fails on the
                 # shape, not silently); gradients kept so far are cut alike
                 done.add(id(p))
-                p.data = p.detach()[shard.start:shard.stop].clone()
+                # the block keeps the weight's kind: called under inference_mode, a normal
+                # weight must not become an inference tensor that can never train
+                with torch.inference_mode(p.is_inference()):
+                    p.data = p.detach()[shard.start:shard.stop].clone()
                 if p.grad is not None:
                     p.grad = p.grad[shard.start:shard.stop].clone()
         moe._expert_parallel = shard
@@ -282,17 +285,17 @@ def _all_reduce_flat(tensors: list[torch.Tensor], group, bucket: int = 1 << 24) 
         i = j
 
 
-def refuse_sharded(model, what: str, error: type[Exception]) -> None:
+def refuse_sharded(model, what: str, error: type[Exception], advice: str | None = None) -> None:
     """Raise ``error`` when ``model`` holds expert-parallel layers: each rank has only its
-    own experts, and writing them as the model would be silently wrong."""
-    sharded = [name for name, m in model.named_modules()
+    own experts, and treating them as the model would be silently wrong."""
+    sharded = [name or "the layer" for name, m in model.named_modules()
                if getattr(m, "_expert_parallel", None) is not None]
     if sharded:
         raise error(
             f"{what}: {', '.join(sharded[:4])} {'is' if len(sharded) == 1 else 'are'} sharded "
             "by moefy.runtime.expert_parallel (this rank holds only its own experts); "
-            f"{what} the model before sharding it, or moefy.save it (every rank together: it "
-            "gathers the experts) and load it in one process")
+            + (advice or f"{what} the model before sharding it, or moefy.save it (every rank "
+                         "together: it gathers the experts) and load it in one process"))
 
 
 def _bounds(num_experts: int, world: int) -> tuple[int, ...]:

@@ -260,6 +260,13 @@ def _refusals_worker(rank: int, world: int, init: str) -> None:
         assert all(torch.equal(v, again.state_dict()[k]) for k, v in direct.state_dict().items())
         with pytest.raises(LoadError):
             load_sharded(folder if rank == 0 else f"{folder}-missing", ConvFFN())
+        # sharded under inference_mode, normal weights stay normal: the layer still trains
+        trainable = torch.nn.Sequential(_layer(CASES[0]))
+        with torch.inference_mode():
+            expert_parallel(trainable)
+        assert not trainable[0].w_in.is_inference()
+        trainable(_tokens(rank, world, CASES[0])).sum().backward()
+        assert trainable[0].w_in.grad is not None
         # the optimizer may be made before sharding: it holds the same parameters, and a
         # parameter no rank's tokens reached keeps grad None (AdamW leaves it alone)
         from moefy.runtime.parallel import reduce_gradients
