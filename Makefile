@@ -44,6 +44,7 @@ bench: setup
 
 lint: setup
 	$(VENV)/bin/ruff check moefy tests benchmarks examples
+	$(VENV)/bin/lint-imports
 
 # Every CUDA test and the GPU benchmarks, one table (exits with a message without CUDA).
 # A GPU machine may be offline: `make gpu-check GPU_PYTHON=python3` runs it with an interpreter

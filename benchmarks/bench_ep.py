@@ -1,7 +1,7 @@
 """Expert parallelism: the share of an MoE layer's time spent exchanging tokens, at 1, 2 and 4
 processes (gloo on this machine), for the layer shapes of ``make bench``.
 
-Each process holds its block of the experts (``moefy.runtime.expert_parallel``) and its own
+Each process holds its block of the experts (``moefy.distributed.expert_parallel``) and its own
 tokens (the shape's token count per process); a forward is timed whole (barrier to barrier)
 and the time inside ``torch.distributed.all_to_all_single`` (counts, pair metadata, rows and
 weights out, rows back) is summed separately. Printed per shape and process count: median ms
@@ -62,7 +62,7 @@ def _worker(rank: int, world: int, init: str | None, rounds: int, out: str) -> N
         for name, (H, E, I, k, gated, act, T) in SHAPES.items():
             torch.manual_seed(0)
             moe = moefy.MoE(H, I, E, k, gated=gated, activation=act).eval()
-            layer = moefy.runtime.expert_parallel(torch.nn.Sequential(moe))
+            layer = moefy.distributed.expert_parallel(torch.nn.Sequential(moe))
             x = torch.randn(T, H, generator=torch.Generator().manual_seed(rank))
             totals, comms = [], []
             with torch.no_grad():
@@ -82,7 +82,7 @@ def _worker(rank: int, world: int, init: str | None, rounds: int, out: str) -> N
             with torch.no_grad():
                 sel = moe.select(x)
             owner = torch.bucketize(sel.indices, torch.tensor(
-                moe._expert_parallel.bounds[1:-1]), right=True)
+                moe.shard.bounds[1:-1]), right=True)
             visits = torch.tensor([float(sum(len(set(r)) for r in owner.tolist()) / T)])
             dist.all_reduce(visits)
             results[name] = stats.tolist() + [visits.item() / world]

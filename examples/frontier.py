@@ -59,7 +59,7 @@ from demo import embed  # noqa: E402
 from smollm2_levers import chunks, perplexity  # noqa: E402
 
 import moefy  # noqa: E402
-from moefy._pretrained import load_pretrained  # noqa: E402
+from moefy.io.pretrained import load_pretrained  # noqa: E402
 
 MODELS = ("minilm", "smollm2")
 # (experts, top-k): 50% and 25% active, fine experts (quality) and coarse ones (ONNX Runtime

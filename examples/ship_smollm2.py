@@ -90,7 +90,7 @@ def ship(work: Path, args) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import moefy
-    from moefy._pretrained import load_pretrained
+    from moefy.io.pretrained import load_pretrained
 
     dense = load_pretrained("smollm2")
     tokenizer = AutoTokenizer.from_pretrained(hf)  # the tokenizer files export-hf wrote

@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus import sentences  # noqa: E402
 
-from moefy._pretrained import load_pretrained  # noqa: E402
+from moefy.io.pretrained import load_pretrained  # noqa: E402
 from moefy.passes.partition import partition_neurons  # noqa: E402
 
 SEQ = 256

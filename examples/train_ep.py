@@ -2,11 +2,11 @@
 
 Each process loads the same dense model (SmolLM2-135M-Instruct offline, or ``--model tiny``: a
 2-layer random LLaMA for a quick check), upcycles it (every FFN → E experts, top-k; the same
-conversion on every rank), and ``moefy.runtime.expert_parallel`` keeps a contiguous block of
+conversion on every rank), and ``moefy.distributed.expert_parallel`` keeps a contiguous block of
 each layer's experts on each rank. Every rank trains on its own share of the text (installed
 packages' docstrings, ``examples/corpus.py``): its tokens travel to the ranks that own their
 experts and back (``all_to_all_single``); after ``backward`` the replicated parameters'
-gradients are summed over the ranks (``moefy.runtime.parallel.reduce_gradients``; each
+gradients are summed over the ranks (``moefy.distributed.reduce_gradients``; each
 rank's loss is divided by the world size, so the step is one process's step on the whole
 batch). Rank 0 prints the loss (language-model loss + ``--aux`` × Switch balance loss,
 averaged over ranks), tokens/s over all ranks, and each layer's expert load (share of the
@@ -26,7 +26,7 @@ Saving and resuming: ``--save DIR`` has every rank call ``moefy.save`` at the en
 are gathered; rank 0 writes the checkpoint one process would write for the whole model), then
 loads it back on every rank, shards it again and checks that it computes what the trained
 model computes. ``--resume DIR`` continues from such a checkpoint (with any number of
-processes) instead of upcycling: ``moefy.runtime.parallel.load_sharded`` reads only each
+processes) instead of upcycling: ``moefy.distributed.load_sharded`` reads only each
 rank's experts from the file. The optimizer starts afresh (its state is not saved). Across
 machines both need a folder every machine sees (a shared filesystem).
 
@@ -52,12 +52,12 @@ import torch.distributed as dist  # noqa: E402
 from corpus import sentences  # noqa: E402
 
 import moefy  # noqa: E402
-from moefy.runtime.parallel import load_sharded, reduce_gradients  # noqa: E402
+from moefy.distributed import load_sharded, reduce_gradients  # noqa: E402
 
 
 def load(name: str):
     """(dense causal LM, tokenizer)."""
-    from moefy._pretrained import load_pretrained, minilm_folder
+    from moefy.io.pretrained import load_pretrained, minilm_folder
 
     if name == "smollm2":
         pre = load_pretrained("smollm2")
@@ -140,7 +140,7 @@ def main() -> None:
     del dense
     # shard first, then move: each GPU receives only its block of the experts
     if not args.resume:
-        model = moefy.runtime.expert_parallel(model)
+        model = moefy.distributed.expert_parallel(model)
     model = model.train().to(device)
     mine = rows[rank::world]  # each rank its own share of the text
     per_step = args.batch

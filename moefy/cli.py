@@ -36,8 +36,8 @@ from tqdm import tqdm
 import moefy
 from moefy.config import METHODS, PARTITIONS, ROUTERS, MoEConfig
 from moefy.errors import MoefyError, first_line
-from moefy.hf import ARCHITECTURES as HF_ARCHITECTURES
-from moefy.training import distill_for
+from moefy.io.hf import ARCHITECTURES as HF_ARCHITECTURES
+from moefy.passes.distill import distill_for
 
 PLAN_FILE = "moefy.json"  # what marks a directory written by moefy.save
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")  # what a --calibration / --data folder offers
@@ -274,7 +274,7 @@ def _size(path: Path) -> str:
 
 
 def cmd_convert(args, console: Console) -> None:
-    from moefy._pretrained import load_pretrained
+    from moefy.io.pretrained import load_pretrained
 
     started = time.perf_counter()
     # every setting is checked before the model is loaded (that can take a while)
@@ -595,7 +595,7 @@ def cmd_export_hf(args, console: Console) -> None:
 
 
 def cmd_bench(args, console: Console) -> None:
-    from moefy._pretrained import load_pretrained
+    from moefy.io.pretrained import load_pretrained
 
     out = _checkpoint_dir(args.checkpoint)
     _at_least_one(args, "batch", "seq_len", "runs")

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from moefy.calibrate import Progress, collect_stats, token_mask
 from moefy.config import MoEConfig
 from moefy.errors import (
     AlreadyConvertedError,
@@ -24,13 +23,15 @@ from moefy.errors import (
     TraceError,
     first_line,
 )
-from moefy.fit import check_finite
-from moefy.layers.moe import MoE, pop_token_ids, push_token_ids
+from moefy.layers.moe import MoE
 from moefy.layers.peer import PEER
+from moefy.layers.tokens import install_token_hooks, remove_token_hooks
 from moefy.passes import build, find_ffn, peer, rewrite, trace
 from moefy.passes.base import Pass, PassResult
-from moefy.passes.verify import RunDense, Verify, describe, describe_batch, token_ids
-from moefy.training import distill_for
+from moefy.passes.calibrate import Progress, collect_stats, token_mask
+from moefy.passes.distill import distill_for
+from moefy.passes.fit import check_finite
+from moefy.passes.verify import RunDense, Verify, describe, describe_batch
 
 _log = logging.getLogger(__name__)
 
@@ -478,8 +479,7 @@ class BuildAndRewrite(Pass):
                 moe = rewrite.wrap_for(p.match, self._moe(s, p, generator))
                 rewrite.apply_surgery(s.target, p.plan, moe)
         if s.config.router == "hash":
-            s.target.register_forward_pre_hook(_push_token_ids, with_kwargs=True)
-            s.target.register_forward_hook(_pop_token_ids, always_call=True)
+            install_token_hooks(s.target)
         return PassResult(True, {"moe": len(s.plans), "graph_units": len(graph_units)})
 
     @staticmethod
@@ -541,20 +541,7 @@ def _restore(s: _State) -> None:
     for path, module in sorted(s.originals.items(), key=lambda kv: kv[0].count(".")):
         s.model.set_submodule(path, module)
     if s.originals:
-        for hooks in (s.model._forward_pre_hooks, s.model._forward_hooks):
-            for key, hook in list(hooks.items()):
-                if hook in (_push_token_ids, _pop_token_ids):
-                    del hooks[key]
-
-
-def _push_token_ids(model: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Forward pre-hook of a model converted with router="hash": its token ids become those
-    its hash-routed MoE layers read, until ``_pop_token_ids`` runs after the forward."""
-    push_token_ids(token_ids(args, kwargs))
-
-
-def _pop_token_ids(model: nn.Module, args: tuple, output) -> None:
-    pop_token_ids()
+        remove_token_hooks(s.model)
 
 
 def _check_like_example(args: tuple, kwargs: dict, ex_args: tuple, ex_kwargs: dict) -> None:

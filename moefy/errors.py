@@ -122,6 +122,6 @@ class HFExportError(MoefyError, ValueError):
 
 
 class ExpertParallelError(MoefyError, RuntimeError):
-    """``moefy.runtime.expert_parallel`` cannot shard the model as asked: no initialised
+    """``moefy.distributed.expert_parallel`` cannot shard the model as asked: no initialised
     process group, no MoE layer, a layer sharded already, or ranks holding different
     weights. Raised before anything changes."""

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from moefy.calibrate import token_mask
 from moefy.errors import MissingDependencyError, ReportInputError
 from moefy.layers.moe import MoE
 from moefy.layers.peer import PEER
+from moefy.passes.calibrate import token_mask
 from moefy.passes.trace import batch_inputs
 
 
@@ -126,10 +126,10 @@ def _static_row(name: str, m: MoE) -> dict:
 
 
 def _layer_params(m: MoE) -> int:
-    """Parameters of the whole layer, also when ``moefy.runtime.expert_parallel`` left this
+    """Parameters of the whole layer, also when ``moefy.distributed.expert_parallel`` left this
     rank only its block of the routed experts (the rows it lacks are counted per expert)."""
     total = sum(p.numel() for p in m.parameters())
-    shard = getattr(m, "_expert_parallel", None)
+    shard = m.shard if isinstance(m, MoE) else None
     if shard is not None:
         missing = m.num_experts - (shard.stop - shard.start)
         total += missing * sum(math.prod(p.shape[1:]) for p in (

@@ -20,7 +20,7 @@ def pytest_collection_modifyitems(config, items):
 def smollm2_full():
     """SmolLM2-135M-Instruct (real weights, float32, eval) and its tokenizer, loaded once per
     test session (~6 s). Tests take a few of its layers with ``smollm2_slice``."""
-    from moefy._pretrained import load_pretrained
+    from moefy.io.pretrained import load_pretrained
 
     return load_pretrained("smollm2")
 

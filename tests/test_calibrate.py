@@ -1,4 +1,4 @@
-"""moefy.calibrate: streamed statistics equal brute force; the reservoir stays bounded."""
+"""moefy.passes.calibrate: streamed statistics equal brute force; the reservoir stays bounded."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import moefy
-from moefy.calibrate import MARKER_FRACTION, FFNStats, token_mask
+from moefy.passes.calibrate import MARKER_FRACTION, FFNStats, token_mask
 
 
 def test_stats_equal_brute_force_over_batches():

@@ -344,7 +344,7 @@ def test_smollm2_split_round_trip(smollm2_slice, tmp_path):
     with torch.no_grad():
         assert torch.equal(back(**ids).logits, ref)
     assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
-    assert moefy.checkpoint.read_plan(tmp_path)["info"] == {"source": "smollm2"}
+    assert moefy.io.checkpoint.read_plan(tmp_path)["info"] == {"source": "smollm2"}
     from transformers import AutoTokenizer
     assert AutoTokenizer.from_pretrained(tmp_path)("Paris").input_ids == tokenizer(
         "Paris").input_ids
@@ -421,7 +421,7 @@ def test_hand_edited_plans(saved, edit, message):
 def test_saving_again_replaces_the_earlier_save(tmp_path):
     from transformers import AutoTokenizer
 
-    from moefy._pretrained import minilm_folder
+    from moefy.io.pretrained import minilm_folder
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_folder())
     moefy.save(CONVERSIONS["upcycle-sigmoid"](), tmp_path, tokenizer=tokenizer)

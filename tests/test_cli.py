@@ -49,7 +49,7 @@ def workspace(tmp_path_factory) -> Path:
     directory of text files)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from moefy._pretrained import minilm_folder
+    from moefy.io.pretrained import minilm_folder
 
     root = tmp_path_factory.mktemp("cli")
     tok = AutoTokenizer.from_pretrained(minilm_folder(), local_files_only=True)

@@ -230,7 +230,7 @@ def test_coactivation_partition_from_calibration_data():
 
 
 def test_calibration_picks_the_most_often_marked_neurons_as_shared():
-    from moefy.calibrate import collect_stats
+    from moefy.passes.calibrate import collect_stats
     from moefy.passes.find_ffn import find_ffns
     from moefy.passes.trace import export_model
     model, inputs, _ = build("sequential")

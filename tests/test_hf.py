@@ -9,8 +9,8 @@ import transformers as tf
 from safetensors import safe_open
 
 import moefy
-from moefy import hf
 from moefy.errors import HFExportError
+from moefy.io import hf
 
 PROMPT = "The capital of France is"
 

@@ -3,9 +3,12 @@ import moefy
 
 def test_public_surface_is_pinned():
     assert sorted(moefy.__all__) == [
-        "MoE", "MoEConfig", "PEER", "__version__", "aux_loss", "convert", "distill", "export_hf",
-        "export_onnx", "freeze", "load", "onnx", "report", "runtime", "save"]
+        "MoE", "MoEConfig", "PEER", "__version__", "aux_loss", "convert", "distill",
+        "distributed", "errors", "export_hf", "export_onnx", "freeze", "load", "onnx", "report",
+        "runtime", "save"]
     assert sorted(moefy.runtime.__all__) == ["ExpertWeights", "Session", "expert_ffn",
-                                             "expert_parallel", "reference_ffn"]
+                                             "reference_ffn"]
+    assert sorted(moefy.distributed.__all__) == ["expert_parallel", "load_sharded",
+                                                 "reduce_gradients"]
     assert sorted(moefy.onnx.__all__) == ["ExportError", "ExportResult", "check_tensorrt_ops",
                                           "export_onnx"]

@@ -6,40 +6,23 @@
 
 from __future__ import annotations
 
-import contextvars
 import math
 
 import torch
 import torch.nn as nn
 
 from moefy.activations import get_activation
+from moefy.errors import ExpertParallelError
 from moefy.layers import routers
 from moefy.layers.inputs import check_layer_input
 from moefy.layers.routers import ROUTERS, Selection
+from moefy.layers.shard import ExpertShard
+from moefy.layers.tokens import current_token_ids
 from moefy.runtime import ops as _ops  # noqa: F401  (registers torch.ops.moefy.*)
 from moefy.runtime.dispatch import ExpertRunner
 from moefy.runtime.experts import ExpertWeights, expert_forward
 
 COMBINES = ("softmax", "sum")
-# Token ids for hash routers, pushed around a converted model's forward and popped after it
-# (``push_token_ids`` / ``pop_token_ids``): a context variable holding a stack, so threads and
-# nested models never see each other's ids, and nothing stays behind on any module.
-_TOKEN_IDS: contextvars.ContextVar[tuple[torch.Tensor, ...]] = contextvars.ContextVar(
-    "moefy_token_ids", default=())
-
-
-def push_token_ids(ids: torch.Tensor) -> None:
-    """Make ``ids`` the token ids that hash-routed MoE layers read until ``pop_token_ids``."""
-    _TOKEN_IDS.set((*_TOKEN_IDS.get(), ids))
-
-
-def pop_token_ids() -> None:
-    _TOKEN_IDS.set(_TOKEN_IDS.get()[:-1])
-
-
-def current_token_ids() -> torch.Tensor | None:
-    stack = _TOKEN_IDS.get()
-    return stack[-1] if stack else None
 
 
 def _uniform_(t: torch.Tensor, fan_in: int) -> torch.Tensor:
@@ -255,6 +238,8 @@ class MoE(nn.Module):
         self.shared = SharedExperts(H, shared_expert_size, activation=activation, gated=gated,
                                     bias=bias)
         self._runner = ExpertRunner()
+        # This rank's block of the routed experts under expert parallelism, else None.
+        self.shard: ExpertShard | None = None
 
     # ------------------------------------------------------------------ public
     @property
@@ -331,8 +316,7 @@ class MoE(nn.Module):
         """Routed expert ``e`` as a standalone dense FFN that shares this layer's weights."""
         if not 0 <= e < self.num_experts:
             raise IndexError(f"expert index {e} out of range for {self.num_experts} experts")
-        if getattr(self, "_expert_parallel", None) is not None:
-            from moefy.errors import ExpertParallelError
+        if self.shard is not None:
             raise ExpertParallelError("expert(e) of a layer sharded by expert_parallel: this "
                                       "rank holds only its own experts")
         return _ExpertView(self, e)
@@ -365,25 +349,28 @@ class MoE(nn.Module):
                indices: torch.Tensor) -> torch.Tensor:
         """Σ_j weights[t, j] · expert_{indices[t, j]}(x[t]) for flattened tokens x (T, H);
         the runtime picks the kernel (``moefy.runtime.dispatch.ExpertRunner``); with
-        ``moefy.runtime.expert_parallel`` the experts run on the ranks that own them."""
-        shard = getattr(self, "_expert_parallel", None)
-        if shard is not None and shard.world > 1:  # one rank holds every expert: no exchange
-            from moefy.runtime.parallel import routed
-            return routed(self, x, weights, indices)
+        ``moefy.distributed.expert_parallel`` the experts run on the ranks that own them."""
+        if self.shard is not None and self.shard.world > 1:  # one rank: no exchange
+            return self.shard.routed(self, x, weights, indices)
+        return self.run_experts(x, weights, indices, capacity_factor=self.capacity_factor)
+
+    def run_experts(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, *,
+                    capacity_factor: float | None = None) -> torch.Tensor:
+        """Σ_j weights[t, j] · expert_{indices[t, j]}(x[t]) over the experts this process
+        holds (indices local to its block when sharded; weight-0 slots skipped).
+        ``capacity_factor`` only travels into an exported graph: routing applied it."""
         return self._runner(x, weights, indices, self.expert_weights(),
                             training=self.training, prepack=self.prepack,
-                            capacity_factor=self.capacity_factor)
+                            capacity_factor=capacity_factor)
 
     # ------------------------------------------------------------------ internals
     def _record_training(self, sel: Selection) -> None:
         self.last_aux = routers.auxiliary_losses(sel, self.num_experts)
-        shard = getattr(self, "_expert_parallel", None)
+        shard = self.shard
         if self.router_type == "sigmoid" and (sel.indices.shape[0] or shard is not None):
             load = routers.expert_load(sel.indices, sel.used, self.num_experts)
             if shard is not None:  # the replicated bias follows every rank's load alike
-                torch.distributed.all_reduce(load, group=shard.group)
-                if shard.data_group is not None:  # and over the replicas of the mesh
-                    torch.distributed.all_reduce(load, group=shard.data_group)
+                shard.reduce_load(load)
             step = self.bias_update_rate * torch.sign(load.mean() - load)
             with torch.no_grad():
                 if torch.compiler.is_compiling() or not self.selection_bias.is_inference() or (

@@ -168,7 +168,7 @@ def _usable_rows(q: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | N
 
 
 def _search_kernel_available() -> bool:
-    from moefy.runtime._kernels import search_kernel_available
+    from moefy.runtime.kernels import search_kernel_available
     return search_kernel_available()
 
 

@@ -46,7 +46,7 @@ from moefy.layers.moe import MoE
 from moefy.layers.peer import PEER
 from moefy.onnx.lowering import ort_expressible, translation_table
 from moefy.passes.trace import export_model, split_inputs
-from moefy.runtime.parallel import refuse_sharded
+from moefy.layers.shard import refuse_sharded
 from moefy.runtime.session import Session
 
 TARGETS = ("ort", "standard")

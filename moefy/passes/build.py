@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from moefy.calibrate import FFNStats
+from moefy.passes.calibrate import FFNStats
 from moefy.config import MoEConfig
 from moefy.errors import ConversionError
-from moefy.fit import fit_compensation, fit_layer, set_router
+from moefy.passes.fit import fit_compensation, fit_layer, set_router
 from moefy.layers.moe import MoE
 from moefy.passes.find_ffn import FFNMatch, Projection
 from moefy.passes.partition import partition_neurons

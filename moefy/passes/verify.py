@@ -19,6 +19,7 @@ from moefy.config import MoEConfig
 from moefy.errors import ConversionError, VerificationError, first_line
 from moefy.layers.moe import MoE
 from moefy.layers.peer import PEER
+from moefy.layers.tokens import token_ids
 from moefy.passes.base import Pass, PassResult
 from moefy.passes.peer import all_experts
 
@@ -207,18 +208,6 @@ def _compare(ref: list[torch.Tensor], got: list[torch.Tensor], how: str,
                 f"output {i} differs from the dense model {how}: max difference {err:.2e} "
                 f"relative to its largest value (tolerance {tol:.0e} for {r.dtype}). This is a "
                 "moefy bug: please report it with the model; verify=False skips the check.")
-
-
-def token_ids(args: tuple, kwargs: dict) -> torch.Tensor:
-    """A hash-routed model's token ids: ``input_ids``, else its first tensor argument."""
-    ids = kwargs.get("input_ids", args[0] if args else None)
-    if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex():
-        raise ConversionError(
-            "router='hash' routes by token id: the model must be called with input_ids (an "
-            "integer tensor, as a keyword or its first argument); got "
-            f"{getattr(ids, 'dtype', type(ids).__name__)}. Use another router for models "
-            "without token ids.")
-    return ids
 
 
 def describe_batch(batch) -> str:

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from moefy.activations import ACTIVATIONS, get_activation
-from moefy.runtime._kernels import decode_kernels_available
 from moefy.runtime.experts import ExpertWeights, expert_forward
+from moefy.runtime.kernels import decode_kernels_available
 
 # Up to this many tokens a GEMM costs about as much as reading its weights, whatever its row
 # count, so the CPU path runs every touched expert on all tokens (zero weight where it was not

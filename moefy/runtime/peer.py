@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from moefy.activations import ACTIVATIONS, Activation, get_activation
 from moefy.errors import InputError, TrainingInputError
-from moefy.runtime._kernels import peer_kernels_available
+from moefy.runtime.kernels import peer_kernels_available
 
 # Gathered rows one chunk of the PyTorch path may hold at once (per table it gathers).
 CHUNK_BYTES = 64 << 20

@@ -276,7 +276,7 @@ def test_blockwise_search_equals_one_block(monkeypatch):
 
 @pytest.mark.parametrize("grid,heads,k", RETRIEVAL)
 def test_search_kernel_equals_torch_topk(grid, heads, k, monkeypatch):
-    from moefy.runtime._kernels import search_kernel_available
+    from moefy.runtime.kernels import search_kernel_available
     if not search_kernel_available():
         pytest.skip("C++ kernels unavailable (MOEFY_NO_EXT=1 or no compiler)")
     layer = randomise(moefy.PEER(24, grid, heads=heads, top_k=k, key_dim=16).eval(), seed=k)
@@ -397,7 +397,7 @@ def test_sparse_gradients_stay_sparse_under_torch_compile():
 @pytest.mark.parametrize("n1,n2,k", ((1024, 1024, 16), (300, 517, 16), (1000, 40, 7),
                                      (512, 512, 1), (64, 64, 16)))
 def test_search_kernel_on_ties_infinities_and_ragged_rows(n1, n2, k):
-    from moefy.runtime._kernels import search_kernel_available
+    from moefy.runtime.kernels import search_kernel_available
     if not search_kernel_available():
         pytest.skip("C++ kernels unavailable (MOEFY_NO_EXT=1 or no compiler)")
     g = torch.Generator().manual_seed(n1 + k)

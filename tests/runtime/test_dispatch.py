@@ -174,7 +174,7 @@ def test_property_random_shapes(T, E, k, H, I, gated, bias, activation, seed):
 
 def test_decode_kernels_build_here():
     # CI has a compiler: the fast decode path must really be in use, not the fallback.
-    from moefy.runtime._kernels import decode_kernels_available
+    from moefy.runtime.kernels import decode_kernels_available
     assert decode_kernels_available()
 
 
@@ -182,7 +182,7 @@ def test_decode_kernels_build_here():
 @pytest.mark.parametrize("T", (1, 5, 16, 64))
 def test_decode_kernel_odd_sizes(T, gated):
     # Odd widths exercise the vector loops' remainders; repeated experts per token add up.
-    from moefy.runtime._kernels import decode_kernels_available
+    from moefy.runtime.kernels import decode_kernels_available
     assert decode_kernels_available()
     ew = make_experts(6, 53, 37, gated=gated)
     x = torch.randn(T, 53)

@@ -1,4 +1,4 @@
-"""moefy/runtime/_kernels.py: the C++ kernel build never hangs, whatever an earlier build left.
+"""moefy/runtime/kernels.py: the C++ kernel build never hangs, whatever an earlier build left.
 
 Each case runs ``decode_kernels_available()`` in a child process with a hard timeout (so that a
 regression fails the test instead of hanging the suite) and a private TORCH_EXTENSIONS_DIR.
@@ -15,7 +15,7 @@ import pytest
 
 from moefy.runtime import _kernels
 
-CALL = ("from moefy.runtime._kernels import decode_kernels_available as available; "
+CALL = ("from moefy.runtime.kernels import decode_kernels_available as available; "
         "print('available:', available())")
 
 

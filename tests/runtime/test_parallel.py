@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import moefy
-from moefy.checkpoint import read_plan
+from moefy.distributed import expert_parallel, load_sharded
 from moefy.errors import (
     ExpertParallelError,
     ExportInputError,
@@ -25,7 +25,7 @@ from moefy.errors import (
     SaveError,
     TrainingInputError,
 )
-from moefy.runtime.parallel import expert_parallel, load_sharded
+from moefy.io.checkpoint import read_plan
 
 H, I, E = 16, 8, 6
 TIMEOUT = datetime.timedelta(seconds=60)  # a deadlock fails the test instead of hanging CI
@@ -89,7 +89,7 @@ def _worker(rank: int, world: int, init: str, backend: str = "gloo") -> None:
             torch.testing.assert_close(y.cpu(), want_y, rtol=1e-5, atol=1e-5, msg=str(case))
             if x.shape[0]:
                 torch.testing.assert_close(x.grad.cpu(), want_dx, rtol=1e-5, atol=1e-5)
-            shard = moe._expert_parallel
+            shard = moe.shard
             for name, p in moe.named_parameters():
                 if name.split(".")[0] in ("w_in", "w_gate", "w_out", "b_in", "b_gate",
                                           "b_out"):
@@ -122,7 +122,7 @@ def _mesh(rank: int, world: int, device: torch.device, init: str) -> None:
     True) every rank holds the mean over all four ranks' tokens, as one process running them
     in turn; the sigmoid router's bias follows all four ranks' load; a save by all four
     ranks writes the checkpoint of one process."""
-    from moefy.runtime.parallel import reduce_gradients
+    from moefy.distributed import reduce_gradients
 
     rows = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates each
     columns = [dist.new_group([0, 2]), dist.new_group([1, 3])]
@@ -133,7 +133,7 @@ def _mesh(rank: int, world: int, device: torch.device, init: str) -> None:
         y = moe(_tokens(rank, world, case).to(device))
         (y * _cotangent(y.cpu(), rank).to(device)).sum().backward()
         reduce_gradients(moe, average=True)
-        shard = moe._expert_parallel
+        shard = moe.shard
         assert (shard.start, shard.stop) == ((0, 3) if rank % 2 == 0 else (3, 6))
         for name, p in moe.named_parameters():
             want = sum(g[name] for g in grads) / world
@@ -149,7 +149,7 @@ def _mesh(rank: int, world: int, device: torch.device, init: str) -> None:
         moefy.save(whole, f"{init[len('file://'):]}-mesh-single")
     back = load_sharded(f"{init[len('file://'):]}-mesh", moefy.MoE(H, I, E, 2),
                         rows[rank // 2], data_parallel_group=columns[rank % 2])
-    assert back._expert_parallel.bounds == shard.bounds
+    assert back.shard.bounds == shard.bounds
     assert all(torch.equal(v, moe.state_dict()[k]) for k, v in back.state_dict().items())
     # experts that drifted apart between two replicas (rank 2's block is rank 0's): every
     # rank of the mesh refuses to save
@@ -271,7 +271,7 @@ def _refusals_worker(rank: int, world: int, init: str) -> None:
         assert trainable[0].w_in.grad is not None
         # the optimizer may be made before sharding: it holds the same parameters, and a
         # parameter no rank's tokens reached keeps grad None (AdamW leaves it alone)
-        from moefy.runtime.parallel import reduce_gradients
+        from moefy.distributed import reduce_gradients
 
         model = torch.nn.ModuleDict({"moe": _layer(CASES[0]), "unused": torch.nn.Linear(2, 2)})
         opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
@@ -312,7 +312,7 @@ def _refusals_worker(rank: int, world: int, init: str) -> None:
         assert {n: p for n, p in layer.named_parameters()} == {n: p for n, (p, _) in
                                                                held.items()}
         assert all(torch.equal(p, old) for p, old in held.values())
-        assert layer._expert_parallel.stop - layer._expert_parallel.start == 3 - rank
+        assert layer.shard.stop - layer.shard.start == 3 - rank
         if rank == 0:
             moefy.save(whole, f"{init[len('file://'):]}-bf16-single", info={"rank": 0})
         # the data-parallel habit `if rank == 0: save(...)`: rank 0 waits in the gather until
@@ -380,7 +380,7 @@ def _batches(steps: int, world: int) -> list[torch.Tensor]:
 
 
 def _train(model, batches, rank=None, world=1, steps=4) -> list[float]:
-    from moefy.runtime.parallel import reduce_gradients
+    from moefy.distributed import reduce_gradients
 
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     losses = []

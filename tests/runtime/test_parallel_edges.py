@@ -21,8 +21,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import moefy
+from moefy.distributed import expert_parallel
 from moefy.errors import ExpertParallelError
-from moefy.runtime.parallel import expert_parallel
 
 H, I = 16, 8
 WORLD = 4
@@ -74,7 +74,7 @@ def _compare(make, rank: int, world: int, *, shape=(), dtype=torch.float32,
     if want_dx is not None:
         torch.testing.assert_close(dx, want_dx, rtol=rtol, atol=atol,
                                    msg=lambda m: f"{label} dx {m}")
-    shard = model[0]._expert_parallel
+    shard = model[0].shard
     rtol, atol = grad_tol
     for name, got in grads.items():
         if name.split(".")[1] in EXPERT_TENSORS:
@@ -90,7 +90,7 @@ def _compare(make, rank: int, world: int, *, shape=(), dtype=torch.float32,
 def _few_experts(rank, world):
     for E, k in FEW_EXPERTS:
         model = _compare(lambda E=E, k=k: _layer(E, k), rank, world, label=f"E={E} k={k}")
-        shard = model[0]._expert_parallel
+        shard = model[0].shard
         assert model[0].w_in.shape[0] == shard.stop - shard.start
         assert (shard.stop - shard.start == 0) == (rank >= E)  # the last ranks hold none
         with torch.no_grad():  # inference: the plain exchange and the packed kernels
@@ -130,7 +130,7 @@ def _deepcopy(rank, world):
     """A deep copy of a sharded model is a working sharded model on the same group."""
     model = expert_parallel(torch.nn.Sequential(_layer()))
     twin = copy.deepcopy(model)
-    assert twin[0]._expert_parallel.group is model[0]._expert_parallel.group
+    assert twin[0].shard.group is model[0].shard.group
     assert twin[0].w_in.data_ptr() != model[0].w_in.data_ptr()
     for got, want in zip(_run(twin, _tokens(rank), rank), _run(model, _tokens(rank), rank),
                          strict=True):
@@ -145,7 +145,7 @@ def _state_dict(rank, world):
     loading it into another sharded copy gives the same layer."""
     whole = _layer().state_dict()
     model = expert_parallel(torch.nn.Sequential(_layer()))
-    shard = model[0]._expert_parallel
+    shard = model[0].shard
     state = model.state_dict()
     for name, value in whole.items():
         want = value[shard.start:shard.stop] if name.split(".")[0] in EXPERT_TENSORS else value

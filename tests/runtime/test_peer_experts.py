@@ -8,7 +8,7 @@ import torch
 from moefy.activations import get_activation
 from moefy.errors import InputError
 from moefy.runtime import peer
-from moefy.runtime._kernels import peer_kernels_available
+from moefy.runtime.kernels import peer_kernels_available
 from moefy.runtime.peer import advise_huge_pages, peer_experts, peer_experts_reference
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "squared_relu", "quick_gelu", "hardswish")

@@ -31,8 +31,9 @@ import torch.nn as nn
 from moefy.errors import LoadError, MissingDependencyError, SaveError, first_line
 from moefy.layers.moe import MoE
 from moefy.layers.peer import PEER
+from moefy.layers.shard import refuse_sharded
+from moefy.layers.tokens import has_token_hooks, install_token_hooks
 from moefy.passes.rewrite import ChannelsLast
-from moefy.runtime.parallel import gathered_on_rank0
 
 FORMAT = "moefy"
 FORMAT_VERSION = 1
@@ -43,33 +44,17 @@ _LAYERS = {"MoE": MoE, "PEER": PEER}
 
 def save(model: nn.Module, directory: str | os.PathLike, *, tokenizer=None,
          info: dict | None = None) -> Path:
-    """Write ``model`` (a model converted by ``moefy.convert``, or a ``moefy.MoE`` /
-    ``moefy.PEER`` itself) to ``directory`` (created if needed; a previous save there is
-    replaced). Returns the directory.
-
-    Args:
-        tokenizer: also write its files (``save_pretrained``), so that ``directory`` is a
-            complete Hugging Face folder.
-        info: a JSON-serialisable dict kept as ``plan["info"]`` (e.g. where the model came
-            from).
-
-    Raises ``moefy.errors.SaveError`` before writing anything when a layer cannot be
-    described without pickling code: graph-mode conversions (an FFN inline in a larger
-    forward became a traced graph) and layers with a custom activation module.
-
-    A model sharded by ``moefy.runtime.expert_parallel`` is saved by every rank of its group
-    together (not ``if rank == 0``): the experts are gathered, and rank 0 writes the same
-    checkpoint one process would write for the whole model (the replicated weights must be
-    equal on every rank, or ``SaveError``). ``moefy.runtime.parallel.load_sharded`` reads
-    it back, each rank its own experts.
-
-    >>> import tempfile
-    >>> moe = MoE(8, 16, num_experts=4, top_k=2)
-    >>> with tempfile.TemporaryDirectory() as d:
-    ...     back = load(save(moe, d), MoE(8, 16, num_experts=4, top_k=2))
-    >>> bool(torch.equal(back.w_in, moe.w_in))
-    True
+    """``moefy.save`` of a model in one process (``moefy.distributed.checkpoint.save`` is the
+    public one: it also gathers a model sharded by expert parallelism, then calls ``write``).
     """
+    model, directory = check_save_arguments(model, directory, tokenizer, info)
+    refuse_sharded(model, "save", SaveError, "call moefy.save (it gathers the experts)")
+    write(model, directory, tokenizer, info)
+    return directory
+
+
+def check_save_arguments(model, directory, tokenizer, info) -> tuple[nn.Module, Path]:
+    """(the model to write, the folder) after checking save's arguments; nothing written."""
     model = _unwrap_compiled(model)
     if not isinstance(model, nn.Module):
         raise SaveError(f"save expects a torch.nn.Module, got {type(model).__name__}")
@@ -83,13 +68,11 @@ def save(model: nn.Module, directory: str | os.PathLike, *, tokenizer=None,
     if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
         raise SaveError(f"save: tokenizer must be a Hugging Face tokenizer (with save_pretrained), "
                         f"got {type(tokenizer).__name__}")
-    # a model sharded by expert_parallel: rank 0 writes it with every layer's experts gathered
-    gathered_on_rank0(model, lambda whole: _write(whole, directory, tokenizer, info), "save",
-                      SaveError)
-    return directory
+    return model, directory
 
 
-def _write(model: nn.Module, directory: Path, tokenizer, info: dict | None) -> None:
+def write(model: nn.Module, directory: Path, tokenizer, info: dict | None) -> None:
+    """Write a whole (unsharded) model's plan and weights into ``directory``."""
     if directory.exists() and not directory.is_dir():  # here: on the rank that writes
         raise SaveError(f"{directory} exists and is not a directory")
     plan = _plan(model)
@@ -169,11 +152,11 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
     plan names or sits on the meta device, or a tensor is missing, unexpected, of another
     shape or of another kind (integer / floating point).
     """
-    return _load(directory, model)
+    return load_with(directory, model)
 
 
-def _load(directory, model: nn.Module | None, shard=None) -> nn.Module:
-    """``load``; with ``shard(layers)`` (``moefy.runtime.parallel.load_sharded``), which
+def load_with(directory, model: nn.Module | None, shard=None) -> nn.Module:
+    """``load``; with ``shard(layers)`` (``moefy.distributed.load_sharded``), which
     shards the rebuilt layers' experts and returns {tensor name: (first row, end row)}, only
     those rows of those tensors are read from the file."""
     directory = _as_path(directory, LoadError, "load")
@@ -226,10 +209,7 @@ def _load(directory, model: nn.Module | None, shard=None) -> nn.Module:
     for name in plan.get("frozen", []):
         model.get_parameter(name).requires_grad_(False)
     if plan.get("hash_routing") and "" not in layers:
-        from moefy.convert import _pop_token_ids, _push_token_ids
-
-        model.register_forward_pre_hook(_push_token_ids, with_kwargs=True)
-        model.register_forward_hook(_pop_token_ids, always_call=True)
+        install_token_hooks(model)
     model.eval()
     return model if given is None or "" in layers else given  # given: maybe torch.compile's
 
@@ -256,7 +236,7 @@ def read_plan(directory: str | os.PathLike) -> dict:
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise LoadError(f"{path} is damaged: format_version {version!r} is not a positive int")
     if version > FORMAT_VERSION:
-        from moefy import __version__
+        from moefy.version import __version__
 
         raise LoadError(
             f"{path} was written by moefy {plan.get('moefy_version', '?')} in plan format "
@@ -278,7 +258,7 @@ def read_plan(directory: str | os.PathLike) -> dict:
 # ------------------------------------------------------------------ save
 
 def _plan(model: nn.Module) -> dict:
-    from moefy import __version__
+    from moefy.version import __version__
 
     graph = [n for n, m in model.named_modules()
              if isinstance(m, torch.fx.GraphModule) and any(
@@ -304,8 +284,7 @@ def _plan(model: nn.Module) -> dict:
                      "attn_implementation": getattr(getattr(model, "config", None),
                                                     "_attn_implementation", None)},
             "layers": [e for e in layers if e is not None], "identities": identities,
-            "hash_routing": any(getattr(h, "__name__", "") == "_push_token_ids"
-                                for h in model._forward_pre_hooks.values())}
+            "hash_routing": has_token_hooks(model)}
 
 
 def _describe(model: nn.Module, path: str, layer: nn.Module) -> dict:

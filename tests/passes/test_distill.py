@@ -166,7 +166,7 @@ def test_distill_all_padding_batch_is_a_typed_error():
 def test_distill_stops_when_a_one_shot_iterator_runs_out(caplog):
     student, teacher = student_and_teacher()
     batches = ((torch.randn(8, 16),) for _ in range(3))
-    with caplog.at_level("WARNING", logger="moefy.training"):
+    with caplog.at_level("WARNING", logger="moefy.passes.distill"):
         log = moefy.distill(student, teacher, batches, steps=10, progress=False)
     assert len(log) == 3 and "ran out after 3 batches" in caplog.text
 
@@ -213,7 +213,7 @@ def test_distill_explains_a_teacher_that_takes_other_inputs_and_a_detached_loss(
 
 
 def test_budget_distillation_cuts_batches_into_steps_of_about_a_thousand_tokens():
-    from moefy.training import _rebatch
+    from moefy.passes.distill import _rebatch
 
     ids = torch.arange(8 * 256).view(8, 256)
     batches = _rebatch([{"input_ids": ids, "attention_mask": torch.ones_like(ids)},
@@ -229,7 +229,7 @@ def test_budget_distillation_cuts_batches_into_steps_of_about_a_thousand_tokens(
 def test_budget_loss_is_kl_on_logits_for_language_models():
     from types import SimpleNamespace
 
-    from moefy.training import _budget_loss, _default_loss
+    from moefy.passes.distill import _budget_loss, _default_loss
 
     torch.manual_seed(0)
     s, t = torch.randn(2, 5, 11), torch.randn(2, 5, 11)

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from moefy.calibrate import FFNStats
 from moefy.errors import ConversionError
 from moefy.layers.moe import MoE
+from moefy.passes.calibrate import FFNStats
 from moefy.runtime.experts import ExpertWeights, expert_forward
 
 if TYPE_CHECKING:

@@ -20,11 +20,11 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
-from moefy.calibrate import Progress
 from moefy.errors import NonFiniteLossError, TrainingInputError, first_line
 from moefy.layers.moe import MoE
+from moefy.layers.shard import refuse_sharded
+from moefy.passes.calibrate import Progress
 from moefy.passes.trace import batch_inputs
-from moefy.runtime.parallel import refuse_sharded
 
 TRAINABLE = ("experts", "routers", "moe", "all")
 _log = logging.getLogger(__name__)
@@ -231,7 +231,7 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
     # its steps would leave the replicated weights apart on every rank
     refuse_sharded(model, "distill", TrainingInputError,
                    "distill trains in one process. Distil before sharding, or write the "
-                   "training loop with moefy.runtime.parallel.reduce_gradients after each "
+                   "training loop with moefy.distributed.reduce_gradients after each "
                    "backward (examples/train_ep.py)")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise TrainingInputError(f"distill: steps must be a positive int, got {steps!r}")

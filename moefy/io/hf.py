@@ -41,7 +41,7 @@ from moefy.activations import get_activation
 from moefy.errors import HFExportError, MissingDependencyError, first_line
 from moefy.layers.moe import MoE
 from moefy.layers.peer import PEER
-from moefy.runtime.parallel import refuse_sharded
+from moefy.layers.shard import refuse_sharded
 
 ARCHITECTURES = ("mixtral", "qwen2_moe", "deepseek_v3", "glm4_moe")
 SOURCES = ("llama", "mistral", "qwen2")  # config.model_type of the models export_hf reads
