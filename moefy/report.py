@@ -111,7 +111,7 @@ def _fmt(v, col: str = "") -> str:
 
 
 def _static_row(name: str, m: MoE) -> dict:
-    info = getattr(m, "conversion", {})
+    info = m.conversion
     per_neuron = m.hidden_size * (3 if m.gated else 2)  # weights touched per hidden neuron
     shared_size = 0 if m.shared.ffn is None else m.shared.ffn.fc_in.out_features
     active = (m.top_k * m.expert_size + shared_size) * per_neuron + m.router.weight.numel()
@@ -138,7 +138,7 @@ def _layer_params(m: MoE) -> int:
 
 
 def _peer_row(name: str, m: PEER) -> dict:
-    info = getattr(m, "conversion", {})
+    info = m.conversion
     slots = m.heads * m.top_k  # single-neuron experts per token (heads may share some)
     per_neuron = m.hidden_size * (3 if m.gated else 2)  # weights one expert touches
     # retrieval: the query network (and its BatchNorm) and every sub-key, for every token

@@ -15,6 +15,7 @@ from moefy.activations import get_activation
 from moefy.errors import ExpertParallelError
 from moefy.layers import routers
 from moefy.layers.inputs import check_layer_input
+from moefy.layers.record import ConversionRecord
 from moefy.layers.routers import ROUTERS, Selection
 from moefy.layers.shard import ExpertShard
 from moefy.layers.tokens import current_token_ids
@@ -240,6 +241,8 @@ class MoE(nn.Module):
         self._runner = ExpertRunner()
         # This rank's block of the routed experts under expert parallelism, else None.
         self.shard: ExpertShard | None = None
+        # How convert made this layer from a dense FFN (empty when built directly).
+        self.conversion = ConversionRecord()
 
     # ------------------------------------------------------------------ public
     @property

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from moefy.activations import get_activation
 from moefy.errors import InputError
 from moefy.layers.inputs import check_layer_input
+from moefy.layers.record import ConversionRecord
 from moefy.runtime.peer import advise_huge_pages, first_order, peer_experts
 
 SCORES = ("softmax", "sigmoid", "none")
@@ -242,6 +243,8 @@ class PEER(nn.Module):
                  score: str = "softmax", bias: bool = False, gated: bool = False,
                  sparse: bool = False):
         super().__init__()
+        # How convert made this layer from a dense FFN (empty when built directly).
+        self.conversion = ConversionRecord()
         self.hidden_size = _positive("hidden_size", hidden_size)
         self.grid = _grid(num_experts)
         self.num_experts = self.grid[0] * self.grid[1]

@@ -17,7 +17,13 @@ class PassResult:
     it found or did, logged at INFO on the ``moefy.convert`` logger after every pass."""
 
     modified: bool
-    counts: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, int | float] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        counts = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in self.counts.items())
+        return ("changed the model" if self.modified else "no change") + (
+            f" ({counts})" if counts else "")
 
 
 class Pass:
@@ -37,8 +43,5 @@ class Pass:
                 exc.pass_name = type(self).__name__
                 exc.args = (f"[{exc.pass_name}] {exc}",)
             raise
-        counts = ", ".join(f"{k}={v}" for k, v in result.counts.items())
-        _log.info("%s: %s%s", type(self).__name__,
-                  "changed the model" if result.modified else "no change",
-                  f" ({counts})" if counts else "")
+        _log.info("%s: %s", type(self).__name__, result.describe())
         return result

@@ -12,6 +12,7 @@ however much data is given.
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 from collections.abc import Iterable
@@ -21,8 +22,14 @@ import torch
 import torch.fx._pytree as fx_pytree
 from tqdm import tqdm
 
+from moefy.errors import ConversionError, first_line
+from moefy.passes import trace
+from moefy.passes.base import Pass, PassResult
 from moefy.passes.find_ffn import FFNMatch, _strip
+from moefy.passes.state import ConversionState
+from moefy.passes.verify import describe, describe_batch
 
+_log = logging.getLogger("moefy.convert")
 MARKER_FRACTION = 0.125  # share of each token's neurons counted as its markers
 RESERVOIR_TOKENS = 16384  # FFN inputs kept per FFN for router fitting and evaluation
 # A token whose FFN input norm exceeds this multiple of its batch's median is not data but a
@@ -213,3 +220,93 @@ class Progress:
 
     def close(self) -> None:
         self._bar.close()
+
+
+class Calibrate(Pass):
+    """calibration batches ⇒ per-FFN activation statistics (split and peer)."""
+
+    def call(self, s: ConversionState) -> PassResult:
+        if s.calibration_data is None or s.config.method not in ("split", "peer"):
+            return PassResult(False)
+        batches = 0
+        progress = Progress("calibration", s.progress)
+        for batch in s.calibration_data:
+            try:
+                self._collect(s, batch)
+            except ConversionError as exc:
+                exc.args = (f"calibration batch {batches}: {exc}",)
+                raise
+            except Exception as exc:  # any failure here means the batch does not fit
+                raise ConversionError(
+                    f"calibration batch {batches} does not fit the model: "
+                    f"{type(exc).__name__}: {first_line(exc)}\n"
+                    f"Each batch must be inputs like example_inputs "
+                    f"({describe(s.args, s.kwargs)}), with the same dtypes and the same "
+                    f"sizes except batch and sequence; got {describe_batch(batch)}. Nothing "
+                    "was changed.") from exc
+            batches += 1
+            if s.config.minutes is not None:
+                s.batches.append(batch)  # distillation cycles through them after building
+            tokens = min((st.tokens for st in s.stats.values()), default=0)
+            progress.update(f"{batches} batches, {tokens:,} tokens")
+            cap = s.config.calibration_tokens
+            if cap is not None and tokens >= cap:
+                _log.info("calibration: stopped after %d batches (%d tokens per FFN, "
+                          "MoEConfig.calibration_tokens)", batches, tokens)
+                break
+        progress.close()
+        if not batches:
+            raise ConversionError("calibration_data yielded no batches")
+        keys = {f"{p.unit.path}:{p.match.output.name}": p.plan.name for p in s.plans}
+        empty = [name for key, name in keys.items()
+                 if key not in s.stats or s.stats[key].tokens == 0]
+        if empty:
+            raise ConversionError(
+                f"calibration_data gave no usable token to {', '.join(empty[:4])}: "
+                "every token was padding, or non-finite / an extreme outlier (skipped). Check "
+                "the data, or convert without calibration_data. Nothing was changed.")
+        skipped = sum(st.skipped for st in s.stats.values())
+        if skipped:
+            _log.warning("calibration: skipped %d token(s) whose FFN input or activation was "
+                         "non-finite or an extreme outlier", skipped)
+        return PassResult(False, {"batches": batches, "ffns": len(s.stats), "skipped": skipped})
+
+    @staticmethod
+    def _collect(s: ConversionState, batch) -> None:
+        args, kwargs = trace.batch_inputs(s.model, batch, "it", ConversionError)
+        check_like_example(args, kwargs, s.args, s.kwargs)
+        if [u.path for u in s.units] == [""]:  # the whole model is one graph: no hooks
+            calls = {"": (args, kwargs)}
+        else:
+            calls = trace.record_calls(s.model, args, kwargs, paths={u.path for u in s.units})
+        mask = token_mask(kwargs)
+        for unit in s.units:
+            plans = [p for p in s.plans if p.unit is unit]
+            sites = [site for p in plans for site in (p.sites or [p.match])]
+            same_as = {site.output.name: p.match.output.name
+                       for p in plans for site in (p.sites or [p.match])}
+            if sites:
+                collect_stats(unit.ep, sites, [calls[unit.path]], s.stats, unit.path,
+                              mask=mask, same_as=same_as)
+
+
+def check_like_example(args: tuple, kwargs: dict, ex_args: tuple, ex_kwargs: dict) -> None:
+    """A calibration batch must be the traced example's kind of inputs: the same keywords
+    and positions (an input the graph was not traced with would be dropped silently, one it
+    was traced with would be missing), the same dtypes and ranks."""
+    extra, missing = sorted(set(kwargs) - set(ex_kwargs)), sorted(set(ex_kwargs) - set(kwargs))
+    if extra or missing or len(args) != len(ex_args):
+        raise ConversionError(
+            f"its inputs ({describe(args, kwargs)}) are not those the model was traced with "
+            f"({describe(ex_args, ex_kwargs)}): every batch must have the same positional "
+            "inputs and keywords as example_inputs (when example_inputs is not given, as the "
+            "first calibration batch)")
+    pairs = list(zip(args, ex_args, strict=True)) + [(kwargs[k], ex_kwargs[k])
+                                                     for k in ex_kwargs]
+    for got, want in pairs:
+        if isinstance(want, torch.Tensor) and (not isinstance(got, torch.Tensor) or (
+                got.dtype != want.dtype or got.dim() != want.dim())):
+            raise ConversionError(
+                f"its inputs ({describe(args, kwargs)}) differ in dtype or rank from those the "
+                f"model was traced with ({describe(ex_args, ex_kwargs)}); convert the batch's "
+                "tensors to the example's dtypes")

@@ -23,11 +23,14 @@ from torch.utils._pytree import tree_leaves
 from moefy.errors import NonFiniteLossError, TrainingInputError, first_line
 from moefy.layers.moe import MoE
 from moefy.layers.shard import refuse_sharded
+from moefy.passes.base import Pass, PassResult
 from moefy.passes.calibrate import Progress
+from moefy.passes.state import ConversionState
 from moefy.passes.trace import batch_inputs
 
 TRAINABLE = ("experts", "routers", "moe", "all")
 _log = logging.getLogger(__name__)
+_convert_log = logging.getLogger("moefy.convert")  # DistillForBudget speaks as convert
 
 
 def _check_module(value, what: str, fn: str) -> None:
@@ -410,3 +413,41 @@ def distill_for(model: nn.Module, teacher: nn.Module, data, seconds: float, *,
     head, tail = log[:probe], log[-probe:]
     return {"steps": len(log), "seconds": time.perf_counter() - start,
             "loss_first": sum(head) / len(head), "loss_last": sum(tail) / len(tail)}
+
+
+class DistillForBudget(Pass):
+    """converted model ⇒ the same, distilled towards the dense model on the calibration
+    batches for what is left of ``config.minutes``. Each MoE's ``conversion`` records it."""
+
+    def call(self, s: ConversionState) -> PassResult:
+        if s.config.minutes is None:
+            return PassResult(False)
+        left = s.config.minutes * 60.0 - (time.perf_counter() - s.started)
+        moes = [m for m in s.target.modules() if isinstance(m, MoE)]
+        exact = all(m.top_k >= m.num_experts for m in moes) or s.config.method == "upcycle"
+        if exact or left <= 1.0 or not s.batches:
+            why = ("the conversion is exact: nothing to distil" if exact else
+                   "no calibration batch was kept" if not s.batches else
+                   f"building took {s.config.minutes * 60.0 - left:.0f} s, the whole budget "
+                   f"of {s.config.minutes:g} min")
+            (_convert_log.info if exact else _convert_log.warning)(
+                "minutes=%g: no distillation (%s)", s.config.minutes, why)
+            info = {"steps": 0, "why": why}
+        else:
+            try:
+                info = distill_for(s.target, s.model, s.batches, left, progress=s.progress)
+            except NonFiniteLossError as exc:
+                # distill keeps the weights of the last good step: the conversion stands
+                _convert_log.warning("minutes=%g: distillation stopped: %s", s.config.minutes,
+                             first_line(exc))
+                info = {"steps": len(exc.log), "why": f"stopped: {first_line(exc)}"}
+            if info.get("steps") and "loss_first" in info:
+                _convert_log.info("minutes=%g: distilled %d steps in %.0f s, loss %.4g -> %.4g",
+                          s.config.minutes, info["steps"], info["seconds"],
+                          info["loss_first"], info["loss_last"])
+        for m in moes:
+            m.conversion = m.conversion.with_(distill=info)
+        s.batches = []
+        # the record keeps the why and the losses; the result counts what was done
+        return PassResult(bool(info.get("steps")), {"steps": info.get("steps", 0),
+                                                    "seconds": info.get("seconds", 0.0)})

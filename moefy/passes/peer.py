@@ -56,6 +56,7 @@ from moefy.activations import get_activation
 from moefy.config import MoEConfig
 from moefy.errors import ConversionError
 from moefy.layers.peer import PEER
+from moefy.layers.record import ConversionRecord
 
 DEFAULT_FIT_STEPS = 200  # with calibration data; ~30 ms per step at d_ff 1536 on 2 cores
 _BATCH = 512  # tokens per Adam step (512 x 200 steps fitted as well as 1024 x 300)
@@ -520,8 +521,8 @@ def measure(layer: PEER, dense, x: Tensor, cells: Tensor) -> dict:
 def build_peer(dense, config: MoEConfig, generator: torch.Generator, stats=None) -> PEER:
     """The whole builder: carve, place the neurons and fit the retrieval (on ``stats``'
     calibration reservoir when given: 80% to fit, 10% to validate each refinement, 10% held
-    out to measure), and record what was measured in ``layer.conversion``. The fits run on
-    the CPU in float32."""
+    out to measure), and record what was measured in ``layer.conversion`` (a
+    ``ConversionRecord``). The fits run on the CPU in float32."""
     x = val = held = None
     if stats is not None and stats.inputs.shape[0] >= 16:
         x = stats.inputs.float()
@@ -557,7 +558,7 @@ def build_peer(dense, config: MoEConfig, generator: torch.Generator, stats=None)
     if held is not None:
         info.update(measure(work, dense32, held, cells), calibration_tokens=stats.tokens,
                     held_out_tokens=held.shape[0])
-    layer.conversion = info
+    layer.conversion = ConversionRecord(measured=info)
     return layer
 
 

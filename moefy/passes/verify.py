@@ -110,8 +110,10 @@ class Verify(Pass):
                        + "the routed model's outputs are finite")
         _log.info("verification: %s", checked)
         for m in moes + peers:
-            m.conversion = {**getattr(m, "conversion", {}), "verified": checked}
-        return PassResult(False, {"outputs_checked": len(got)})
+            m.conversion = m.conversion.with_(verified=checked)
+        # the function is unchanged; each layer's record now holds the outcome
+        return PassResult(True, {"outputs_checked": len(got),
+                                 "layers_recorded": len(moes) + len(peers)})
 
 
 def _not_preserving(config: MoEConfig) -> str | None:
