@@ -5,8 +5,9 @@
           ──torch.onnx (dynamo) + moefy::expert_ffn lowered per target──▶ ONNX model
             (a PEER layer needs no lowering: its retrieval and experts trace to standard ops)
           ──declared input / output dims fixed where the program has a static size──▶
-          ──onnx.checker (full) → shape inference → ONNX Runtime vs PyTorch on the example
-            inputs and on inputs of another token count──▶ file (written only when it passed)
+          ──onnx.checker (full) → shape inference → ONNX Runtime vs PyTorch, token by token
+            (near-tie routing excused, counted), on the example inputs and on inputs of another
+            token count──▶ file (written only when it passed)
 
 All work happens in a hidden ``.moefy-export-<pid>-*`` folder beside the target, removed on
 any exception (KeyboardInterrupt included); folders that killed exports left behind are
@@ -44,15 +45,18 @@ from moefy.errors import (
 )
 from moefy.layers.moe import MoE
 from moefy.layers.peer import PEER
+from moefy.layers.shard import refuse_sharded
 from moefy.onnx.lowering import ort_expressible, translation_table
 from moefy.passes.trace import export_model, split_inputs
-from moefy.layers.shard import refuse_sharded
 from moefy.runtime.session import Session
 
 TARGETS = ("ort", "standard")
 KERNELS = {"ort": ("loop", "moe_op"), "standard": ("buffers",)}  # first: the default
 # Max |ONNX Runtime − PyTorch| relative to the output's largest magnitude, per target.
 TOLERANCE = {"ort": 1e-4, "standard": 1e-4}
+# A token whose top-k router scores tie within this (relative to its largest |score|) may be
+# routed to other experts by ONNX Runtime than by PyTorch through float rounding alone
+NEAR_TIE = 1e-4
 # Opset 23 turns scaled_dot_product_attention into ONNX's Attention op, which ONNX Runtime
 # (>= 1.23) runs as one fused kernel: all-MiniLM-L6-v2 at 32 x 128 runs ~10% faster than at
 # the exporter's default (20 in torch 2.13), dense and MoE alike. Target "standard" keeps the
@@ -122,7 +126,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
             the example inputs and on inputs whose dynamic dimensions (those the export kept
             dynamic: batch, sequence, tokens) differ by a few entries; raises
             ``ExportToleranceError`` with the largest difference when outside the target's
-            tolerance (``ExportShapeError`` when outputs differ in number or shape).
+            tolerance (``ExportShapeError`` when outputs differ in number or shape). Compared
+            token by token: a token whose top-k router scores tie within float error in some
+            MoE layer may go to other experts in ONNX Runtime, so where an output keeps one
+            row per token (e.g. (batch, sequence, hidden)) such a token's row is excused and
+            counted in ``notes``; nothing else is.
 
     Errors (``moefy.errors``, all ``ExportError``; nothing is written when one is raised):
     ``ExportInputError`` for bad arguments or example inputs, or a model that does not run on
@@ -159,12 +167,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
         raise ExportInputError(f"export_onnx: path must be a str or os.PathLike ending in "
                                f".onnx, got {type(path).__name__}")
     path = Path(path)
-    if path.suffix != ".onnx":
-        raise ExportInputError(f"export_onnx: path should end in .onnx, got {str(path)!r}")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise ExportInputError(f"export_onnx: cannot write {path}: {parent} is not a writable "
-                               "directory; create it first or choose another path")
+    parent = _check_target(path)
     moes = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
     peers = [(name, m) for name, m in model.named_modules() if isinstance(m, PEER)]
     notes = _check_lowerable(moes, target, kernel) + _check_peers(peers, kernel)
@@ -246,16 +249,42 @@ def _export(model, path, workdir, args, kwargs, moes, notes, target, kernel, ops
         try:
             session = Session(tmp, device="cpu")
             names = _input_names(ep)
+            layers = [m for _, m in moes]
             with _activation(tanh, "gelu_tanh"):
-                result.max_diff = _compare(model, session, names, cases, result.tolerance)
+                result.max_diff, excused = _compare(model, session, names, cases,
+                                                    result.tolerance, layers)
+            result.notes += excused
             if tanh:
-                drift = _compare(model, session, names, cases, float("inf"))
+                drift, _ = _compare(model, session, names, cases, float("inf"), layers)
                 result.notes.append(f"drift from the erf-GELU model on the validation inputs: "
                                     f"{max(drift):.1e} relative to the largest output")
         except SessionError as exc:  # ONNX Runtime cannot load or run what was exported
             raise ExportValidationError(f"the exported model does not run in ONNX Runtime: "
                                         f"{exc}") from exc
     return result
+
+
+def _check_target(path: Path) -> Path:
+    """The folder ``path`` goes into, once it is known to take the file: refused before any
+    work with what to do instead, not as an OSError from the last step."""
+    if path.suffix != ".onnx":
+        raise ExportInputError(f"export_onnx: path should end in .onnx, got {str(path)!r}")
+    if path.is_dir():
+        raise ExportInputError(f"export_onnx: {path} is a directory, not a file; remove it or "
+                               f"choose a file path such as {path / 'model.onnx'}")
+    parent = path.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ExportInputError(f"export_onnx: cannot write {path}: {parent} is not a writable "
+                               "directory; create it first or choose another path")
+    # os.access reads permission bits only: /proc, /sys and read-only mounts refuse new files
+    # when one is made, as the work folder will be
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-", dir=parent))
+    except OSError as exc:
+        raise ExportInputError(f"export_onnx: cannot write {path}: {parent} does not take new "
+                               f"files ({type(exc).__name__}: {exc.strerror or exc}); choose "
+                               "a path in a writable directory") from exc
+    return parent
 
 
 def _check_example_inputs(args: tuple, kwargs: dict) -> None:
@@ -528,13 +557,18 @@ def _input_names(ep: torch.export.ExportedProgram) -> list[str]:
 
 
 def _compare(model: nn.Module, session: Session, names: list[str],
-             cases: list[tuple[tuple, dict]], tol: float) -> list[float]:
-    """ONNX Runtime vs PyTorch on each (args, kwargs): the largest difference relative to the
-    largest output, per case; ``ExportToleranceError`` above ``tol``."""
-    diffs = []
+             cases: list[tuple[tuple, dict]], tol: float,
+             moes: list[MoE]) -> tuple[list[float], list[str]]:
+    """ONNX Runtime vs PyTorch on each (args, kwargs), token by token: per case the largest
+    difference relative to the largest output, and notes; ``ExportToleranceError`` above
+    ``tol``. A token above ``tol`` whose routing nearly tied in an MoE layer it passed
+    (``_near_ties``) is excused and counted in the notes instead: float rounding alone can
+    send it to other experts in ONNX Runtime. Nothing else is excused."""
+    diffs, excused, excused_diff = [], 0, 0.0
     for a, k in cases:
-        with torch.no_grad():
+        with torch.no_grad(), _routing_margins(moes) as margins:
             ref = [t for t in tree_leaves(model(*a, **k)) if isinstance(t, torch.Tensor)]
+        near_tie = _near_ties(margins)  # (token grid) bool, or None
         tensors = [t for t in tree_leaves((a, k)) if isinstance(t, torch.Tensor)]
         # by name: an input the graph dropped (unused by the model) must not shift the others
         feeds = dict(zip(names, tensors, strict=True)) if len(names) == len(tensors) else dict(
@@ -543,7 +577,7 @@ def _compare(model: nn.Module, session: Session, names: list[str],
         if len(got) != len(ref):
             raise ExportShapeError(f"the ONNX model returns {len(got)} outputs, PyTorch "
                                    f"{len(ref)}")
-        worst = 0.0
+        worst, skipped = 0.0, None
         for r, g in zip(ref, got, strict=True):
             r = r.detach().float().numpy()
             g = np.asarray(g, dtype=np.float32)
@@ -552,13 +586,96 @@ def _compare(model: nn.Module, session: Session, names: list[str],
                                        "from PyTorch")
             if r.size == 0:  # zero tokens: equal shapes are all there is to compare
                 continue
-            scale = max(float(np.abs(r).max()), 1e-12)
-            worst = max(worst, float(np.abs(g - r).max()) / scale)
+            diff = _relative_diff(r, g)
+            # one row per token (e.g. (batch, sequence, hidden) on a (batch, sequence) grid):
+            # a near-tie token's row may differ (other experts give finite values, never NaN);
+            # an output without such rows (pooled) may not
+            if near_tie is not None and r.ndim > near_tie.ndim and (
+                    r.shape[:near_tie.ndim] == near_tie.shape):
+                rows = diff.reshape(*near_tie.shape, -1).max(-1)
+                skip = near_tie & (rows > tol) & np.isfinite(rows)
+                skipped = skip if skipped is None else skipped | skip
+                excused_diff = max(excused_diff, float(rows[skip].max(initial=0.0)))
+                diff = rows[~skip]
+            worst = max(worst, float(diff.max(initial=0.0)))
         if not worst <= tol:
             shapes = [tuple(t.shape) for t in tree_leaves((a, k)) if isinstance(t, torch.Tensor)]
             raise ExportToleranceError(
                 f"ONNX Runtime differs from PyTorch by {worst:.2e} (relative to the largest "
-                f"output), above the tolerance {tol:.0e}; inputs {shapes}. A routing decision "
-                "near a tie can flip between the two: validate with other inputs, or report it")
+                f"output), above the tolerance {tol:.0e}; inputs {shapes}. Tokens whose top-k "
+                "router scores nearly tie are excused only in outputs with one row per token; "
+                "this difference is elsewhere: report it")
+        excused += 0 if skipped is None else int(skipped.sum())
         diffs.append(worst)
-    return diffs
+    notes = [f"validation excused {excused} token(s) whose top-k router scores tie within "
+             f"{NEAR_TIE:.0e} of their scale (float rounding can route such a token to other "
+             f"experts in ONNX Runtime than in PyTorch): they differ by up to {excused_diff:.1e}; "
+             "every other token is within the tolerance"] if excused else []
+    return diffs, notes
+
+
+def _relative_diff(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """|got - ref| relative to the largest finite |ref|; 0 where both hold the same infinity
+    or both NaN, inf where only one is NaN (NaN would compare as within any tolerance)."""
+    finite = np.abs(ref[np.isfinite(ref)])
+    scale = max(float(finite.max(initial=0.0)), 1e-12)
+    with np.errstate(invalid="ignore"):  # inf - inf
+        diff = np.nan_to_num(np.abs(got - ref), nan=np.inf)
+    diff[(got == ref) | (np.isnan(got) & np.isnan(ref))] = 0.0
+    return diff / scale
+
+
+@contextlib.contextmanager
+def _routing_margins(moes: list[MoE]):
+    """Within the block, every forward of a layer in ``moes`` appends (its token grid: the
+    input's shape without the hidden dim, its ``_routing_margin`` per token) to the yielded
+    list. The hooks are removed on exit."""
+    calls = []
+
+    def record(moe, args, kwargs, output):
+        x = args[0] if args else kwargs["x"]
+        calls.append((tuple(x.shape[:-1]), _routing_margin(moe, x.reshape(-1, x.shape[-1]))))
+    hooks = [m.register_forward_hook(record, with_kwargs=True) for m in moes]
+    try:
+        yield calls
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _routing_margin(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """How near each token (x: (T, H)) came to other experts, (T,): the gap between the k-th
+    and (k+1)-th of the scores the router ranks (logits; σ(logits) + selection_bias for
+    "sigmoid"), relative to the token's largest |score|. "topp" also orders the k and cuts
+    them where the probability mass reaches ``top_p``: every gap among them and the distance
+    of the mass to ``top_p`` count. inf where no score decides (hash, k = E). Under a capacity
+    factor a token's drops depend on the tokens before it: their smallest margin counts."""
+    if moe.router_type == "hash":
+        return torch.full(x.shape[:1], math.inf)
+    logits = moe.select(x).logits.float()  # (T, E)
+    scores = logits
+    if moe.router_type == "sigmoid":
+        scores = torch.sigmoid(logits) + moe.selection_bias
+    ranked, order = scores.sort(-1, descending=True)  # (T, E)
+    gaps = ranked[:, :-1] - ranked[:, 1:]  # (T, E - 1)
+    k = moe.top_k
+    gaps = gaps[:, :k] if moe.router_type == "topp" else gaps[:, k - 1:k]
+    margin = torch.cat([gaps, torch.full_like(ranked[:, :1], math.inf)], 1).amin(-1)
+    margin = margin / ranked.abs().amax(-1).clamp_min(torch.finfo(torch.float32).tiny)
+    if moe.router_type == "topp":
+        probs = torch.softmax(logits, -1).gather(1, order[:, :k])  # (T, k)
+        mass_before = probs.cumsum(-1) - probs
+        margin = torch.minimum(margin, (mass_before - moe.top_p).abs().amin(-1))
+    if moe.capacity_factor is not None and margin.numel():
+        margin = torch.cummin(margin, 0).values  # first come, first served
+    return margin
+
+
+def _near_ties(calls: list[tuple[tuple, torch.Tensor]]) -> np.ndarray | None:
+    """Which tokens' routing nearly tied (margin <= NEAR_TIE) in any MoE layer, on the token
+    grid every layer saw ((batch, sequence) in a transformer); None without MoE layers, or
+    when layers saw different grids (which token is which is unknown then)."""
+    if not calls or len({grid for grid, _ in calls}) != 1:
+        return None
+    margin = torch.stack([m for _, m in calls]).amin(0)  # (T,), the closest over layers
+    return (margin <= NEAR_TIE).reshape(calls[0][0]).numpy()

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from moefy.passes.calibrate import FFNStats
 from moefy.config import MoEConfig
 from moefy.errors import ConversionError
-from moefy.passes.fit import fit_compensation, fit_layer, set_router
 from moefy.layers.moe import MoE
+from moefy.passes.calibrate import FFNStats
 from moefy.passes.find_ffn import FFNMatch, Projection
+from moefy.passes.fit import fit_compensation, fit_layer, set_router
 from moefy.passes.partition import partition_neurons
 
 
@@ -32,8 +32,12 @@ class DenseWeights:
     b_gate: torch.Tensor | None
     b_out: torch.Tensor | None
     # a name in moefy.activations.ACTIVATIONS, or the element-wise module h ↦ act(h) that
-    # the graph computes when it is none of them (FFNMatch.activation_fn)
+    # the graph computes when it is none of them (FFNMatch.activation_fn), or the whole
+    # hidden function when a norm reads every neuron (find_ffn.NormedHidden)
     activation: str | nn.Module
+    # why the neurons cannot be cut into experts or shards (a norm over the hidden width);
+    # None when they can
+    indivisible: str | None = None
 
     @property
     def hidden_size(self) -> int:
@@ -44,12 +48,53 @@ class DenseWeights:
         return self.w_in.shape[0]
 
 
+def _tensor(model: nn.Module, name: str) -> torch.Tensor:
+    """A parameter or buffer of ``model`` by name (BatchNorm statistics are buffers)."""
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        return model.get_buffer(name)
+
+
 def _linear_weight(model: nn.Module, proj: Projection) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(W, b) in nn.Linear layout, with the per-feature affine maps after the projection
+    (eval-mode BatchNorm, x · s + t) folded in: W ← s·W, b ← s·b + t."""
     w = model.get_parameter(proj.weight).detach()
     w = w.flatten(1) if w.dim() > 2 else w  # 1×1 convolution: (out, in, 1, 1)
     w = w.t() if proj.transposed else w  # Conv1D, x @ W: stored (in, out)
     b = None if proj.bias is None else model.get_parameter(proj.bias).detach()
+    for step in proj.affine:
+        scale, shift = step.scale_shift(lambda name: _tensor(model, name))
+        scale, shift = scale.to(w.device), shift.to(w.device)
+        b = (shift if b is None else b.double() * scale + shift).to(w.dtype)
+        w = (w.double() * scale[:, None]).to(w.dtype)
     return w, b
+
+
+def _normed(model: nn.Module, match: FFNMatch, dense: DenseWeights) -> DenseWeights:
+    """An FFN with a norm over its hidden width (sub-LN) as one plain FFN whose activation is
+    the whole hidden function (``NormedHidden``): gated, w_in = [W_gate; W_up] and
+    w_out = [W_down, 0]; the norm's weight γ and bias β fold into the second projection
+    (W_down · diag(γ), b_down + W_down β)."""
+    norm, f = match.hidden_norm, dense.ffn_size
+    w_out, b_out = dense.w_out, dense.b_out
+    if norm.bias is not None:
+        beta = _tensor(model, norm.bias).detach()
+        b_out = (w_out.double() @ beta.double() + (0 if b_out is None else b_out.double()))
+        b_out = b_out.to(w_out.dtype)
+    if norm.weight is not None:
+        w_out = w_out * _tensor(model, norm.weight).detach()[None, :]
+    w_in, b_in, gated = dense.w_in, dense.b_in, dense.w_gate is not None
+    if gated:
+        w_in = torch.cat([dense.w_gate, w_in])
+        w_out = torch.cat([w_out, torch.zeros_like(w_out)], dim=1)
+        if b_in is not None or dense.b_gate is not None:
+            b_in = torch.cat([_zeros_if_none(dense.b_gate, f, w_in),
+                              _zeros_if_none(b_in, f, w_in)])
+    why = (f"a {norm.kind.replace('_', ' ')} over its {f} hidden features (between the "
+           f"activation and {match.down.weight}) reads every neuron at once")
+    return DenseWeights(w_in, w_out, None, b_in, None, b_out,
+                        norm.hidden_fn(dense.activation, gated, f), indivisible=why)
 
 
 def dense_weights(model: nn.Module, match: FFNMatch) -> DenseWeights:
@@ -78,11 +123,18 @@ def dense_weights(model: nn.Module, match: FFNMatch) -> DenseWeights:
     if activation is None:
         raise ConversionError(f"{match.name}: a custom activation without its subgraph "
                               "(FFNMatch.activation_fn)")
-    return DenseWeights(w_in, w_out, w_gate, b_in, b_gate, b_out, activation)
+    dense = DenseWeights(w_in, w_out, w_gate, b_in, b_gate, b_out, activation)
+    return dense if match.hidden_norm is None else _normed(model, match, dense)
 
 
 def check_divisible(name: str, dense: DenseWeights, config: MoEConfig) -> None:
     """Raise (before anything changes) when the FFN cannot be cut as asked."""
+    if dense.indivisible is not None and (config.method != "upcycle" or config.granularity != 1):
+        raise ConversionError(
+            f"{name}: {dense.indivisible}, so its neurons cannot be cut into experts or shards "
+            f"(method={config.method!r}, granularity={config.granularity}). method='upcycle' "
+            "with granularity=1 converts it exactly (each expert a whole copy); or leave it "
+            "dense with MoEConfig(skip=[...])")
     width = dense.ffn_size
     if config.method == "upcycle" and width % config.granularity:
         raise ConversionError(

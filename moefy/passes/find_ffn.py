@@ -5,13 +5,26 @@
     x → Proj_up ───┴→ ε(g, u) = act(g) · u → Proj_down               (gated: SwiGLU, GeGLU)
     x → Proj_gate_up → two halves (chunk / split / slice) → ε → Proj_down     (fused gate_up)
 
+    x → Proj_up → ε → Norm over the hidden width → Proj_down         (sub-LN, EVA-02: upcycle only)
+
   ⇒ one ``FFNMatch`` per block: its nodes, activation (a name, or the subgraph), parameters.
+
+    Proj → per-feature affine (eval-mode BatchNorm, x · s + t)  ⇒  one Proj, folded when built
+
+Not token FFNs, each rejected with its reason: a block whose input does not depend on the model's
+inputs (Swin V2's position-bias MLP over a fixed table) or is pooled over the tokens (a
+squeeze-excitation gate); one with a token-mixing convolution between its projections
+(SegFormer's Mix-FFN); one whose output width differs from its input (a MoE maps H → H).
 
 ``Proj`` is any matmul of the hidden state with a parameter, optionally followed by ``+ b``
 with a 1-D parameter ``b``: ``aten.linear``; ``addmm`` (GPT-2's Conv1D); ``matmul`` / ``mm`` /
 ``bmm`` with the weight as stored (``x @ W``, weight (in, out)) or transposed (``x @ W.T``); a
 two-operand ``einsum`` contracting x's last dimension with a 2-D weight; a 1×1 convolution
-(stride 1, no padding, one group), whose features are on dim 1 (``channels_dim=1``).
+(stride 1, no padding, one group), whose features are on dim 1 (``channels_dim=1``). A first
+projection may be followed by per-feature affine maps (``Projection.affine``): an eval-mode
+BatchNorm (LeViT's ``Linear + BatchNorm1d``), a multiply / add by tensors of one value per
+feature, and views that keep the features last; building folds them into its weight and bias.
+An affine map after the second projection stays outside the block: it maps the MoE's output.
 
 ``ε`` is any element-wise subgraph: ATen ops tagged pointwise (and their in-place variants),
 with scalar constants as their only other inputs; dropout, clones and dtype casts count as
@@ -56,6 +69,23 @@ _CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default,
           aten.conv1d.padding, aten.conv2d.padding, aten.conv3d.padding,
           aten.convolution.default}
 _TRANSPOSES = {aten.t.default, aten.numpy_T.default, aten.mT.default, aten.adjoint.default}
+# Views a per-feature affine map may sit behind (LeViT flattens the tokens for BatchNorm1d).
+_AFFINE_VIEWS = _VIEWS | {aten.flatten.using_ints, aten.unflatten.int, aten.reshape_as.default,
+                          aten.view_as.default}
+_AFFINE_OPS = {aten.mul.Tensor: "mul", aten.div.Tensor: "div", aten.add.Tensor: "add",
+               aten.sub.Tensor: "sub"}
+# Ops that only move a tensor's elements around (a token-mixing convolution hides behind them).
+_LAYOUT = _AFFINE_VIEWS | _TRANSPOSES | {aten.transpose.int, aten.permute.default,
+                                         aten.squeeze.dim, aten.squeeze.dims,
+                                         aten.squeeze.default, aten.unsqueeze.default}
+# Reductions over tokens / positions: a block reading one is fed one vector per sample.
+_POOLS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.max.dim,
+          aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default,
+          aten.adaptive_avg_pool3d.default, aten._adaptive_avg_pool2d.default,
+          aten.adaptive_max_pool1d.default, aten.adaptive_max_pool2d.default,
+          aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default,
+          aten.max_pool1d.default, aten.max_pool2d.default, aten.max_pool3d.default}
+_NORMS = {aten.layer_norm.default: "layer_norm", aten.rms_norm.default: "rms_norm"}
 _MAX_REGION = 128  # element-wise ops between two projections; real activations use < 30
 # Where activations are compared: a dense grid over their interesting range, the origin's
 # neighbourhood, and large values (relu vs leaky relu, clamps).
@@ -79,6 +109,104 @@ class Projection:
     transposed: bool  # weight stored (in, out): GPT-2's Conv1D, ``x @ W``, einsum "hf"
     shape: tuple[int, int] | None = None  # (out, in) features, nn.Linear layout
     channels_dim: int = -1  # dim of input/output holding the features; 1 for 1×1 convs
+    # per-feature affine maps after the product (and bias), in order: folded when built
+    affine: list[Affine] = field(default_factory=list)
+
+
+@dataclass(eq=False)  # operands may be tensors
+class Affine:
+    """A per-feature affine map ``y = x · scale + shift`` after a projection: ``op``
+    "batch_norm" (eval mode; operands weight, bias, running_mean, running_var; ``eps``), or
+    "mul" / "div" / "add" / "sub" by one tensor (``flipped``: it is the left operand,
+    ``c + α·x`` / ``c − α·x``). Operands are parameter or buffer names (read from the model
+    when building), lifted constants (their values), or None (BatchNorm without affine)."""
+
+    op: str
+    operands: tuple
+    alpha: float = 1.0
+    eps: float = 0.0
+    flipped: bool = False
+
+    def scale_shift(self, read) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift), each (features,) in float64; ``read`` maps a name to its tensor."""
+        vals = [None if r is None else (read(r) if isinstance(r, str) else r).detach()
+                .double().reshape(-1) for r in self.operands]
+        if self.op == "batch_norm":
+            w, b, mean, var = vals
+            scale = (var + self.eps).rsqrt() * (1.0 if w is None else w)
+            return scale, (0.0 if b is None else b) - mean * scale
+        (c,) = vals
+        ones, zeros = torch.ones_like(c), torch.zeros_like(c)
+        if self.op == "mul":
+            return c, zeros
+        if self.op == "div":
+            return 1.0 / c, zeros
+        sign = 1.0 if self.op == "add" else -1.0
+        if self.flipped:
+            return sign * self.alpha * ones, c
+        return ones, sign * self.alpha * c
+
+
+@dataclass
+class HiddenNorm:
+    """A normalisation over the FFN's whole hidden width between ``ε`` and the second
+    projection (EVA-02's sub-LN SwiGLU: ``down(norm(silu(gate(x)) * up(x)))``). It reads every
+    neuron of the hidden at once, so the neurons cannot be split into experts; a whole copy
+    of the FFN per expert (upcycling, granularity 1) computes it exactly."""
+
+    kind: str  # "layer_norm" | "rms_norm"
+    input: Node  # ε's output
+    nodes: list[Node]  # the norm and the identities between it and the second projection
+    weight: str | None  # parameter names
+    bias: str | None
+    eps: float | None  # None: rms_norm's default (the dtype's machine epsilon)
+
+    def hidden_fn(self, activation: str | nn.Module, gated: bool, width: int) -> NormedHidden:
+        """What each expert runs between its projections: ε, then this norm over its
+        ``width`` hidden features (``NormedHidden``)."""
+        return NormedHidden(activation, gated, width, self.kind, self.eps)
+
+
+class NormedHidden(nn.Module):
+    """An FFN's hidden function with a normalisation over its hidden width, as the element-
+    wise activation slot of a plain (ungated) MoE expects it: rows of ``width`` features,
+    one expert's hidden (the layer may pass several experts' side by side), each
+
+        plain:  h       ↦  norm(act(h))                  (I = width)
+        gated:  [g; u]  ↦  [norm(act(g) · u); 0]          (I = 2 · width: w_in = [W_gate; W_up],
+                                                          w_out = [W_down, 0])
+
+    The norm's weight and bias are folded into the second projection, so this module holds no
+    tensors (a MoE built on the meta device keeps nothing it would lose). A layer runs it on
+    its generic paths, as any custom activation."""
+
+    def __init__(self, activation: str | nn.Module, gated: bool, width: int, kind: str,
+                 eps: float | None):
+        super().__init__()
+        self.activation = activation if isinstance(activation, str) else "custom"
+        self.activation_fn = activation if isinstance(activation, nn.Module) else None
+        self.gated, self.width, self.kind, self.eps = gated, width, kind, eps
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        act = self.activation_fn or ACTIVATIONS[self.activation].fn
+        size = 2 * self.width if self.gated else self.width
+        rows = h.unflatten(-1, (-1, size))  # (..., experts side by side, size)
+        if self.gated:
+            g, u = rows.chunk(2, dim=-1)
+            z = act(g) * u
+        else:
+            z = act(rows)
+        if self.kind == "layer_norm":
+            z = torch.nn.functional.layer_norm(z, (self.width,), eps=self.eps)
+        else:
+            z = torch.nn.functional.rms_norm(z, (self.width,), eps=self.eps)
+        if self.gated:
+            z = torch.cat([z, torch.zeros_like(z)], dim=-1)
+        return z.flatten(-2)
+
+    def extra_repr(self) -> str:
+        return (f"{self.kind}({self.width}) after {self.activation}"
+                f"{', gated' if self.gated else ''}")
 
 
 @dataclass
@@ -100,6 +228,7 @@ class FFNMatch:
     channels_dim: int = -1
     # activation == "custom": the element-wise subgraph h ↦ act(h) the experts run.
     activation_fn: torch.fx.GraphModule | None = None
+    hidden_norm: HiddenNorm | None = None  # a norm between ε and the second projection
 
 
 @dataclass
@@ -116,6 +245,7 @@ class _Graph:
     constants: dict[str, torch.Tensor]  # placeholder name -> lifted tensor constant
     order: dict[Node, int]
     buffers: dict[str, str] = field(default_factory=dict)  # placeholder name -> buffer name
+    varying: set[Node] = field(default_factory=set)  # nodes that depend on a model input
 
     @classmethod
     def of(cls, ep: torch.export.ExportedProgram) -> _Graph:
@@ -123,8 +253,15 @@ class _Graph:
         constants = {ph: ep.constants[name]
                      for ph, name in sig.inputs_to_lifted_tensor_constants.items()
                      if isinstance(ep.constants.get(name), torch.Tensor)}
+        user, varying = set(sig.user_inputs), set()
+        for n in ep.graph.nodes:
+            inputs = [n.name in user] if n.op == "placeholder" else [
+                a in varying for a in n.all_input_nodes]
+            if any(inputs):
+                varying.add(n)
         return cls(dict(sig.inputs_to_parameters), constants,
-                   {n: i for i, n in enumerate(ep.graph.nodes)}, dict(sig.inputs_to_buffers))
+                   {n: i for i, n in enumerate(ep.graph.nodes)}, dict(sig.inputs_to_buffers),
+                   varying)
 
 
 def _param_name(node, params: dict[str, str]) -> str | None:
@@ -317,14 +454,110 @@ def _with_bias(node, params: dict[str, str]) -> Projection | None:
     return None
 
 
-def as_projection(node: Node, params: dict[str, str]) -> Projection | None:
-    """The projection whose output is ``node``, if it is one (with its bias, if added)."""
+def _biased_projection(node, params: dict[str, str]) -> Projection | None:
+    """The projection whose output is ``node`` (with its bias, if added)."""
     proj = _with_bias(node, params) or _core_projection(node, params)
     if proj is None:
         return None
     if len(proj.output.users) == 1 and _with_bias(next(iter(proj.output.users)), params):
         return None  # the bias add after it stands for the whole projection
     return proj
+
+
+_COMPUTED = object()  # an operand computed in the graph: no fixed per-feature value
+
+
+def _operand(node, g: _Graph):
+    """A tensor operand that building can read again: a parameter or buffer name, a lifted
+    constant's value, or None; ``_COMPUTED`` for anything computed in the graph."""
+    if node is None:
+        return None
+    if not isinstance(node, Node) or node.op != "placeholder":
+        return _COMPUTED
+    name = g.params.get(node.name) or g.buffers.get(node.name)
+    return name if name is not None else g.constants.get(node.name, _COMPUTED)
+
+
+def _affine_step(node, g: _Graph) -> tuple[Node, Affine | None, Node | None] | None:
+    """(input, step, tensor operand) when ``node`` is an affine map of its input by fixed
+    tensors (step None: a view), else None. Shapes are checked by ``_with_affine``."""
+    if not isinstance(node, Node) or node.op != "call_function":
+        return None
+    t, args = node.target, node.args
+    if t in _AFFINE_VIEWS:
+        return args[0], None, None
+    if t == aten.batch_norm.default:
+        x, w, b, mean, var, training = args[:6]
+        eps = args[7] if len(args) > 7 else node.kwargs.get("eps", 1e-5)
+        operands = tuple(_operand(a, g) for a in (w, b, mean, var))
+        if training or mean is None or var is None or _COMPUTED in operands:
+            return None  # batch statistics: not a fixed map (``_batch_norm_problem``)
+        return x, Affine("batch_norm", operands, eps=float(eps)), None
+    alpha = node.kwargs.get("alpha", 1)
+    if t not in _AFFINE_OPS or len(args) != 2 or not isinstance(alpha, (int, float)):
+        return None
+    for x, c, flipped in ((args[0], args[1], False), (args[1], args[0], True)):
+        operand = _operand(c, g)
+        if not isinstance(x, Node) or operand is None or operand is _COMPUTED:
+            continue
+        if flipped and t == aten.div.Tensor:
+            return None  # c / x is not affine in x
+        return x, Affine(_AFFINE_OPS[t], (operand,), alpha=float(alpha), flipped=flipped), c
+    return None
+
+
+def _per_feature(shape, rank: int, axis: int, features: int) -> bool:
+    """A tensor of ``shape`` holds one value per feature on ``axis`` of a rank-``rank`` one."""
+    if not shape or len(shape) > rank:
+        return False
+    full = (1,) * (rank - len(shape)) + tuple(shape)
+    return all(s == (features if i == axis else 1) for i, s in enumerate(full))
+
+
+def _with_affine(node, g: _Graph) -> Projection | None:
+    """A projection followed by per-feature affine maps that end at ``node``: an eval-mode
+    BatchNorm over its features, ``x · s + t`` with one value of ``s`` / ``t`` per feature,
+    views that keep the features last (LeViT: flatten → BatchNorm1d → reshape back). Still
+    one projection; building folds the maps into its weight and bias."""
+    chain: list[tuple[Node, Node, Affine | None, Node | None]] = []  # (node, input, step, c)
+    n = node
+    while (proj := _biased_projection(n, g.params)) is None:
+        step = _affine_step(n, g)
+        if step is None or len(chain) >= _MAX_REGION:
+            return None
+        chain.append((n, *step))
+        n = step[0]
+    if not any(step is not None for _, _, step, _ in chain) or proj.shape is None:
+        return None
+    features, dim = proj.shape[0], proj.channels_dim
+    inside = {proj.output} | {c[0] for c in chain}
+    for n, src, step, operand in chain:
+        shape, src_shape = _shape(n), _shape(src)
+        if shape is None or src_shape is None:
+            return None
+        if n is not node and any(u not in inside for u in n.users):
+            return None  # an intermediate value read elsewhere: not one projection
+        if step is None:
+            if dim != -1 or not _last_dim_kept(n):
+                return None
+        elif step.op == "batch_norm":  # normalises dim 1: the features must be there
+            if len(src_shape) < 2 or src_shape[1] != features or (
+                    (dim == -1) != (len(src_shape) == 2)):
+                return None
+        elif len(shape) != len(src_shape) or not _per_feature(
+                _shape(operand), len(shape), len(shape) - 1 if dim == -1 else 1, features):
+            return None  # (a per-feature operand of no higher rank broadcasts nothing)
+    if any(u not in inside for u in proj.output.users):
+        return None
+    steps = [step for _, _, step, _ in reversed(chain) if step is not None]
+    nodes = proj.nodes + [c[0] for c in reversed(chain)]
+    return replace(proj, output=node, nodes=nodes, affine=steps)
+
+
+def as_projection(node: Node, g: _Graph) -> Projection | None:
+    """The projection whose output is ``node``, if it is one: with its bias, if added, and
+    the per-feature affine maps after it that end at ``node``, if any."""
+    return _biased_projection(node, g.params) or _with_affine(node, g)
 
 
 def _strip(node) -> tuple[Node, list[Node]]:
@@ -411,11 +644,11 @@ def _fused_part(node) -> tuple[Node, int, Node | None] | None:
     return None
 
 
-def _projection_half(node, params) -> tuple[Projection, int, Node | None] | None:
+def _projection_half(node, g: _Graph) -> tuple[Projection, int, Node | None] | None:
     part = _fused_part(node)
     if part is None:
         return None
-    proj = as_projection(part[0], params)
+    proj = as_projection(part[0], g)
     return None if proj is None else (proj, part[1], part[2])
 
 
@@ -438,7 +671,7 @@ def _elementwise_region(root: Node, g: _Graph) -> _Region | str:
         n = stack.pop()
         if n in nodes or n in leaves or n in constants:
             continue
-        if as_projection(n, g.params) is not None or _projection_half(n, g.params):
+        if as_projection(n, g) is not None or _projection_half(n, g):
             leaves.add(n)
             continue
         if n.op == "placeholder":
@@ -453,6 +686,12 @@ def _elementwise_region(root: Node, g: _Graph) -> _Region | str:
                     "activation may read only its projections and scalar constants)")
         if n.op != "call_function" or not (n.target in _PASS_THROUGH
                                            or _is_elementwise(n.target)):
+            bn = _batch_statistics_norm(n)
+            if bn is not None:
+                return (f"{bn.name} is a BatchNorm that normalises with the batch's statistics "
+                        "(training mode, or no running statistics): not a fixed affine map to "
+                        "fold into the projection; convert the model in eval mode "
+                        "(model.eval())")
             what = n.target if n.op == "call_function" else n.op
             return (f"its input is not an activation of a projection: {n.name} ({what}) is "
                     "neither element-wise nor a projection of a parameter")
@@ -461,6 +700,16 @@ def _elementwise_region(root: Node, g: _Graph) -> _Region | str:
             return f"more than {_MAX_REGION} element-wise ops before it: not an activation"
         stack.extend(_inputs(n))
     return _Region(nodes, sorted(leaves, key=g.order.__getitem__), constants)
+
+
+def _batch_statistics_norm(node: Node) -> Node | None:
+    """The BatchNorm at ``node`` or behind the views before it, if it uses batch statistics."""
+    while isinstance(node, Node) and node.target in _AFFINE_VIEWS:
+        node = node.args[0]
+    if isinstance(node, Node) and node.target == aten.batch_norm.default and (
+            node.args[5] or None in node.args[3:5]):
+        return node
+    return None
 
 
 def _ancestors(node: Node, region: _Region) -> tuple[set[Node], set[Node]]:
@@ -551,33 +800,36 @@ def _gated_factors(root: Node, region: _Region) -> tuple[Node, Node, Node] | str
 
 def _match_at(down: Projection, g: _Graph, claimed: dict[Node, FFNMatch]
               ) -> FFNMatch | Rejection:
-    params = g.params
     reject = lambda why: Rejection(down.output.name, why)  # noqa: E731
-    region = _elementwise_region(down.input, g)
+    norm = _hidden_norm(down, g)
+    if isinstance(norm, str):
+        return reject(norm)
+    end = down.input if norm is None else norm.input  # ε's output
+    region = _elementwise_region(end, g)
     if isinstance(region, str):
-        return reject(region)
+        return reject(_token_mixer(down, g) or region)
     gate = fused_first = None
     extra: list[Node] = []  # splitters and halves of a fused gate_up
     if len(region.leaves) == 1:
         (leaf,) = region.leaves
-        up = as_projection(leaf, params)
+        up = as_projection(leaf, g)
         if up is None:
             return reject("it reads only one half of a projection")
         if all(n.target in _PASS_THROUGH for n in region.nodes):
             return reject(f"no activation between projections {up.weight} and {down.weight}")
-        fn = _subgraph(down.input, leaf, region, g)
+        fn = _subgraph(end, leaf, region, g)
         why = _evaluate(fn)
         if why is None and _is_affine(fn):
             why = (f"the element-wise part between {up.weight} and {down.weight} is affine: "
                    "no activation (a factored linear map, not an FFN)")
     elif len(region.leaves) == 2:
-        factors = _gated_factors(_strip(down.input)[0], region)
+        factors = _gated_factors(_strip(end)[0], region)
         if isinstance(factors, str):
             return reject(factors)
         act_factor, g_leaf, u_leaf = factors
-        gate, up = as_projection(g_leaf, params), as_projection(u_leaf, params)
+        gate, up = as_projection(g_leaf, g), as_projection(u_leaf, g)
         if gate is None or up is None:
-            g_half, u_half = _projection_half(g_leaf, params), _projection_half(u_leaf, params)
+            g_half, u_half = _projection_half(g_leaf, g), _projection_half(u_leaf, g)
             if g_half is None or u_half is None or g_half[0].output is not u_half[0].output:
                 return reject("gated product whose factors are not projections (or halves "
                               "of one projection)")
@@ -594,6 +846,9 @@ def _match_at(down: Projection, g: _Graph, claimed: dict[Node, FFNMatch]
                       "(an FFN reads one, or two when gated)")
     if why is not None:
         return reject(why)
+    why = _input_problem(up.input, g)
+    if why is not None:
+        return reject(why)
     projections = [p for p in (up, gate, down) if p is not None]
     for p in projections:
         other = next((claimed[n] for n in p.nodes if n in claimed), None)
@@ -608,6 +863,7 @@ def _match_at(down: Projection, g: _Graph, claimed: dict[Node, FFNMatch]
 
     hidden = set(n for p in (up, gate) if p is not None for n in p.nodes)
     hidden |= set(extra) | region.nodes | set(down.nodes)
+    hidden |= set(norm.nodes) if norm is not None else set()
     # dtype casts leave metadata asserts behind: they check FFN values and go with them
     hidden |= {u for n in hidden for u in n.users if u.target in _ASSERTS}
     nodes = sorted(hidden, key=g.order.__getitem__)
@@ -624,7 +880,7 @@ def _match_at(down: Projection, g: _Graph, claimed: dict[Node, FFNMatch]
                     output=down.output, nodes=nodes, activation=name or "custom", up=up,
                     down=down, gate=gate, fused_gate_first=fused_first,
                     channels_dim=down.channels_dim,
-                    activation_fn=fn if name is None else None)
+                    activation_fn=fn if name is None else None, hidden_norm=norm)
 
 
 def _width_problem(up: Projection, gate: Projection | None, down: Projection,
@@ -639,8 +895,102 @@ def _width_problem(up: Projection, gate: Projection | None, down: Projection,
     if down.shape[1] != f:
         return f"the second projection reads {down.shape[1]} features but the first gives {f}"
     if down.shape[0] != h:
-        return (f"output width {down.shape[0]} differs from input width {h} (a MoE maps "
-                "H → H)")
+        return (f"output width {down.shape[0]} differs from input width {h}: moefy.MoE maps "
+                "H → H (its experts' w_out is (E, H, I) and its output has its input's "
+                "width), so a block that changes the width cannot become one")
+    return None
+
+
+def _hidden_norm(down: Projection, g: _Graph) -> HiddenNorm | str | None:
+    """The normalisation over the whole hidden width that ``down`` reads, if it reads one
+    (EVA-02's sub-LN); why it cannot be taken as one, or None when there is none."""
+    node, skipped = _strip(down.input)
+    if not isinstance(node, Node) or node.target not in _NORMS or down.channels_dim != -1:
+        return None
+    kind = _NORMS[node.target]
+    names = ("input", "normalized_shape", "weight", "bias", "eps")
+    if kind == "rms_norm":
+        names = ("input", "normalized_shape", "weight", "eps")
+    bound = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+    x, width = bound["input"], _shape(bound["input"])
+    if not width or list(bound["normalized_shape"]) != [width[-1]]:
+        return None  # not over the hidden width alone: an ordinary non-element-wise op
+    weight, bias = bound.get("weight"), bound.get("bias")
+    params = [_param_name(t, g.params) for t in (weight, bias)]
+    if any(t is not None and p is None for t, p in zip((weight, bias), params, strict=True)):
+        return (f"the {kind.replace('_', ' ')} {node.name} before it has a computed weight "
+                "or bias (a normalisation over the hidden width takes parameters)")
+    eps = bound.get("eps", 1e-5 if kind == "layer_norm" else None)
+    return HiddenNorm(kind, x, skipped + [node], *params, eps)
+
+
+def _token_mixer(down: Projection, g: _Graph) -> str | None:
+    """Why the block before ``down`` is a Mix-FFN: a convolution that mixes neighbouring
+    tokens (a kernel over positions, or a stride) between a projection and ``down``, seen
+    through element-wise ops, layout changes and BatchNorms (EfficientNet's conv → BN → act),
+    not through a LayerNorm (which starts a block). None when there is none."""
+    stack: list[tuple[Node, Node | None]] = [(down.input, None)]  # (node, mixing conv seen)
+    seen: set[tuple[Node, Node | None]] = set()
+    while stack and len(seen) < 4 * _MAX_REGION:
+        n, mixer = stack.pop()
+        if not isinstance(n, Node) or n.op != "call_function" or (n, mixer) in seen:
+            continue
+        seen.add((n, mixer))
+        first = as_projection(n, g)
+        if first is not None:
+            if mixer is None:
+                continue
+            return (f"a token-mixing convolution between the projections ({_describe_conv(mixer)}"
+                    f" after {first.weight}, before {down.weight}) mixes each token with its "
+                    "neighbours (a Mix-FFN, as in SegFormer): projection → convolution → act → "
+                    "projection cannot become per-token experts")
+        if n.target in _CONVS:
+            if _mixes_tokens(n):
+                stack.append((n.args[0], n))
+            continue
+        if (n.target in _PASS_THROUGH or n.target in _LAYOUT or _is_elementwise(n.target)
+                or n.target == aten.batch_norm.default):
+            stack.extend((a, mixer) for a in n.all_input_nodes)
+    return None
+
+
+def _mixes_tokens(conv: Node) -> bool:
+    """A convolution whose output at a position reads other positions (or skips some)."""
+    w = _shape(conv.args[1]) if len(conv.args) > 1 else None
+    stride = conv.args[3] if len(conv.args) > 3 else conv.kwargs.get("stride", 1)
+    strides = stride if isinstance(stride, (list, tuple)) else [stride]
+    return bool(w) and (any(k != 1 for k in w[2:]) or any(s != 1 for s in strides))
+
+
+def _describe_conv(conv: Node) -> str:
+    w = _shape(conv.args[1])
+    groups = conv.args[6] if len(conv.args) > 6 else conv.kwargs.get("groups", 1)
+    if conv.target == aten.convolution.default:
+        groups = conv.args[8] if len(conv.args) > 8 else 1
+    depthwise = isinstance(groups, int) and groups > 1 and w[1] == 1
+    kernel = "×".join(str(k) for k in w[2:])
+    return f"{conv.name}: a {kernel} {'depthwise ' if depthwise else ''}convolution"
+
+
+def _input_problem(x: Node, g: _Graph) -> str | None:
+    """Why the block's input is not one hidden state per token, or None: a value that no
+    model input reaches (a fixed table), or one pooled over the tokens / positions."""
+    if x not in g.varying:
+        what = g.buffers.get(x.name) or g.params.get(x.name) or x.name
+        return (f"its input {what} does not depend on any model input (it is computed from "
+                "parameters, buffers and constants alone: a fixed table, such as Swin V2's "
+                "continuous position-bias MLP over its coordinate table): not a token FFN; "
+                "it gives the same result on every call")
+    n = x
+    while isinstance(n, Node) and n.op == "call_function" and (
+            n.target in _PASS_THROUGH or n.target in _LAYOUT):
+        n = n.args[0]
+    if n.target is operator.getitem and isinstance(n.args[0], Node):
+        n = n.args[0]  # max.dim, adaptive_max_pool2d: (values, indices)
+    if isinstance(n, Node) and n.target in _POOLS:
+        return (f"its input is pooled over the tokens / positions ({n.name}, "
+                f"{n.target}): one vector per sample, not one per token (a squeeze-"
+                "excitation gate, as in EfficientNet and MaxViT): not a token FFN")
     return None
 
 
@@ -669,8 +1019,10 @@ def find_ffns(ep: torch.export.ExportedProgram) -> tuple[list[FFNMatch], list[Re
     claimed: dict[Node, FFNMatch] = {}
     weight_roles: dict[str, tuple[tuple, FFNMatch]] = {}
     for node in ep.graph.nodes:
-        down = as_projection(node, g.params)
-        if down is None or any(n in claimed for n in down.nodes):
+        down = as_projection(node, g)
+        # an affine map after the second projection stays outside: the bare one is the
+        # candidate (it comes first in graph order)
+        if down is None or down.affine or any(n in claimed for n in down.nodes):
             continue
         result = _match_at(down, g, claimed)
         if isinstance(result, FFNMatch):

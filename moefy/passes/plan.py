@@ -230,9 +230,14 @@ def _print_explanation(plans, rejections, inline) -> None:
 
 
 def _no_ffn_message(model: nn.Module, rejections) -> str:
-    lines = [f"no feed-forward block found in {type(model).__name__}. Searched for "
-             "projection → element-wise activation → projection (plain, gated, fused "
-             "gate_up; any element-wise activation)."]
+    mixing = [r for r in rejections if "token-mixing" in r.reason]
+    if mixing:  # an FFN was found, but it mixes tokens: say that first
+        lines = [f"{type(model).__name__}'s feed-forward blocks mix tokens ({len(mixing)} "
+                 f"found): {mixing[0].reason}"]
+    else:
+        lines = [f"no feed-forward block found in {type(model).__name__}. Searched for "
+                 "projection → element-wise activation → projection (plain, gated, fused "
+                 "gate_up; any element-wise activation)."]
     if rejections:
         lines.append("Candidates examined:")
         lines += [f"  {r.node}: {r.reason}" for r in rejections[:40]]

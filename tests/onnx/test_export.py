@@ -153,6 +153,40 @@ def test_unwritable_path_and_bad_arguments(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+UNWRITABLE = (
+    ("/proc/x.onnx", r"cannot write /proc/x\.onnx: /proc does not take new files"),
+    ("/sys/x.onnx", r"cannot write /sys/x\.onnx: /sys does not take new files"),  # root too
+    ("x.onnx", r"x\.onnx is a directory, not a file; remove it or choose a file path"),
+)
+
+
+@pytest.mark.parametrize("path,message", UNWRITABLE, ids=("proc", "sys", "directory"))
+def test_unwritable_targets_are_refused_before_any_work(tmp_path, path, message):
+    """/proc and /sys refuse new files (os.access says they are writable for root), a folder
+    named like the file cannot be replaced by it: a typed error before the model runs."""
+    (tmp_path / "x.onnx").mkdir()
+    moe = layer()
+    moe.register_forward_pre_hook(lambda *_: pytest.fail("the model ran"))
+    with pytest.raises(ExportInputError, match=message):  # an absolute path replaces tmp_path
+        moefy.export_onnx(moe, tmp_path / path, (torch.randn(6, 16),))
+    assert [p.name for p in tmp_path.iterdir()] == ["x.onnx"]
+    assert list((tmp_path / "x.onnx").iterdir()) == []
+
+
+def test_a_read_only_folder_is_refused_where_it_refuses_files(tmp_path):
+    """chmod 555: refused before any work for a user it refuses; root may write there, and
+    then the export goes through."""
+    folder = tmp_path / "read-only"
+    folder.mkdir(mode=0o555)
+    x = (torch.randn(6, 16),)
+    if os.access(folder, os.W_OK):  # root
+        assert moefy.export_onnx(layer(), folder / "m.onnx", x).path.is_file()
+    else:
+        with pytest.raises(ExportInputError, match="read-only is not a writable directory"):
+            moefy.export_onnx(layer(), folder / "m.onnx", x)
+        assert list(folder.iterdir()) == []
+
+
 def test_model_without_moe_exports_with_a_warning(tmp_path):
     mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8)).eval()
     with warnings.catch_warnings(record=True) as caught:
@@ -439,10 +473,8 @@ def test_custom_activation_layers_export_as_plain_ops(tmp_path, target, kernel):
 def test_hardswish_lowers_to_standard_ops_and_the_fused_op_refuses_it(tmp_path):
     why = ort_expressible("hardswish", False)
     assert "hardswish" in why and "relu, gelu (tanh form), silu" in why
-    try:
-        moe = layer(activation="hardswish")
-    except ValueError:
-        pytest.skip("moefy has no hardswish activation yet")
+    moe = layer(activation="hardswish")
+    assert moe.activation == "hardswish"  # by name, not a custom activation's plain ops
     x = (torch.randn(6, 16) * 4,)  # both kinks of relu6(x + 3) are crossed
     out = moefy.export_onnx(moe, tmp_path / "s.onnx", x, target="standard")
     assert max(out.max_diff) <= out.tolerance and check_tensorrt_ops(out.path) == []

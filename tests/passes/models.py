@@ -236,6 +236,16 @@ def architecture_configs():
                                            hidden_sizes=[16, 32], patch_sizes=[4, 2],
                                            strides=[4, 2], padding=[1, 0], mlp_ratio=2.0,
                                            image_size=32), tf.PoolFormerModel, 2),
+        # LeViT: Linear + BatchNorm1d projections, folded (eval mode); its stages' and
+        # subsampling block's MLPs
+        "levit": (tf.LevitConfig(image_size=32, patch_size=16, hidden_sizes=[16, 24],
+                                 num_attention_heads=[1, 2], depths=[1, 1], key_dim=[8, 8],
+                                 mlp_ratio=[2, 2], attention_ratio=[2, 2],
+                                 down_ops=[["Subsample", 8, 2, 4, 2, 2]]), tf.LevitModel, 3),
+        # Swin V2: its position-bias MLPs read a fixed coordinate table: not token FFNs
+        "swinv2": (tf.Swinv2Config(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+                                   num_heads=[1, 2], window_size=4, mlp_ratio=2.0),
+                   tf.Swinv2Model, 2),
         "hubert": (tf.HubertConfig(**_ENCODER, conv_dim=(16, 16), conv_kernel=(4, 2),
                                    conv_stride=(4, 2), num_conv_pos_embeddings=8,
                                    num_conv_pos_embedding_groups=2), tf.HubertModel, 2),
@@ -256,3 +266,155 @@ class PreNormResidual(nn.Module):
 
     def forward(self, x):
         return x + self.ffn(self.norm(x))
+
+
+# ----------------------------------------------------- blocks that are (or are not) token FFNs
+
+
+class LinearBN(nn.Module):
+    """LeViT's MLPLayerWithBN: a bias-free Linear, then BatchNorm1d over the flattened tokens."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.linear = nn.Linear(d_in, d_out, bias=False)
+        self.batch_norm = nn.BatchNorm1d(d_out)
+
+    def forward(self, x):
+        h = self.linear(x)
+        return self.batch_norm(h.flatten(0, 1)).reshape_as(h)
+
+
+def randomize_batch_norms(model):
+    """Running statistics and affine parameters away from their identity initialisation."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.normal_()
+                m.bias.normal_()
+    return model
+
+
+class LevitMLP(nn.Module):
+    """x + LinearBN → Hardswish → LinearBN (LeViT's residual MLP)."""
+
+    def __init__(self, d=16, f=32):
+        super().__init__()
+        self.linear_up, self.act, self.linear_down = LinearBN(d, f), nn.Hardswish(), LinearBN(f, d)
+
+    def forward(self, x):
+        return x + self.linear_down(self.act(self.linear_up(x)))
+
+
+class ChannelAffineMLP(nn.Module):
+    """Per-feature affine maps after the first projection: a parameter scale, a buffer shift
+    and a constant divisor; a LayerScale parameter after the second."""
+
+    def __init__(self, d=16, f=32):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, f), nn.Linear(f, d)
+        self.scale = nn.Parameter(torch.randn(f))
+        self.register_buffer("shift", torch.randn(f))
+        self.divisor = torch.linspace(1.0, 2.0, f)  # a plain tensor: a lifted constant
+        self.layer_scale = nn.Parameter(torch.randn(d))
+
+    def forward(self, x):
+        h = (self.fc1(x) * self.scale + self.shift) / self.divisor - torch.tensor(0.5)
+        return x + self.fc2(F.gelu(h)) * self.layer_scale
+
+
+class ConvBNMlp(nn.Module):
+    """Channels-first: 1×1 convolution + BatchNorm2d → ReLU → 1×1 convolution + BatchNorm2d."""
+
+    def __init__(self, d=16, f=32):
+        super().__init__()
+        self.fc1, self.bn1 = nn.Conv2d(d, f, 1, bias=False), nn.BatchNorm2d(f)
+        self.fc2, self.bn2 = nn.Conv2d(f, d, 1, bias=False), nn.BatchNorm2d(d)
+
+    def forward(self, x):
+        return x + self.bn2(self.fc2(torch.relu(self.bn1(self.fc1(x)))))
+
+
+class PositionBiasBlock(nn.Module):
+    """A token FFN, and Swin V2's continuous position-bias MLP: Linear(2, h) → ReLU →
+    Linear(h, 2) over a fixed coordinate table (a buffer), added to the tokens' features."""
+
+    def __init__(self, d=16, window=3):
+        super().__init__()
+        coords = torch.stack(torch.meshgrid(torch.arange(-window + 1, window).float(),
+                                            torch.arange(-window + 1, window).float(),
+                                            indexing="ij"), dim=-1)  # (2w-1, 2w-1, 2)
+        self.register_buffer("coords_table", coords / window)
+        self.cpb_mlp = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 2))
+        self.ffn = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x):
+        bias = self.cpb_mlp(self.coords_table).mean()  # one number per call
+        return x + self.ffn(x) + bias
+
+
+class SqueezeExcite(nn.Module):
+    """EfficientNet / MaxViT gate on a (B, C, H, W) map: spatial mean → 1×1 conv → SiLU →
+    1×1 conv → sigmoid → times the map. ``linear``: the (B, T, C) form with Linears."""
+
+    def __init__(self, c=16, reduced=4, linear=False):
+        super().__init__()
+        self.linear = linear
+        layer = nn.Linear if linear else (lambda i, o: nn.Conv2d(i, o, 1))
+        self.reduce, self.expand = layer(c, reduced), layer(reduced, c)
+
+    def forward(self, x):
+        pooled = x.mean(1, keepdim=True) if self.linear else x.mean((2, 3), keepdim=True)
+        return x * torch.sigmoid(self.expand(F.silu(self.reduce(pooled))))
+
+
+class MixFFN(nn.Module):
+    """SegFormer's Mix-FFN: Linear → depthwise 3×3 conv over the (rows, ``width``) layout →
+    GELU → Linear, on tokens (B, rows · width, C)."""
+
+    def __init__(self, d=16, f=32, width=5):
+        super().__init__()
+        self.width = width
+        self.dense1, self.dense2 = nn.Linear(d, f), nn.Linear(f, d)
+        self.dwconv = nn.Conv2d(f, f, 3, padding=1, groups=f)
+
+    def forward(self, x):
+        h = self.dense1(x).transpose(1, 2).unflatten(2, (-1, self.width))  # (B, C, rows, w)
+        h = self.dwconv(h).flatten(2).transpose(1, 2)
+        return x + self.dense2(F.gelu(h))
+
+
+class SubLNSwiGLU(nn.Module):
+    """EVA-02's SwiGLU with a sub-LN: down(norm(silu(gate(x)) * up(x))); ``gated=False``:
+    down(norm(gelu(up(x)))). ``norm``: "layer_norm" or "rms_norm"."""
+
+    def __init__(self, d=16, f=32, gated=True, norm="layer_norm"):
+        super().__init__()
+        self.gated = gated
+        self.gate = nn.Linear(d, f) if gated else None
+        self.up, self.down = nn.Linear(d, f), nn.Linear(f, d)
+        self.norm = nn.LayerNorm(f) if norm == "layer_norm" else nn.RMSNorm(f)
+        with torch.no_grad():  # away from the identity, so that folding them is tested
+            self.norm.weight.normal_()
+            if getattr(self.norm, "bias", None) is not None:
+                self.norm.bias.normal_()
+
+    def forward(self, x):
+        h = F.silu(self.gate(x)) * self.up(x) if self.gated else F.gelu(self.up(x))
+        return x + self.down(self.norm(h))
+
+
+def new_architecture_configs():
+    """name -> (config, model class): Hugging Face architectures whose blocks need the
+    matcher's newer rules (folded BatchNorms, rejected non-token blocks). Nothing is
+    downloaded."""
+    return {
+        "segformer": (tf.SegformerConfig(num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1],
+                                         hidden_sizes=[16, 32], patch_sizes=[7, 3],
+                                         strides=[4, 2], num_attention_heads=[1, 2],
+                                         mlp_ratios=[2, 2], image_size=32), tf.SegformerModel),
+        "efficientnet": (tf.EfficientNetConfig(image_size=32, width_coefficient=0.25,
+                                               depth_coefficient=0.25, hidden_dim=320),
+                         tf.EfficientNetModel),
+    }

@@ -11,9 +11,21 @@ import torch.nn.functional as F
 
 import moefy
 from moefy.activations import ACTIVATIONS
+from moefy.errors import ConversionError, NoFFNFoundError
 from moefy.passes.build import dense_weights
 from moefy.passes.find_ffn import find_ffns, identify_activation
-from moefy.passes.trace import export_model
+from moefy.passes.trace import export_model, split_inputs, trace_units
+from tests.passes.models import (
+    ChannelAffineMLP,
+    ConvBNMlp,
+    LevitMLP,
+    MixFFN,
+    PositionBiasBlock,
+    SqueezeExcite,
+    SubLNSwiGLU,
+    new_architecture_configs,
+    randomize_batch_norms,
+)
 
 H, FF = 16, 48
 
@@ -408,3 +420,166 @@ def test_falcon_and_bloom_ffns_are_found():
         found = [(m.name, m.activation) for u in units for m in find_ffns(u.ep)[0]]
         act = "gelu" if name == "falcon" else "gelu_tanh"
         assert found == [("h.0.mlp", act), ("h.1.mlp", act)], name
+
+
+def exact_conversions(model, x):
+    """Upcycling, and a split with every expert active, reproduce the dense model."""
+    for cfg in (dict(method="upcycle", num_experts=4, top_k=2),
+                dict(method="split", num_experts=4, top_k=4)):
+        moe_model = moefy.convert(model, moefy.MoEConfig(**cfg), example_inputs=(x,))
+        assert sum(isinstance(m, moefy.MoE) for m in moe_model.modules()) == 1
+        with torch.no_grad():
+            torch.testing.assert_close(moe_model(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------- per-feature affine maps after a projection
+
+AFFINE = {  # name -> (model, input, the first projection's folded maps)
+    "levit_linear_bn": (lambda: randomize_batch_norms(LevitMLP()), X, ["batch_norm"]),
+    "channel_affine": (ChannelAffineMLP, X, ["mul", "add", "div"]),
+    "conv_bn": (lambda: randomize_batch_norms(ConvBNMlp()), torch.randn(2, H, 3, 4),
+                ["batch_norm"]),
+}
+
+
+def output_of(model, path, x):
+    out = []
+    handle = model.get_submodule(path).register_forward_hook(lambda m, a, o: out.append(o))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    return out[0]
+
+
+@pytest.mark.parametrize("name", sorted(AFFINE))
+def test_affine_after_a_projection_is_folded_into_it(name):
+    make, x, ops = AFFINE[name]
+    torch.manual_seed(0)
+    model = make().eval()
+    (m,), _ = matches_of(model, x)
+    assert [a.op for a in m.up.affine] == ops
+    assert m.down.affine == []  # an affine map after the second projection maps the MoE's output
+    expected = output_of(model, m.down.weight.rpartition(".")[0], x)
+    with torch.no_grad():
+        torch.testing.assert_close(dense_forward(model, m, x), expected, rtol=1e-5, atol=1e-5)
+    exact_conversions(model, x)
+
+
+def test_batch_norm_in_training_mode_is_rejected_with_its_reason():
+    matches, rejected = matches_of(LevitMLP().train())
+    assert matches == []
+    assert any("BatchNorm" in r.reason and "model.eval()" in r.reason for r in rejected)
+
+
+def test_other_output_width_says_what_the_layer_lacks():
+    head = nn.Sequential(nn.Linear(H, 32), nn.ReLU(), nn.Linear(32, 3))  # a tabular MLP head
+    matches, rejected = matches_of(head)
+    assert matches == []
+    reason = rejected[-1].reason
+    assert "output width 3 differs from input width 16: moefy.MoE maps H → H" in reason
+    assert "w_out is (E, H, I)" in reason
+
+
+# ------------------------------------------------------------ blocks that are not token FFNs
+
+NOT_TOKEN_FFNS = {  # name -> (model, input, a phrase of the reason, the FFNs that remain)
+    "constant_input": (PositionBiasBlock(), X, "does not depend on any model input", ["ffn"]),
+    "squeeze_excite_conv": (SqueezeExcite(), torch.randn(2, H, 3, 4), "pooled over the tokens",
+                            []),
+    "squeeze_excite_linear": (SqueezeExcite(linear=True), X, "pooled over the tokens", []),
+    "mix_ffn": (MixFFN(), X, "token-mixing convolution between the projections", []),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NOT_TOKEN_FFNS))
+def test_blocks_that_are_not_token_ffns_are_rejected_with_their_reason(name):
+    model, x, reason, remaining = NOT_TOKEN_FFNS[name]
+    matches, rejected = matches_of(model, x)
+    assert [m.name for m in matches] == remaining
+    assert any(reason in r.reason for r in rejected), [r.reason for r in rejected]
+
+
+def test_explain_shows_why_a_block_is_not_a_token_ffn(capsys):
+    model = PositionBiasBlock().eval()
+    moe_model = moefy.convert(model, moefy.MoEConfig(num_experts=4, top_k=4),
+                              example_inputs=(X,), explain=True)
+    assert "coords_table does not depend on any model input" in capsys.readouterr().out
+    assert isinstance(moe_model.cpb_mlp[0], nn.Linear)
+    with torch.no_grad():
+        torch.testing.assert_close(moe_model(X), model(X), rtol=1e-5, atol=1e-5)
+    with pytest.raises(NoFFNFoundError) as info:
+        moefy.convert(MixFFN(), moefy.MoEConfig(num_experts=4, top_k=4), example_inputs=(X,),
+                      explain=True)
+    for text in (str(info.value), capsys.readouterr().out):
+        assert ("a token-mixing convolution between the projections (conv2d: a 3×3 depthwise "
+                "convolution after dense1.weight, before dense2.weight)") in text
+        assert "cannot become per-token experts" in text
+
+
+def hf_rejections(name):
+    config, cls = new_architecture_configs()[name]
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    units = trace_units(model, *split_inputs(model, None))
+    found = [find_ffns(u.ep) for u in units]
+    return [m for f in found for m in f[0]], [r.reason for f in found for r in f[1]]
+
+
+def test_segformer_mix_ffns_are_rejected_as_token_mixing():
+    matches, reasons = hf_rejections("segformer")
+    assert matches == []
+    mixing = [r for r in reasons if "token-mixing convolution between the projections" in r]
+    assert len(mixing) == 2  # one Mix-FFN per stage, each named with its projections
+    assert all("mlp.fc1.weight, before" in r and "per-token experts" in r for r in mixing)
+    config, cls = new_architecture_configs()["segformer"]
+    with pytest.raises(moefy.errors.NoFFNFoundError) as info:  # what convert says first
+        moefy.convert(cls(config).eval(), moefy.MoEConfig(method="upcycle", num_experts=2,
+                                                          top_k=1))
+    assert str(info.value).startswith("[PlanRewrite] SegformerModel's feed-forward blocks "
+                                      "mix tokens (2 found): a token-mixing convolution")
+    del info
+
+
+def test_efficientnet_squeeze_excitation_is_not_a_token_ffn():
+    matches, reasons = hf_rejections("efficientnet")
+    assert matches == []  # before: every block's squeeze-excitation gate matched
+    assert sum("pooled over the tokens" in r for r in reasons) >= 2
+
+
+# ------------------------------------------------ a norm between the activation and down
+
+SUB_LN = (dict(gated=True, norm="layer_norm"), dict(gated=False, norm="layer_norm"),
+          dict(gated=True, norm="rms_norm"))
+
+
+@pytest.mark.parametrize("kw", SUB_LN)
+def test_sub_ln_ffn_upcycles_exactly(kw):
+    torch.manual_seed(0)
+    model = SubLNSwiGLU(**kw).eval()
+    (m,), _ = matches_of(model)
+    assert m.hidden_norm is not None and m.hidden_norm.kind == kw["norm"]
+    assert (m.gate is not None) == kw["gated"]
+    cfg = moefy.MoEConfig(method="upcycle", num_experts=4, top_k=2)
+    moe_model = moefy.convert(model, cfg, example_inputs=(X,))
+    (moe,) = [m for m in moe_model.modules() if isinstance(m, moefy.MoE)]
+    with torch.no_grad():
+        torch.testing.assert_close(moe_model(X), model(X), rtol=1e-5, atol=1e-5)
+    # with gradients in training, the experts run as one masked product of all experts'
+    # hidden rows side by side: the norm must still see one expert's at a time
+    moe_model.train(), model.train()
+    x, x_ref = X.clone().requires_grad_(), X.clone().requires_grad_()
+    y, y_ref = moe_model(x), model(x_ref)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+    assert moe.w_in.grad is not None
+
+
+@pytest.mark.parametrize("cfg", (dict(method="split", num_experts=4, top_k=4),
+                                 dict(method="upcycle", num_experts=4, top_k=2, granularity=2)))
+def test_sub_ln_ffn_is_not_cut_into_neurons(cfg):
+    model = SubLNSwiGLU().eval()
+    with pytest.raises(ConversionError, match="layer norm over its 32 hidden features .* "
+                       "reads every neuron at once, so its neurons cannot be cut"):
+        moefy.convert(model, moefy.MoEConfig(**cfg), example_inputs=(X,))
