@@ -15,6 +15,7 @@ import torch.nn as nn
 from moefy.config import MoEConfig
 from moefy.errors import ConversionError
 from moefy.layers.moe import MoE
+from moefy.layers.record import ConversionRecord
 from moefy.passes.calibrate import FFNStats
 from moefy.passes.find_ffn import FFNMatch, Projection
 from moefy.passes.fit import fit_compensation, fit_layer, set_router
@@ -287,5 +288,5 @@ def split(dense: DenseWeights, config: MoEConfig, generator: torch.Generator,
         fit_info.update(fit_layer(moe, dense, stats.inputs, config.fit_steps, generator))
     if stats is not None:
         fit_info.update(calibration_tokens=stats.tokens, calibration_skipped=stats.skipped)
-    moe.conversion = {"router_init": init, "compensation": mode, **fit_info}
+    moe.conversion = ConversionRecord(router_init=init, compensation=mode, measured=fit_info)
     return moe

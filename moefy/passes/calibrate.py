@@ -25,7 +25,7 @@ from tqdm import tqdm
 from moefy.errors import ConversionError, first_line
 from moefy.passes import trace
 from moefy.passes.base import Pass, PassResult
-from moefy.passes.find_ffn import FFNMatch, _strip
+from moefy.passes.find_ffn import FFNMatch, strip_identities
 from moefy.passes.state import ConversionState
 from moefy.passes.verify import describe, describe_batch
 
@@ -183,7 +183,7 @@ def collect_stats(ep: torch.export.ExportedProgram, matches: list[FFNMatch],
     wanted = {}
     for m in matches:
         key = f"{prefix}:{same_as.get(m.output.name, m.output.name)}"
-        wanted.setdefault(_strip(m.down.input)[0].name, []).append((key, "h"))
+        wanted.setdefault(strip_identities(m.down.input)[0].name, []).append((key, "h"))
         wanted.setdefault(renamed.get(m.input.name, m.input.name), []).append((key, "x"))
     stats = {} if stats is None else stats
     for args, kwargs in calls:

@@ -560,7 +560,7 @@ def as_projection(node: Node, g: _Graph) -> Projection | None:
     return _biased_projection(node, g.params) or _with_affine(node, g)
 
 
-def _strip(node) -> tuple[Node, list[Node]]:
+def strip_identities(node) -> tuple[Node, list[Node]]:
     """Walk back through dropout / clone / alias; return the first real node and the skipped."""
     skipped = []
     while isinstance(node, Node) and node.op == "call_function" and node.target in _PASS_THROUGH:
@@ -791,7 +791,7 @@ def _gated_factors(root: Node, region: _Region) -> tuple[Node, Node, Node] | str
                 "act(gate) * up")
     a, b = root.args[:2]
     for act_factor, up_factor in ((a, b), (b, a)):
-        up_leaf, _ = _strip(up_factor)
+        up_leaf, _ = strip_identities(up_factor)
         _, act_leaves = _ancestors(act_factor, region)
         if up_leaf in region.leaves and len(act_leaves) == 1 and up_leaf not in act_leaves:
             return act_factor, next(iter(act_leaves)), up_leaf
@@ -823,7 +823,7 @@ def _match_at(down: Projection, g: _Graph, claimed: dict[Node, FFNMatch]
             why = (f"the element-wise part between {up.weight} and {down.weight} is affine: "
                    "no activation (a factored linear map, not an FFN)")
     elif len(region.leaves) == 2:
-        factors = _gated_factors(_strip(end)[0], region)
+        factors = _gated_factors(strip_identities(end)[0], region)
         if isinstance(factors, str):
             return reject(factors)
         act_factor, g_leaf, u_leaf = factors
@@ -904,7 +904,7 @@ def _width_problem(up: Projection, gate: Projection | None, down: Projection,
 def _hidden_norm(down: Projection, g: _Graph) -> HiddenNorm | str | None:
     """The normalisation over the whole hidden width that ``down`` reads, if it reads one
     (EVA-02's sub-LN); why it cannot be taken as one, or None when there is none."""
-    node, skipped = _strip(down.input)
+    node, skipped = strip_identities(down.input)
     if not isinstance(node, Node) or node.target not in _NORMS or down.channels_dim != -1:
         return None
     kind = _NORMS[node.target]
