@@ -34,6 +34,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import moefy  # noqa: E402
+from moefy.evaluate import embeddings  # noqa: E402
 
 QUIET = {"session.intra_op.allow_spinning": "0"}  # no worker spinning into the next session
 
@@ -81,12 +82,7 @@ def minilm(args, workdir: Path) -> None:
     example = dict(tok(text[:2], padding=True, return_tensors="pt"))
 
     def embed(model):
-        with torch.no_grad():
-            out = []
-            for b in held:
-                mask = b["attention_mask"].unsqueeze(-1).float()
-                out.append((model(**b).last_hidden_state * mask).sum(1) / mask.sum(1))
-            return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+        return embeddings(model, held)
 
     reference = embed(dense)
     models = {"dense": (dense, None)}

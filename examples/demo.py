@@ -36,6 +36,7 @@ from corpus import sentences  # noqa: E402
 from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
 import moefy  # noqa: E402
+from moefy.evaluate import embeddings  # noqa: E402
 
 SENTENCES = [
     "The cat sits on the warm windowsill.",
@@ -51,11 +52,7 @@ SENTENCES = [
 
 def embed(model, batch) -> torch.Tensor:
     """Sentence embeddings: mean of token states over the attention mask, L2-normalised."""
-    with torch.no_grad():
-        states = model(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
-    pooled = (states * mask).sum(1) / mask.sum(1)
-    return torch.nn.functional.normalize(pooled, dim=-1)
+    return embeddings(model, [batch])
 
 
 def main() -> None:

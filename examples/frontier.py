@@ -55,10 +55,10 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 import torch  # noqa: E402
 from bench_onnx import QUIET, timed  # noqa: E402
 from corpus import sentences  # noqa: E402
-from demo import embed  # noqa: E402
 from smollm2_levers import chunks, perplexity  # noqa: E402
 
 import moefy  # noqa: E402
+from moefy import evaluate  # noqa: E402
 from moefy.io.pretrained import load_pretrained  # noqa: E402
 
 MODELS = ("minilm", "smollm2")
@@ -204,7 +204,7 @@ def minilm(sizes: Sizes, threads: int, workdir: Path) -> list[Row]:
     example = dict(tok(text[:2], padding=True, return_tensors="pt"))
 
     def embeddings(model):
-        return torch.cat([embed(model, b) for b in held])
+        return evaluate.embeddings(model, held)
 
     def session(model, name):
         out = moefy.export_onnx(model, workdir / name, example)

@@ -27,6 +27,7 @@ from corpus import sentences  # noqa: E402
 from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
 import moefy  # noqa: E402
+from moefy.evaluate import embeddings  # noqa: E402
 
 
 def tokenise(tokenizer, texts: list[str], batch_size: int = 32, max_length: int = 64,
@@ -50,10 +51,9 @@ def pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return F.normalize((states * m).sum(1) / m.sum(1), dim=-1)
 
 
-@torch.no_grad()
 def embed(model, batches) -> torch.Tensor:
     model.eval()
-    return torch.cat([pool(model(**b).last_hidden_state, b["attention_mask"]) for b in batches])
+    return embeddings(model, batches)
 
 
 def neighbour_overlap(emb: torch.Tensor, ref: torch.Tensor, k: int = 10) -> float:

@@ -24,7 +24,6 @@ About 10 minutes on 2 cores.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus import sentences  # noqa: E402
 
+from moefy import evaluate  # noqa: E402
 from moefy.io.pretrained import load_pretrained  # noqa: E402
 from moefy.passes.partition import partition_neurons  # noqa: E402
 
@@ -78,15 +78,8 @@ class Masker:
 
 
 def perplexity(model, seqs: torch.Tensor) -> float:
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for batch in seqs.split(8):
-            logits = model(input_ids=batch).logits[:, :-1].float()
-            total += torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                reduction="sum").item()
-            count += batch[:, 1:].numel()
-    return math.exp(total / count)
+    """Perplexity on the rows of ``seqs``, 8 at a time (``moefy.evaluate.perplexity``)."""
+    return evaluate.perplexity(model, [{"input_ids": batch} for batch in seqs.split(8)])
 
 
 def chunks(tokenizer, text: str, tokens: int) -> torch.Tensor:

@@ -1,0 +1,263 @@
+"""``moefy convert MODEL -o OUT``: a dense model ──convert (+ calibration, distillation)──▶ OUT.
+
+Checks every setting before the model loads, then converts (``moefy.convert``), distils when
+asked (``distill_for``), saves (``moefy.save``) and prints what it did; with ``--minutes`` it
+also measures the result on the held-out last batch (``moefy.evaluate.fidelity``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from moefy.cli.checkpoint import out_dir, size_of
+from moefy.cli.console import Console
+from moefy.cli.errors import CommandError, CommandUsageError
+from moefy.cli.inputs import check_seq_len, token_batches
+from moefy.config import MoEConfig
+from moefy.convert import convert
+from moefy.distributed.checkpoint import save
+from moefy.evaluate import Fidelity, fidelity
+from moefy.layers import MoE
+from moefy.passes.distill import distill_for
+from moefy.report import report
+
+
+def cmd_convert(args, console: Console) -> None:
+    """Convert ``args.model`` as the flags say, save it to ``args.output``, print what it did."""
+    from moefy.io.pretrained import load_pretrained
+
+    started = time.perf_counter()
+    # every setting is checked before the model is loaded (that can take a while)
+    _check_budget_flags(args)
+    settings = {"method": args.method}
+    if args.method == "peer":
+        unused = [f"--{flag}" for flag in ("experts", "shared", "partition", "router")
+                  if getattr(args, flag) is not None]
+        if unused:
+            raise CommandUsageError(
+                f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to "
+                "--method peer (every neuron becomes an expert, found by product keys): "
+                "drop it, and set --top-k, the neurons each token uses")
+    for flag, key in (("experts", "num_experts"), ("top_k", "top_k"),
+                      ("shared", "shared_experts"), ("partition", "partition"),
+                      ("router", "router"), ("seed", "seed")):
+        if getattr(args, flag) is not None:
+            settings[key] = getattr(args, flag)
+    if args.partition is None and args.calibration and args.method == "split":
+        settings["partition"] = "coactivation"  # neurons that fire together, from the data
+    if args.calibration:
+        settings["calibration_tokens"] = args.calibration_tokens
+    if args.minutes is not None:
+        settings["minutes"] = args.minutes
+    try:
+        if args.active is not None:  # the recipe picks the experts; router and seed may stay
+            # --experts 0 is a count (refused), not "not given"
+            chosen = MoEConfig.for_budget(args.active, args.minutes, **(
+                {"experts": args.experts} if args.experts is not None else {}))
+            config = MoEConfig(**{**vars(chosen), **{
+                k: v for k, v in settings.items()
+                if k not in ("method", "partition", "num_experts")}})
+        else:
+            config = MoEConfig(**settings)
+    except ValueError as exc:
+        raise CommandUsageError(str(exc).replace("MoEConfig.", "setting ")) from exc
+    if config.partition == "coactivation" and config.method == "split" and not args.calibration:
+        raise CommandUsageError("--partition coactivation needs --calibration FILE.txt|DIR "
+                                "(it groups neurons that fire together on that text)")
+    if args.distill_minutes and not args.calibration:
+        raise CommandUsageError("--distill-minutes needs --calibration FILE.txt|DIR (the "
+                                "student is trained on that text)")
+    for flag in ("seq_len", "batch_size", "calibration_tokens"):
+        if getattr(args, flag) < 1:
+            raise CommandUsageError(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.distill_minutes is not None and not (
+            math.isfinite(args.distill_minutes) and args.distill_minutes >= 0):
+        raise CommandUsageError(f"--distill-minutes must be a finite number >= 0, got "
+                                f"{args.distill_minutes}")
+    if args.calibration and not Path(args.calibration).exists():
+        raise CommandError(f"--calibration {args.calibration}: no such file or directory")
+    out = out_dir(args.output, "checkpoint", checkpoint=True)
+
+    console.status(f"loading {args.model}")
+    t = time.perf_counter()
+    with console.libraries_quiet():
+        dense = load_pretrained(args.model)
+    console.status(f"loaded {type(dense.model).__name__} in {time.perf_counter() - t:.1f} s")
+    check_seq_len(dense.model, args.seq_len)
+    lines = []
+    batches = held = None
+    if args.calibration:
+        batches, tokens, files = token_batches(
+            dense.tokenizer, args.calibration, "--calibration", seq_len=args.seq_len,
+            batch_size=args.batch_size, max_tokens=args.calibration_tokens)
+        chunks = sum(len(b["input_ids"]) for b in batches)
+        lines.append(f"calibration: {tokens} tokens from {files} file(s) ({chunks} chunks of "
+                     f"{batches[0]['input_ids'].shape[1]}, batches of {args.batch_size})")
+        if config.minutes is not None:
+            batches, held = _hold_out(batches)
+            lines.append(f"held out for measuring: {_tokens(held)} of them (the last "
+                         "batch; not calibrated or distilled on)" if held else
+                         "held out for measuring: nothing (a single batch of calibration "
+                         "text; give more text or a smaller --batch-size)")
+
+    t = time.perf_counter()
+    moe = convert(dense.model, config, calibration_data=batches, progress=console.live)
+    convert_s = time.perf_counter() - t
+    rep = report(moe)
+    what = (f"{config.num_experts} experts, top-{config.top_k}, router {config.router}"
+            if config.method != "peer" else f"top-{config.top_k} single-neuron experts")
+    if config.method == "split":
+        what += f", {config.shared_experts} shared, partition {config.partition}"
+    lines.insert(0, f"converted {len(rep.layers)} FFN layers of {type(moe).__name__} "
+                    f"({dense.source}) by {config.method}: {what} in {convert_s:.1f} s")
+    dense_params = sum(p.numel() for p in dense.model.parameters())
+    moe_params = sum(p.numel() for p in moe.parameters())
+    lines.append(f"active FFN work per token: {_ffn_fraction(rep)} of the dense FFNs; "
+                 f"parameters {moe_params / 1e6:.2f}M (dense {dense_params / 1e6:.2f}M)")
+
+    budget = args.active is not None or config.minutes is not None
+    if budget:
+        lines.insert(1, _budget_choice(config, moe, args))
+    if config.minutes is not None:
+        lines.append(_budget_result(moe, dense.causal))
+    if args.distill_minutes:
+        lines.append(_distill(moe, dense, batches, args.distill_minutes * 60.0, console))
+
+    info = {"source": _source(args.model), "causal": dense.causal,
+            "task": "causal-lm" if dense.causal else "encoder",
+            "config": {k: v for k, v in vars(config).items() if not isinstance(v, list)},
+            "calibration_tokens": 0 if batches is None else
+            sum(b["input_ids"].numel() for b in batches),
+            "distill_minutes": args.distill_minutes or 0,
+            "distill": _distill_info(moe),
+            "command": ["moefy", *args.argv]}
+    console.status(f"saving to {out}")
+    save(moe, out, tokenizer=dense.tokenizer, info=info)
+    lines.append(f"wrote {out} ({size_of(out)}) in {time.perf_counter() - started:.1f} s in all")
+    if held:  # after saving: the result is kept whatever the measurement meets
+        console.status("measuring on the held-out text")
+        result = fidelity(moe, dense.model, held, causal=dense.causal)
+        lines.append(_fidelity_line(result))
+    print("\n".join(lines))
+
+
+def _check_budget_flags(args) -> None:
+    """--active / --minutes: what they need and what they replace, before any work."""
+    if args.active is not None:
+        if not (math.isfinite(args.active) and 0 < args.active < 1):
+            raise CommandUsageError(f"--active is the share of each FFN's neurons a token "
+                                    f"uses, between 0 and 1 (e.g. 0.25), got {args.active}")
+        picked = [f"--{flag.replace('_', '-')}" for flag in ("top_k", "shared", "partition")
+                  if getattr(args, flag) is not None]
+        if picked:
+            raise CommandUsageError(
+                f"--active picks top-k and shared experts itself; drop {', '.join(picked)} "
+                "(--experts sets how many pieces each FFN is cut into; or drop --active and "
+                "set --experts, --top-k and --shared yourself)")
+        if args.method != "split":
+            raise CommandUsageError(f"--active builds a split (a share of each FFN's neurons); "
+                                    f"it does not apply to --method {args.method}")
+        if not args.calibration:
+            raise CommandUsageError("--active needs --calibration FILE.txt|DIR: the experts, "
+                                    "router and compensation are fitted on that text")
+    if args.minutes is not None:
+        if args.method != "split":
+            raise CommandUsageError(
+                f"--minutes distils a split with the time building leaves; --method "
+                f"{args.method} " + ("is exact: there is nothing to distil (use "
+                                     "--distill-minutes to train it further)"
+                                     if args.method == "upcycle" else "does not take it"))
+        if not (math.isfinite(args.minutes) and args.minutes > 0):
+            raise CommandUsageError(f"--minutes must be a finite number > 0, got "
+                                    f"{args.minutes}")
+        if not args.calibration:
+            raise CommandUsageError("--minutes needs --calibration FILE.txt|DIR: the time left "
+                                    "after building distils the model on that text")
+        if args.distill_minutes is not None:
+            raise CommandUsageError("--minutes is the whole conversion's budget, distillation "
+                                    "included; drop --distill-minutes")
+
+
+def _hold_out(batches: list[dict]) -> tuple[list[dict], list[dict]]:
+    """(calibration batches, held-out batches): the last batch is kept apart to measure the
+    result on text it was not fitted on (none when there is a single batch)."""
+    if len(batches) < 2:
+        return batches, []
+    return batches[:-1], batches[-1:]
+
+
+def _tokens(batches: list[dict]) -> int:
+    return sum(int(b["attention_mask"].sum()) for b in batches)
+
+
+def _budget_choice(config: MoEConfig, moe, args) -> str:
+    """What the conversion chose, as the built layers record it (compensation falls back to
+    the mean on too little text)."""
+    pieces = config.num_experts + config.shared_experts
+    active = (config.top_k + config.shared_experts) / pieces
+    how = "--active" if args.active is not None else "your settings"
+    built = next((m.conversion for m in moe.modules()
+                  if isinstance(m, MoE) and hasattr(m, "conversion")), {})
+    budget = ("" if config.minutes is None else
+              f"; {config.minutes:g} min in all, distillation gets what building leaves")
+    return (f"budget: {active:.1%} of each FFN's neurons active ({how}): {pieces} experts of "
+            f"1/{pieces} of the FFN, {config.shared_experts} shared + top-{config.top_k} of "
+            f"{config.num_experts} routed; partition {config.partition}, compensation "
+            f"{built.get('compensation', 'none')}, router {built.get('router_init', '?')}"
+            + budget)
+
+
+def _distill_info(moe) -> dict | None:
+    return next((m.conversion.get("distill") for m in moe.modules()
+                 if isinstance(m, MoE) and hasattr(m, "conversion")), None)
+
+
+def _budget_result(moe, causal: bool) -> str:
+    info = _distill_info(moe) or {}
+    if not info.get("steps") or "loss_first" not in info:
+        return f"distillation: none ({info.get('why', 'no MoE layer')})"
+    kind = "KL on next-token logits" if causal else "relative MSE of the outputs"
+    steps = f"{info['steps']} step" + ("" if info["steps"] == 1 else "s")
+    return (f"distillation: {steps} in {info['seconds']:.0f} s, loss ({kind}) "
+            f"{info['loss_first']:.4g} -> {info['loss_last']:.4g}")
+
+
+def _fidelity_line(result: Fidelity) -> str:
+    """How close the result stays to the dense model on the held-out batches: perplexity for
+    causal LMs, else the cosine of mean-pooled output states."""
+    if result.causal:
+        if result.perplexity is None:
+            return "held-out perplexity: none (chunks of one token predict nothing)"
+        return (f"held-out perplexity: dense {result.reference_perplexity:.2f}, moefy "
+                f"{result.perplexity:.2f} ({result.ratio:.3f}x)")
+    cos = result.cosine
+    return (f"held-out embedding cosine to the dense model (mean-pooled): mean "
+            f"{float(cos.mean()):.4f}, min {float(cos.min()):.4f}")
+
+
+def _source(model: str) -> str:
+    """What bench reloads the dense model from: a built-in name, or an absolute path (the
+    checkpoint may be used from another directory)."""
+    return model if model in ("minilm", "smollm2") else str(Path(model).resolve())
+
+
+def _distill(moe, dense, batches, seconds: float, console: Console) -> str:
+    """Distil the MoE towards the dense model for ``seconds`` (KL on next-token logits for
+    causal LMs, else the relative MSE of the outputs)."""
+    console.status(f"distilling for {seconds / 60:g} min (the dense model is the teacher)")
+    info = distill_for(moe, dense.model, batches, seconds, progress=console.live)
+    kind = "KL on next-token logits" if dense.causal else "relative MSE of the outputs"
+    steps = f"{info['steps']} step" + ("" if info["steps"] == 1 else "s")
+    return (f"distillation: {steps} in {info['seconds']:.0f} s, loss ({kind}) "
+            f"{info['loss_first']:.4g} -> {info['loss_last']:.4g}")
+
+
+def _ffn_fraction(rep) -> str:
+    """Mean share of the dense FFN's work a token does after conversion (report's column)."""
+    shares = [float(row["FFN FLOPs"].rstrip("%")) for row in rep.layers
+              if str(row["FFN FLOPs"]).endswith("%")]
+    return f"{sum(shares) / len(shares):.0f}%" if shares else "unknown"
+
+
