@@ -449,6 +449,22 @@ def _tensors(src: _Source, arch: str) -> tuple[dict[str, torch.Tensor], int, int
             width, shared)
 
 
+def exported_architecture(folder: Path) -> str | None:
+    """The architecture an earlier ``export_hf`` wrote into ``folder`` (its config.json's
+    model_type, one of ``ARCHITECTURES``), or None: no such config.json, or another model's.
+
+    >>> import tempfile
+    >>> exported_architecture(Path(tempfile.mkdtemp())) is None
+    True
+    """
+    try:
+        model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get(
+            "model_type")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    return model_type if model_type in ARCHITECTURES else None
+
+
 def _check_directory(directory) -> Path:
     if not isinstance(directory, (str, os.PathLike)):
         raise HFExportError(f"directory must be a path (str or os.PathLike), got "
@@ -465,6 +481,14 @@ def _check_directory(directory) -> Path:
             raise HFExportError(f"{path} already holds another checkpoint's weights "
                                 f"({', '.join(foreign)}), which transformers would load with "
                                 "or instead of this one: use an empty directory")
+        # what export_hf writes over: only an earlier export's, never e.g. the dense model's
+        # own save_pretrained folder
+        ours = [n for n in ("config.json", "model.safetensors") if (path / n).exists()]
+        if ours and exported_architecture(path) is None:
+            raise HFExportError(f"{path} already holds a model that export_hf did not write "
+                                f"({', '.join(ours)}; perhaps the dense model's own "
+                                "save_pretrained folder), which the export would overwrite: "
+                                "give a new or empty directory")
     return path
 
 

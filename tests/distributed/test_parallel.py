@@ -247,7 +247,7 @@ def _refusals_worker(rank: int, world: int, init: str) -> None:
         torch.testing.assert_close(tied[0].w_in.grad, full[3 * rank:3 * rank + 3])
         # load_sharded: wrapped layers (channels-last conv FFN, kept dropout) read by their
         # names in the file; a rank that cannot load makes every rank raise LoadError
-        from tests.test_checkpoint import ConvFFN
+        from tests.io.models import ConvFFN
 
         folder = f"{init[len('file://'):]}-conv"
         if rank == 0:

@@ -315,6 +315,26 @@ def test_bad_arguments_are_refused(tmp_path):
     _refused(peer, tmp_path, "mixtral", "PEER", "moefy.export_onnx")
 
 
+
+def test_the_dense_models_own_folder_is_refused_and_left_as_it_was(tmp_path):
+    dense = _tiny()
+    dense.save_pretrained(tmp_path / "dense")  # config.json + model.safetensors of a llama
+    before = {p.name: p.read_bytes() for p in (tmp_path / "dense").iterdir()}
+    model = _convert(dense, method="upcycle", num_experts=4, top_k=2)
+    with pytest.raises(HFExportError, match=r"a model that export_hf did not write \(config"
+                                            r".*save_pretrained.*new or empty directory"):
+        moefy.export_hf(model, tmp_path / "dense", verify=False)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "dense").iterdir()} == before
+    (tmp_path / "weights").mkdir()  # weights alone, no config: not an export's either
+    (tmp_path / "weights" / "model.safetensors").write_bytes(b"dense")
+    with pytest.raises(HFExportError, match="did not write"):
+        moefy.export_hf(model, tmp_path / "weights", verify=False)
+    out = moefy.export_hf(model, tmp_path / "hf", verify=False)
+    assert hf.exported_architecture(out) == "mixtral"
+    moefy.export_hf(model, out, "qwen2_moe", verify=False)  # an earlier export is replaced
+    assert hf.exported_architecture(out) == "qwen2_moe"
+    assert hf.exported_architecture(tmp_path / "dense") is None
+
 BROKEN_WRITES = (  # (tensor, None: left out / a factor, what the verification reports)
     ("model.layers.0.block_sparse_moe.experts.1.w3.weight", None, "cannot load it.*conversion"),
     ("model.norm.weight", None, "missing_keys.*model.norm.weight"),
