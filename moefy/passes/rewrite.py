@@ -195,12 +195,24 @@ def wrap_for(match: FFNMatch, moe: nn.Module) -> nn.Module:
 
 
 def apply_surgery(model: nn.Module, plan: SurgeryPlan, moe: nn.Module) -> None:
-    """Swap the modules of ``plan`` in ``model`` (in place)."""
+    """Swap the modules of ``plan`` in ``model`` (in place), at every path each of them is
+    registered at (one module at two paths stays one module, now converted)."""
     old = model.get_submodule(plan.replace)
     replacement = moe if plan.dropout is None else nn.Sequential(moe, nn.Dropout(plan.dropout))
-    model.set_submodule(plan.replace, replacement.train(old.training))
-    for path in plan.identities:
-        model.set_submodule(path, nn.Identity())
+    replacement.train(old.training)
+    for path in module_paths(model, plan.replace):
+        model.set_submodule(path, replacement)
+    for identity in plan.identities:
+        for path in module_paths(model, identity):
+            model.set_submodule(path, nn.Identity())
+
+
+def module_paths(model: nn.Module, path: str) -> list[str]:
+    """Every path at which the module at ``path`` is registered in ``model`` (``path``
+    first): ``model.a is model.b`` is one module at two paths."""
+    module = model.get_submodule(path)
+    return [path] + [name for name, m in model.named_modules(remove_duplicate=False)
+                     if m is module and name != path]
 
 
 def rewrite_graph(gm: torch.fx.GraphModule, swaps: list[tuple[FFNMatch, nn.Module]]

@@ -34,8 +34,9 @@ class BuildAndRewrite(Pass):
     a failure puts every swapped module back before it propagates."""
 
     def call(self, s: ConversionState) -> PassResult:
-        if s.inplace:  # what ``_restore`` puts back if anything fails from here on
-            paths = {path for p in s.plans for path in [p.plan.replace, *p.plan.identities]}
+        if s.inplace:  # what ``restore`` puts back if anything fails from here on
+            paths = {alias for p in s.plans for path in [p.plan.replace, *p.plan.identities]
+                     for alias in rewrite.module_paths(s.model, path)}
             paths |= {p.unit.path for p in s.plans if p.unit.path in s.graph_paths}
             s.originals = {path: s.model.get_submodule(path) for path in paths if path}
         return self._build(s)
