@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from moefy.runtime import _kernels
+from moefy.runtime import kernels
 
 CALL = ("from moefy.runtime.kernels import decode_kernels_available as available; "
         "print('available:', available())")
@@ -30,7 +30,7 @@ def run_child(ext_dir, timeout_s, **env):
 
 def planted_build_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    build_dir = _kernels.build_directory()
+    build_dir = kernels.build_directory()
     build_dir.mkdir(parents=True)
     lock = build_dir / "lock"
     lock.touch()  # what a build killed half way leaves behind: torch waits on it forever
@@ -61,7 +61,7 @@ def test_a_lock_held_by_a_live_builder_times_out_with_the_way_out(tmp_path, monk
 
 def test_a_damaged_library_falls_back_with_a_warning(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    build_dir, name = _kernels.build_directory(), _kernels.library_name()
+    build_dir, name = kernels.build_directory(), kernels.library_name()
     build_dir.mkdir(parents=True)
     (build_dir / f"{name}.so").write_bytes(b"\x7fELF truncated")
     (build_dir / f"{name}.built").write_text(name)
