@@ -24,11 +24,13 @@ from moefy.passes.distill import DistillForBudget
 from moefy.passes.plan import (
     CheckBeforeChange,
     FindFFNs,
+    MakeDynamic,
     PlanRewrite,
     Select,
+    TraceHosts,
     TraceUnits,
 )
-from moefy.passes.state import ConversionState
+from moefy.passes.stages import Converted, Request
 from moefy.passes.swap import BuildAndRewrite, restore
 from moefy.passes.verify import RunDense, Verify
 
@@ -147,14 +149,16 @@ def _peek(data) -> tuple[Iterable, object]:
 
 def _convert(model, config, example_inputs, calibration_data, inplace, verify, explain,
              progress, started) -> nn.Module:
-    state = ConversionState(model, config, *trace.split_inputs(model, example_inputs),
-                   calibration_data=calibration_data, inplace=inplace, explain=explain,
-                   progress=progress, started=started)
+    request = Request(model, config, *trace.split_inputs(model, example_inputs),
+                      calibration_data=calibration_data, inplace=inplace, explain=explain,
+                      progress=progress, started=started)
     pipeline = [
         RunDense(keep=verify),  # inputs that do not fit fail here, in the model's own words
         TraceUnits(),  # graphs first: everything after reads structure, not class names
         FindFFNs(),  # matches and the reason for every rejected candidate
+        TraceHosts(),  # an FFN inline in a submodule: that module becomes a graph of its own
         PlanRewrite(),  # needs the graph's module scopes; decides surgery or graph mode
+        MakeDynamic(),  # graph mode returns its graph: it must take other batch sizes
         Select(),  # after planning, so only / skip see the final FFN names
         CheckBeforeChange(),  # every failure that input can cause, before anything changes
         Calibrate(),  # statistics the split builder reads
@@ -162,13 +166,19 @@ def _convert(model, config, example_inputs, calibration_data, inplace, verify, e
         Verify(enabled=verify),  # compares the finished model with the dense one
         DistillForBudget(),  # last: spends what is left of config.minutes
     ]
+    stages: dict[type, object] = {}  # the newest stage of each type
+    results = []  # (pass, PassResult) in order
     try:
         for step in pipeline:
-            state.results.append((type(step).__name__, step(state)))
+            result = step(request, *(stages[t] for t in step.needs))
+            if result.output is not None:
+                stages[type(result.output)] = result.output
+            results.append((type(step).__name__, result))
     except BaseException:
-        restore(state)  # in place, a failure after the swap leaves the model as it was
+        if Converted in stages:  # in place, a failure after the swap leaves the model as it was
+            restore(model, stages[Converted].originals)
         raise
     if explain:
-        for name, result in state.results:
+        for name, result in results:
             print(f"moefy: {name}: {result.describe()}")
-    return state.target
+    return stages[Converted].target

@@ -29,11 +29,14 @@ What the paper leaves open and what moefy chose:
   (a dense FFN weights all its neurons by 1).
 - Experts may be gated (``act(gᵢ·x) · (uᵢ·x + bᵢ) · vᵢ``, a single neuron of a SwiGLU FFN) and
   carry a per-expert bias and one output bias: a converted FFN keeps its biases exactly.
+
+The layer states what to compute; how each stage runs (oneDNN GEMMs, the C++ product-key
+search, blocks of tokens, a backward that touches only the chosen sub-keys, the fused experts)
+is the runtime's choice, in ``moefy.runtime.peer``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import NamedTuple
 
@@ -45,119 +48,26 @@ from moefy.activations import get_activation
 from moefy.errors import InputError
 from moefy.layers.inputs import check_layer_input
 from moefy.layers.record import ConversionRecord
-from moefy.runtime.peer import advise_huge_pages, first_order, peer_experts
+from moefy.runtime.peer import (
+    advise_huge_pages,
+    linear,
+    product_key_search,
+    product_key_topk,
+    query_linear,
+    retrieved_experts,
+    subkey_scores,
+)
 
 SCORES = ("softmax", "sigmoid", "none")
 QUERY_NORMS = ("batch", None)
 _EXHAUSTIVE_BYTES = 64 << 20  # one chunk of the all-keys scores in route(exhaustive=True)
-_SEARCH_BYTES = 4 << 20  # one block of sub-key scores in the product-key search
 _HUGE_PAGE_BYTES = 64 << 20  # expert tables at least this big ask for huge pages
 
 
 def _tracing(x: torch.Tensor) -> bool:
-    """Under torch.compile / torch.export (fake tensors, proxies): no Python loops over a
-    symbolic token count."""
+    """Under torch.compile / torch.export (fake tensors, proxies): no data-dependent choice
+    of the tokens BatchNorm's statistics come from."""
     return torch.compiler.is_compiling() or type(x) is not torch.Tensor
-
-
-def _key_grad(rows: torch.Tensor, pos: torch.Tensor, g: torch.Tensor, n: int) -> torch.Tensor:
-    """Σ over the (row r, slot j) pairs that chose sub-key i of g[r, j] · rows[r], for each of
-    the n sub-keys: the pairs sorted by sub-key, then one weighted bag-sum per sub-key (no
-    scatter-add collisions)."""
-    k = pos.shape[-1]
-    if rows.dtype == torch.float32 and rows.device.type == "cpu" and _search_kernel_available():
-        return torch.ops.moefy_cpu.peer_key_grad(rows, pos.reshape(-1, k).contiguous(),
-                                                 g.float().reshape(-1, k).contiguous(), n)
-    flat = pos.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n)
-    offsets = torch.cumsum(counts, 0) - counts
-    source = torch.div(order, k, rounding_mode="floor")  # the row each sorted pair came from
-    return F.embedding_bag(source, rows, offsets, mode="sum",
-                           per_sample_weights=g.reshape(-1)[order].to(rows.dtype))
-
-
-class _ChosenScores(torch.autograd.Function):
-    """scores[t, h, j] = q[t, h, :d/2]·keys_a[a[t, h, j]] + q[t, h, d/2:]·keys_b[b[t, h, j]],
-    computed by the search already (passed in); the backward touches only chosen sub-keys."""
-
-    @staticmethod
-    def forward(ctx, q, keys_a, keys_b, ids, scores):
-        ctx.save_for_backward(q, keys_a, keys_b, ids)
-        return scores.clone()
-
-    @staticmethod
-    @first_order
-    def backward(ctx, g):
-        q, keys_a, keys_b, ids = ctx.saved_tensors
-        n2 = keys_b.shape[0]
-        a, b = torch.div(ids, n2, rounding_mode="floor"), ids % n2
-        half = keys_a.shape[1]
-        k = a.shape[-1]
-        rows = q.reshape(-1, 2 * half)
-        g2 = g.reshape(-1, k)
-        grad_q = grad_a = grad_b = None
-        if ctx.needs_input_grad[0]:  # (under autocast q may be in a lower precision)
-            bag = dict(mode="sum", per_sample_weights=g2.to(keys_a.dtype))
-            grad_q = torch.cat([F.embedding_bag(a.reshape(-1, k), keys_a, **bag),
-                                F.embedding_bag(b.reshape(-1, k), keys_b, **bag)], dim=-1)
-            grad_q = grad_q.view(q.shape).to(q.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_a = _key_grad(rows[:, :half].to(keys_a.dtype).contiguous(), a, g2,
-                               keys_a.shape[0])
-        if ctx.needs_input_grad[2]:
-            grad_b = _key_grad(rows[:, half:].to(keys_b.dtype).contiguous(), b, g2,
-                               keys_b.shape[0])
-        return grad_q, grad_a, grad_b, None, None
-
-
-_eager_peer_experts = torch.compiler.disable(peer_experts)
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn,
-                                                            "_reorder_linear_weight")
-
-
-def _gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
-          ) -> torch.Tensor:
-    """``x @ weight.T + bias``. For CPU float32 without autograd, through oneDNN with the
-    weight reordered for this call's row count: 2-3x torch's default (MKL) on these shapes
-    (a block of 1024 query rows × 128 against 1024 sub-keys: 450 vs 130 GFLOP/s on 2 cores).
-    The weights are small (queries H × heads·d, sub-keys n × d/2), so the reorder costs
-    little and is made afresh each call: nothing cached, nothing to go stale."""
-    if not (_ONEDNN and x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2
-            and x.shape[0] > 0 and not _tracing(x)) or (torch.is_grad_enabled() and any(
-                t is not None and t.requires_grad for t in (x, weight, bias))):
-        return F.linear(x, weight, bias)
-    mkldnn = torch.ops.mkldnn
-    packed = mkldnn._reorder_linear_weight(weight.detach().contiguous(), x.shape[0])
-    return mkldnn._linear_pointwise(x.contiguous(), packed,
-                                    None if bias is None else bias.detach(), "none", [], "")
-
-
-def _onednn_trains(x: torch.Tensor) -> bool:
-    return (_ONEDNN and x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 2
-            and x.shape[0] > 0 and torch.is_grad_enabled() and not _tracing(x))
-
-
-class _Linear(torch.autograd.Function):
-    """``x @ weight.T + bias`` with all three GEMMs of forward and backward on oneDNN
-    (``_gemm``): the query network's training step, 2-3x torch's default GEMM here."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        with torch.no_grad():
-            return _gemm(x, weight, bias)
-
-    @staticmethod
-    @first_order
-    def backward(ctx, g):
-        x, weight = ctx.saved_tensors
-        g = g.contiguous()
-        grad_x = _gemm(g, weight.t()) if ctx.needs_input_grad[0] else None
-        grad_w = _gemm(g.t(), x.t()) if ctx.needs_input_grad[1] else None
-        grad_b = g.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b
 
 
 def _usable_rows(q: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -166,19 +76,6 @@ def _usable_rows(q: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | N
     finite = torch.isfinite(q).all(1)
     keep = finite if mask is None else finite & mask
     return None if bool(keep.all()) else keep
-
-
-def _search_kernel_available() -> bool:
-    from moefy.runtime.kernels import search_kernel_available
-    return search_kernel_available()
-
-
-def _search_kernel_applies(s_a: torch.Tensor, s_b: torch.Tensor) -> bool:
-    if s_a.dtype != torch.float32 or s_a.device.type != "cpu" or _tracing(s_a):
-        return False
-    if not (s_a.is_contiguous() and s_b.is_contiguous()) or s_a.numel() == 0:
-        return False
-    return _search_kernel_available()
 
 
 class PEERRoute(NamedTuple):
@@ -309,10 +206,9 @@ class PEER(nn.Module):
             shift = bn.bias - bn.running_mean * scale
             if self.query.bias is not None:
                 shift = shift + self.query.bias * scale
-            q = _gemm(x, self.query.weight * scale[:, None], shift)
+            q = linear(x, self.query.weight * scale[:, None], shift)
         else:
-            q = _Linear.apply(x, self.query.weight, self.query.bias) if _onednn_trains(x) else (
-                self.query(x))  # (T, heads·d)
+            q = query_linear(x, self.query)  # (T, heads·d)
             if bn is not None:
                 q = self._batch_norm(q, mask, update)
         return q.view(-1, self.heads, self.key_dim)
@@ -359,56 +255,18 @@ class PEER(nn.Module):
 
     def _subkey_scores(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(T, heads, d) → scores against each half's sub-keys: (T, heads, n₁), (T, heads, n₂)."""
-        half = self.key_dim // 2
-        lead = q.shape[:-1]
-        n1, n2 = self.grid
-        return (_gemm(q[..., :half].reshape(-1, half), self.keys_a).view(*lead, n1),
-                _gemm(q[..., half:].reshape(-1, half), self.keys_b).view(*lead, n2))
+        return subkey_scores(q, self.keys_a, self.keys_b)
 
     def _retrieve(self, s_a: torch.Tensor, s_b: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Product-key top-k: per head, top-k of each half, the k² sums, top-k again.
-        Returns scores and expert ids, (T, heads, k) each, in descending score order."""
-        n2 = self.grid[1]
-        k = self.top_k
-        if _search_kernel_applies(s_a, s_b):
-            shape = s_a.shape[:-1] + (k,)
-            a, b = torch.ops.moefy_cpu.peer_search(s_a.detach().reshape(-1, s_a.shape[-1]),
-                                                   s_b.detach().reshape(-1, s_b.shape[-1]), k)
-            a, b = a.view(shape), b.view(shape)
-            # the scores gathered from the sub-key scores stay differentiable
-            return s_a.gather(-1, a) + s_b.gather(-1, b), a * n2 + b
-        # k' = min(k, n) per half still holds the exact top-k: an expert (a, b) outside the
-        # top-k' of half A has k' experts (a', b) scoring at least as high
-        top_a, idx_a = s_a.topk(min(k, s_a.shape[-1]), dim=-1)  # (T, heads, ka)
-        top_b, idx_b = s_b.topk(min(k, s_b.shape[-1]), dim=-1)  # (T, heads, kb)
-        kb = top_b.shape[-1]
-        candidates = (top_a.unsqueeze(-1) + top_b.unsqueeze(-2)).flatten(-2)  # (T, heads, ka·kb)
-        scores, flat = candidates.topk(k, dim=-1)  # (T, heads, k)
-        a = idx_a.gather(-1, flat // kb)
-        b = idx_b.gather(-1, flat % kb)
-        return scores, a * n2 + b
+        """Product-key top-k from the sub-key scores: scores and expert ids, (T, heads, k)
+        each, in descending score order."""
+        return product_key_topk(s_a, s_b, self.top_k)
 
     def _search(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sub-key scores and product-key top-k, a block of tokens at a time: the scores of a
-        block (≈4 MiB) stay in cache between the GEMM and the top-k, and the allocator reuses
-        the block's memory instead of faulting in fresh pages for (T, heads, n) at once."""
-        if _tracing(q):
-            return self._retrieve(*self._subkey_scores(q))
-        t = q.shape[0]
-        step = max(1, _SEARCH_BYTES // (self.heads * max(self.grid) * q.element_size()))
-        grads = torch.is_grad_enabled() and any(
-            p.requires_grad for p in (q, self.keys_a, self.keys_b))
-        with torch.no_grad() if grads else contextlib.nullcontext():
-            parts = [self._retrieve(*self._subkey_scores(q[i:i + step]))
-                     for i in range(0, max(t, 1), step)]  # zero tokens: one empty block
-            scores = torch.cat([p[0] for p in parts]) if len(parts) != 1 else parts[0][0]
-            ids = torch.cat([p[1] for p in parts]) if len(parts) != 1 else parts[0][1]
-        if grads:
-            # the scores' gradient reaches only the k chosen sub-keys per half and head: a
-            # sparse backward instead of autograd's dense one through the (T, heads, n) scores
-            scores = _ChosenScores.apply(q, self.keys_a, self.keys_b, ids, scores)
-        return scores, ids
+        """Sub-key scores and product-key top-k together, as ``forward`` runs them (the
+        runtime decides how: blocks of tokens, a backward that touches only chosen keys)."""
+        return product_key_search(q, self.keys_a, self.keys_b, self.top_k)
 
     def _weights(self, scores: torch.Tensor) -> torch.Tensor:
         if self.score == "softmax":
@@ -451,6 +309,25 @@ class PEER(nn.Module):
             scores, ids = self._search(q)
         return PEERRoute(ids, scores, self._weights(scores))
 
+    def key_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Every key's score q·key, for each token of ``x`` (..., H) and each head: (T, heads,
+        N), expert a·n₂ + b at index a·n₂ + b. What fitting the retrieval needs (``route``
+        keeps only the top-k): differentiable in the query network, its BatchNorm and the
+        sub-keys; holds T·heads·N scores at once, so call it on a few hundred tokens at a
+        time. Changes no state (as ``route``).
+
+        >>> import torch, moefy
+        >>> layer = moefy.PEER(16, (4, 8), heads=2, top_k=3).eval()
+        >>> x = torch.randn(5, 16)
+        >>> layer.key_scores(x).shape
+        torch.Size([5, 2, 32])
+        >>> torch.equal(layer.key_scores(x).topk(3).indices, layer.route(x, exhaustive=True).ids)
+        True
+        """
+        x2, _ = self._flatten(x, None)
+        s_a, s_b = self._subkey_scores(self._queries(x2, update=False))
+        return (s_a.unsqueeze(-1) + s_b.unsqueeze(-2)).flatten(-2)  # (T, heads, N)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """``mask`` (x's leading shape, bool), optional: False marks padding tokens, kept out
         of the query BatchNorm's training statistics (their outputs are still computed)."""
@@ -460,13 +337,9 @@ class PEER(nn.Module):
         weights = self._weights(scores)
         # under autocast the queries (and so the weights) may come out in a lower precision
         weights = weights.to(x2.dtype)
-        # sparse table gradients come from the eager operator: under torch.compile the
-        # experts run eagerly (a graph break) rather than as a gather with dense gradients
-        experts = _eager_peer_experts if self.sparse and torch.is_grad_enabled() else (
-            peer_experts)
-        y = experts(x2, ids.flatten(1), weights.flatten(1), self.down, self.up,
-                         down_bias=self.down_bias, gate=self.gate, activation=self.activation,
-                         sparse=self.sparse)
+        y = retrieved_experts(x2, ids.flatten(1), weights.flatten(1), self.down, self.up,
+                              down_bias=self.down_bias, gate=self.gate,
+                              activation=self.activation, sparse=self.sparse)
         if self.out_bias is not None:
             y = y + self.out_bias
         return y.view(x.shape)

@@ -11,17 +11,14 @@
 
 All work happens in a hidden ``.moefy-export-<pid>-*`` folder beside the target, removed on
 any exception (KeyboardInterrupt included); folders that killed exports left behind are
-removed by the next export into that directory once their process is gone.
+removed by the next export into that directory once their process is gone
+(``moefy.onnx.workdir``). The comparison with PyTorch is ``moefy.onnx.validate``'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import shutil
-import tempfile
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,16 +27,13 @@ import numpy as np
 import onnxscript.optimizer
 import torch
 import torch.nn as nn
-from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_leaves
 
 from moefy.errors import (
     ExportError,
     ExportInputError,
-    ExportShapeError,
-    ExportToleranceError,
     ExportValidationError,
     MoefyError,
-    SessionError,
     TraceError,
     first_line,
 )
@@ -47,16 +41,14 @@ from moefy.layers.moe import MoE
 from moefy.layers.peer import PEER
 from moefy.layers.shard import refuse_sharded
 from moefy.onnx.lowering import ort_expressible, translation_table
+from moefy.onnx.validate import validate_in_onnxruntime
+from moefy.onnx.workdir import check_target, publish, remove_stale_workdirs, workdir
 from moefy.passes.trace import export_model, split_inputs
-from moefy.runtime.session import Session
 
 TARGETS = ("ort", "standard")
 KERNELS = {"ort": ("loop", "moe_op"), "standard": ("buffers",)}  # first: the default
 # Max |ONNX Runtime − PyTorch| relative to the output's largest magnitude, per target.
 TOLERANCE = {"ort": 1e-4, "standard": 1e-4}
-# A token whose top-k router scores tie within this (relative to its largest |score|) may be
-# routed to other experts by ONNX Runtime than by PyTorch through float rounding alone
-NEAR_TIE = 1e-4
 # Opset 23 turns scaled_dot_product_attention into ONNX's Attention op, which ONNX Runtime
 # (>= 1.23) runs as one fused kernel: all-MiniLM-L6-v2 at 32 x 128 runs ~10% faster than at
 # the exporter's default (20 in torch 2.13), dense and MoE alike. Target "standard" keeps the
@@ -65,7 +57,6 @@ DEFAULT_OPSET = {"ort": 23, "standard": None}
 MIN_OPSET = 18  # the lowerings are written against opset 18
 # Above this many parameter bytes the weights go to an external data file (protobuf's 2 GB cap)
 EXTERNAL_DATA_BYTES = 1.8e9
-WORKDIR_PREFIX = ".moefy-export-"
 # A work folder older than this whose process is gone was left by a killed export
 STALE_AFTER_S = 3600.0
 
@@ -167,7 +158,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
         raise ExportInputError(f"export_onnx: path must be a str or os.PathLike ending in "
                                f".onnx, got {type(path).__name__}")
     path = Path(path)
-    parent = _check_target(path)
+    parent = check_target(path)
     moes = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
     peers = [(name, m) for name, m in model.named_modules() if isinstance(m, PEER)]
     notes = _check_lowerable(moes, target, kernel) + _check_peers(peers, kernel)
@@ -181,7 +172,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
     _check_example_inputs(args, kwargs)
     if dynamic:
         notes += _size_one_notes(args, kwargs)
-    _remove_stale_workdirs(parent)
+    remove_stale_workdirs(parent, STALE_AFTER_S)
 
     modes = [(m, m.training) for m in model.modules()]
     try:
@@ -190,23 +181,23 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
         # inside the exporter's decomposition, and nothing here needs them.
         with torch.no_grad():
             _runs_eagerly(model, args, kwargs)
-            with _workdir(parent) as workdir:
-                result = _export(model, path, workdir, args, kwargs, moes, notes, target,
+            with workdir(parent) as folder:
+                result = _export(model, path, folder, args, kwargs, moes, notes, target,
                                  kernel, opsets, dynamic, validate)
                 result.moe_layers += len(peers)
                 result.peer_layers = len(peers)
-                _publish(workdir, parent)
+                publish(folder, parent)
         return result
     finally:
         for m, training in modes:
             m.training = training
 
 
-def _export(model, path, workdir, args, kwargs, moes, notes, target, kernel, opsets, dynamic,
+def _export(model, path, folder, args, kwargs, moes, notes, target, kernel, opsets, dynamic,
             validate) -> ExportResult:
-    """Export into ``workdir`` and validate there; nothing is written beside it. ``opsets``:
+    """Export into ``folder`` and validate there; nothing is written beside it. ``opsets``:
     the opset to export at, then fallbacks tried when the exporter fails at it."""
-    tmp = workdir / path.name
+    tmp = folder / path.name
     try:  # batch and sequence dims dynamic (auto_dynamic_shapes), the rest static
         ep = export_model(model, args, kwargs, dynamic=dynamic)
     except TraceError as exc:
@@ -239,52 +230,12 @@ def _export(model, path, workdir, args, kwargs, moes, notes, target, kernel, ops
     result = ExportResult(path, target, len(moes), _opset(tmp), kernel, notes=notes)
     if validate:
         result.tolerance = TOLERANCE[target]
-        # ONNX Runtime's MoE computes GELU in its tanh form: check the lowering against
-        # the model with that GELU (exact up to rounding), then measure the drift from
-        # the erf-GELU model it stands for (a routing decision near a tie can flip).
         _check_onnx(tmp)
-        other = _other_size(ep, args, kwargs) if dynamic else None
-        cases = [(args, kwargs)] + ([other] if other is not None else [])
-        tanh = [m for _, m in moes if kernel == "moe_op" and m.activation == "gelu"]
-        try:
-            session = Session(tmp, device="cpu")
-            names = _input_names(ep)
-            layers = [m for _, m in moes]
-            with _activation(tanh, "gelu_tanh"):
-                result.max_diff, excused = _compare(model, session, names, cases,
-                                                    result.tolerance, layers)
-            result.notes += excused
-            if tanh:
-                drift, _ = _compare(model, session, names, cases, float("inf"), layers)
-                result.notes.append(f"drift from the erf-GELU model on the validation inputs: "
-                                    f"{max(drift):.1e} relative to the largest output")
-        except SessionError as exc:  # ONNX Runtime cannot load or run what was exported
-            raise ExportValidationError(f"the exported model does not run in ONNX Runtime: "
-                                        f"{exc}") from exc
+        result.max_diff, validation_notes = validate_in_onnxruntime(
+            model, tmp, ep, args, kwargs, [m for _, m in moes], kernel=kernel,
+            tolerance=result.tolerance, dynamic=dynamic)
+        result.notes += validation_notes
     return result
-
-
-def _check_target(path: Path) -> Path:
-    """The folder ``path`` goes into, once it is known to take the file: refused before any
-    work with what to do instead, not as an OSError from the last step."""
-    if path.suffix != ".onnx":
-        raise ExportInputError(f"export_onnx: path should end in .onnx, got {str(path)!r}")
-    if path.is_dir():
-        raise ExportInputError(f"export_onnx: {path} is a directory, not a file; remove it or "
-                               f"choose a file path such as {path / 'model.onnx'}")
-    parent = path.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise ExportInputError(f"export_onnx: cannot write {path}: {parent} is not a writable "
-                               "directory; create it first or choose another path")
-    # os.access reads permission bits only: /proc, /sys and read-only mounts refuse new files
-    # when one is made, as the work folder will be
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-", dir=parent))
-    except OSError as exc:
-        raise ExportInputError(f"export_onnx: cannot write {path}: {parent} does not take new "
-                               f"files ({type(exc).__name__}: {exc.strerror or exc}); choose "
-                               "a path in a writable directory") from exc
-    return parent
 
 
 def _check_example_inputs(args: tuple, kwargs: dict) -> None:
@@ -362,79 +313,6 @@ def _declare_static_dims(model, ep: torch.export.ExportedProgram) -> None:
         value.shape = ir.Shape(dims)
 
 
-@contextlib.contextmanager
-def _workdir(parent: Path):
-    """A hidden work folder in ``parent`` (same file system: the result moves in atomically),
-    named with this process's id so that later exports can tell a live one from a leftover;
-    removed on any exit, KeyboardInterrupt included."""
-    workdir = Path(tempfile.mkdtemp(prefix=f"{WORKDIR_PREFIX}{os.getpid()}-", dir=parent))
-    try:
-        yield workdir
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-        if workdir.exists():  # an open handle (Windows) or a permission: say so, not silently
-            warnings.warn(f"export_onnx could not remove its work folder {workdir}; the next "
-                          "export into this directory removes it", stacklevel=3)
-
-
-def _publish(workdir: Path, parent: Path) -> None:
-    """Move the model (and its external data file) to ``parent``; all of them or, when a
-    move fails or is interrupted, none (an .onnx beside another export's data is worse than
-    no file). The .onnx file goes last: it is what readers look for."""
-    files = sorted(workdir.iterdir(), key=lambda f: f.suffix == ".onnx")
-    moved = []
-    try:
-        for f in files:
-            os.replace(f, parent / f.name)
-            moved.append(parent / f.name)
-    except BaseException:
-        for f in moved:
-            f.unlink(missing_ok=True)
-        raise
-
-
-def _remove_stale_workdirs(parent: Path) -> None:
-    """Remove work folders left by exports that were killed (SIGKILL, power loss): older than
-    ``STALE_AFTER_S`` and, where the name holds a process id, that process gone."""
-    now = time.time()
-    for d in parent.glob(f"{WORKDIR_PREFIX}*"):
-        try:
-            old = now - d.stat().st_mtime > STALE_AFTER_S
-        except FileNotFoundError:  # another export removed it meanwhile
-            continue
-        if d.is_dir() and not d.is_symlink() and old and not _process_alive(d.name):
-            shutil.rmtree(d, ignore_errors=True)
-
-
-def _process_alive(name: str) -> bool:
-    pid = name[len(WORKDIR_PREFIX):].split("-", 1)[0]
-    if not pid.isdigit():
-        return False  # a folder from before names held the pid: age alone decides
-    if os.name != "posix":
-        return False  # no cheap probe (os.kill(pid, 0) would end the process on Windows)
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, but another user's
-        return True
-    except OSError:
-        return False
-    return True
-
-
-@contextlib.contextmanager
-def _activation(moes: list[MoE], name: str):
-    saved = [m.activation for m in moes]
-    try:
-        for m in moes:
-            m.activation = name
-        yield
-    finally:
-        for m, a in zip(moes, saved, strict=True):
-            m.activation = a
-
-
 def _check_lowerable(moes: list[tuple[str, MoE]], target: str, kernel: str) -> list[str]:
     """Refuse, before anything is traced, the layers no lowering of ``target`` can express;
     return notes on approximations the lowering makes."""
@@ -504,39 +382,6 @@ def _opset(path: Path) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def _other_size(ep: torch.export.ExportedProgram, args: tuple,
-                kwargs: dict) -> tuple[tuple, dict] | None:
-    """The same inputs with every dimension the exported program kept dynamic grown by a few
-    entries (shrunk where its range allows no growth): other batch and sequence lengths, or
-    other token counts. None when no dimension is dynamic."""
-    leaves, spec = tree_flatten((args, kwargs))
-    users = set(ep.graph_signature.user_inputs)
-    shapes = [n.meta["val"].shape for n in ep.graph.nodes
-              if n.op == "placeholder" and n.name in users]
-    tensors = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor)]
-    if len(shapes) != len(tensors):
-        return None
-    grown = False
-    for i, shape in zip(tensors, shapes, strict=True):
-        t = leaves[i]
-        for axis, size in enumerate(shape):
-            expr = getattr(getattr(size, "node", None), "expr", None)
-            bounds = ep.range_constraints.get(expr)
-            if bounds is None:  # specialised, or derived from another dimension
-                continue
-            n = t.shape[axis]
-            step = min(3, n)
-            if n + step <= bounds.upper:
-                t = torch.cat([t, t.narrow(axis, 0, step)], dim=axis)
-            elif n - step >= max(bounds.lower, 1) and step < n:
-                t = t.narrow(axis, 0, n - step)
-            else:
-                continue
-            grown = True
-        leaves[i] = t
-    return tree_unflatten(leaves, spec) if grown else None
-
-
 def _check_onnx(path: Path) -> None:
     """Full ``onnx.checker`` and shape inference."""
     import onnx
@@ -546,136 +391,3 @@ def _check_onnx(path: Path) -> None:
         path.with_suffix(".inferred").unlink()
     except Exception as exc:  # checker and inference raise their own types
         raise ExportValidationError(f"the exported model fails ONNX's checks: {exc}") from exc
-
-
-def _input_names(ep: torch.export.ExportedProgram) -> list[str]:
-    """The graph input name of each tensor input, in the order of the inputs' tensor leaves
-    (the ONNX graph names its inputs after these placeholders; it may drop unused ones)."""
-    users = set(ep.graph_signature.user_inputs)
-    return [n.name for n in ep.graph.nodes if n.op == "placeholder" and n.name in users
-            and isinstance(n.meta.get("val"), torch.Tensor)]
-
-
-def _compare(model: nn.Module, session: Session, names: list[str],
-             cases: list[tuple[tuple, dict]], tol: float,
-             moes: list[MoE]) -> tuple[list[float], list[str]]:
-    """ONNX Runtime vs PyTorch on each (args, kwargs), token by token: per case the largest
-    difference relative to the largest output, and notes; ``ExportToleranceError`` above
-    ``tol``. A token above ``tol`` whose routing nearly tied in an MoE layer it passed
-    (``_near_ties``) is excused and counted in the notes instead: float rounding alone can
-    send it to other experts in ONNX Runtime. Nothing else is excused."""
-    diffs, excused, excused_diff = [], 0, 0.0
-    for a, k in cases:
-        with torch.no_grad(), _routing_margins(moes) as margins:
-            ref = [t for t in tree_leaves(model(*a, **k)) if isinstance(t, torch.Tensor)]
-        near_tie = _near_ties(margins)  # (token grid) bool, or None
-        tensors = [t for t in tree_leaves((a, k)) if isinstance(t, torch.Tensor)]
-        # by name: an input the graph dropped (unused by the model) must not shift the others
-        feeds = dict(zip(names, tensors, strict=True)) if len(names) == len(tensors) else dict(
-            zip(session.input_names, tensors, strict=False))
-        got = list(session.run(feeds, ignore_extra=True).values())  # the graph may drop some
-        if len(got) != len(ref):
-            raise ExportShapeError(f"the ONNX model returns {len(got)} outputs, PyTorch "
-                                   f"{len(ref)}")
-        worst, skipped = 0.0, None
-        for r, g in zip(ref, got, strict=True):
-            r = r.detach().float().numpy()
-            g = np.asarray(g, dtype=np.float32)
-            if r.shape != g.shape:
-                raise ExportShapeError(f"output shape {g.shape} from ONNX Runtime, {r.shape} "
-                                       "from PyTorch")
-            if r.size == 0:  # zero tokens: equal shapes are all there is to compare
-                continue
-            diff = _relative_diff(r, g)
-            # one row per token (e.g. (batch, sequence, hidden) on a (batch, sequence) grid):
-            # a near-tie token's row may differ (other experts give finite values, never NaN);
-            # an output without such rows (pooled) may not
-            if near_tie is not None and r.ndim > near_tie.ndim and (
-                    r.shape[:near_tie.ndim] == near_tie.shape):
-                rows = diff.reshape(*near_tie.shape, -1).max(-1)
-                skip = near_tie & (rows > tol) & np.isfinite(rows)
-                skipped = skip if skipped is None else skipped | skip
-                excused_diff = max(excused_diff, float(rows[skip].max(initial=0.0)))
-                diff = rows[~skip]
-            worst = max(worst, float(diff.max(initial=0.0)))
-        if not worst <= tol:
-            shapes = [tuple(t.shape) for t in tree_leaves((a, k)) if isinstance(t, torch.Tensor)]
-            raise ExportToleranceError(
-                f"ONNX Runtime differs from PyTorch by {worst:.2e} (relative to the largest "
-                f"output), above the tolerance {tol:.0e}; inputs {shapes}. Tokens whose top-k "
-                "router scores nearly tie are excused only in outputs with one row per token; "
-                "this difference is elsewhere: report it")
-        excused += 0 if skipped is None else int(skipped.sum())
-        diffs.append(worst)
-    notes = [f"validation excused {excused} token(s) whose top-k router scores tie within "
-             f"{NEAR_TIE:.0e} of their scale (float rounding can route such a token to other "
-             f"experts in ONNX Runtime than in PyTorch): they differ by up to {excused_diff:.1e}; "
-             "every other token is within the tolerance"] if excused else []
-    return diffs, notes
-
-
-def _relative_diff(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
-    """|got - ref| relative to the largest finite |ref|; 0 where both hold the same infinity
-    or both NaN, inf where only one is NaN (NaN would compare as within any tolerance)."""
-    finite = np.abs(ref[np.isfinite(ref)])
-    scale = max(float(finite.max(initial=0.0)), 1e-12)
-    with np.errstate(invalid="ignore"):  # inf - inf
-        diff = np.nan_to_num(np.abs(got - ref), nan=np.inf)
-    diff[(got == ref) | (np.isnan(got) & np.isnan(ref))] = 0.0
-    return diff / scale
-
-
-@contextlib.contextmanager
-def _routing_margins(moes: list[MoE]):
-    """Within the block, every forward of a layer in ``moes`` appends (its token grid: the
-    input's shape without the hidden dim, its ``_routing_margin`` per token) to the yielded
-    list. The hooks are removed on exit."""
-    calls = []
-
-    def record(moe, args, kwargs, output):
-        x = args[0] if args else kwargs["x"]
-        calls.append((tuple(x.shape[:-1]), _routing_margin(moe, x.reshape(-1, x.shape[-1]))))
-    hooks = [m.register_forward_hook(record, with_kwargs=True) for m in moes]
-    try:
-        yield calls
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-def _routing_margin(moe: MoE, x: torch.Tensor) -> torch.Tensor:
-    """How near each token (x: (T, H)) came to other experts, (T,): the gap between the k-th
-    and (k+1)-th of the scores the router ranks (logits; σ(logits) + selection_bias for
-    "sigmoid"), relative to the token's largest |score|. "topp" also orders the k and cuts
-    them where the probability mass reaches ``top_p``: every gap among them and the distance
-    of the mass to ``top_p`` count. inf where no score decides (hash, k = E). Under a capacity
-    factor a token's drops depend on the tokens before it: their smallest margin counts."""
-    if moe.router_type == "hash":
-        return torch.full(x.shape[:1], math.inf)
-    logits = moe.select(x).logits.float()  # (T, E)
-    scores = logits
-    if moe.router_type == "sigmoid":
-        scores = torch.sigmoid(logits) + moe.selection_bias
-    ranked, order = scores.sort(-1, descending=True)  # (T, E)
-    gaps = ranked[:, :-1] - ranked[:, 1:]  # (T, E - 1)
-    k = moe.top_k
-    gaps = gaps[:, :k] if moe.router_type == "topp" else gaps[:, k - 1:k]
-    margin = torch.cat([gaps, torch.full_like(ranked[:, :1], math.inf)], 1).amin(-1)
-    margin = margin / ranked.abs().amax(-1).clamp_min(torch.finfo(torch.float32).tiny)
-    if moe.router_type == "topp":
-        probs = torch.softmax(logits, -1).gather(1, order[:, :k])  # (T, k)
-        mass_before = probs.cumsum(-1) - probs
-        margin = torch.minimum(margin, (mass_before - moe.top_p).abs().amin(-1))
-    if moe.capacity_factor is not None and margin.numel():
-        margin = torch.cummin(margin, 0).values  # first come, first served
-    return margin
-
-
-def _near_ties(calls: list[tuple[tuple, torch.Tensor]]) -> np.ndarray | None:
-    """Which tokens' routing nearly tied (margin <= NEAR_TIE) in any MoE layer, on the token
-    grid every layer saw ((batch, sequence) in a transformer); None without MoE layers, or
-    when layers saw different grids (which token is which is unknown then)."""
-    if not calls or len({grid for grid, _ in calls}) != 1:
-        return None
-    margin = torch.stack([m for _, m in calls]).amin(0)  # (T,), the closest over layers
-    return (margin <= NEAR_TIE).reshape(calls[0][0]).numpy()

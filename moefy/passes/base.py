@@ -13,11 +13,13 @@ _log = logging.getLogger("moefy.convert")
 
 @dataclass
 class PassResult:
-    """``modified``: the pass changed the model (analysis passes never do); ``counts``: what
-    it found or did, logged at INFO on the ``moefy.convert`` logger after every pass."""
+    """``modified``: the pass changed what the model computes (analysis passes never do; a
+    record written on a layer is counted, not a change); ``counts``: what it found or did,
+    logged at INFO on the ``moefy.convert`` logger after every pass."""
 
     modified: bool
     counts: dict[str, int | float] = field(default_factory=dict)
+    output: Any = None  # the stage the pass made (``moefy.passes.stages``), if any
 
     def describe(self) -> str:
         counts = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
@@ -27,17 +29,21 @@ class PassResult:
 
 
 class Pass:
-    """A step of the conversion pipeline. Subclasses implement ``call(state)``.
+    """A step of the conversion pipeline. Subclasses implement ``call(request, *stages)``,
+    taking the stages named in ``needs`` in that order and returning a ``PassResult`` whose
+    ``output`` is the stage they make (or None).
 
     ``__call__`` runs it, logs its result and names the pass in any moefy error it
     raises."""
 
-    def call(self, state: Any) -> PassResult:
+    needs: tuple[type, ...] = ()
+
+    def call(self, request: Any, *stages: Any) -> PassResult:
         raise NotImplementedError
 
-    def __call__(self, state: Any) -> PassResult:
+    def __call__(self, request: Any, *stages: Any) -> PassResult:
         try:
-            result = self.call(state)
+            result = self.call(request, *stages)
         except MoefyError as exc:
             if not getattr(exc, "pass_name", None):
                 exc.pass_name = type(self).__name__

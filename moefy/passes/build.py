@@ -17,9 +17,10 @@ from moefy.errors import ConversionError
 from moefy.layers.moe import MoE
 from moefy.layers.record import ConversionRecord
 from moefy.passes.calibrate import FFNStats
-from moefy.passes.find_ffn import FFNMatch, Projection
+from moefy.passes.find_ffn import FFNMatch
 from moefy.passes.fit import fit_compensation, fit_layer, set_router
 from moefy.passes.partition import partition_neurons
+from moefy.passes.projection import Projection
 
 
 @dataclass

@@ -25,8 +25,9 @@ from tqdm import tqdm
 from moefy.errors import ConversionError, first_line
 from moefy.passes import trace
 from moefy.passes.base import Pass, PassResult
-from moefy.passes.find_ffn import FFNMatch, strip_identities
-from moefy.passes.state import ConversionState
+from moefy.passes.elementwise import strip_identities
+from moefy.passes.find_ffn import FFNMatch
+from moefy.passes.stages import Plans, Request, Statistics
 from moefy.passes.verify import describe, describe_batch
 
 _log = logging.getLogger("moefy.convert")
@@ -225,14 +226,18 @@ class Progress:
 class Calibrate(Pass):
     """calibration batches ⇒ per-FFN activation statistics (split and peer)."""
 
-    def call(self, s: ConversionState) -> PassResult:
-        if s.calibration_data is None or s.config.method not in ("split", "peer"):
-            return PassResult(False)
+    needs = (Plans,)
+
+    def call(self, r: Request, plans: Plans) -> PassResult:
+        if r.calibration_data is None or r.config.method not in ("split", "peer"):
+            return PassResult(False, output=Statistics())
+        stats: dict[str, FFNStats] = {}
+        kept = []  # distillation (config.minutes) cycles through them after building
         batches = 0
-        progress = Progress("calibration", s.progress)
-        for batch in s.calibration_data:
+        progress = Progress("calibration", r.progress)
+        for batch in r.calibration_data:
             try:
-                self._collect(s, batch)
+                _collect(r, plans, batch, stats)
             except ConversionError as exc:
                 exc.args = (f"calibration batch {batches}: {exc}",)
                 raise
@@ -241,15 +246,15 @@ class Calibrate(Pass):
                     f"calibration batch {batches} does not fit the model: "
                     f"{type(exc).__name__}: {first_line(exc)}\n"
                     f"Each batch must be inputs like example_inputs "
-                    f"({describe(s.args, s.kwargs)}), with the same dtypes and the same "
+                    f"({describe(r.args, r.kwargs)}), with the same dtypes and the same "
                     f"sizes except batch and sequence; got {describe_batch(batch)}. Nothing "
                     "was changed.") from exc
             batches += 1
-            if s.config.minutes is not None:
-                s.batches.append(batch)  # distillation cycles through them after building
-            tokens = min((st.tokens for st in s.stats.values()), default=0)
+            if r.config.minutes is not None:
+                kept.append(batch)
+            tokens = min((st.tokens for st in stats.values()), default=0)
             progress.update(f"{batches} batches, {tokens:,} tokens")
-            cap = s.config.calibration_tokens
+            cap = r.config.calibration_tokens
             if cap is not None and tokens >= cap:
                 _log.info("calibration: stopped after %d batches (%d tokens per FFN, "
                           "MoEConfig.calibration_tokens)", batches, tokens)
@@ -257,37 +262,37 @@ class Calibrate(Pass):
         progress.close()
         if not batches:
             raise ConversionError("calibration_data yielded no batches")
-        keys = {f"{p.unit.path}:{p.match.output.name}": p.plan.name for p in s.plans}
-        empty = [name for key, name in keys.items()
-                 if key not in s.stats or s.stats[key].tokens == 0]
+        empty = [p.plan.name for p in plans.plans
+                 if p.key not in stats or stats[p.key].tokens == 0]
         if empty:
             raise ConversionError(
                 f"calibration_data gave no usable token to {', '.join(empty[:4])}: "
                 "every token was padding, or non-finite / an extreme outlier (skipped). Check "
                 "the data, or convert without calibration_data. Nothing was changed.")
-        skipped = sum(st.skipped for st in s.stats.values())
+        skipped = sum(st.skipped for st in stats.values())
         if skipped:
             _log.warning("calibration: skipped %d token(s) whose FFN input or activation was "
                          "non-finite or an extreme outlier", skipped)
-        return PassResult(False, {"batches": batches, "ffns": len(s.stats), "skipped": skipped})
+        return PassResult(False, {"batches": batches, "ffns": len(stats), "skipped": skipped},
+                          Statistics(stats, tuple(kept)))
 
-    @staticmethod
-    def _collect(s: ConversionState, batch) -> None:
-        args, kwargs = trace.batch_inputs(s.model, batch, "it", ConversionError)
-        check_like_example(args, kwargs, s.args, s.kwargs)
-        if [u.path for u in s.units] == [""]:  # the whole model is one graph: no hooks
-            calls = {"": (args, kwargs)}
-        else:
-            calls = trace.record_calls(s.model, args, kwargs, paths={u.path for u in s.units})
-        mask = token_mask(kwargs)
-        for unit in s.units:
-            plans = [p for p in s.plans if p.unit is unit]
-            sites = [site for p in plans for site in (p.sites or [p.match])]
-            same_as = {site.output.name: p.match.output.name
-                       for p in plans for site in (p.sites or [p.match])}
-            if sites:
-                collect_stats(unit.ep, sites, [calls[unit.path]], s.stats, unit.path,
-                              mask=mask, same_as=same_as)
+
+def _collect(r: Request, plans: Plans, batch, stats: dict) -> None:
+    args, kwargs = trace.batch_inputs(r.model, batch, "it", ConversionError)
+    check_like_example(args, kwargs, r.args, r.kwargs)
+    if [u.path for u in plans.units] == [""]:  # the whole model is one graph: no hooks
+        calls = {"": (args, kwargs)}
+    else:
+        calls = trace.record_calls(r.model, args, kwargs, paths={u.path for u in plans.units})
+    mask = token_mask(kwargs)
+    for unit in plans.units:
+        mine = [p for p in plans.plans if p.unit is unit]
+        sites = [site for p in mine for site in (p.sites or [p.match])]
+        same_as = {site.output.name: p.match.output.name
+                   for p in mine for site in (p.sites or [p.match])}
+        if sites:
+            collect_stats(unit.ep, sites, [calls[unit.path]], stats, unit.path,
+                          mask=mask, same_as=same_as)
 
 
 def check_like_example(args: tuple, kwargs: dict, ex_args: tuple, ex_kwargs: dict) -> None:

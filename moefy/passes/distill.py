@@ -25,7 +25,7 @@ from moefy.layers.moe import MoE
 from moefy.layers.shard import refuse_sharded
 from moefy.passes.base import Pass, PassResult
 from moefy.passes.calibrate import Progress
-from moefy.passes.state import ConversionState
+from moefy.passes.stages import Converted, Request, Statistics
 from moefy.passes.trace import batch_inputs
 
 TRAINABLE = ("experts", "routers", "moe", "all")
@@ -417,37 +417,40 @@ def distill_for(model: nn.Module, teacher: nn.Module, data, seconds: float, *,
 
 class DistillForBudget(Pass):
     """converted model ⇒ the same, distilled towards the dense model on the calibration
-    batches for what is left of ``config.minutes``. Each MoE's ``conversion`` records it."""
+    batches for what is left of ``config.minutes``. Each layer's record says what was done."""
 
-    def call(self, s: ConversionState) -> PassResult:
-        if s.config.minutes is None:
+    needs = (Statistics, Converted)
+
+    def call(self, r: Request, stats: Statistics, converted: Converted) -> PassResult:
+        config = r.config
+        if config.minutes is None:
             return PassResult(False)
-        left = s.config.minutes * 60.0 - (time.perf_counter() - s.started)
-        moes = [m for m in s.target.modules() if isinstance(m, MoE)]
-        exact = all(m.top_k >= m.num_experts for m in moes) or s.config.method == "upcycle"
-        if exact or left <= 1.0 or not s.batches:
+        left = config.minutes * 60.0 - (time.perf_counter() - r.started)
+        moes = [m for m in converted.target.modules() if isinstance(m, MoE)]
+        exact = all(m.top_k >= m.num_experts for m in moes) or config.method == "upcycle"
+        if exact or left <= 1.0 or not stats.batches:
             why = ("the conversion is exact: nothing to distil" if exact else
-                   "no calibration batch was kept" if not s.batches else
-                   f"building took {s.config.minutes * 60.0 - left:.0f} s, the whole budget "
-                   f"of {s.config.minutes:g} min")
+                   "no calibration batch was kept" if not stats.batches else
+                   f"building took {config.minutes * 60.0 - left:.0f} s, the whole budget "
+                   f"of {config.minutes:g} min")
             (_convert_log.info if exact else _convert_log.warning)(
-                "minutes=%g: no distillation (%s)", s.config.minutes, why)
+                "minutes=%g: no distillation (%s)", config.minutes, why)
             info = {"steps": 0, "why": why}
         else:
             try:
-                info = distill_for(s.target, s.model, s.batches, left, progress=s.progress)
+                info = distill_for(converted.target, r.model, list(stats.batches), left,
+                                   progress=r.progress)
             except NonFiniteLossError as exc:
                 # distill keeps the weights of the last good step: the conversion stands
-                _convert_log.warning("minutes=%g: distillation stopped: %s", s.config.minutes,
-                             first_line(exc))
+                _convert_log.warning("minutes=%g: distillation stopped: %s", config.minutes,
+                                     first_line(exc))
                 info = {"steps": len(exc.log), "why": f"stopped: {first_line(exc)}"}
             if info.get("steps") and "loss_first" in info:
                 _convert_log.info("minutes=%g: distilled %d steps in %.0f s, loss %.4g -> %.4g",
-                          s.config.minutes, info["steps"], info["seconds"],
-                          info["loss_first"], info["loss_last"])
+                                  config.minutes, info["steps"], info["seconds"],
+                                  info["loss_first"], info["loss_last"])
         for m in moes:
             m.conversion = m.conversion.with_(distill=info)
-        s.batches = []
         # the record keeps the why and the losses; the result counts what was done
         return PassResult(bool(info.get("steps")), {"steps": info.get("steps", 0),
                                                     "seconds": info.get("seconds", 0.0)})

@@ -4,8 +4,10 @@ changes.
 
     dense model → TraceUnits → graphs (the whole model, else its largest exportable modules)
       → FindFFNs → matches (+ every rejected candidate and why)
-      → PlanRewrite → one plan per FFN, however many call sites (swap a module; else graph mode
-        for the smallest module whose forward runs it, exported again with dynamic sizes)
+      → TraceHosts → a module whose forward runs an FFN inline, exported alone
+      → PlanRewrite → one plan per FFN, however many call sites (swap a module; else graph
+        mode for the smallest module whose forward runs it)
+      → MakeDynamic → graph-mode units exported again with dynamic sizes
       → Select → CheckBeforeChange
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+from dataclasses import replace
 
 import torch.nn as nn
 
@@ -25,7 +28,8 @@ from moefy.errors import (
 )
 from moefy.passes import build, find_ffn, peer, rewrite, trace
 from moefy.passes.base import Pass, PassResult
-from moefy.passes.state import ConversionState, Planned, join
+from moefy.passes.stages import Found, Plan, Plans, Request, Traced, join
+from moefy.passes.trace import TracedUnit
 
 _log = logging.getLogger("moefy.convert")
 
@@ -33,168 +37,198 @@ _log = logging.getLogger("moefy.convert")
 class TraceUnits(Pass):
     """dense model ⇒ exported graph(s) (whole model, else its largest exportable modules)."""
 
-    def call(self, s: ConversionState) -> PassResult:
+    def call(self, r: Request) -> PassResult:
         # static shapes (2-4x faster to export) unless calibration batches of other sizes
         # will run through the graphs; graph-mode units are exported again, dynamic
-        calibrating = s.calibration_data is not None and s.config.method in ("split", "peer")
-        s.units = trace.trace_units(s.model, s.args, s.kwargs, dynamic=calibrating)
-        return PassResult(False, {"graphs": len(s.units)})
+        calibrating = r.calibration_data is not None and r.config.method in ("split", "peer")
+        units = trace.trace_units(r.model, r.args, r.kwargs, dynamic=calibrating)
+        return PassResult(False, {"graphs": len(units)}, Traced(tuple(units)))
 
 
 class FindFFNs(Pass):
     """graphs ⇒ FFN matches, plus every rejected candidate and why."""
 
-    def call(self, s: ConversionState) -> PassResult:
-        for unit in s.units:
-            matches, rejected = find_ffn.find_ffns(unit.ep)
-            s.found += [(unit, m) for m in matches]
-            s.rejections += [find_ffn.Rejection(join(unit.path, r.node), r.reason)
-                             for r in rejected]
-        return PassResult(False, {"ffns": len(s.found), "rejected": len(s.rejections)})
+    needs = (Traced,)
+
+    def call(self, r: Request, traced: Traced) -> PassResult:
+        matches, rejections = [], []
+        for unit in traced.units:
+            found, rejected = find_ffn.find_ffns(unit.ep)
+            matches += [(unit, m) for m in found]
+            rejections += [find_ffn.Rejection(join(unit.path, x.node), x.reason)
+                           for x in rejected]
+        return PassResult(False, {"ffns": len(matches), "rejected": len(rejections)},
+                          Found(traced.units, tuple(matches), tuple(rejections)))
+
+
+class TraceHosts(Pass):
+    """FFNs inline in a submodule's forward (no module boundary to swap) ⇒ that module
+    exported alone, with the inputs it received on the example inputs, so that graph mode
+    rewrites it and swaps it in, not the whole model. Its FFN matches replace those found in
+    the larger graph; a host that does not export stays there (``Found.untraced`` says
+    why)."""
+
+    needs = (Found,)
+
+    def call(self, r: Request, found: Found) -> PassResult:
+        wanted: dict[str, TracedUnit] = {}  # host path -> the unit whose graph holds it
+        for unit in found.units:
+            scopes = rewrite.module_scopes(unit.ep.graph)
+            for sites in by_weights(found.of(unit)):
+                host = rewrite.host_module(sites[0])
+                plan = rewrite.plan_surgery(sites[0], unit.ep.graph, unit.module, scopes, sites)
+                if isinstance(plan, str) and host:
+                    wanted[join(unit.path, host)] = unit
+        # outermost only: a host's own graph mode covers any FFN inline in a module inside it
+        hosts = [h for h in wanted if not any(h.startswith(o + ".") for o in wanted)]
+        if not hosts:
+            return PassResult(False, {"hosts": 0}, found)
+        calls = trace.record_calls(r.model, r.args, r.kwargs, paths=set(hosts))
+        units, matches, untraced = list(found.units), list(found.matches), {}
+        for path in hosts:
+            parent, module = wanted[path], r.model.get_submodule(path)
+            if path not in calls:
+                untraced[path] = f"{path} did not run on the example inputs"
+                continue
+            try:
+                ep = trace.export_model(module, *calls[path], dynamic=True)  # for graph mode
+            except TraceError as exc:
+                untraced[path] = f"{path} alone did not export ({first_line(exc)})"
+                continue
+            inner = path[len(parent.path) + 1:] if parent.path else path
+            matches = [(u, m) for u, m in matches if u is not parent or not (
+                (h := rewrite.host_module(m)) == inner or h.startswith(inner + "."))]
+            unit = TracedUnit(path, module, ep, dynamic=True)
+            units.append(unit)
+            matches += [(unit, m) for m in find_ffn.find_ffns(ep)[0]]  # rejections: seen
+        return PassResult(False, {"hosts": len(hosts) - len(untraced),
+                                  "untraced": len(untraced)},
+                          Found(tuple(units), tuple(matches), found.rejections, untraced))
 
 
 class PlanRewrite(Pass):
     """matches ⇒ one plan per FFN, however many sites call it: the modules to swap (surgery),
     else graph mode for the smallest module whose forward runs the whole FFN."""
 
-    def call(self, s: ConversionState) -> PassResult:
-        untraced = _trace_hosts(s)  # before planning: hosts become units of their own
-        for unit in s.units:
+    needs = (Found,)
+
+    def call(self, r: Request, found: Found) -> PassResult:
+        plans, inline = [], {}
+        for unit in found.units:
             scopes = rewrite.module_scopes(unit.ep.graph)
-            for sites in _by_weights([m for u, m in s.found if u is unit]):
+            for sites in by_weights(found.of(unit)):
                 match = sites[0]  # the representative: its key holds the FFN's statistics
                 plan = rewrite.plan_surgery(match, unit.ep.graph, unit.module, scopes, sites)
                 if isinstance(plan, str):  # no module boundary: graph mode for this unit
                     name = (join(unit.path, match.name) if match.name
                             else unit.path or match.output.name)
-                    why = untraced.get(join(unit.path, rewrite.host_module(match)))
-                    s.inline.setdefault(unit.path, []).append(
+                    why = found.untraced.get(join(unit.path, rewrite.host_module(match)))
+                    inline.setdefault(unit.path, []).append(
                         f"{name}: {plan}" + (f"; {why}" if why else ""))
                     plan = rewrite.SurgeryPlan(name, "", [], None)
                 else:
                     plan = rewrite.SurgeryPlan(
                         join(unit.path, plan.name), join(unit.path, plan.replace),
                         [join(unit.path, p) for p in plan.identities], plan.dropout)
-                s.plans.append(Planned(unit, match, plan, sites))
-        _make_dynamic(s, {p.unit.path: p.unit for p in s.plans if p.unit.path in s.inline})
-        if s.explain:
-            _print_explanation(s.plans, s.rejections, s.inline)
-        if not s.plans:
-            raise NoFFNFoundError(_no_ffn_message(s.model, s.rejections))
-        return PassResult(False, {"surgery": sum(p.unit.path not in s.inline for p in s.plans),
-                                 "graph_mode": sum(p.unit.path in s.inline for p in s.plans),
-                                 "shared_sites": sum(len(p.sites) - 1 for p in s.plans)})
+                plans.append(Plan(unit, match, plan, tuple(sites)))
+        inline = {path: tuple(reasons) for path, reasons in inline.items()}
+        if r.explain:
+            _print_explanation(plans, found.rejections, inline)
+        if not plans:
+            raise NoFFNFoundError(_no_ffn_message(r.model, found.rejections))
+        return PassResult(False, {"surgery": sum(p.unit.path not in inline for p in plans),
+                                  "graph_mode": sum(p.unit.path in inline for p in plans),
+                                  "shared_sites": sum(len(p.sites) - 1 for p in plans)},
+                          Plans(found.units, tuple(plans), inline))
 
 
-def _by_weights(matches: list) -> list[list]:
+class MakeDynamic(Pass):
+    """static graphs that graph mode returns ⇒ the same graphs exported again with dynamic
+    batch and sequence sizes (the result must take other sizes), their plans moved onto the
+    new graph's matches (the same FFNs, found by their weights). A unit that does not export
+    so keeps its static graph, which then takes only the example's sizes."""
+
+    needs = (Plans,)
+
+    def call(self, r: Request, plans: Plans) -> PassResult:
+        new: dict[int, TracedUnit] = {}  # id(old unit) -> its dynamic twin
+        sites: dict[int, dict] = {}  # id(old unit) -> the twin's sites by weights
+        for unit in {id(p.unit): p.unit for p in plans.plans
+                     if p.unit.path in plans.inline}.values():
+            if unit.dynamic:
+                continue
+            calls = ({"": (r.args, r.kwargs)} if not unit.path
+                     else trace.record_calls(r.model, r.args, r.kwargs, paths={unit.path}))
+            try:
+                ep = trace.export_model(unit.module, *calls[unit.path], dynamic=True)
+            except TraceError as exc:
+                _log.warning("graph mode keeps %s's example sizes: %s",
+                             unit.path or "the model", first_line(exc))
+                continue
+            by = {weights_of(g[0]): g for g in by_weights(find_ffn.find_ffns(ep)[0])}
+            if any(weights_of(p.match) not in by for p in plans.plans if p.unit is unit):
+                _log.warning("graph mode keeps %s's example sizes: its dynamic graph matched "
+                             "other FFNs", unit.path or "the model")
+                continue
+            new[id(unit)], sites[id(unit)] = TracedUnit(unit.path, unit.module, ep, True), by
+        if not new:
+            return PassResult(False, {"reexported": 0}, plans)
+        moved = []
+        for p in plans.plans:
+            if id(p.unit) in new:
+                group = sites[id(p.unit)][weights_of(p.match)]
+                p = Plan(new[id(p.unit)], group[0], p.plan, tuple(group))
+            moved.append(p)
+        units = tuple(new.get(id(u), u) for u in plans.units)
+        return PassResult(False, {"reexported": len(new)},
+                          replace(plans, units=units, plans=tuple(moved)))
+
+
+def by_weights(matches: list) -> list[list]:
     """Matches grouped by the weights they read, in graph order: one group is one FFN, and
     each further match in it is another call site of that FFN (a module run by several
     layers)."""
     groups: dict[tuple, list] = {}
     for m in matches:
-        groups.setdefault(_weights(m), []).append(m)
+        groups.setdefault(weights_of(m), []).append(m)
     return list(groups.values())
 
 
-def _weights(match) -> tuple:
+def weights_of(match) -> tuple:
     return (match.up.weight, match.gate.weight if match.gate is not None else None,
             match.down.weight)
-
-
-def _make_dynamic(s: ConversionState, units: dict) -> None:
-    """Graph mode returns the unit's graph, which must take other batch and sequence sizes:
-    export each static unit (path -> unit) again with them dynamic, and move its plans onto
-    the new graph's matches (the same FFNs, found by their weights). A unit that does not
-    export so keeps its static graph, which then takes only the example's sizes."""
-    for unit in units.values():
-        if unit.dynamic:
-            continue
-        calls = ({"": (s.args, s.kwargs)} if not unit.path
-                 else trace.record_calls(s.model, s.args, s.kwargs, paths={unit.path}))
-        plans = [p for p in s.plans if p.unit is unit]
-        try:
-            ep = trace.export_model(unit.module, *calls[unit.path], dynamic=True)
-        except TraceError as exc:
-            _log.warning("graph mode keeps %s's example sizes: %s", unit.path or "the model",
-                         first_line(exc))
-            continue
-        sites = {_weights(g[0]): g for g in _by_weights(find_ffn.find_ffns(ep)[0])}
-        if any(_weights(p.match) not in sites for p in plans):
-            _log.warning("graph mode keeps %s's example sizes: its dynamic graph matched "
-                         "other FFNs", unit.path or "the model")
-            continue
-        unit.ep, unit.dynamic = ep, True
-        for p in plans:
-            p.sites = sites[_weights(p.match)]
-            p.match = p.sites[0]
-        s.found = [(u, m) for u, m in s.found if u is not unit]
-        s.found += [(unit, m) for g in sites.values() for m in g]
-
-
-def _trace_hosts(s: ConversionState) -> dict[str, str]:
-    """FFNs inline in a submodule's forward (no module boundary to swap): export that module
-    alone, with the inputs it received on the example inputs, so that graph mode rewrites
-    it and swaps it in, not the whole model. Its FFN matches replace those found in the
-    larger graph. Returns, per host that did not export, why (it stays in the larger
-    graph)."""
-    wanted: dict[str, trace.TracedUnit] = {}  # host path -> the unit whose graph holds it
-    for unit in s.units:
-        scopes = rewrite.module_scopes(unit.ep.graph)
-        for sites in _by_weights([m for u, m in s.found if u is unit]):
-            host = rewrite.host_module(sites[0])
-            plan = rewrite.plan_surgery(sites[0], unit.ep.graph, unit.module, scopes, sites)
-            if isinstance(plan, str) and host:
-                wanted[join(unit.path, host)] = unit
-    # outermost only: a host's own graph mode covers any FFN inline in a module inside it
-    hosts = [h for h in wanted if not any(h.startswith(o + ".") for o in wanted)]
-    if not hosts:
-        return {}
-    calls = trace.record_calls(s.model, s.args, s.kwargs, paths=set(hosts))
-    untraced = {}
-    for path in hosts:
-        parent, module = wanted[path], s.model.get_submodule(path)
-        if path not in calls:
-            untraced[path] = f"{path} did not run on the example inputs"
-            continue
-        try:
-            ep = trace.export_model(module, *calls[path], dynamic=True)  # for graph mode
-        except TraceError as exc:
-            untraced[path] = f"{path} alone did not export ({first_line(exc)})"
-            continue
-        inner = path[len(parent.path) + 1:] if parent.path else path
-        s.found = [(u, m) for u, m in s.found if u is not parent or not (
-            (h := rewrite.host_module(m)) == inner or h.startswith(inner + "."))]
-        unit = trace.TracedUnit(path, module, ep, dynamic=True)
-        s.units.append(unit)
-        s.found += [(unit, m) for m in find_ffn.find_ffns(ep)[0]]  # rejections: seen above
-    return untraced
 
 
 class Select(Pass):
     """plans ⇒ the plans that only / skip / keep_first / keep_last leave."""
 
-    def call(self, s: ConversionState) -> PassResult:
-        before = len(s.plans)
-        s.plans = _select(s.plans, s.config)
-        s.graph_paths = {p.unit.path for p in s.plans if p.unit.path in s.inline}
-        return PassResult(False, {"selected": len(s.plans), "left_dense": before - len(s.plans)})
+    needs = (Plans,)
+
+    def call(self, r: Request, plans: Plans) -> PassResult:
+        chosen = _select(plans.plans, r.config)
+        graph_paths = frozenset(p.unit.path for p in chosen if p.unit.path in plans.inline)
+        return PassResult(False, {"selected": len(chosen),
+                                  "left_dense": len(plans.plans) - len(chosen)},
+                          replace(plans, plans=tuple(chosen), graph_paths=graph_paths))
 
 
 class CheckBeforeChange(Pass):
     """Raise now for anything the rewrite would fail on; the model is still untouched."""
 
-    def call(self, s: ConversionState) -> PassResult:
-        if s.inplace and "" in s.graph_paths:
+    needs = (Plans,)
+
+    def call(self, r: Request, plans: Plans) -> PassResult:
+        if r.inplace and "" in plans.graph_paths:
             raise ConversionError(
                 "these FFNs run inline in the model's own forward and can only be converted "
                 "in graph mode, which returns a new GraphModule; call convert with "
-                "inplace=False:\n  " + "\n  ".join(s.inline[""]))
-        for p in s.plans:
+                "inplace=False:\n  " + "\n  ".join(plans.inline[""]))
+        for p in plans.plans:
             dense = build.dense_weights(p.unit.module, p.match)
-            build.check_divisible(p.plan.name, dense, s.config)
-            if s.config.method == "peer":
-                peer.check_peer(p.plan.name, dense, s.config)
-        return PassResult(False, {"checked": len(s.plans)})
+            build.check_divisible(p.plan.name, dense, r.config)
+            if r.config.method == "peer":
+                peer.check_peer(p.plan.name, dense, r.config)
+        return PassResult(False, {"checked": len(plans.plans)})
 
 
 def _select(plans, config: MoEConfig):

@@ -22,6 +22,7 @@ from moefy.layers.peer import PEER
 from moefy.layers.tokens import token_ids
 from moefy.passes.base import Pass, PassResult
 from moefy.passes.peer import all_experts
+from moefy.passes.stages import Converted, Reference, Request, Statistics
 
 _log = logging.getLogger("moefy.convert")
 
@@ -35,7 +36,7 @@ class RunDense(Pass):
     def __init__(self, keep: bool = True):
         self.keep = keep
 
-    def call(self, s) -> PassResult:
+    def call(self, s: Request) -> PassResult:
         if any(p.is_meta for p in s.model.parameters()):
             raise ConversionError("the model's weights are on the meta device (not loaded): "
                                   "load or materialise them (model.to_empty(...) and a "
@@ -57,16 +58,16 @@ class RunDense(Pass):
                 "Pass example_inputs matching its forward() (a tuple of tensors or a dict of "
                 "keyword tensors, of the dtypes it expects).") from exc
         if not self.keep:
-            return PassResult(False)
-        s.reference = dense_outputs
-        bad = [i for i, t in enumerate(s.reference)
+            return PassResult(False, output=Reference(None))
+        bad = [i for i, t in enumerate(dense_outputs)
                if t.is_floating_point() and not torch.isfinite(t).all()]
         if bad:
             raise VerificationError(
                 f"the dense model's output(s) {bad} hold NaN or Inf on the example inputs, so "
                 "the conversion cannot be verified against it: pass example_inputs on which "
                 "the dense model is finite, or verify=False. Nothing was changed.")
-        return PassResult(False, {"outputs": len(s.reference)})
+        return PassResult(False, {"outputs": len(dense_outputs)},
+                          Reference(tuple(dense_outputs)))
 
 
 class Verify(Pass):
@@ -79,23 +80,27 @@ class Verify(Pass):
     summing to one over whole copies and drops nothing), the model exactly as configured.
     Otherwise its outputs are checked finite and the log says what was checked."""
 
+    needs = (Reference, Statistics, Converted)
+
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
 
-    def call(self, s) -> PassResult:
+    def call(self, s: Request, reference: Reference, stats: Statistics,
+             converted: Converted) -> PassResult:
         if not self.enabled:
             return PassResult(False)
-        moes = [m for m in s.target.modules() if isinstance(m, MoE)]
-        peers = [m for m in s.target.modules() if isinstance(m, PEER)]
-        refitted = s.config.fit_steps > 0 and s.config.method == "split" and bool(s.stats)
+        target = converted.target
+        moes = [m for m in target.modules() if isinstance(m, MoE)]
+        peers = [m for m in target.modules() if isinstance(m, PEER)]
+        refitted = s.config.fit_steps > 0 and s.config.method == "split" and bool(stats.stats)
         if not refitted:  # a layer fit (fit_steps) retrains the experts: no longer a carve
             with _every_expert_active(moes), _every_peer_expert_active(peers):
-                _compare(s.reference, outputs(s.target, s.args, s.kwargs),
+                _compare(reference.outputs, outputs(target, s.args, s.kwargs),
                          "with every expert active")
         why_not = _not_preserving(s.config) or _peer_not_preserving(peers)
-        got = outputs(s.target, s.args, s.kwargs)
+        got = outputs(target, s.args, s.kwargs)
         if why_not is None:
-            _compare(s.reference, got, "as configured")
+            _compare(reference.outputs, got, "as configured")
             checked = "exact: outputs equal the dense model's as configured"
         else:
             bad = [i for i, t in enumerate(got)
@@ -111,9 +116,9 @@ class Verify(Pass):
         _log.info("verification: %s", checked)
         for m in moes + peers:
             m.conversion = m.conversion.with_(verified=checked)
-        # the function is unchanged; each layer's record now holds the outcome
-        return PassResult(True, {"outputs_checked": len(got),
-                                 "layers_recorded": len(moes) + len(peers)})
+        # what the model computes is unchanged; each layer's record now holds the outcome
+        return PassResult(False, {"outputs_checked": len(got),
+                                  "layers_recorded": len(moes) + len(peers)})
 
 
 def _not_preserving(config: MoEConfig) -> str | None:

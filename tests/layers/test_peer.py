@@ -195,7 +195,7 @@ def test_trains_with_sparse_gradients():
 @pytest.mark.parametrize("query_norm,block", ((None, None), ("batch", 2 * 5 * 4 * 2)))
 def test_gradients_match_the_oracle(query_norm, block, monkeypatch):
     if block:  # blocks of two tokens
-        monkeypatch.setattr("moefy.layers.peer._SEARCH_BYTES", block)
+        monkeypatch.setattr("moefy.runtime.peer._SEARCH_BYTES", block)
     layer = randomise(moefy.PEER(12, (4, 5), heads=2, top_k=3, key_dim=8, bias=True,
                                  gated=True, query_norm=query_norm)).train()
     x = torch.randn(6, 12, requires_grad=True)
@@ -267,7 +267,7 @@ def test_blockwise_search_equals_one_block(monkeypatch):
     layer = randomise(moefy.PEER(16, (12, 20), heads=3, top_k=7, key_dim=8).eval())
     x = torch.randn(101, 16)
     whole = layer.route(x)
-    monkeypatch.setattr("moefy.layers.peer._SEARCH_BYTES", 3 * 20 * 4 * 9)  # 9-token blocks
+    monkeypatch.setattr("moefy.runtime.peer._SEARCH_BYTES", 3 * 20 * 4 * 9)  # 9-token blocks
     blocks = layer.route(x)
     assert torch.equal(blocks.ids, whole.ids)
     torch.testing.assert_close(blocks.scores, whole.scores)
@@ -282,10 +282,26 @@ def test_search_kernel_equals_torch_topk(grid, heads, k, monkeypatch):
     layer = randomise(moefy.PEER(24, grid, heads=heads, top_k=k, key_dim=16).eval(), seed=k)
     x = torch.randn(300, 24)
     fast = layer.route(x)
-    monkeypatch.setattr("moefy.layers.peer._search_kernel_applies", lambda *a: False)
+    monkeypatch.setattr("moefy.runtime.peer._search_kernel_applies", lambda *a: False)
     slow = layer.route(x)
     assert torch.equal(fast.ids, slow.ids)
     torch.testing.assert_close(fast.scores, slow.scores)
+
+
+@pytest.mark.parametrize("grid,heads,k", RETRIEVAL[:3])
+def test_key_scores_are_every_key_and_change_no_state(grid, heads, k):
+    layer = randomise(moefy.PEER(24, grid, heads=heads, top_k=k, key_dim=16), seed=k).train()
+    x = torch.randn(2, 20, 24)
+    before = {name: t.clone() for name, t in layer.state_dict().items()}
+    scores = layer.key_scores(x)  # (40, heads, N)
+    q = layer._queries(x.reshape(-1, 24), update=False)  # (40, heads, d)
+    want = torch.einsum("thd,nd->thn", q, full_keys(layer))
+    torch.testing.assert_close(scores, want, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(t, before[name]) for name, t in layer.state_dict().items())
+    scores.square().sum().backward()
+    assert all(p.grad is not None for p in (layer.keys_a, layer.keys_b, layer.query.weight))
+    layer.eval()
+    assert torch.equal(layer.key_scores(x).topk(k).indices, layer.route(x, exhaustive=True).ids)
 
 
 def test_a_nan_token_is_nan_and_touches_no_other_token():

@@ -13,7 +13,8 @@ import moefy
 from moefy.activations import ACTIVATIONS
 from moefy.errors import ConversionError, NoFFNFoundError
 from moefy.passes.build import dense_weights
-from moefy.passes.find_ffn import find_ffns, identify_activation
+from moefy.passes.elementwise import identify_activation
+from moefy.passes.find_ffn import find_ffns
 from moefy.passes.trace import export_model, split_inputs, trace_units
 from tests.passes.models import (
     ChannelAffineMLP,

@@ -11,7 +11,7 @@ import transformers as tf
 
 import moefy
 from moefy.errors import AlreadyConvertedError, ConversionError, VerificationError
-from moefy.passes import peer
+from moefy.passes import fit_peer, peer
 from moefy.passes.build import DenseWeights
 from moefy.runtime.peer import peer_experts
 from tests.passes.models import TINY, NanoGPT, RawModel
@@ -118,13 +118,13 @@ def test_fitted_retrieval_beats_random_keys_on_held_out_tokens():
                          model[0].bias.detach(), None, model[2].bias.detach(), "gelu")
     held = clustered_tokens(512, torch.Generator().manual_seed(1))[-256:]  # same mixture
     cells = torch.tensor([layer.expert_neurons.index(i) for i in range(128)])
-    fitted = peer.measure(layer, dense, held, cells)
+    fitted = fit_peer.measure(layer, dense, held, cells)
     random_keys = copy.deepcopy(layer)
     with torch.no_grad():
         random_keys.reset_parameters()  # random keys and tables; only the retrieval is read
         random_keys.query.reset_parameters()
         random_keys.query_norm.reset_parameters()
-    chance = peer.measure(random_keys, dense, held, cells)
+    chance = fit_peer.measure(random_keys, dense, held, cells)
     assert chance["retrieval_recall"] < 0.35  # about top_k / N = 0.25
     assert fitted["retrieval_recall"] > chance["retrieval_recall"] + 0.2
     assert fitted["rel_err"] < chance["rel_err"] - 0.2

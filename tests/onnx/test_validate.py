@@ -10,7 +10,7 @@ import torch.nn as nn
 
 import moefy
 from moefy.errors import ExportToleranceError
-from moefy.onnx import export as export_mod
+from moefy.onnx import validate
 
 ROUTERS = (
     dict(router="softmax"),
@@ -44,8 +44,8 @@ def validate_against(monkeypatch, tmp_path, model, inputs, session=moefy.runtime
     ``session``."""
     (tmp_path / "other").mkdir()
     other = moefy.export_onnx(model, tmp_path / "other" / "m.onnx", inputs, validate=False)
-    monkeypatch.setattr(export_mod, "Session", lambda path, device: session(other.path,
-                                                                            device=device))
+    monkeypatch.setattr(validate, "Session", lambda path, device: session(other.path,
+                                                                          device=device))
 
 
 def excused(out):
@@ -69,7 +69,7 @@ def test_a_near_tie_routed_otherwise_exports_with_a_note(tmp_path, monkeypatch, 
     assert excused(out) >= int((rows > 1e-2).sum())  # of the first of two validation inputs
     assert not model._forward_hooks  # the hooks that read the router scores are gone
     # the same export, with no token counted as a near tie, fails as it did before
-    monkeypatch.setattr(export_mod, "NEAR_TIE", 0.0)
+    monkeypatch.setattr(validate, "NEAR_TIE", 0.0)
     with pytest.raises(ExportToleranceError):
         moefy.export_onnx(model, tmp_path / "n.onnx", x)
 
