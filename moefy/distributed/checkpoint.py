@@ -47,6 +47,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, tokenizer=None,
     it back, each rank its own experts.
 
     >>> import tempfile
+    >>> from moefy.io.checkpoint import load
     >>> moe = MoE(8, 16, num_experts=4, top_k=2)
     >>> with tempfile.TemporaryDirectory() as d:
     ...     back = load(save(moe, d), MoE(8, 16, num_experts=4, top_k=2))

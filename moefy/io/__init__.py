@@ -8,8 +8,9 @@ pretrained models that ship offline.
     hf_rebuild.py        the Hugging Face config kept, a model rebuilt from it, checked
     safetensors_range.py a safetensors header and rows read by hand
     hf.py                export_hf: Mixtral / Qwen2-MoE / GLM-4-MoE checkpoints
+    hf_source.py         what export_hf reads from a converted model, and what a target holds
     pretrained.py        the models moefy works with offline
 
-May import: ``moefy.passes.distill``, ``report``, ``evaluate``, ``onnx``, ``convert`` and the floors
-below (never ``moefy.distributed`` or ``moefy.cli``).
+May import: ``moefy.report``, ``moefy.evaluate``, ``moefy.onnx``, ``moefy.convert`` and the
+floors below (never ``moefy.distributed`` or ``moefy.cli``).
 """

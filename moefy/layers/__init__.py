@@ -1,4 +1,9 @@
-"""nn.Modules: the MoE layer, its always-on part, and the PEER layer."""
+"""nn.Modules: the MoE layer, its always-on part, and the PEER layer; routers (pure
+functions), each layer's ConversionRecord, the shard a layer declares under expert
+parallelism, and hash routing's token-id hooks.
+
+May import: ``moefy.runtime`` (which chooses the kernels) and the ground floor only.
+"""
 
 from moefy.layers.moe import MoE, SharedExperts
 from moefy.layers.peer import PEER, PEERRoute

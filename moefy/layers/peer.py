@@ -48,13 +48,12 @@ from moefy.activations import get_activation
 from moefy.errors import InputError
 from moefy.layers.inputs import check_layer_input
 from moefy.layers.record import ConversionRecord
-from moefy.runtime.peer import (
-    advise_huge_pages,
+from moefy.runtime.peer import advise_huge_pages, retrieved_experts
+from moefy.runtime.peer_search import (
     linear,
     product_key_search,
     product_key_topk,
     query_linear,
-    retrieved_experts,
     subkey_scores,
 )
 

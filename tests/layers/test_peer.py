@@ -195,7 +195,7 @@ def test_trains_with_sparse_gradients():
 @pytest.mark.parametrize("query_norm,block", ((None, None), ("batch", 2 * 5 * 4 * 2)))
 def test_gradients_match_the_oracle(query_norm, block, monkeypatch):
     if block:  # blocks of two tokens
-        monkeypatch.setattr("moefy.runtime.peer._SEARCH_BYTES", block)
+        monkeypatch.setattr("moefy.runtime.peer_search._SEARCH_BYTES", block)
     layer = randomise(moefy.PEER(12, (4, 5), heads=2, top_k=3, key_dim=8, bias=True,
                                  gated=True, query_norm=query_norm)).train()
     x = torch.randn(6, 12, requires_grad=True)
@@ -267,7 +267,7 @@ def test_blockwise_search_equals_one_block(monkeypatch):
     layer = randomise(moefy.PEER(16, (12, 20), heads=3, top_k=7, key_dim=8).eval())
     x = torch.randn(101, 16)
     whole = layer.route(x)
-    monkeypatch.setattr("moefy.runtime.peer._SEARCH_BYTES", 3 * 20 * 4 * 9)  # 9-token blocks
+    monkeypatch.setattr("moefy.runtime.peer_search._SEARCH_BYTES", 3 * 20 * 4 * 9)  # 9-token blocks
     blocks = layer.route(x)
     assert torch.equal(blocks.ids, whole.ids)
     torch.testing.assert_close(blocks.scores, whole.scores)
@@ -282,7 +282,7 @@ def test_search_kernel_equals_torch_topk(grid, heads, k, monkeypatch):
     layer = randomise(moefy.PEER(24, grid, heads=heads, top_k=k, key_dim=16).eval(), seed=k)
     x = torch.randn(300, 24)
     fast = layer.route(x)
-    monkeypatch.setattr("moefy.runtime.peer._search_kernel_applies", lambda *a: False)
+    monkeypatch.setattr("moefy.runtime.peer_search._search_kernel_applies", lambda *a: False)
     slow = layer.route(x)
     assert torch.equal(fast.ids, slow.ids)
     torch.testing.assert_close(fast.scores, slow.scores)
