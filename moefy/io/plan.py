@@ -27,7 +27,7 @@ from moefy.io.atomic import as_path
 from moefy.io.hf_rebuild import attention_implementation, hf_config
 from moefy.layers.moe import MoE
 from moefy.layers.peer import PEER
-from moefy.layers.record import ConversionRecord
+from moefy.layers.record import ConversionRecord, jsonable
 from moefy.layers.tokens import has_token_hooks
 from moefy.passes.rewrite import ChannelsLast
 
@@ -155,32 +155,12 @@ def _peer_args(p: PEER) -> dict:
 
 def _peer_state(p: PEER) -> dict:
     bn = p.query_norm
-    return {"expert_neurons": _jsonable(getattr(p, "expert_neurons", None)),
+    return {"expert_neurons": jsonable(getattr(p, "expert_neurons", None)),
             "norm_momentum": None if bn is None else bn.momentum,
             "norm_eps": None if bn is None else bn.eps,
             "conversion": ConversionRecord.of(p.conversion).to_json() or None}
 
 
-def _jsonable(value):
-    """``value`` as JSON (tensors as lists, non-finite floats as None); what cannot be said in
-    JSON is left out (it is descriptive only)."""
-    if isinstance(value, torch.Tensor):
-        value = value.tolist()
-    if isinstance(value, dict):
-        out = {str(k): _jsonable(v) for k, v in value.items()}
-        return {k: v for k, v in out.items() if v is not _SKIP}
-    if isinstance(value, (list, tuple)):
-        return [v for v in (_jsonable(v) for v in value) if v is not _SKIP]
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if hasattr(value, "item"):  # numpy scalars
-        return _jsonable(value.item())
-    return _SKIP
-
-
-_SKIP = object()
 
 
 # ------------------------------------------------------------------ load

@@ -86,24 +86,26 @@ class ConversionRecord(Mapping):
     def to_json(self) -> dict:
         """A JSON-serialisable dict: tensors as lists, non-finite floats as None; what JSON
         cannot say is left out (the record is descriptive only)."""
-        return _jsonable(dict(self))
+        return jsonable(dict(self))
 
 
 _SKIP = object()
 
 
-def _jsonable(value):
+def jsonable(value):
+    """``value`` as JSON: tensors as lists, non-finite floats as None; what JSON cannot say is
+    left out (descriptive values only)."""
     if isinstance(value, torch.Tensor):
         value = value.tolist()
     if isinstance(value, Mapping):
-        out = {str(k): _jsonable(v) for k, v in value.items()}
+        out = {str(k): jsonable(v) for k, v in value.items()}
         return {k: v for k, v in out.items() if v is not _SKIP}
     if isinstance(value, (list, tuple)):
-        return [v for v in (_jsonable(v) for v in value) if v is not _SKIP]
+        return [v for v in (jsonable(v) for v in value) if v is not _SKIP]
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if hasattr(value, "item"):  # numpy scalars
-        return _jsonable(value.item())
+        return jsonable(value.item())
     return _SKIP
