@@ -14,7 +14,7 @@ from moefy.cli.console import Console
 from moefy.cli.errors import CommandError
 from moefy.errors import first_line
 from moefy.io.checkpoint import load
-from moefy.io.hf import ARCHITECTURES as HF_ARCHITECTURES
+from moefy.io.hf import exported_architecture
 
 PLAN_FILE = "moefy.json"  # what marks a directory written by moefy.save
 
@@ -72,21 +72,13 @@ def out_dir(path: str, what: str, *, checkpoint: bool) -> Path:
         if checkpoint and not plan:
             raise CommandError(f"-o {out} holds other files (it is not a moefy checkpoint); "
                                f"give a new or empty directory for the {what}")
-        if not checkpoint and (plan or _model_type(out) not in HF_ARCHITECTURES):
+        if not checkpoint and (plan or exported_architecture(out) is None):
             kind = ("a moefy checkpoint" if plan else "a dense model" if config
                     else "other files")
             raise CommandError(f"-o {out} holds {kind}; give a new or empty directory for "
                                f"the {what}")
     writable_target(out, what)
     return out
-
-
-def _model_type(folder: Path) -> str | None:
-    """config.json's model_type (what an earlier export-hf wrote: mixtral, ...), or None."""
-    try:
-        return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return None
 
 
 def load_checkpoint(out: Path, console: Console):
