@@ -112,7 +112,8 @@ def _fmt(v, col: str = "") -> str:
 
 def _static_row(name: str, m: MoE) -> dict:
     info = m.conversion
-    per_neuron = m.hidden_size * (3 if m.gated else 2)  # weights touched per hidden neuron
+    # weights touched per hidden neuron: its input row(s) and its output column
+    per_neuron = m.hidden_size * (2 if m.gated else 1) + m.output_size
     shared_size = 0 if m.shared.ffn is None else m.shared.ffn.fc_in.out_features
     active = (m.top_k * m.expert_size + shared_size) * per_neuron + m.router.weight.numel()
     dense_size = info.get("dense_ffn_size")
@@ -193,7 +194,7 @@ def _measure(model: nn.Module, moes: list[MoE | PEER], layers: list[dict], data)
             x = x[rows]
             dropped[i] += m.last_dropped
             mass[i].index_add_(0, indices.reshape(-1).cpu(), weights.reshape(-1).double().cpu())
-            y = out.reshape(-1, m.hidden_size)[rows].float()
+            y = out.reshape(-1, m.output_size)[rows].float()
             ref = _all_experts(m, x).float()
             err[i][0] += float((y - ref).pow(2).sum())
             err[i][1] += float(ref.pow(2).sum())

@@ -53,6 +53,17 @@ def test_every_expert_active_has_no_error():
     assert all(row["uneven"] < 1e-6 for row in rep.layers)  # every expert, every token
 
 
+@pytest.mark.parametrize("top_k", (2, 8))
+def test_a_layer_whose_output_width_differs(top_k):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 3)).eval()  # 16 → 3
+    cfg = moefy.MoEConfig(method="split", num_experts=8, top_k=top_k, partition="random")
+    moe_model = moefy.convert(model, cfg, example_inputs=(torch.randn(32, 16),))
+    [row] = moefy.report(moe_model, [(torch.randn(50, 16),)]).layers
+    assert row["tokens"] == 50 and row["FFN FLOPs"] == f"{top_k / 8:.0%}"
+    assert (row["rel err"] < 1e-5) == (top_k == 8)  # error only where experts are skipped
+
+
 def test_heatmap_is_a_png_of_layers_by_experts(tmp_path):
     image = pytest.importorskip("matplotlib.image")  # `make test` installs moefy[plot]
     _, moe_model = converted(2)

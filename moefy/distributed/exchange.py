@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 def routed(moe: MoE, shard: Shard, x: torch.Tensor, weights: torch.Tensor,
            indices: torch.Tensor) -> torch.Tensor:
     """``MoE.routed`` of a sharded layer: Σ_j weights[t, j] · expert_{indices[t, j]}(x[t])
-    for this rank's tokens x (T, H), the experts running on the ranks that own them.
+    for this rank's tokens x (T, H), as (T, O), the experts running on the ranks that own
+    them.
 
     A token travels once to each rank that owns one of its experts (not once per slot), with
     the (expert, weight) pairs it has there; the owner returns one row per token, the
@@ -99,9 +100,9 @@ def routed(moe: MoE, shard: Shard, x: torch.Tensor, weights: torch.Tensor,
         row_ids = recv_meta.new_zeros(R, width).index_put((at, slot), recv_meta[:, 0])
         out = moe.run_experts(recv_x, row_w, row_ids)
     else:  # nothing arrived: still part of the graph, so the backward exchanges happen
-        out = recv_x * 0 + recv_w.sum() * 0
+        out = recv_x.new_zeros(0, moe.output_size) + recv_x.sum() * 0 + recv_w.sum() * 0
     back = exchange(out, rows_out, rows_in, shard.group)  # one row per (owner, token)
-    return back.new_zeros(T, x.shape[-1]).index_add(0, row_token, back)
+    return back.new_zeros(T, moe.output_size).index_add(0, row_token, back)  # (T, O)
 
 
 def _exchange(rows: torch.Tensor, out_sizes: list[int], in_sizes: list[int],

@@ -126,12 +126,14 @@ def _describe(model: nn.Module, path: str, layer: nn.Module) -> dict:
 
 def _moe_args(m: MoE) -> dict:
     shared = m.shared.ffn
+    # output_size only where it is not H: plans without it (all older ones) mean H
+    other = {} if m.output_size == m.hidden_size else {"output_size": m.output_size}
     return {"hidden_size": m.hidden_size, "expert_size": m.expert_size,
             "num_experts": m.num_experts, "top_k": m.top_k, "activation": m.activation,
             "gated": m.gated, "bias": m.b_in is not None,
             "shared_expert_size": 0 if shared is None else shared.fc_in.out_features,
             "combine": m.combine, "router": m.router_type,
-            "capacity_factor": m.capacity_factor, "top_p": m.top_p}
+            "capacity_factor": m.capacity_factor, "top_p": m.top_p, **other}
 
 
 def _moe_state(m: MoE) -> dict:
@@ -285,12 +287,13 @@ def build_layer(entry: dict) -> nn.Module:
                 state = entry["state"]
                 if state.get("router_bias"):
                     layer.router.bias = nn.Parameter(torch.empty(layer.num_experts))
+                out = layer.output_size
                 if state.get("shared_bias"):
-                    layer.shared.bias = nn.Parameter(torch.empty(hidden))
+                    layer.shared.bias = nn.Parameter(torch.empty(out))
                 rank = state.get("compensation_rank")
                 if rank:
                     layer.shared.set_compensation(torch.empty(rank, hidden),
-                                                  torch.empty(hidden, rank), torch.empty(hidden))
+                                                  torch.empty(out, rank), torch.empty(out))
             else:
                 layer = PEER(hidden, args.pop("num_experts"), **args)
         except (TypeError, ValueError, KeyError, RuntimeError) as exc:

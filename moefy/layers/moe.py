@@ -1,7 +1,10 @@
 """``moefy.MoE``: a routed mixture of FFN experts plus an always-on part.
 
     x (..., H) → router → top-k (weights, indices) → experts (sparse dispatch) → combine
-               └──────────────────────────── shared (always on) ─────────────────┘ → + → y
+               └──────────────────────────── shared (always on) ─────────────────┘ → + → y (..., O)
+
+O, the output width, is H unless the layer replaces a block that changes the width (the last
+block of a tabular MLP, a classifier head: ``output_size``).
 """
 
 from __future__ import annotations
@@ -52,15 +55,16 @@ def _set_activation(module: nn.Module, activation) -> None:
 
 
 class DenseFFN(nn.Module):
-    """A plain FFN ``W_out · act(W_in x + b_in) + b_out`` (gated: ``act(W_g x) * (W_in x)``)."""
+    """A plain FFN ``W_out · act(W_in x + b_in) + b_out`` (gated: ``act(W_g x) * (W_in x)``),
+    H → O (``output_size``, default H)."""
 
     def __init__(self, hidden_size: int, ffn_size: int, *, activation="gelu",
-                 gated: bool = False, bias: bool = True):
+                 gated: bool = False, bias: bool = True, output_size: int | None = None):
         super().__init__()
         _set_activation(self, activation)
         self.fc_in = nn.Linear(hidden_size, ffn_size, bias=bias)
         self.fc_gate = nn.Linear(hidden_size, ffn_size, bias=bias) if gated else None
-        self.fc_out = nn.Linear(ffn_size, hidden_size, bias=bias)
+        self.fc_out = nn.Linear(ffn_size, output_size or hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         act = get_activation(self.activation_fn or self.activation).fn
@@ -74,19 +78,22 @@ class SharedExperts(nn.Module):
     low-rank linear compensation ``up(down(x))`` (an estimate of what the skipped experts
     would have added, fitted on calibration data).
 
-    Any may be absent; with none, ``forward`` returns zeros.
+    Any may be absent; with none, ``forward`` returns zeros. Maps H → O (``output_size``,
+    default H).
     """
 
     def __init__(self, hidden_size: int, ffn_size: int = 0, *, activation="gelu",
-                 gated: bool = False, bias: bool = True):
+                 gated: bool = False, bias: bool = True, output_size: int | None = None):
         super().__init__()
         self.hidden_size = hidden_size
+        self.output_size = output_size or hidden_size
         self.ffn = (
-            DenseFFN(hidden_size, ffn_size, activation=activation, gated=gated, bias=bias)
+            DenseFFN(hidden_size, ffn_size, activation=activation, gated=gated, bias=bias,
+                     output_size=self.output_size)
             if ffn_size > 0 else None
         )
-        self.bias: nn.Parameter | None = None
-        self.compensation: nn.Sequential | None = None  # Linear(H, r) → Linear(r, H) + bias
+        self.bias: nn.Parameter | None = None  # (O,)
+        self.compensation: nn.Sequential | None = None  # Linear(H, r) → Linear(r, O) + bias
         # Off when the MoE selects every expert: nothing is skipped, nothing to compensate.
         self.use_compensation = True
 
@@ -97,9 +104,9 @@ class SharedExperts(nn.Module):
     def set_compensation(self, down: torch.Tensor, up: torch.Tensor,
                          bias: torch.Tensor) -> None:
         """Install the linear compensation x ↦ up @ (down @ x) + bias: down (r, H),
-        up (H, r), bias (H,)."""
+        up (O, r), bias (O,)."""
         r, h = down.shape
-        lin = nn.Sequential(nn.Linear(h, r, bias=False), nn.Linear(r, h, bias=True))
+        lin = nn.Sequential(nn.Linear(h, r, bias=False), nn.Linear(r, up.shape[0], bias=True))
         lin = lin.to(device=down.device, dtype=down.dtype)
         with torch.no_grad():
             lin[0].weight.copy_(down)
@@ -109,7 +116,7 @@ class SharedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.ffn is None:
-            y = x.new_zeros(x.shape[:-1] + (self.hidden_size,))
+            y = x.new_zeros(x.shape[:-1] + (self.output_size,))
         else:
             y = self.ffn(x)
         if self.compensation is not None and self.use_compensation:
@@ -136,10 +143,10 @@ class MoE(nn.Module):
     """A sparse Mixture-of-Experts FFN layer.
 
     Experts are stored stacked in ONNX Runtime's layout: ``w_in`` (E, I, H), ``w_gate``
-    (E, I, H) when gated, ``w_out`` (E, H, I), biases (E, I) and (E, H).
+    (E, I, H) when gated, ``w_out`` (E, O, I), biases (E, I) and (E, O).
 
     Args:
-        hidden_size: H, the model width.
+        hidden_size: H, the model width (the input's last dim).
         expert_size: I, each routed expert's hidden width.
         num_experts: E, routed experts.
         top_k: experts per token.
@@ -167,6 +174,8 @@ class MoE(nn.Module):
             ceil(T·k/E·capacity_factor) assignments per forward, in token order; the rest are
             dropped (weight 0) and counted in ``last_dropped``.
         top_p: probability mass for ``router="topp"``.
+        output_size: O, the output's last dim; default H. Another width holds a block that
+            changes it (the last block of a tabular MLP, a classifier head).
 
     In training mode each forward leaves ``last_aux`` (Switch load-balancing loss and router
     z-loss, differentiable; see ``moefy.aux_loss``). ``expert_dropout`` (default 0) drops
@@ -193,10 +202,12 @@ class MoE(nn.Module):
                  activation="gelu", gated: bool = False, bias: bool = True,
                  shared_expert_size: int = 0, combine: str = "softmax",
                  router: str = "softmax", capacity_factor: float | None = None,
-                 top_p: float = 0.5):
+                 top_p: float = 0.5, output_size: int | None = None):
         super().__init__()
+        output_size = hidden_size if output_size is None else output_size
         for name, value in (("hidden_size", hidden_size), ("expert_size", expert_size),
-                            ("num_experts", num_experts), ("top_k", top_k)):
+                            ("num_experts", num_experts), ("top_k", top_k),
+                            ("output_size", output_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"MoE: {name} must be a positive int, got {value!r}")
         if top_k > num_experts:
@@ -210,6 +221,7 @@ class MoE(nn.Module):
             raise ValueError(f"MoE: router must be one of {ROUTERS}, got {router!r}")
         _set_activation(self, activation)
         self.hidden_size, self.expert_size = hidden_size, expert_size
+        self.output_size = output_size
         self.num_experts, self._top_k = num_experts, top_k
         self.gated, self.combine, self.router_type = gated, combine, router
         self.capacity_factor, self.top_p = capacity_factor, top_p
@@ -223,7 +235,7 @@ class MoE(nn.Module):
         self.expert_neurons: list[list[int]] | None = None
         self.shared_neurons: list[int] | None = None
 
-        E, I, H = num_experts, expert_size, hidden_size
+        E, I, H, O = num_experts, expert_size, hidden_size, output_size
         self.router = nn.Linear(H, E, bias=False)
         self.router_noise = nn.Linear(H, E, bias=False) if router == "noisy" else None
         if self.router_noise is not None:
@@ -232,12 +244,12 @@ class MoE(nn.Module):
             self.register_buffer("selection_bias", torch.zeros(E))
         self.w_in = nn.Parameter(_uniform_(torch.empty(E, I, H), H))
         self.w_gate = nn.Parameter(_uniform_(torch.empty(E, I, H), H)) if gated else None
-        self.w_out = nn.Parameter(_uniform_(torch.empty(E, H, I), I))
+        self.w_out = nn.Parameter(_uniform_(torch.empty(E, O, I), I))
         self.b_in = nn.Parameter(_uniform_(torch.empty(E, I), H)) if bias else None
         self.b_gate = nn.Parameter(_uniform_(torch.empty(E, I), H)) if bias and gated else None
-        self.b_out = nn.Parameter(_uniform_(torch.empty(E, H), I)) if bias else None
+        self.b_out = nn.Parameter(_uniform_(torch.empty(E, O), I)) if bias else None
         self.shared = SharedExperts(H, shared_expert_size, activation=activation, gated=gated,
-                                    bias=bias)
+                                    bias=bias, output_size=O)
         self._runner = ExpertRunner()
         # This rank's block of the routed experts under expert parallelism, else None.
         self.shard: ExpertShard | None = None
@@ -346,12 +358,12 @@ class MoE(nn.Module):
             self._record_training(sel)
         if not self.shared.is_empty:
             y = y + self.shared(x2)
-        return y.reshape(*lead, self.hidden_size)
+        return y.reshape(*lead, self.output_size)
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor,
                indices: torch.Tensor) -> torch.Tensor:
-        """Σ_j weights[t, j] · expert_{indices[t, j]}(x[t]) for flattened tokens x (T, H);
-        the runtime picks the kernel (``moefy.runtime.dispatch.ExpertRunner``); with
+        """Σ_j weights[t, j] · expert_{indices[t, j]}(x[t]) for flattened tokens x (T, H), as
+        (T, O); the runtime picks the kernel (``moefy.runtime.dispatch.ExpertRunner``); with
         ``moefy.distributed.expert_parallel`` the experts run on the ranks that own them."""
         if self.shard is not None and self.shard.world > 1:  # one rank: no exchange
             return self.shard.routed(self, x, weights, indices)
@@ -398,5 +410,7 @@ class MoE(nn.Module):
         return (f"hidden_size={self.hidden_size}, expert_size={self.expert_size}, "
                 f"num_experts={self.num_experts}, top_k={self.top_k}, "
                 f"activation={act!r}, gated={self.gated}, "
-                f"combine={self.combine!r}")
+                f"combine={self.combine!r}"
+                + ("" if self.output_size == self.hidden_size
+                   else f", output_size={self.output_size}"))
 

@@ -40,7 +40,7 @@ from moefy.errors import (
 from moefy.layers.moe import MoE
 from moefy.layers.peer import PEER
 from moefy.layers.shard import refuse_sharded
-from moefy.onnx.lowering import ort_expressible, translation_table
+from moefy.onnx.lowering import moe_op_expressible, ort_expressible, translation_table
 from moefy.onnx.validate import validate_in_onnxruntime
 from moefy.onnx.workdir import check_target, publish, remove_stale_workdirs, workdir
 from moefy.passes.trace import export_model, split_inputs
@@ -343,7 +343,8 @@ def _check_lowerable(moes: list[tuple[str, MoE]], target: str, kernel: str) -> l
                 raise ExportError(f"{name}: router='hash' with top_k > 1 may choose one expert "
                                   "twice for a token, which ONNX Runtime's MoE op cannot "
                                   "express; use kernel='loop' or target='standard'")
-            why = ort_expressible(m.activation, m.gated)
+            why = (moe_op_expressible(m.hidden_size, m.output_size)
+                   or ort_expressible(m.activation, m.gated))
             if why:
                 raise ExportError(f"{name}: kernel='moe_op' cannot express {why}; use "
                                   "kernel='loop' or target='standard'")

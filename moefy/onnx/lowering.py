@@ -10,6 +10,10 @@
                         into (E, C + 1, H) buffers → batched MatMul, activation, MatMul
                         → GatherND back → weighted sum
 
+Outputs are (T, O), O = w_out's rows: H, or another width for a block that changes it (a
+classifier head). The loop and the standard target take any O; ONNX Runtime's MoE op returns
+its input's width, so export refuses kernel="moe_op" for such a layer (``moe_op_expressible``).
+
 The loop does only the routed work, with row counts known at run time (ONNX Runtime allows
 that); on ONNX Runtime's CPU EP it beats the fused MoE kernel on batches of thousands of
 tokens, while a few tokens through 16 experts pay ~11 nodes per expert
@@ -82,6 +86,15 @@ ORT_FAST_GELU = Op(MSFT, "FastGelu", _unary_schema("FastGelu", True))
 
 # moefy activation → ONNX Runtime MoE activation_type (plain experts)
 ORT_ACTIVATIONS = {"relu": "relu", "gelu_tanh": "gelu", "gelu": "gelu", "silu": "silu"}
+
+
+def moe_op_expressible(hidden_size: int, output_size: int) -> str | None:
+    """None when ONNX Runtime's MoE op can map H → O, else why not: its output has its
+    input's width (fc2_experts_weights must be (E, H, I))."""
+    if output_size == hidden_size:
+        return None
+    return (f"an output width {output_size} other than the input width {hidden_size} (ONNX "
+            "Runtime's MoE returns its input's width)")
 
 
 def ort_expressible(activation: str, gated: bool) -> str | None:
@@ -157,6 +170,7 @@ def _activate(h, activation: str):
 def standard_expert_ffn(x, weights, indices, w_in, w_out, w_gate, b_in, b_gate, b_out,
                         activation: str, capacity_factor: float = 0.0):
     E, I, H = (int(d) for d in w_in.shape)
+    O = int(w_out.shape[1])
     k = int(weights.shape[1])
     c = lambda v: op.Constant(value_ints=v)  # noqa: E731
     t = op.Shape(x, start=0, end=1)  # (1,) tokens, int64
@@ -197,18 +211,18 @@ def standard_expert_ffn(x, weights, indices, w_in, w_out, w_gate, b_in, b_gate, 
         h = op.Mul(_activate(g, activation), h)
     else:
         h = _activate(h, activation)
-    y = op.MatMul(h, op.Transpose(w_out, perm=[0, 2, 1]))  # (E, C + 1, H)
+    y = op.MatMul(h, op.Transpose(w_out, perm=[0, 2, 1]))  # (E, C + 1, O)
     if b_out is not None:
         y = op.Add(y, op.Unsqueeze(b_out, c([1])))
-    back = op.GatherND(y, where)  # (T·k, H)
+    back = op.GatherND(y, where)  # (T·k, O)
     # Dropped and unused assignments all read the spare row C, which holds whichever of them
     # was scattered last: one token's NaN or inf there, multiplied by 0, would reach every
     # other token that lost an assignment. Select instead of multiplying; w · 0 keeps a
     # token's own NaN weight (a NaN input) on that token alone.
     w = op.Reshape(weights, c([-1, 1]))  # (T·k, 1)
     mine = op.Where(op.Reshape(fits, c([-1, 1])), op.Mul(back, w),
-                    op.Mul(w, op.Constant(value_float=0.0)))  # (T·k, H)
-    out = op.Reshape(mine, op.Concat(op.Reshape(t, c([1])), c([k, H]), axis=0))
+                    op.Mul(w, op.Constant(value_float=0.0)))  # (T·k, O)
+    out = op.Reshape(mine, op.Concat(op.Reshape(t, c([1])), c([k, O]), axis=0))
     return op.ReduceSum(out, c([1]), keepdims=0)
 
 
@@ -220,11 +234,12 @@ def loop_expert_ffn(x, weights, indices, w_in, w_out, w_gate, b_in, b_gate, b_ou
     through the inverse permutation, and the k slots of each token summed.
 
     The routing weight multiplies the hidden rows (I wide, not H); the output biases of all
-    experts are added at once as dense_weights (T, E) @ b_out (E, H). Assignments with weight
+    experts are added at once as dense_weights (T, E) @ b_out (E, O). Assignments with weight
     0 (dropped by capacity) are not computed: their slots gather a zero row. One expert chosen
     twice for a token (hash routing) is two assignments like any other.
     """
-    E, I, H = (int(d) for d in w_in.shape)
+    E, I = (int(d) for d in w_in.shape[:2])
+    O = int(w_out.shape[1])
     k = int(weights.shape[1])
     c = lambda v: op.Constant(value_ints=v)  # noqa: E731
     flat_idx = op.Reshape(indices, c([-1]))  # (T·k,) slot p = token p // k, choice p % k
@@ -257,16 +272,16 @@ def loop_expert_ffn(x, weights, indices, w_in, w_out, w_gate, b_in, b_gate, b_ou
         slots.append(pos)
     slots = op.Concat(*slots, axis=0)  # (n,) the slot each computed row belongs to
     n = op.Shape(slots)  # (1,)
-    ycat = op.Concat(*ys, op.Expand(op.Constant(value_float=0.0), c([1, H])), axis=0)
+    ycat = op.Concat(*ys, op.Expand(op.Constant(value_float=0.0), c([1, O])), axis=0)
     # inverse permutation: row of ycat for each slot; slots not computed get row n (zeros)
     inv = op.ScatterElements(op.Expand(op.Squeeze(n), op.Shape(flat_idx)), slots,
                              op.Range(op.Constant(value_int=0), op.Squeeze(n),
                                       op.Constant(value_int=1)), axis=0)
     if k == 1:
-        out = op.Gather(ycat, inv, axis=0)  # (T, H)
+        out = op.Gather(ycat, inv, axis=0)  # (T, O)
     else:
         out = op.ReduceSum(op.Gather(ycat, op.Reshape(inv, c([-1, k])), axis=0), c([1]),
-                           keepdims=0)  # (T, H)
+                           keepdims=0)  # (T, O)
     if b_out is not None:  # Σ_j w_j · b_out[e_j]; OneHot sums an expert chosen twice
         onehot = op.OneHot(indices, op.Constant(value_int=E),
                            op.Constant(value_floats=[0.0, 1.0]), axis=-1)  # (T, k, E)

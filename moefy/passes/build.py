@@ -25,7 +25,8 @@ from moefy.passes.projection import Projection
 
 @dataclass
 class DenseWeights:
-    """A dense FFN in nn.Linear layout: w_in (I, H), w_gate (I, H), w_out (H, I)."""
+    """A dense FFN in nn.Linear layout: w_in (I, H), w_gate (I, H), w_out (O, I); O is H
+    except for a block that changes the width (a classifier head)."""
 
     w_in: torch.Tensor
     w_out: torch.Tensor
@@ -48,6 +49,10 @@ class DenseWeights:
     @property
     def ffn_size(self) -> int:
         return self.w_in.shape[0]
+
+    @property
+    def output_size(self) -> int:
+        return self.w_out.shape[0]
 
 
 def _tensor(model: nn.Module, name: str) -> torch.Tensor:
@@ -117,7 +122,7 @@ def dense_weights(model: nn.Module, match: FFNMatch) -> DenseWeights:
             w_gate, w_in, b_gate, b_in = first, second, bf, bs
         else:
             w_in, w_gate, b_in, b_gate = first, second, bf, bs
-    if w_out.shape != (w_in.shape[1], w_in.shape[0]):
+    if w_out.shape[1] != w_in.shape[0]:
         raise ConversionError(
             f"{match.name}: second projection {tuple(w_out.shape)} does not fit the first "
             f"{tuple(w_in.shape)}")
@@ -158,7 +163,8 @@ def _new_moe(dense: DenseWeights, expert_size: int, config: MoEConfig, *, combin
         moe = MoE(dense.hidden_size, expert_size, config.num_experts, config.top_k,
                   activation=dense.activation, gated=dense.w_gate is not None, bias=bias,
                   shared_expert_size=shared_size, combine=combine, router=config.router,
-                  capacity_factor=config.capacity_factor, top_p=config.top_p)
+                  capacity_factor=config.capacity_factor, top_p=config.top_p,
+                  output_size=dense.output_size)
     moe = moe.to(dense.w_in.dtype).to_empty(device=dense.w_in.device)
     # to_empty leaves whatever was in memory: zero everything, so that what the builders do
     # not set (the sigmoid router's selection bias, the noisy router's noise weights) starts
@@ -187,7 +193,7 @@ def upcycle(dense: DenseWeights, config: MoEConfig, generator: torch.Generator) 
     moe = _new_moe(dense, size, config, combine="softmax")
     b_in = _zeros_if_none(dense.b_in, dense.ffn_size, dense.w_in)
     b_gate = _zeros_if_none(dense.b_gate, dense.ffn_size, dense.w_in)
-    b_out = _zeros_if_none(dense.b_out, H, dense.w_in)
+    b_out = _zeros_if_none(dense.b_out, dense.output_size, dense.w_in)
     for e in range(E):
         rows = slice((e % G) * size, (e % G + 1) * size)  # shard e % G of copy e // G
         moe.w_in[e] = dense.w_in[rows]
@@ -235,8 +241,8 @@ def split(dense: DenseWeights, config: MoEConfig, generator: torch.Generator,
                    bias=compensate)
     b_in = _zeros_if_none(dense.b_in, n, dense.w_in)
     b_gate = _zeros_if_none(dense.b_gate, n, dense.w_in)
-    b_out = _zeros_if_none(dense.b_out, dense.hidden_size, dense.w_in)
-    means = torch.zeros(E, dense.hidden_size, device=dense.w_in.device)
+    b_out = _zeros_if_none(dense.b_out, dense.output_size, dense.w_in)
+    means = torch.zeros(E, dense.output_size, device=dense.w_in.device)
     if compensate:
         mean_h = stats.mean_h.to(dense.w_in.device)  # statistics live on the CPU
         means = torch.stack([dense.w_out[:, idx].float() @ mean_h[idx] for idx in groups])

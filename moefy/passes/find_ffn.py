@@ -12,7 +12,9 @@
 Not token FFNs, each rejected with its reason: a block whose input does not depend on the model's
 inputs (Swin V2's position-bias MLP over a fixed table) or is pooled over the tokens (a
 squeeze-excitation gate); one with a token-mixing convolution between its projections
-(SegFormer's Mix-FFN); one whose output width differs from its input (a MoE maps H → H).
+(SegFormer's Mix-FFN). A block whose output width differs from its input (H → F → O: the last
+block of a tabular MLP, a classifier head) is an FFN like any other (a MoE with
+``output_size``), except for method="peer", whose layer maps H → H: rejected with that reason.
 
 What counts as ``Proj`` (and the affine maps folded into it) is ``moefy.passes.projection``;
 how ``ε`` is delimited and identified is ``moefy.passes.elementwise``.
@@ -155,6 +157,14 @@ class FFNMatch:
     activation_fn: torch.fx.GraphModule | None = None
     hidden_norm: HiddenNorm | None = None  # a norm between ε and the second projection
 
+    @property
+    def widths(self) -> tuple[int, int] | None:
+        """(input, output) width, H and O (O != H: a block that changes the width, such as a
+        classifier head); None where the graph does not say."""
+        if self.up.shape is None or self.down.shape is None:
+            return None
+        return self.up.shape[1], self.down.shape[0]
+
 
 @dataclass
 class Rejection:
@@ -249,19 +259,14 @@ def _match_at(down: Projection, g: ExportedGraph, claimed: dict[Node, FFNMatch]
 
 def _width_problem(up: Projection, gate: Projection | None, down: Projection,
                    fused: bool) -> str | None:
-    """Why the MoE (H → F → H) cannot hold these projections, or None."""
+    """Why the MoE (H → F → O) cannot hold these projections, or None."""
     if up.shape is None or down.shape is None:
         return None
-    f, h = up.shape
-    f = f // 2 if fused else f
+    f = up.shape[0] // 2 if fused else up.shape[0]
     if gate is not None and gate.shape != up.shape:
         return f"gate {gate.shape} and up {up.shape} projections differ in shape"
     if down.shape[1] != f:
         return f"the second projection reads {down.shape[1]} features but the first gives {f}"
-    if down.shape[0] != h:
-        return (f"output width {down.shape[0]} differs from input width {h}: moefy.MoE maps "
-                "H → H (its experts' w_out is (E, H, I) and its output has its input's "
-                "width), so a block that changes the width cannot become one")
     return None
 
 
@@ -371,8 +376,10 @@ def _common_module(param_names: list[str]) -> str:
     return ".".join(common)
 
 
-def find_ffns(ep: torch.export.ExportedProgram) -> tuple[list[FFNMatch], list[Rejection]]:
-    """All FFN blocks of an exported program in graph order, and every rejected candidate.
+def find_ffns(ep: torch.export.ExportedProgram, method: str | None = None
+              ) -> tuple[list[FFNMatch], list[Rejection]]:
+    """All FFN blocks of an exported program in graph order, and every rejected candidate;
+    with ``method``, also the blocks that method cannot hold (``method_problem``).
 
     Candidates are taken in graph order: a candidate that shares a projection with an FFN
     already taken (the middle Linear of Linear → act → Linear → act → Linear), or that uses
@@ -391,6 +398,8 @@ def find_ffns(ep: torch.export.ExportedProgram) -> tuple[list[FFNMatch], list[Re
         result = _match_at(down, g, claimed)
         if isinstance(result, FFNMatch):
             result = _conflict(result, weight_roles) or result
+        if isinstance(result, FFNMatch) and (why := method_problem(result, method)):
+            result = Rejection(result.output.name, why)
         if isinstance(result, Rejection):
             rejections.append(result)
             continue
@@ -401,6 +410,17 @@ def find_ffns(ep: torch.export.ExportedProgram) -> tuple[list[FFNMatch], list[Re
             weight_roles.setdefault(w, (roles, result))
     claimed_names = {n.name for n in claimed}
     return matches, [r for r in rejections if r.node not in claimed_names]
+
+
+def method_problem(m: FFNMatch, method: str | None) -> str | None:
+    """Why ``method`` cannot convert the FFN ``m``, or None: a PEER layer maps H → H (each
+    expert's output vector has its input's width), so it holds no block H → F → O."""
+    if method != "peer" or m.widths is None or m.widths[0] == m.widths[1]:
+        return None
+    h, o = m.widths
+    return (f"output width {o} differs from input width {h}: method='peer' maps H → H (a "
+            "PEER layer's experts write vectors of the input's width), so it cannot hold a "
+            "block that changes the width; method='split' or 'upcycle' convert it")
 
 
 def _roles(m: FFNMatch) -> tuple:

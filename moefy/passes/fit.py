@@ -85,17 +85,17 @@ def fit_compensation(moe: MoE, dense: DenseWeights, x: torch.Tensor, rank: int) 
     mode = moe.training
     moe.eval()
     target = dense_forward(dense, x)
-    residual = target - moe(x.to(moe.w_in.dtype)).float()  # (T, H)
+    residual = target - moe(x.to(moe.w_in.dtype)).float()  # (T, O)
     held = max(1, x.shape[0] // 10)
     xa = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)  # intercept
     xt, rt = xa[:-held], residual[:-held]
     gram = xt.t() @ xt
     gram.diagonal().add_(1e-3 * gram.diagonal().mean())
-    coef = torch.linalg.solve(gram, xt.t() @ rt)  # (H + 1, H)
+    coef = torch.linalg.solve(gram, xt.t() @ rt)  # (H + 1, O)
     fitted = xt @ coef
-    rank = max(1, min(rank, x.shape[1]))
-    # principal output directions of the fit: eigenvectors of its (H, H) Gram matrix
-    basis = torch.linalg.eigh(fitted.t() @ fitted).eigenvectors.flip(1)[:, :rank]  # (H, r)
+    rank = max(1, min(rank, x.shape[1], rt.shape[1]))
+    # principal output directions of the fit: eigenvectors of its (O, O) Gram matrix
+    basis = torch.linalg.eigh(fitted.t() @ fitted).eigenvectors.flip(1)[:, :rank]  # (O, r)
     coef = coef @ basis @ basis.t()
     down = (coef[:-1] @ basis).t()  # (r, H)
     norm = target[-held:].norm()

@@ -57,6 +57,10 @@ def check_peer(name: str, dense, config: MoEConfig) -> None:
             f"{name}: method='peer' needs a named activation (the fused expert op implements "
             "it); this FFN's activation is a custom element-wise subgraph. Convert it with "
             "method='split', or skip it (MoEConfig.skip)")
+    if dense.output_size != dense.hidden_size:  # find_ffns rejects these; a guard for the rest
+        raise ConversionError(
+            f"{name}: output width {dense.output_size} differs from input width "
+            f"{dense.hidden_size}: a PEER layer maps H → H; use method='split' or 'upcycle'")
     if dense.b_gate is not None and bool((dense.b_gate != 0).any()):
         raise ConversionError(
             f"{name}: the gate projection has a bias, which a PEER expert cannot hold (a gated "

@@ -53,7 +53,7 @@ class FindFFNs(Pass):
     def call(self, r: Request, traced: Traced) -> PassResult:
         matches, rejections = [], []
         for unit in traced.units:
-            found, rejected = find_ffn.find_ffns(unit.ep)
+            found, rejected = find_ffn.find_ffns(unit.ep, r.config.method)
             matches += [(unit, m) for m in found]
             rejections += [find_ffn.Rejection(join(unit.path, x.node), x.reason)
                            for x in rejected]
@@ -77,7 +77,9 @@ class TraceHosts(Pass):
             for sites in by_weights(found.of(unit)):
                 host = rewrite.host_module(sites[0])
                 plan = rewrite.plan_surgery(sites[0], unit.ep.graph, unit.module, scopes, sites)
-                if isinstance(plan, str) and host:
+                # a block that changes the width stays dense rather than go to graph mode
+                left_dense = _graph_mode_problem(sites[0], plan, host) is not None
+                if isinstance(plan, str) and host and not left_dense:
                     wanted[join(unit.path, host)] = unit
         # outermost only: a host's own graph mode covers any FFN inline in a module inside it
         hosts = [h for h in wanted if not any(h.startswith(o + ".") for o in wanted)]
@@ -100,7 +102,8 @@ class TraceHosts(Pass):
                 (h := rewrite.host_module(m)) == inner or h.startswith(inner + "."))]
             unit = TracedUnit(path, module, ep, dynamic=True)
             units.append(unit)
-            matches += [(unit, m) for m in find_ffn.find_ffns(ep)[0]]  # rejections: seen
+            found_here = find_ffn.find_ffns(ep, r.config.method)[0]  # rejections: seen
+            matches += [(unit, m) for m in found_here]
         return PassResult(False, {"hosts": len(hosts) - len(untraced),
                                   "untraced": len(untraced)},
                           Found(tuple(units), tuple(matches), found.rejections, untraced))
@@ -113,12 +116,17 @@ class PlanRewrite(Pass):
     needs = (Found,)
 
     def call(self, r: Request, found: Found) -> PassResult:
-        plans, inline = [], {}
+        plans, inline, rejections = [], {}, list(found.rejections)
         for unit in found.units:
             scopes = rewrite.module_scopes(unit.ep.graph)
             for sites in by_weights(found.of(unit)):
                 match = sites[0]  # the representative: its key holds the FFN's statistics
                 plan = rewrite.plan_surgery(match, unit.ep.graph, unit.module, scopes, sites)
+                why = _graph_mode_problem(match, plan, unit.path)
+                if why is not None:
+                    rejections.append(find_ffn.Rejection(join(unit.path, match.output.name),
+                                                         why))
+                    continue
                 if isinstance(plan, str):  # no module boundary: graph mode for this unit
                     name = (join(unit.path, match.name) if match.name
                             else unit.path or match.output.name)
@@ -133,9 +141,9 @@ class PlanRewrite(Pass):
                 plans.append(Plan(unit, match, plan, tuple(sites)))
         inline = {path: tuple(reasons) for path, reasons in inline.items()}
         if r.explain:
-            _print_explanation(plans, found.rejections, inline)
+            _print_explanation(plans, rejections, inline)
         if not plans:
-            raise NoFFNFoundError(_no_ffn_message(r.model, found.rejections))
+            raise NoFFNFoundError(_no_ffn_message(r.model, rejections))
         return PassResult(False, {"surgery": sum(p.unit.path not in inline for p in plans),
                                   "graph_mode": sum(p.unit.path in inline for p in plans),
                                   "shared_sites": sum(len(p.sites) - 1 for p in plans)},
@@ -165,7 +173,8 @@ class MakeDynamic(Pass):
                 _log.warning("graph mode keeps %s's example sizes: %s",
                              unit.path or "the model", first_line(exc))
                 continue
-            by = {weights_of(g[0]): g for g in by_weights(find_ffn.find_ffns(ep)[0])}
+            by = {weights_of(g[0]): g
+                  for g in by_weights(find_ffn.find_ffns(ep, r.config.method)[0])}
             if any(weights_of(p.match) not in by for p in plans.plans if p.unit is unit):
                 _log.warning("graph mode keeps %s's example sizes: its dynamic graph matched "
                              "other FFNs", unit.path or "the model")
@@ -182,6 +191,19 @@ class MakeDynamic(Pass):
         units = tuple(new.get(id(u), u) for u in plans.units)
         return PassResult(False, {"reexported": len(new)},
                           replace(plans, units=units, plans=tuple(moved)))
+
+
+def _graph_mode_problem(match, plan, unit_path: str) -> str | None:
+    """Why a block that changes the width (H → O: a classifier head such as DeBERTa's pooler
+    dense → act → classifier) is left dense rather than converted in graph mode, or None. It
+    is converted where a module swap holds it (a tabular MLP, a head of its own); graph mode
+    would turn the module that runs it, often the whole model, into a GraphModule."""
+    if not isinstance(plan, str) or match.widths is None or match.widths[0] == match.widths[1]:
+        return None
+    h, o = match.widths
+    return (f"output width {o} differs from input width {h} and {plan}: a block that changes "
+            "the width is converted only by a module swap, not in graph mode (which would "
+            f"turn {unit_path or 'the model'} into a GraphModule for it)")
 
 
 def by_weights(matches: list) -> list[list]:

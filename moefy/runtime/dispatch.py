@@ -3,7 +3,7 @@
     x (T, H), weights (T, k), indices (T, k)
       → stable sort of the T·k (token, slot) pairs by expert   [plan_dispatch]
       → gather rows per expert → GEMM → activation (gate fused) → GEMM
-      → scale by routing weight → scatter-add back to (T, H)
+      → scale by routing weight → scatter-add back to (T, O)  (O: the output width, H or not)
 
 Implementations that share that shape, chosen per call by ``ExpertRunner``:
 - ``grouped_ffn``: plain PyTorch ops, differentiable, any device and dtype (the CUDA path
@@ -74,9 +74,9 @@ def plan_dispatch(indices: torch.Tensor, num_experts: int,
 
 def grouped_ffn(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
                 ew: ExpertWeights) -> torch.Tensor:
-    """Differentiable dispatch with PyTorch ops; x (T, H) -> (T, H)."""
+    """Differentiable dispatch with PyTorch ops; x (T, H) -> (T, O)."""
     if x.shape[0] == 0:
-        return x.new_zeros(x.shape)
+        return x.new_zeros(0, ew.output_size)
     if x.is_cuda and _grouped_mm_applies(x, ew):
         return _grouped_mm_ffn(x, weights, indices, ew)
     plan = plan_dispatch(indices, ew.num_experts, weights)
@@ -90,10 +90,10 @@ def grouped_ffn(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
             outs.append(expert_forward(xs[start : start + c], ew, e))
             start += c
     if not outs:
-        return x.new_zeros(x.shape)
+        return x.new_zeros(x.shape[0], ew.output_size)
     w = weights.reshape(-1).index_select(0, plan.slots[:live]).to(x.dtype)
-    out = torch.cat(outs) * w[:, None]  # (n, H)
-    return x.new_zeros(x.shape).index_add(0, tokens, out)
+    out = torch.cat(outs) * w[:, None]  # (n, O)
+    return x.new_zeros(x.shape[0], ew.output_size).index_add(0, tokens, out)
 
 
 def masked_dense_ffn(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
@@ -102,6 +102,7 @@ def masked_dense_ffn(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tens
     (differentiable by autograd, no data-dependent shapes, so it also traces; the same
     values as the sparse dispatch)."""
     E, I, H = ew.w_in.shape
+    O = ew.output_size
     t = x.shape[0]
     gate = x.new_zeros(t, E).index_put_(  # (T, E) routing weight of every expert
         (torch.arange(t, device=x.device).unsqueeze(1).expand_as(indices), indices),
@@ -117,7 +118,7 @@ def masked_dense_ffn(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tens
     g = gate.unsqueeze(-1)  # (T, E, 1)
     # where, not a product: an unselected expert's inf must not become 0·inf = NaN
     h = torch.where(g != 0, h.view(t, E, I) * g, 0).view(t, E * I)
-    y = h @ ew.w_out.permute(1, 0, 2).reshape(H, E * I).t()  # (T, H)
+    y = h @ ew.w_out.permute(1, 0, 2).reshape(O, E * I).t()  # (T, O)
     if ew.b_out is not None:
         y = y + gate @ ew.b_out
     return y
@@ -130,7 +131,7 @@ def grouped_ffn_backward(grad: torch.Tensor, x: torch.Tensor, weights: torch.Ten
     act = get_activation(ew.activation)
     plan = plan_dispatch(indices, ew.num_experts)
     xs = x.index_select(0, plan.tokens)  # (T·k, H)
-    gs = grad.index_select(0, plan.tokens)  # (T·k, H)
+    gs = grad.index_select(0, plan.tokens)  # (T·k, O)
     w = weights.reshape(-1).index_select(0, plan.slots).to(x.dtype)
     d_xs = torch.zeros_like(xs)
     d_w = torch.zeros_like(w)
@@ -149,9 +150,9 @@ def grouped_ffn_backward(grad: torch.Tensor, x: torch.Tensor, weights: torch.Ten
             z = F.linear(xe, ew.w_gate[e], None if ew.b_gate is None else ew.b_gate[e])
             gz = act.fn(z)
             h = gz * a
-        out = F.linear(h, ew.w_out[e], None if ew.b_out is None else ew.b_out[e])  # (c, H)
+        out = F.linear(h, ew.w_out[e], None if ew.b_out is None else ew.b_out[e])  # (c, O)
         d_w[rows] = (ge * out).sum(1)
-        d_o = ge * w[rows, None]  # (c, H)
+        d_o = ge * w[rows, None]  # (c, O)
         d_out[e] = d_o.t() @ h
         if d_bout is not None:
             d_bout[e] = d_o.sum(0)
@@ -182,7 +183,7 @@ def _grouped_mm_applies(x: torch.Tensor, ew: ExpertWeights) -> bool:
         return False
     if torch.cuda.get_device_capability(x.device) < (8, 0):
         return False
-    return ew.hidden_size % 8 == 0 and ew.expert_size % 8 == 0
+    return ew.hidden_size % 8 == 0 and ew.expert_size % 8 == 0 and ew.output_size % 8 == 0
 
 
 def _grouped_mm_ffn(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
@@ -202,7 +203,7 @@ def _grouped_mm_ffn(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tenso
     out = project(h, ew.w_out, ew.b_out)
     w = weights.reshape(-1).index_select(0, plan.slots).to(torch.float32)[:, None]
     out = torch.where(w != 0, out.float() * w, 0)  # weight 0: not chosen, even if inf
-    y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    y = torch.zeros(x.shape[0], ew.output_size, dtype=torch.float32, device=x.device)
     return y.index_add_(0, plan.tokens, out).to(x.dtype)
 
 
@@ -334,7 +335,7 @@ class PackedExperts:
         touched expert on every token, masked out where not chosen."""
         T, E = x.shape[0], self.ew.num_experts
         combine = x.new_zeros(T, E).scatter_add_(1, indices.long(), weights.to(x.dtype))
-        y = x.new_zeros(T, self.ew.hidden_size)
+        y = x.new_zeros(T, self.ew.output_size)
         linear = torch.ops.mkldnn._linear_pointwise
         touched = torch.unique(indices.reshape(-1)[weights.reshape(-1) != 0]).tolist()
         for e in touched:
@@ -349,7 +350,7 @@ class PackedExperts:
                  indices: torch.Tensor) -> torch.Tensor:
         T, k = indices.shape
         if T == 0:
-            return x.new_zeros(x.shape)
+            return x.new_zeros(0, self.ew.output_size)
         x = x.contiguous()
         if T <= self.small_batch_tokens:
             return self._all_tokens(x, weights, indices)
@@ -370,7 +371,7 @@ class PackedExperts:
         w = weights.reshape(-1).index_select(0, plan.slots[:live]).to(x.dtype)  # (n,)
 
         linear = torch.ops.mkldnn._linear_pointwise
-        y = x.new_zeros(T, H)
+        y = x.new_zeros(T, self.ew.output_size)
         start = pad = 0
         for e, c in enumerate(counts):
             if c == 0:
@@ -378,12 +379,12 @@ class PackedExperts:
             h = self._hidden(xs[pad : pad + rows[e]], e)  # (rows_e, I)
             # Scaling the hidden rows (I wide) is cheaper than scaling outputs (H wide).
             h[:c].mul_(w[start : start + c, None])
-            out = linear(h, self._out[e], None, "none", [], "")  # (rows_e, H)
+            out = linear(h, self._out[e], None, "none", [], "")  # (rows_e, O)
             y.index_add_(0, tokens[start : start + c], out[:c])
             start += c
             pad += rows[e]
         if self.ew.b_out is not None:
-            # sum_j w_j b_out[e_j] as one small GEMM: (T, E) @ (E, H)
+            # sum_j w_j b_out[e_j] as one small GEMM: (T, E) @ (E, O)
             combine = x.new_zeros(T, E).scatter_add_(1, indices.long(), weights.to(x.dtype))
             y.addmm_(combine, self.ew.b_out)
         return y

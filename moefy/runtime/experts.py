@@ -1,7 +1,8 @@
 """The stacked expert weights that every dispatch implementation reads.
 
 Layout is ONNX Runtime's ``com.microsoft.MoE`` layout, i.e. stacked ``nn.Linear`` weights:
-``w_in`` (E, I, H), ``w_gate`` (E, I, H) when gated, ``w_out`` (E, H, I); biases (E, I) / (E, H).
+``w_in`` (E, I, H), ``w_gate`` (E, I, H) when gated, ``w_out`` (E, O, I); biases (E, I) / (E, O).
+O, the output width, is H except for a block that changes the width (a classifier head).
 A gated expert computes ``act(x @ w_gate[e].T + b_gate[e]) * (x @ w_in[e].T + b_in[e])``.
 """
 
@@ -17,11 +18,11 @@ from moefy.activations import get_activation
 
 class ExpertWeights(NamedTuple):
     w_in: torch.Tensor  # (E, I, H)
-    w_out: torch.Tensor  # (E, H, I)
+    w_out: torch.Tensor  # (E, O, I)
     w_gate: torch.Tensor | None = None  # (E, I, H)
     b_in: torch.Tensor | None = None  # (E, I)
     b_gate: torch.Tensor | None = None  # (E, I)
-    b_out: torch.Tensor | None = None  # (E, H)
+    b_out: torch.Tensor | None = None  # (E, O)
     activation: str = "gelu"
 
     @property
@@ -35,6 +36,10 @@ class ExpertWeights(NamedTuple):
     @property
     def expert_size(self) -> int:
         return self.w_in.shape[1]
+
+    @property
+    def output_size(self) -> int:
+        return self.w_out.shape[1]
 
 
 def _row(t: torch.Tensor | None, e: int) -> torch.Tensor | None:
@@ -51,7 +56,7 @@ def expert_hidden(x: torch.Tensor, ew: ExpertWeights, e: int) -> torch.Tensor:
 
 
 def expert_forward(x: torch.Tensor, ew: ExpertWeights, e: int) -> torch.Tensor:
-    """Expert ``e`` as a dense FFN on rows ``x`` (n, H) -> (n, H)."""
+    """Expert ``e`` as a dense FFN on rows ``x`` (n, H) -> (n, O)."""
     return F.linear(expert_hidden(x, ew, e), ew.w_out[e], _row(ew.b_out, e))
 
 

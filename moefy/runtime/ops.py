@@ -1,6 +1,6 @@
 """``moefy::expert_ffn``: the routed experts as one operator.
 
-    x (T, H), weights (T, k), indices (T, k), stacked expert weights  ⇒  y (T, H)
+    x (T, H), weights (T, k), indices (T, k), stacked expert weights  ⇒  y (T, O)
 
 ``torch.export``, ``torch.compile`` and the ONNX exporter see a single node with a fake
 (meta) implementation; lowering maps that node to a grouped MoE op. Autograd goes through a
@@ -35,7 +35,7 @@ def expert_ffn(
 @expert_ffn.register_fake
 def _expert_ffn_fake(x, weights, indices, w_in, w_out, w_gate, b_in, b_gate, b_out, activation,
                      capacity_factor=0.0):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape[0], w_out.shape[1])  # (T, O)
 
 
 @torch.library.custom_op("moefy::expert_ffn_backward", mutates_args=())

@@ -35,10 +35,10 @@ def reference_ffn(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
             if ew.b_gate is not None:
                 g = g + take(ew.b_gate, sel)
             h = act(g) * a
-        out = torch.einsum("khi,ki->kh", w_out, h)  # (k, H)
+        out = torch.einsum("koi,ki->ko", w_out, h)  # (k, O)
         if ew.b_out is not None:
             out = out + take(ew.b_out, sel)
         rows.append((weights[t].to(acc)[:, None] * out).sum(0))
     if not rows:
-        return x.new_zeros(x.shape)
+        return x.new_zeros(x.shape[0], ew.output_size)
     return torch.stack(rows).to(x.dtype)

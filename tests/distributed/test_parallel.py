@@ -1,7 +1,7 @@
 """Expert parallelism: 2 and 4 gloo processes give each rank the outputs and gradients of one
 process on the same tokens (router, shared part: per rank; experts: summed over the ranks'
 tokens), for softmax, sigmoid and capacity-factor routing, with a rank that receives no token
-and a rank that sends none."""
+and a rank that sends none, and for a layer whose output width differs from its input's."""
 
 from __future__ import annotations
 
@@ -30,13 +30,15 @@ from moefy.io.checkpoint import read_plan
 H, I, E = 16, 8, 6
 TIMEOUT = datetime.timedelta(seconds=60)  # a deadlock fails the test instead of hanging CI
 CASES = [dict(router="softmax"), dict(router="sigmoid"), dict(router="topp"),
-         dict(router="softmax", capacity_factor=0.5), dict(router="softmax", skew=True)]
+         dict(router="softmax", capacity_factor=0.5), dict(router="softmax", skew=True),
+         dict(router="softmax", output_size=3), dict(router="softmax", skew=True, output_size=3)]
 
 
 def _layer(case: dict) -> moefy.MoE:
     torch.manual_seed(0)
     moe = moefy.MoE(H, I, E, 2, gated=True, shared_expert_size=4, router=case["router"],
-                    capacity_factor=case.get("capacity_factor"))
+                    capacity_factor=case.get("capacity_factor"),
+                    output_size=case.get("output_size"))
     if case.get("skew"):  # every token picks experts 0 and 1: only rank 0 receives rows
         with torch.no_grad():
             moe.router.weight.zero_()

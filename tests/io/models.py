@@ -66,6 +66,19 @@ class ConvFFN(nn.Module):
         return self.mlp(h.flatten(2).transpose(1, 2)).mean(1)  # (B, HW, C) -> (B, C)
 
 
+class TabularMLP(nn.Module):
+    """A tabular MLP: a residual block 16 → 64 → 16, then a head 16 → 64 → 3 classes (an FFN
+    whose output width differs from its input: a MoE with output_size=3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 16))
+        self.head = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 3))
+
+    def forward(self, x):
+        return self.head(x + self.block(x))
+
+
 class TwoPaths(nn.Module):
     """One FFN module registered at two paths (``a is b``) and run at both, as models that
     share a block's weights across layers do."""

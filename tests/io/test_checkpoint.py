@@ -19,6 +19,7 @@ from tests.io.models import (
     CONVERSIONS,
     LLAMA,
     ConvFFN,
+    TabularMLP,
     TwoPaths,
     snapshot,
     token_ids,
@@ -104,6 +105,37 @@ def test_a_model_that_is_not_from_hugging_face(tmp_path):
         (tmp_path / "moefy.json").read_text())["layers"]}
     assert wrappers["ffn"] == [{"type": "channels_last", "dim": 1}]
     assert wrappers["mlp"] == [{"type": "dropout", "p": 0.1}]
+
+
+TABULAR_CONVERSIONS = (
+    dict(method="upcycle", num_experts=4, top_k=2),
+    # calibrated: the shared bias and the linear compensation have the output's width
+    dict(method="split", num_experts=4, top_k=2, compensate="linear"),
+)
+
+
+@pytest.mark.parametrize("cfg", TABULAR_CONVERSIONS, ids=lambda c: c["method"])
+def test_a_tabular_model_whose_head_changes_the_width(cfg, tmp_path):
+    torch.manual_seed(0)
+    data = [(torch.randn(256, 16),) for _ in range(2)]
+    calibration = data if cfg["method"] == "split" else None
+    model = moefy.convert(TabularMLP().eval(), moefy.MoEConfig(**cfg), example_inputs=data[0],
+                          calibration_data=calibration)
+    x = torch.randn(40, 16)
+    with torch.no_grad():
+        ref, ref_few = model(x), model(x[:3])
+    moefy.save(model, tmp_path)
+    args = {e["path"]: e["args"] for e in json.loads(
+        (tmp_path / "moefy.json").read_text())["layers"]}
+    assert args["head"]["output_size"] == 3
+    assert "output_size" not in args["block"]  # H → H: the plan an older moefy wrote and reads
+    back = moefy.load(tmp_path, TabularMLP())
+    assert back.head.output_size == 3 and back.head.w_out.shape[:2] == (4, 3)
+    if cfg["method"] == "split":
+        assert back.head.shared.compensation[1].out_features == 3
+        assert back.head.shared.bias.shape == (3,)
+    with torch.no_grad():
+        assert torch.equal(back(x), ref) and torch.equal(back(x[:3]), ref_few)
 
 
 def test_a_single_layer(tmp_path):

@@ -27,7 +27,7 @@ def contract_output(moe, x):
         for j in range(moe.top_k):
             y = y + w[t, j] * moe.expert(int(i[t, j]))(x2[t])
         rows.append(y)
-    return torch.stack(rows).reshape(x.shape)
+    return torch.stack(rows).reshape(*x.shape[:-1], moe.output_size)
 
 
 @pytest.mark.parametrize("cfg", CONFIGS)
@@ -52,6 +52,47 @@ def test_any_leading_shape(shape):
     torch.testing.assert_close(y, y2.detach())
 
 
+# output_size != hidden_size, through every path the runtime picks: (training, gradients,
+# tokens, prepack, activation) → masked_dense_ffn; expert_ffn op; C++ decode kernel (≤ 16
+# tokens); PackedExperts; expert_ffn op without prepacking; grouped_ffn (custom activation)
+OTHER_WIDTH_PATHS = (
+    (True, True, 40, True, "gelu"),
+    (False, True, 40, True, "gelu"),
+    (False, False, 5, True, "gelu"),
+    (False, False, 100, True, "gelu"),
+    (False, False, 100, False, "gelu"),
+    (False, False, 40, True, torch.nn.Tanh()),
+)
+
+
+@pytest.mark.parametrize("training,grad,tokens,prepack,activation", OTHER_WIDTH_PATHS)
+@pytest.mark.parametrize("gated,shared", ((False, 0), (True, 8)))
+def test_other_output_width_keeps_the_contract(training, grad, tokens, prepack, activation,
+                                                gated, shared):
+    torch.manual_seed(0)
+    moe = moefy.MoE(16, 8, num_experts=4, top_k=2, output_size=3, gated=gated,
+                    shared_expert_size=shared, activation=activation).train(training)
+    moe.prepack = prepack
+    assert moe.w_out.shape == (4, 3, 8) and moe.b_out.shape == (4, 3)
+    assert "output_size=3" in repr(moe)
+    x = torch.randn(2, tokens // 2, 16)
+    with torch.set_grad_enabled(grad):
+        y = moe(x)
+        ref = contract_output(moe, x)
+        w, i = moe.route(x)
+        naive = reference_ffn(x.reshape(-1, 16), w, i, moe.expert_weights()) + moe.shared(
+            x.reshape(-1, 16))
+    assert y.shape == (2, tokens // 2, 3)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(y.reshape(-1, 3), naive, rtol=1e-4, atol=1e-5)
+
+
+def test_output_size_defaults_to_hidden_size():
+    moe = moefy.MoE(16, 8, num_experts=4, top_k=2)
+    assert moe.output_size == 16 and moe.w_out.shape == (4, 16, 8)
+    assert "output_size" not in repr(moe)
+
+
 def test_route_shapes_and_combine():
     moe = moefy.MoE(8, 4, num_experts=6, top_k=2, combine="softmax")
     w, i = moe.route(torch.randn(3, 5, 8))
@@ -74,9 +115,11 @@ def test_top_k_equal_num_experts_sum_is_dense():
         torch.testing.assert_close(moe(x), dense, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("output_size", (None, 3))
 @pytest.mark.parametrize("gated", (False, True))
-def test_gradients_match_oracle(gated):
-    moe = moefy.MoE(16, 8, num_experts=4, top_k=2, gated=gated, shared_expert_size=8).double()
+def test_gradients_match_oracle(gated, output_size):
+    moe = moefy.MoE(16, 8, num_experts=4, top_k=2, gated=gated, shared_expert_size=8,
+                    output_size=output_size).double()
     x = torch.randn(12, 16, dtype=torch.float64, requires_grad=True)
     moe(x).square().sum().backward()
     got = {n: p.grad.clone() for n, p in moe.named_parameters()}
@@ -184,6 +227,7 @@ BAD = (
     (dict(combine="mean"), "combine"),
     (dict(router="magic"), "router"),
     (dict(shared_expert_size=-3), "shared_expert_size"),
+    (dict(output_size=0), "output_size"),
 )
 
 

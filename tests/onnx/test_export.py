@@ -97,6 +97,56 @@ def test_moe_op_refuses_what_it_cannot_run_and_the_others_take_it(tmp_path, cfg)
     assert out.kernel == "loop" and max(out.max_diff) <= out.tolerance
 
 
+OTHER_WIDTH = (  # layers 16 → 3 (a classifier head's block): every lowering but the fused op
+    dict(activation="relu"),
+    dict(activation="silu", gated=True, bias=False, shared_expert_size=8, combine="sum"),
+    dict(activation="gelu", capacity_factor=1.0),
+    dict(activation=nn.Tanh()),  # custom: plain ops, no lowering
+)
+
+
+@pytest.mark.parametrize("target,kernel", (("ort", "loop"), ("standard", None)))
+@pytest.mark.parametrize("cfg", OTHER_WIDTH)
+def test_other_output_width_exports_and_matches(tmp_path, target, kernel, cfg):
+    moe = layer(output_size=3, **cfg)
+    out = moefy.export_onnx(moe, tmp_path / "m.onnx", (torch.randn(7, 16),), target=target,
+                            kernel=kernel)
+    assert max(out.max_diff) <= out.tolerance
+    if target == "standard":
+        assert check_tensorrt_ops(out.path) == []
+    x = torch.randn(11, 16)
+    session = moefy.runtime.Session(out.path)
+    got = next(iter(session.run({session.input_names[0]: x}).values()))
+    assert got.shape == (11, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(got, moe(x), rtol=1e-4, atol=1e-5)
+
+
+def test_the_fused_op_refuses_another_output_width(tmp_path):
+    moe = layer(output_size=3)
+    with pytest.raises(ExportError, match="output width 3 other than the input width 16 "
+                       r"\(ONNX Runtime's MoE returns its input's width\); use kernel='loop' "
+                       "or target='standard'"):
+        moefy.export_onnx(moe, tmp_path / "m.onnx", (torch.randn(6, 16),), kernel="moe_op")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("target", ("ort", "standard"))
+def test_a_converted_tabular_model_with_a_head_exports(tmp_path, target):
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 3)).eval()
+    x = torch.randn(32, 16)
+    model = moefy.convert(dense, moefy.MoEConfig(method="split", num_experts=4, top_k=2),
+                          example_inputs=(x,))
+    assert model[0].output_size == 3
+    out = moefy.export_onnx(model, tmp_path / "m.onnx", (x,), target=target)
+    assert out.moe_layers == 1 and max(out.max_diff) <= out.tolerance
+    session = moefy.runtime.Session(out.path)
+    got = next(iter(session.run({session.input_names[0]: x[:5]}).values()))
+    with torch.no_grad():
+        torch.testing.assert_close(got, model(x[:5]), rtol=1e-4, atol=1e-5)
+
+
 def test_loop_kernel_on_unbalanced_and_tiny_inputs(tmp_path):
     """Experts that get no token, one token, or every token; single-token inputs; capacity
     drops (slots that gather the zero row) — against the eager layer."""

@@ -317,13 +317,14 @@ class EncoderWithHead(nn.Module):
         return self.head(self.norm(x + self.ffn(x)))
 
 
-def test_head_with_other_output_width_is_rejected_not_fatal():
+def test_head_with_other_output_width_converts_too():
     model = EncoderWithHead().eval()
     matches, rejected = matches_of(model)
-    assert [m.name for m in matches] == ["ffn"]
-    assert any("output width 3 differs from input width 16" in r.reason for r in rejected)
+    assert [m.name for m in matches] == ["ffn", "head"]
+    assert not any("width" in r.reason for r in rejected)
     moe_model = moefy.convert(model, moefy.MoEConfig(num_experts=4, top_k=4), example_inputs=(X,))
-    assert isinstance(moe_model.ffn, moefy.MoE) and isinstance(moe_model.head[0], nn.Linear)
+    assert isinstance(moe_model.ffn, moefy.MoE) and isinstance(moe_model.head, moefy.MoE)
+    assert (moe_model.head.hidden_size, moe_model.head.output_size) == (H, 3)
     with torch.no_grad():
         torch.testing.assert_close(moe_model(X), model(X), rtol=1e-5, atol=1e-5)
 
@@ -472,13 +473,106 @@ def test_batch_norm_in_training_mode_is_rejected_with_its_reason():
     assert any("BatchNorm" in r.reason and "model.eval()" in r.reason for r in rejected)
 
 
-def test_other_output_width_says_what_the_layer_lacks():
-    head = nn.Sequential(nn.Linear(H, 32), nn.ReLU(), nn.Linear(32, 3))  # a tabular MLP head
-    matches, rejected = matches_of(head)
-    assert matches == []
-    reason = rejected[-1].reason
-    assert "output width 3 differs from input width 16: moefy.MoE maps H → H" in reason
-    assert "w_out is (E, H, I)" in reason
+class ResidualTabularMLP(nn.Module):
+    """A tabular MLP: a residual hidden block H → F → H, then the head H → F → 3 classes."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(H, 64), nn.ReLU(), nn.Linear(64, H))
+        self.head = nn.Sequential(nn.Linear(H, 64), nn.ReLU(), nn.Linear(64, 3))
+
+    def forward(self, x):
+        return self.head(x + self.block(x))
+
+
+TABULAR = {  # name -> (model, (input, output) width of each FFN found)
+    "head": (lambda: nn.Sequential(nn.Linear(H, 64), nn.ReLU(), nn.Linear(64, 3)),
+             [(H, 3)]),
+    "block_then_head": (ResidualTabularMLP, [(H, H), (H, 3)]),
+    # greedy in graph order: the first block widens 16 → 32, the last Linear stays dense
+    "deep_mlp": (lambda: nn.Sequential(nn.Linear(H, 64), nn.ReLU(), nn.Linear(64, 32),
+                                       nn.ReLU(), nn.Linear(32, 3)), [(H, 32)]),
+}
+EXACT_METHODS = (  # upcycle: softmax weights over k copies sum to 1; split: every expert on
+    dict(method="upcycle", num_experts=4, top_k=2),
+    dict(method="split", num_experts=4, top_k=4),
+    dict(method="split", num_experts=3, top_k=3, shared_experts=1),
+)
+
+
+@pytest.mark.parametrize("cfg", EXACT_METHODS, ids=lambda c: f"{c['method']}{c['num_experts']}")
+@pytest.mark.parametrize("name", sorted(TABULAR))
+def test_tabular_mlp_with_other_output_width_converts_exactly(name, cfg):
+    make, widths = TABULAR[name]
+    torch.manual_seed(0)
+    model = make().eval()
+    x = torch.randn(32, H)
+    matches, _ = matches_of(model, x)
+    assert [(m.up.shape[1], m.down.shape[0]) for m in matches] == widths
+    moe_model = moefy.convert(model, moefy.MoEConfig(**cfg), example_inputs=(x,))
+    moes = [m for m in moe_model.modules() if isinstance(m, moefy.MoE)]
+    assert [(m.hidden_size, m.output_size) for m in moes] == widths
+    with torch.no_grad():
+        for rows in (x, x[:3]):  # the packed path, and decode-sized batches
+            torch.testing.assert_close(moe_model(rows), model(rows), rtol=1e-5, atol=1e-5)
+
+
+def test_other_output_width_with_calibration_and_compensation_converts():
+    torch.manual_seed(0)
+    model = TABULAR["head"][0]().eval()
+    data = [(torch.randn(256, H),) for _ in range(2)]
+    cfg = moefy.MoEConfig(method="split", num_experts=4, top_k=2, compensate="linear")
+    moe_model = moefy.convert(model, cfg, example_inputs=data[0], calibration_data=data)
+    moe = moe_model[0]
+    assert moe.output_size == 3 and moe.shared.compensation[1].out_features == 3
+    with torch.no_grad():
+        assert moe_model(data[0][0]).shape == (256, 3)
+        moe.top_k = 4  # every expert: the sum is the FFN again, compensation off
+        torch.testing.assert_close(moe_model(data[0][0]), model(data[0][0]),
+                                   rtol=1e-5, atol=1e-5)
+
+
+class InlineHead(nn.Module):
+    """An FFN module, then a head H → 32 → 3 run inline in the model's own forward (as
+    DeBERTa's pooler dense → act → classifier): only graph mode could convert the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.ffn = seq(nn.GELU())
+        self.dense, self.out = nn.Linear(H, 32), nn.Linear(32, 3)
+
+    def forward(self, x):
+        h = x + self.ffn(x)
+        return self.out(torch.relu(self.dense(h)))
+
+
+def test_other_output_width_needing_graph_mode_is_left_dense_with_its_reason(capsys):
+    model = InlineHead().eval()
+    moe_model = moefy.convert(model, moefy.MoEConfig(num_experts=4, top_k=4),
+                              example_inputs=(X,), explain=True)
+    assert type(moe_model) is InlineHead  # not a GraphModule made for the head
+    assert isinstance(moe_model.ffn, moefy.MoE) and isinstance(moe_model.dense, nn.Linear)
+    out = capsys.readouterr().out
+    assert "output width 3 differs from input width 16" in out
+    assert "converted only by a module swap, not in graph mode" in out
+    with torch.no_grad():
+        torch.testing.assert_close(moe_model(X), model(X), rtol=1e-5, atol=1e-5)
+
+
+def test_other_output_width_is_rejected_for_peer_with_its_reason():
+    model = ResidualTabularMLP().eval()
+    x = torch.randn(32, H)
+    matches, rejected = find_ffns(export_model(model, (x,), {}), "peer")
+    assert [m.name for m in matches] == ["block"]
+    reason = next(r.reason for r in rejected if "width" in r.reason)
+    assert "output width 3 differs from input width 16: method='peer' maps H → H" in reason
+    assert "method='split' or 'upcycle' convert it" in reason
+    moe_model = moefy.convert(model, moefy.MoEConfig(method="peer", top_k=8),
+                              example_inputs=(x,))
+    assert isinstance(moe_model.block, moefy.PEER) and isinstance(moe_model.head[0], nn.Linear)
+    with pytest.raises(NoFFNFoundError, match="method='peer' maps H → H"):
+        moefy.convert(TABULAR["head"][0]().eval(), moefy.MoEConfig(method="peer", top_k=8),
+                      example_inputs=(x,))
 
 
 # ------------------------------------------------------------ blocks that are not token FFNs

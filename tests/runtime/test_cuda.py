@@ -61,6 +61,18 @@ def test_cuda_dispatch_matches_oracle(T, gated, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("output_size", (24, 3))  # grouped_mm's aligned widths, and not
+def test_cuda_other_output_width_matches_oracle(output_size, dtype):
+    ew = on_cuda(make_experts(8, 64, 48, gated=True, dtype=dtype, output_size=output_size))
+    x = torch.randn(300, 64, device="cuda", dtype=dtype)
+    w, i = (t.cuda() for t in make_routing(300, 8, 2, dtype=dtype))
+    expected = reference_ffn(x, w, i, ew)
+    assert expected.shape == (300, output_size)
+    close(grouped_ffn(x, w, i, ew), expected, dtype, "grouped_ffn")
+    close(expert_ffn(x, w, i, *ew[:6], ew.activation), expected, dtype, "expert_ffn op")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("gated", (False, True))
 def test_cuda_gradients_match_autograd_of_the_oracle(gated, dtype):
     T = 96

@@ -11,8 +11,10 @@ from moefy.runtime.dispatch import (
     _padded_rows,
     decode_ffn,
     grouped_ffn,
+    masked_dense_ffn,
     plan_dispatch,
 )
+from moefy.runtime.kernels import decode_kernels_available
 from moefy.runtime.reference import reference_ffn
 from tests.runtime.helpers import make_experts, make_routing
 
@@ -39,11 +41,12 @@ def packed_all_tokens(x, w, i, ew):
 
 
 def decode_kernel(x, w, i, ew):
+    assert decode_kernels_available()  # loads the library (this module may run alone)
     # the C++ kernel takes at most KERNEL_MAX_TOKENS tokens per call
     rows = [decode_ffn(x[s : s + KERNEL_MAX_TOKENS], w[s : s + KERNEL_MAX_TOKENS],
                        i[s : s + KERNEL_MAX_TOKENS], ew)
             for s in range(0, x.shape[0], KERNEL_MAX_TOKENS)]
-    return torch.cat(rows) if rows else x.new_zeros(x.shape)
+    return torch.cat(rows) if rows else x.new_zeros(x.shape[0], ew.output_size)
 
 
 def custom_op(x, w, i, ew):
@@ -52,6 +55,7 @@ def custom_op(x, w, i, ew):
 
 IMPLS = {
     "grouped_ffn": grouped_ffn,
+    "masked_dense": masked_dense_ffn,
     "packed": packed_dispatch,
     "packed_default": packed_default,
     "packed_all_tokens": packed_all_tokens,
@@ -64,7 +68,7 @@ def assert_all_match(x, w, i, ew, rtol=1e-4, atol=1e-5):
     ref = reference_ffn(x, w, i, ew)
     for name, impl in IMPLS.items():
         got = impl(x, w, i, ew)
-        assert got.shape == x.shape, name
+        assert got.shape == (x.shape[0], ew.output_size), name
         torch.testing.assert_close(got, ref, rtol=rtol, atol=atol,
                                    msg=lambda m, n=name: f"{n}: {m}")
 
@@ -80,6 +84,18 @@ def test_dispatch_matches_oracle(T, E, k, gated):
     x = torch.randn(T, H)
     w, i = make_routing(T, E, k)
     assert_all_match(x, w, i, ew)
+
+
+@pytest.mark.parametrize("bias", (False, True))
+@pytest.mark.parametrize("gated", GATED)
+@pytest.mark.parametrize("T", TOKENS)
+def test_other_output_width_matches_oracle(T, gated, bias):
+    # experts H → I → O with O != H (a classifier head's block): every path writes (T, O)
+    for H, O in ((16, 3), (16, 40)):
+        ew = make_experts(4, H, 24, gated=gated, bias=bias, output_size=O)
+        x = torch.randn(T, H)
+        w, i = make_routing(T, 4, 2)
+        assert_all_match(x, w, i, ew)
 
 
 @pytest.mark.parametrize("activation",
@@ -159,13 +175,13 @@ def test_packed_weights_are_a_snapshot():
 @settings(max_examples=40, deadline=None)
 @given(
     T=st.integers(0, 40), E=st.integers(1, 9), k=st.integers(1, 9), H=st.integers(1, 24),
-    I=st.integers(1, 24), gated=st.booleans(), bias=st.booleans(),
-    activation=st.sampled_from(("relu", "gelu", "silu", "squared_relu")),
+    I=st.integers(1, 24), O=st.none() | st.integers(1, 24), gated=st.booleans(),
+    bias=st.booleans(), activation=st.sampled_from(("relu", "gelu", "silu", "squared_relu")),
     seed=st.integers(0, 2**16),
 )
-def test_property_random_shapes(T, E, k, H, I, gated, bias, activation, seed):
+def test_property_random_shapes(T, E, k, H, I, O, gated, bias, activation, seed):
     torch.manual_seed(seed)
-    ew = make_experts(E, H, I, gated=gated, bias=bias, activation=activation)
+    ew = make_experts(E, H, I, gated=gated, bias=bias, activation=activation, output_size=O)
     x = torch.randn(T, H)
     i = torch.randint(0, E, (T, k))
     w = torch.rand(T, k)

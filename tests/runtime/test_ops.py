@@ -7,19 +7,22 @@ from moefy.runtime.reference import reference_ffn
 from tests.runtime.helpers import make_experts, make_routing
 
 CASES = ((False, True), (True, False), (True, True))
+OUTPUT_SIZES = (None, 5)  # None: H; 5: experts that change the width (H → I → O)
 
 
 def op(x, w, i, ew):
     return torch.ops.moefy.expert_ffn(x, w, i, *ew[:6], ew.activation)
 
 
+@pytest.mark.parametrize("output_size", OUTPUT_SIZES)
 @pytest.mark.parametrize("gated,bias", CASES)
-def test_gradients_match_oracle(gated, bias):
-    ew = make_experts(4, 12, 10, gated=gated, bias=bias, dtype=torch.float64)
+def test_gradients_match_oracle(gated, bias, output_size):
+    ew = make_experts(4, 12, 10, gated=gated, bias=bias, dtype=torch.float64,
+                      output_size=output_size)
     x = torch.randn(9, 12, dtype=torch.float64)
     w, i = make_routing(9, 4, 2, dtype=torch.float64)
     leaves = [x, w, *(t for t in ew[:6] if t is not None)]
-    grad_out = torch.randn(9, 12, dtype=torch.float64)
+    grad_out = torch.randn(9, ew.output_size, dtype=torch.float64)
 
     def grads(fn):
         ls = [t.detach().clone().requires_grad_() for t in leaves]
@@ -44,20 +47,22 @@ def test_gradcheck():
         (x, w, w_in))
 
 
-def test_fake_tensor_shape():
+@pytest.mark.parametrize("output_size", OUTPUT_SIZES)
+def test_fake_tensor_shape(output_size):
     from torch._subclasses.fake_tensor import FakeTensorMode
-    ew = make_experts(4, 8, 6)
+    ew = make_experts(4, 8, 6, output_size=output_size)
     with FakeTensorMode() as mode:
         fx = mode.from_tensor(torch.randn(5, 8))
         fw = mode.from_tensor(torch.rand(5, 2))
         fi = mode.from_tensor(torch.zeros(5, 2, dtype=torch.long))
         few = [None if t is None else mode.from_tensor(t) for t in ew[:6]]
         out = torch.ops.moefy.expert_ffn(fx, fw, fi, *few, "gelu")
-    assert out.shape == (5, 8)
+    assert out.shape == (5, output_size or 8)
 
 
-def test_opcheck():
-    ew = make_experts(4, 8, 6, gated=True)
+@pytest.mark.parametrize("output_size", OUTPUT_SIZES)
+def test_opcheck(output_size):
+    ew = make_experts(4, 8, 6, gated=True, output_size=output_size)
     x = torch.randn(7, 8)
     w, i = make_routing(7, 4, 2)
     torch.library.opcheck(torch.ops.moefy.expert_ffn.default,

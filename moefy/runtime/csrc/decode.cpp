@@ -8,7 +8,8 @@
 //
 //   decode_ffn(x (T, H), weights (T, k), indices (T, k),
 //              w_in (E, I, H), w_gate (E, I, H)?, b_in (E, I)?, b_gate (E, I)?,
-//              w_out (E, H, I), b_out (E, H)?, activation) -> y (T, H)
+//              w_out (E, O, I), b_out (E, O)?, activation) -> y (T, O)
+//   (O, the output width, is read from w_out: H, or another width for a block that changes it)
 //   y[t] = sum_j weights[t, j] * expert(indices[t, j])(x[t])
 
 #include <ATen/Parallel.h>
@@ -95,7 +96,7 @@ at::Tensor decode_ffn(const at::Tensor& x, const at::Tensor& weights, const at::
                       const c10::optional<at::Tensor>& b_gate, const at::Tensor& w_out,
                       const c10::optional<at::Tensor>& b_out, const std::string& activation) {
   const int64_t T = x.size(0), H = x.size(1), k = indices.size(1);
-  const int64_t E = w_in.size(0), I = w_in.size(1);
+  const int64_t E = w_in.size(0), I = w_in.size(1), O = w_out.size(1);
   TORCH_CHECK(T <= kMaxTokens, "moefy decode kernel: at most ", kMaxTokens, " tokens, got ", T);
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2,
               "moefy decode kernel: x must be contiguous float32 (T, H)");
@@ -106,11 +107,11 @@ at::Tensor decode_ffn(const at::Tensor& x, const at::Tensor& weights, const at::
                   weights.sizes() == indices.sizes(),
               "moefy decode kernel: weights must be contiguous float32 like indices");
   check_weight(w_in, E, I, H, "w_in");
-  check_weight(w_out, E, H, I, "w_out");
+  check_weight(w_out, E, O, I, "w_out");
   if (w_gate.has_value()) check_weight(*w_gate, E, I, H, "w_gate");
   const float* bi = bias_ptr(b_in, E, I, "b_in");
   const float* bg = bias_ptr(b_gate, E, I, "b_gate");
-  const float* bo = bias_ptr(b_out, E, H, "b_out");
+  const float* bo = bias_ptr(b_out, E, O, "b_out");
   const Act act = parse_activation(activation);
 
   // Routing as a dense (E, T) table; the touched experts in ascending order.
@@ -157,14 +158,14 @@ at::Tensor decode_ffn(const at::Tensor& x, const at::Tensor& weights, const at::
     }
   });
 
-  at::Tensor y = at::empty({T, H}, x.options());
+  at::Tensor y = at::empty({T, O}, x.options());
   float* yp = y.data_ptr<float>();
   const float* wo = w_out.data_ptr<float>();
   // One task = a range of output features; it owns y[:, range]. Within it, blocks of kBlock
   // features: for each expert the block's rows of w_out are contiguous, so each expert is one
   // memory stream rather than U streams interleaved row by row.
   constexpr int64_t kBlock = 32;
-  at::parallel_for(0, H, kBlock, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, O, kBlock, [&](int64_t begin, int64_t end) {
     float acc[kBlock * kMaxTokens], part[kMaxTokens];
     for (int64_t o0 = begin; o0 < end; o0 += kBlock) {
       const int64_t o1 = std::min(end, o0 + kBlock);
@@ -172,14 +173,14 @@ at::Tensor decode_ffn(const at::Tensor& x, const at::Tensor& weights, const at::
       for (int64_t u = 0; u < U; ++u) {
         const int64_t e = experts[u];
         for (int64_t o = o0; o < o1; ++o) {
-          dots(wo + (e * H + o) * I, h.data() + u * T * I, I, I, T, part);
+          dots(wo + (e * O + o) * I, h.data() + u * T * I, I, I, T, part);
           float* a = acc + (o - o0) * T;
           for (int64_t t = 0; t < T; ++t)
-            a[t] += part[t] + (bo ? route[e * T + t] * bo[e * H + o] : 0.f);
+            a[t] += part[t] + (bo ? route[e * T + t] * bo[e * O + o] : 0.f);
         }
       }
       for (int64_t o = o0; o < o1; ++o)
-        for (int64_t t = 0; t < T; ++t) yp[t * H + o] = acc[(o - o0) * T + t];
+        for (int64_t t = 0; t < T; ++t) yp[t * O + o] = acc[(o - o0) * T + t];
     }
   });
   return y;
