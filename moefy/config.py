@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-METHODS = ("upcycle", "split", "peer")
+METHODS = ("upcycle", "split", "peer", "neuron")
+SELECTIONS = ("input", "gate")
 PARTITIONS = ("contiguous", "random", "kmeans", "coactivation")
 ROUTERS = ("softmax", "noisy", "sigmoid", "topp", "expert_choice", "hash")
 ROUTER_INITS = ("similarity", "representative", "fit")
@@ -21,7 +22,12 @@ class MoEConfig:
             the FFN's d_ff neurons becomes a single-neuron expert of a ``moefy.PEER`` layer,
             N = d_ff padded to a product-key grid n1 × n2 with inert experts; product keys
             and query fitted to retrieve the neurons the FFN activates most, see
-            ``moefy.passes.peer``).
+            ``moefy.passes.peer``) or "neuron" (every FFN neuron a single-neuron expert chosen
+            per token by signals the layer computes anyway, and the input channels of the
+            other projections in its block (attention q/k/v/o) chosen alike: a
+            ``moefy.NeuronFFN`` and ``moefy.SparseLinear`` layers whose thresholds are
+            calibrated so that a token reads ``active`` of the weights; see
+            ``moefy.passes.neuron``).
         num_experts: routed experts per FFN (split, upcycle; peer: leave it, N follows d_ff).
         top_k: experts per token (peer: neurons per head; the active fraction is
             peer_heads · top_k / d_ff).
@@ -77,6 +83,17 @@ class MoEConfig:
             models that return ``.logits``, else the relative MSE of the first output; the
             MoE parts are trained, see ``moefy.distill``). Needs calibration_data. A
             conversion that alone takes longer is logged, not stopped.
+        active: neuron only — the share of the projection weights a token reads (the
+            converted FFNs and, unless ``ffn_only``, the other projections of their blocks;
+            not embeddings or the LM head), 0 < active <= 1. 1 (the default): every weight,
+            exactly the dense model. Below 1 needs calibration_data: thresholds per layer and
+            matrix are allocated greedily where the calibration data says they cost least.
+        selection: neuron only — how an FFN picks its neurons: "input" (TEAL/WINA: the input
+            channels of gate/up by |x_j|·‖W[:, j]‖, then the neurons h_i by
+            |h_i|·‖W_down[:, i]‖) or "gate" (the gate computed on its selected inputs, then
+            neurons by |act(g_i)|·c_i with c_i calibrated; up and down read only for them).
+        ffn_only: neuron only — leave the attention projections dense; ``active`` is then the
+            share of the FFN weights read.
         calibration_tokens: read ``calibration_data`` until each FFN has seen this many
             tokens (default 2^20), then stop and
             log it: an endless stream (a repeating iterator) cannot hang the conversion.
@@ -109,6 +126,9 @@ class MoEConfig:
     peer_key_dim: int | None = None
     peer_fit_steps: int | None = None
     minutes: float | None = None
+    active: float | None = None
+    selection: str = "input"
+    ffn_only: bool = False
 
     @classmethod
     def for_budget(cls, active: float, minutes: float | None = None, *,
@@ -182,8 +202,24 @@ class MoEConfig:
         if self.peer_key_dim is not None and self.peer_key_dim % 2:
             raise ValueError(f"MoEConfig.peer_key_dim must be even (two half-keys), got "
                              f"{self.peer_key_dim}")
+        a = self.active
+        if a is not None and not (isinstance(a, (int, float)) and not isinstance(a, bool)
+                                  and math.isfinite(a) and 0 < a <= 1):
+            raise ValueError(f"MoEConfig.active must be None or a share 0 < active <= 1, got "
+                             f"{a!r}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"MoEConfig.selection must be one of {SELECTIONS}, got "
+                             f"{self.selection!r}")
+        if not isinstance(self.ffn_only, bool):
+            raise ValueError(f"MoEConfig.ffn_only must be a bool, got {self.ffn_only!r}")
+        if self.method != "neuron":
+            for name, default in (("active", None), ("selection", "input"), ("ffn_only", False)):
+                if getattr(self, name) != default:
+                    raise ValueError(f"MoEConfig.{name} applies to method='neuron' only")
         if self.method == "peer":
             self._check_peer()
+        elif self.method == "neuron":
+            self._check_neuron()
         elif self.top_k > self.num_experts:
             raise ValueError(
                 f"MoEConfig.top_k ({self.top_k}) cannot exceed num_experts ({self.num_experts})")
@@ -217,6 +253,21 @@ class MoEConfig:
             raise ValueError("MoEConfig.shared_experts applies to method='split' only")
         if isinstance(self.only, str) or isinstance(self.skip, str):
             raise ValueError("MoEConfig.only / skip take a list of glob patterns, not a string")
+
+    def _check_neuron(self) -> None:
+        """Settings of the routed methods that single-neuron selection does not have."""
+        unused = [("shared_experts", 0), ("capacity_factor", None), ("router", "softmax"),
+                  ("router_init", None), ("compensate", None), ("compensate_rank", None),
+                  ("fit_steps", 0), ("partition", "kmeans"), ("num_experts", 16),
+                  ("top_k", 4), ("top_p", 0.5), ("granularity", 1)]
+        for name, default in unused:
+            if getattr(self, name) != default and not (name == "compensate" and
+                                                       self.compensate is False):
+                raise ValueError(
+                    f"MoEConfig.{name}={getattr(self, name)!r} does not apply to "
+                    f"method='neuron' (leave it at {default!r}): every neuron is an expert "
+                    "chosen by a calibrated threshold; its settings are active, selection, "
+                    "ffn_only (and minutes, calibration_tokens, only/skip)")
 
     def _check_peer(self) -> None:
         """Settings of the other methods that a PEER conversion cannot honour."""

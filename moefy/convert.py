@@ -17,10 +17,12 @@ from moefy.errors import (
     ConversionError,
 )
 from moefy.layers.moe import MoE
+from moefy.layers.neuron import NeuronFFN, SparseLinear
 from moefy.layers.peer import PEER
 from moefy.passes import trace
 from moefy.passes.calibrate import Calibrate
 from moefy.passes.distill import DistillForBudget
+from moefy.passes.neuron import AllocateBudget, SparsifyProjections
 from moefy.passes.plan import (
     CheckBeforeChange,
     FindFFNs,
@@ -108,7 +110,8 @@ def convert(model: nn.Module, config: MoEConfig, *, example_inputs=None, calibra
             "calibration data, which inference mode forbids: call convert under "
             "torch.no_grad() instead (and build the model outside inference_mode), or set "
             "fit_steps=0 with router_init other than 'fit' (split) / peer_fit_steps=0 (peer)")
-    existing = [name for name, m in model.named_modules() if isinstance(m, (MoE, PEER))]
+    existing = [name for name, m in model.named_modules()
+                if isinstance(m, (MoE, PEER, NeuronFFN, SparseLinear))]
     if existing:
         raise AlreadyConvertedError(
             f"the model already holds {len(existing)} moefy MoE layer(s) ({', '.join(existing[:4])}"
@@ -163,6 +166,8 @@ def _convert(model, config, example_inputs, calibration_data, inplace, verify, e
         CheckBeforeChange(),  # every failure that input can cause, before anything changes
         Calibrate(),  # statistics the split builder reads
         BuildAndRewrite(),  # one FFN at a time: peak memory is the result plus one FFN
+        SparsifyProjections(),  # neuron: the other projections of the FFNs' blocks
+        AllocateBudget(),  # neuron: thresholds that spend config.active where it costs least
         Verify(enabled=verify),  # compares the finished model with the dense one
         DistillForBudget(),  # last: spends what is left of config.minutes
     ]

@@ -26,7 +26,7 @@ from moefy.errors import (
     TraceError,
     first_line,
 )
-from moefy.passes import build, find_ffn, peer, rewrite, trace
+from moefy.passes import build, find_ffn, neuron, peer, rewrite, trace
 from moefy.passes.base import Pass, PassResult
 from moefy.passes.stages import Found, Plan, Plans, Request, Traced, join
 from moefy.passes.trace import TracedUnit
@@ -250,6 +250,8 @@ class CheckBeforeChange(Pass):
             build.check_divisible(p.plan.name, dense, r.config)
             if r.config.method == "peer":
                 peer.check_peer(p.plan.name, dense, r.config)
+            elif r.config.method == "neuron":
+                neuron.check_neuron(p.plan.name, dense)
         return PassResult(False, {"checked": len(plans.plans)})
 
 

@@ -17,10 +17,11 @@ import torch
 import torch.nn as nn
 
 from moefy.layers.moe import MoE
+from moefy.layers.neuron import NeuronFFN
 from moefy.layers.peer import PEER
 from moefy.layers.record import ConversionRecord
 from moefy.layers.tokens import install_token_hooks, remove_token_hooks
-from moefy.passes import build, peer, rewrite
+from moefy.passes import build, neuron, peer, rewrite
 from moefy.passes.base import Pass, PassResult
 from moefy.passes.fit import check_finite
 from moefy.passes.stages import Converted, Plan, Plans, Request, Statistics
@@ -87,13 +88,16 @@ class BuildAndRewrite(Pass):
         return target, len(graph_units)
 
     @staticmethod
-    def _moe(r: Request, p: Plan, stats: Statistics, generator: torch.Generator) -> MoE | PEER:
+    def _moe(r: Request, p: Plan, stats: Statistics, generator: torch.Generator
+             ) -> MoE | PEER | NeuronFFN:
         dense = build.dense_weights(p.unit.module, p.match)
         ffn_stats = stats.stats.get(p.key)
         if r.config.method == "split":
             moe = build.split(dense, r.config, generator, ffn_stats)
         elif r.config.method == "peer":
             moe = peer.build_peer(dense, r.config, generator, ffn_stats)
+        elif r.config.method == "neuron":
+            moe = neuron.build_neuron(dense, r.config.selection, p.plan.name)
         else:
             moe = build.upcycle(dense, r.config, generator)
         check_finite(moe, p.plan.name)  # before it goes anywhere near the model

@@ -18,6 +18,7 @@ from torch.utils._pytree import tree_leaves
 from moefy.config import MoEConfig
 from moefy.errors import ConversionError, VerificationError, first_line
 from moefy.layers.moe import MoE
+from moefy.layers.neuron import DENSE, NeuronFFN, SparseLinear
 from moefy.layers.peer import PEER
 from moefy.layers.tokens import token_ids
 from moefy.passes.base import Pass, PassResult
@@ -92,9 +93,11 @@ class Verify(Pass):
         target = converted.target
         moes = [m for m in target.modules() if isinstance(m, MoE)]
         peers = [m for m in target.modules() if isinstance(m, PEER)]
+        sparse = [m for m in target.modules() if isinstance(m, (NeuronFFN, SparseLinear))]
         refitted = s.config.fit_steps > 0 and s.config.method == "split" and bool(stats.stats)
         if not refitted:  # a layer fit (fit_steps) retrains the experts: no longer a carve
-            with _every_expert_active(moes), _every_peer_expert_active(peers):
+            with (_every_expert_active(moes), _every_peer_expert_active(peers),
+                  _every_neuron_kept(sparse)):
                 _compare(reference.outputs, outputs(target, s.args, s.kwargs),
                          "with every expert active")
         why_not = _not_preserving(s.config) or _peer_not_preserving(peers)
@@ -114,11 +117,11 @@ class Verify(Pass):
                           "every expert active, and that ")
                        + "the routed model's outputs are finite")
         _log.info("verification: %s", checked)
-        for m in moes + peers:
+        for m in moes + peers + sparse:
             m.conversion = m.conversion.with_(verified=checked)
         # what the model computes is unchanged; each layer's record now holds the outcome
         return PassResult(False, {"outputs_checked": len(got),
-                                  "layers_recorded": len(moes) + len(peers)})
+                                  "layers_recorded": len(moes) + len(peers) + len(sparse)})
 
 
 def _not_preserving(config: MoEConfig) -> str | None:
@@ -129,6 +132,10 @@ def _not_preserving(config: MoEConfig) -> str | None:
         return "expert choice gives some tokens fewer experts"
     if config.method == "peer":
         return None  # per layer: _peer_not_preserving
+    if config.method == "neuron":
+        active = 1.0 if config.active is None else config.active
+        return None if active >= 1 else (f"active={active}: calibrated thresholds read that "
+                                         "share of the projection weights")
     if config.method == "split":
         if config.top_k < config.num_experts:
             return f"top_k={config.top_k} of {config.num_experts} experts"
@@ -163,6 +170,22 @@ def _every_peer_expert_active(peers: list[PEER]):
     finally:
         for m in peers:
             m.__dict__.pop("forward", None)
+
+
+@contextlib.contextmanager
+def _every_neuron_kept(layers: list):
+    """Every neuron and input channel temporarily kept (thresholds off): a NeuronFFN or
+    SparseLinear is then exactly the dense projection it was built from."""
+    names = ("threshold", "in_threshold", "h_threshold")
+    saved = [(getattr(m, n), getattr(m, n).clone()) for m in layers for n in names
+             if hasattr(m, n)]
+    try:
+        for t, _ in saved:
+            t.fill_(DENSE)
+        yield
+    finally:
+        for t, value in saved:
+            t.copy_(value)
 
 
 @contextlib.contextmanager

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 _SOURCES = [Path(__file__).with_name("csrc") / name
-            for name in ("decode.cpp", "peer.cpp", "search.cpp")]
+            for name in ("decode.cpp", "peer.cpp", "search.cpp", "neuron.cpp")]
 _HEADERS = [Path(__file__).with_name("csrc") / "common.h"]  # in the digest, not compiled alone
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
@@ -198,6 +198,14 @@ def peer_kernels_available() -> bool:
     """True once ``torch.ops.moefy_cpu.peer_forward`` / ``peer_backward`` are loaded (they
     live in the same library as the decode kernel)."""
     return decode_kernels_available() and hasattr(torch.ops.moefy_cpu, "peer_forward")
+
+
+@functools.cache
+def neuron_kernels_available() -> bool:
+    """True once ``torch.ops.moefy_cpu.sparse_input_linear`` / ``neuron_ffn`` (decode
+    projections that read only the weight rows they use) are loaded. Cached: it is asked on
+    every decode call."""
+    return decode_kernels_available() and hasattr(torch.ops.moefy_cpu, "sparse_input_linear")
 
 
 def search_kernel_available() -> bool:

@@ -1,0 +1,247 @@
+"""Single-neuron experts: layers that read, per token, only the weights its largest inputs
+need (``MoEConfig(method="neuron")``).
+
+    SparseLinear   x ──keep x_j where |x_j|·s_j > t──▶ W[:, kept] · x[kept] + b
+                   (an attention projection; s_j = ‖W[:, j]‖, WINA's weight-aware score)
+
+    NeuronFFN, selection="input" (TEAL / WINA on both projections):
+        x ──keep x_j: |x_j|·s_j > t_in──▶ [gate; up] ──act(g)·u = h
+          ──keep h_i: |h_i|·‖W_down[:, i]‖ > t_h──▶ down
+    NeuronFFN, selection="gate" (two-stage, CATS-like: each neuron is an expert the gate routes):
+        x ──keep x_j: |x_j|·s_j > t_in──▶ gate g ──keep i: |act(g_i)|·c_i > t_h──▶ up_i, down_i only
+
+Every neuron is an expert and the selection is its router: the signals are ones the layer
+computes anyway, so routing reads nothing extra. Thresholds, not a fixed k: a token with a
+few large entries reads little, one with many reads more, and the thresholds are calibrated
+(``moefy.passes.neuron``) so that the *mean* share of weights read meets the budget. A
+threshold below 0 keeps everything: the layer is then exactly the dense one.
+
+Weights are stored so that what is read together is contiguous: the input-sparse matrices
+transposed (row j = input channel j's weights), the gate-routed up projection as rows.
+A dropped entry is skipped, never multiplied by 0 (an inf there does not become a NaN); a NaN
+score keeps its entry (a NaN input stays visible in the output, as in the dense layer).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moefy.activations import get_activation
+from moefy.layers.inputs import check_layer_input
+from moefy.layers.record import ConversionRecord
+from moefy.runtime import neuron as kernels
+
+SELECTIONS = ("input", "gate")
+DENSE = -1.0  # a threshold that keeps every entry
+
+
+def _threshold_buffer() -> torch.Tensor:
+    return torch.tensor(DENSE, dtype=torch.float32)
+
+
+class SparseLinear(nn.Module):
+    """An ``nn.Linear`` (``in_features → out_features``) that reads, per token, only the
+    weight columns of its input channels whose score ``|x_j| · scale_j`` exceeds
+    ``threshold`` (``scale``: the columns' norms, so a channel counts by what it can change).
+
+    ``weight_t`` holds ``W`` transposed, (in, out): the columns of one channel are one
+    contiguous row. ``threshold < 0`` (the default) keeps every channel: ``nn.Linear`` exactly.
+
+    >>> lin = nn.Linear(8, 4)
+    >>> sparse = SparseLinear.from_linear(lin)
+    >>> x = torch.randn(3, 8)
+    >>> bool(torch.allclose(sparse(x), lin(x), atol=1e-6))
+    True
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 dtype: torch.dtype | None = None, device=None):
+        super().__init__()
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"SparseLinear: {name} must be a positive int, got {value!r}")
+        kw = {"dtype": dtype, "device": device}
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_t = nn.Parameter(torch.empty(in_features, out_features, **kw))
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+        self.register_buffer("scale", torch.ones(in_features, dtype=torch.float32,
+                                                 device=device))
+        self.register_buffer("threshold", _threshold_buffer().to(device))
+        nn.init.kaiming_uniform_(self.weight_t.T, a=5 ** 0.5)  # nn.Linear's initialisation
+        self.conversion = ConversionRecord()
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear) -> SparseLinear:
+        """The same map as ``linear``, keeping every channel until a threshold is set; the
+        scores weigh each channel by its column's norm."""
+        w = linear.weight.detach()
+        out = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                  dtype=w.dtype, device=w.device)
+        out.weight_t.copy_(w.t())
+        if linear.bias is not None:
+            out.bias.copy_(linear.bias.detach())
+        out.scale.copy_(w.float().norm(dim=0))
+        out.train(linear.training)
+        return out
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """``W`` in ``nn.Linear`` layout (out, in): a view of ``weight_t``, for code that reads
+        a projection's weight (its dtype or device)."""
+        return self.weight_t.t()
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Each input channel's score ``|x_j| · scale_j`` (what the threshold is compared
+        with), float32."""
+        return x.float().abs() * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_layer_input(x, self.in_features, self.weight_t, "SparseLinear", "layer")
+        t = float(self.threshold)
+        if t < 0:
+            y = x @ self.weight_t
+            return y if self.bias is None else y + self.bias
+        return kernels.sparse_input_linear(x, self.weight_t, self.scale, t, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, threshold={float(self.threshold):.4g}")
+
+
+class NeuronFFN(nn.Module):
+    """A dense FFN ``W_down · act(W_gate x) ⊙ (W_up x)`` (plain: ``W_down · act(W_up x)``),
+    ``hidden_size → output_size``, whose ``ffn_size`` neurons are single-neuron experts chosen
+    per token (see the module docstring for the two selections).
+
+    Knobs: ``in_threshold`` on the input channels (scores ``|x_j|·in_scale_j``) and
+    ``h_threshold`` on the neurons (selection "input": ``|h_i|·h_scale_i`` with
+    ``h_scale_i = ‖W_down[:, i]‖``; "gate": ``|act(g_i)|·coef_i``, ``coef`` calibrated as the
+    neuron's mean ``|u_i|`` times ``‖W_down[:, i]‖``). Below 0 a knob keeps everything.
+    """
+
+    def __init__(self, hidden_size: int, ffn_size: int, output_size: int | None = None, *,
+                 activation: str = "silu", gated: bool = True, bias: bool = False,
+                 selection: str = "input", dtype: torch.dtype | None = None, device=None):
+        super().__init__()
+        output_size = hidden_size if output_size is None else output_size
+        for name, value in (("hidden_size", hidden_size), ("ffn_size", ffn_size),
+                            ("output_size", output_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"NeuronFFN: {name} must be a positive int, got {value!r}")
+        if selection not in SELECTIONS:
+            raise ValueError(f"NeuronFFN: selection must be one of {SELECTIONS}, got "
+                             f"{selection!r}")
+        if not isinstance(activation, str):
+            raise ValueError("NeuronFFN: activation must be a name in moefy.activations "
+                             f"(the kernels compute it), got {type(activation).__name__}")
+        H, I, O = hidden_size, ffn_size, output_size
+        self.hidden_size, self.ffn_size, self.output_size = H, I, O
+        self.activation = get_activation(activation).name
+        self.gated, self.selection = gated, selection
+        kw = {"dtype": dtype, "device": device}
+
+        def param(*shape):
+            return nn.Parameter(torch.zeros(*shape, **kw))
+
+        first = 2 * I if gated and selection == "input" else I
+        # the input-sparse first projection: [gate; up] (selection "input") or the gate alone
+        self.w_in_t = param(H, first)
+        self.b_in = param(first) if bias else None
+        self.w_up = param(I, H) if gated and selection == "gate" else None
+        self.b_up = param(I) if bias and self.w_up is not None else None
+        self.w_out_t = param(I, O)
+        self.b_out = param(O) if bias else None
+        f32 = {"dtype": torch.float32, "device": device}
+        self.register_buffer("in_scale", torch.ones(H, **f32))
+        self.register_buffer("h_scale", torch.ones(I, **f32))  # ‖W_down[:, i]‖ or coef_i
+        self.register_buffer("in_threshold", _threshold_buffer().to(device))
+        self.register_buffer("h_threshold", _threshold_buffer().to(device))
+        self.conversion = ConversionRecord()
+
+    @torch.no_grad()
+    def load_dense(self, w_in: torch.Tensor, w_out: torch.Tensor, w_gate: torch.Tensor | None,
+                   b_in: torch.Tensor | None = None, b_gate: torch.Tensor | None = None,
+                   b_out: torch.Tensor | None = None) -> NeuronFFN:
+        """Take a dense FFN's weights in ``nn.Linear`` layout (w_in = up (I, H), w_gate (I, H),
+        w_out = down (O, I)) and set the scores' weight norms. Returns ``self``."""
+        I = self.ffn_size
+        if (w_gate is not None) != self.gated:
+            raise ValueError(f"NeuronFFN.load_dense: the layer is {'' if self.gated else 'not '}"
+                             f"gated but w_gate is {'missing' if self.gated else 'given'}")
+
+        def zeros_if_none(b, n):
+            return w_in.new_zeros(n) if b is None else b
+
+        if self.selection == "input":
+            first = torch.cat([w_gate, w_in]) if self.gated else w_in
+            self.w_in_t.copy_(first.t())
+            if self.b_in is not None:
+                self.b_in.copy_(torch.cat([zeros_if_none(b_gate, I), zeros_if_none(b_in, I)])
+                                if self.gated else zeros_if_none(b_in, I))
+        else:
+            self.w_in_t.copy_((w_gate if self.gated else w_in).t())
+            if self.b_in is not None:
+                self.b_in.copy_(zeros_if_none(b_gate if self.gated else b_in, I))
+            if self.gated:
+                self.w_up.copy_(w_in)
+                if self.b_up is not None:
+                    self.b_up.copy_(zeros_if_none(b_in, I))
+        self.w_out_t.copy_(w_out.t())
+        if self.b_out is not None:
+            self.b_out.copy_(zeros_if_none(b_out, self.output_size))
+        self.in_scale.copy_(self.w_in_t.float().norm(dim=1))
+        self.h_scale.copy_(self.w_out_t.float().norm(dim=1))
+        return self
+
+    def _act(self, g: torch.Tensor) -> torch.Tensor:
+        return get_activation(self.activation).fn(g)
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The neurons' values before the second selection: ``h = act(g)·u`` (selection
+        "input"), or ``act(g)`` (selection "gate", where ``u`` is computed only for the kept
+        neurons), with the input selection applied."""
+        g = self._first(x)
+        if self.selection == "gate":
+            return self._act(g)
+        if self.gated:
+            g, u = g.split(self.ffn_size, dim=-1)
+            return self._act(g) * u
+        return self._act(g)
+
+    def _first(self, x: torch.Tensor) -> torch.Tensor:
+        t = float(self.in_threshold)
+        if t < 0:
+            y = x @ self.w_in_t
+            return y if self.b_in is None else y + self.b_in
+        return kernels.sparse_input_linear(x, self.w_in_t, self.in_scale, t, self.b_in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_layer_input(x, self.hidden_size, self.w_in_t, "NeuronFFN", "layer")
+        t = float(self.h_threshold)
+        if self.selection == "input":
+            h = self.hidden(x)
+            if t < 0:
+                y = h @ self.w_out_t
+                return y if self.b_out is None else y + self.b_out
+            return kernels.sparse_input_linear(h, self.w_out_t, self.h_scale, t, self.b_out)
+        g = self._first(x)
+        if t < 0:  # every neuron: the dense FFN
+            a = self._act(g)
+            if self.w_up is not None:
+                u = F.linear(x, self.w_up, self.b_up)
+                a = a * u
+            y = a @ self.w_out_t
+        else:
+            y = kernels.neuron_ffn(x, g, self.w_up, self.b_up, self.w_out_t, self.h_scale, t,
+                                   self.activation)
+        return y if self.b_out is None else y + self.b_out
+
+    def extra_repr(self) -> str:
+        return (f"hidden_size={self.hidden_size}, ffn_size={self.ffn_size}, "
+                f"output_size={self.output_size}, activation={self.activation!r}, "
+                f"gated={self.gated}, selection={self.selection!r}, "
+                f"in_threshold={float(self.in_threshold):.4g}, "
+                f"h_threshold={float(self.h_threshold):.4g}")

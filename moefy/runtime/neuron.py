@@ -1,0 +1,230 @@
+"""Single-neuron and input-channel sparsity: projections that read only the weights they use.
+
+    x (…, K), wt (K, N), scale (K)
+      ⇒ keep channel j where |x_j|·scale_j > threshold  ⇒  y = Σ_kept x_j·wt[j]  (+ bias)
+    x (…, H), g (…, F) the gate's pre-activation, coef (F)
+      ⇒ a = act(g); keep neuron i where |a_i|·coef_i > threshold
+      ⇒ y = Σ_kept a_i·u_i·w_down_t[i],  u_i = w_up[i]·x + b_up[i] (gated FFN), else 1
+
+Weights are passed transposed (``wt = linear.weight.T``, ``w_down_t = down.weight.T``, made
+contiguous once): a row is then one input channel's (one neuron's) weights, and skipping a
+channel skips a contiguous row.
+
+Two implementations, chosen per call:
+- the C++ kernels ``torch.ops.moefy_cpu.sparse_input_linear`` / ``neuron_ffn``
+  (csrc/neuron.cpp): eager CPU float32, no autograd, at most ``KERNEL_MAX_TOKENS`` tokens —
+  decode, where a projection costs what reading its weights costs and only the selected
+  rows are read;
+- the masked dense PyTorch expression: any device, dtype and batch, differentiable,
+  traceable (prefill, training, CUDA, export). It reads every weight.
+
+Both select exactly the same entries (strict ``>``, the score computed in the input's dtype;
+a NaN score keeps its entry, so a NaN input stays visible as in the dense layer).
+A dropped entry contributes nothing: it is set to 0 with ``where`` (never multiplied by 0,
+which would turn an inf there into a NaN).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moefy.activations import ACTIVATIONS, Activation, get_activation
+from moefy.errors import InputError
+from moefy.runtime.kernels import neuron_kernels_available
+
+Tensor = torch.Tensor
+
+# Up to this many tokens the C++ kernels beat the masked dense path (benchmarks/
+# bench_neuron.py, token sweep, 50% kept per token, 2 threads): 1.3-1.5x at 16 tokens, even to
+# 0.8x at 32. The union of the tokens' selected rows grows with the token count (at 8 tokens
+# almost every row is someone's), and then one GEMM over every row wins. The C++ side accepts
+# at most 64 (kMaxTokens in csrc/neuron.cpp).
+KERNEL_MAX_TOKENS = 16
+# The activations csrc/common.h's parse_activation knows.
+KERNEL_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "squared_relu", "quick_gelu",
+                      "hardswish")
+
+
+def sparse_input_linear(x: Tensor, wt: Tensor, scale: Tensor, threshold: float,
+                        bias: Tensor | None = None) -> Tensor:
+    """A linear layer that skips the input channels whose score is at most ``threshold``.
+
+    ``y = Σ_{j : |x_j|·scale_j > threshold} x_j·wt[j, :] + bias`` for each token of ``x``
+    (…, K); ``wt`` (K, N) is the layer's weight transposed, ``scale`` (K) ≥ 0 weighs the
+    channels (e.g. ``linear.weight.norm(dim=0)``, or ones). Returns (…, N).
+
+    >>> linear = torch.nn.Linear(8, 4)
+    >>> wt = linear.weight.detach().T.contiguous()
+    >>> x = torch.randn(2, 8)
+    >>> y = sparse_input_linear(x, wt, torch.ones(8), -1.0, linear.bias.detach())
+    >>> torch.allclose(y, linear(x).detach(), atol=1e-6)
+    True
+    """
+    _check_linear(x, wt, scale, bias)
+    K, N = wt.shape
+    tokens = x.numel() // K if K else 0
+    weights = (wt, scale) if bias is None else (wt, scale, bias)
+    if _kernel_applies(x, tokens, weights) and not _needs_grad(x, *weights):
+        flat = x if x.dim() == 2 else x.reshape(tokens, K)
+        y = _sparse_input_linear_op(flat.contiguous(), wt, scale, float(threshold))
+        if bias is not None:
+            y += bias
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
+    return _masked_input_linear(x, wt, scale, threshold, bias)
+
+
+def neuron_ffn(x: Tensor, g: Tensor, w_up: Tensor | None, b_up: Tensor | None,
+               w_down_t: Tensor, coef: Tensor, threshold: float,
+               activation: str | Activation) -> Tensor:
+    """An FFN's second half over the neurons whose activation scores above ``threshold``.
+
+    With ``a = act(g)`` (``g`` (…, F): the first projection, pre-activation, computed by the
+    caller), neuron ``i`` is kept for a token where ``|a_i|·coef_i > threshold``, and
+    ``y = Σ_kept a_i·u_i·w_down_t[i, :]`` with ``u_i = w_up[i]·x + b_up[i]`` for a gated FFN
+    (``w_up`` (F, H), ``b_up`` (F) optional), else ``u_i = 1``. ``w_down_t`` (F, O) is the down
+    projection's weight transposed; its bias is the caller's to add. Returns (…, O).
+
+    >>> x, w_gate = torch.randn(3, 8), torch.randn(16, 8)
+    >>> w_up, w_down = torch.randn(16, 8), torch.randn(8, 16)
+    >>> y = neuron_ffn(x, x @ w_gate.T, w_up, None, w_down.T.contiguous(), torch.ones(16),
+    ...                -1.0, "silu")
+    >>> dense = (torch.nn.functional.silu(x @ w_gate.T) * (x @ w_up.T)) @ w_down.T
+    >>> torch.allclose(y, dense, atol=1e-4)
+    True
+    """
+    act = _activation(activation)
+    _check_ffn(x, g, w_up, b_up, w_down_t, coef)
+    F_, O = w_down_t.shape
+    lead = x.shape[:-1]
+    tokens = g.numel() // F_ if F_ else 0
+    weights = tuple(t for t in (w_up, b_up, w_down_t, coef) if t is not None)
+    if (act.name in KERNEL_ACTIVATIONS and ACTIVATIONS.get(act.name) is act
+            and _kernel_applies(x, tokens, weights) and g.is_cpu and g.dtype == torch.float32
+            and not _needs_grad(x, g, *weights)):
+        if x.dim() != 2:
+            x, g = x.reshape(tokens, x.shape[-1]), g.reshape(tokens, F_)
+        y = _neuron_ffn_op(x.contiguous(), g.contiguous(), w_up, b_up, w_down_t, coef,
+                           float(threshold), act.name)
+        return y if len(lead) == 1 else y.reshape(*lead, O)
+    return _masked_neuron_ffn(x, g, w_up, b_up, w_down_t, coef, threshold, act)
+
+
+# --------------------------------------------------------------------------- checks, choice
+
+
+def _sparse_input_linear_op(*args):
+    return torch.ops.moefy_cpu.sparse_input_linear.default(*args)
+
+
+def _neuron_ffn_op(*args):
+    return torch.ops.moefy_cpu.neuron_ffn.default(*args)
+
+
+def _activation(activation) -> Activation:
+    try:
+        return get_activation(activation)
+    except ValueError as exc:
+        raise InputError(f"neuron_ffn: {exc}") from None
+
+
+def _tracing(x) -> bool:
+    """Under torch.compile / torch.export / FX or JIT tracing: the dense expression only."""
+    return (torch.compiler.is_compiling() or torch.compiler.is_exporting()
+            or torch.jit.is_tracing() or type(x) not in (torch.Tensor, torch.nn.Parameter))
+
+
+def _kernel_applies(x: Tensor, tokens: int, tensors: tuple[Tensor, ...]) -> bool:
+    """The C++ kernels run eager CPU float32 decode batches on weights read in place (a
+    non-contiguous weight would be copied whole on every call: the dense path reads it as is).
+    Cheap checks first: this runs on every decode call."""
+    if (tokens > KERNEL_MAX_TOKENS or not x.is_cpu or x.dtype != torch.float32
+            or _tracing(x)):
+        return False
+    return (all(t.is_cpu and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+            and neuron_kernels_available())
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# The checks below run on every decode call, where a microsecond is a few percent of a
+# projection: plain size comparisons, and devices compared only when not all on the CPU.
+
+
+def _check_devices(op: str, x: Tensor, named: tuple) -> None:
+    if x.is_cpu and all(t is None or t.is_cpu for _, t in named):
+        return
+    for name, t in named:
+        if t is not None and t.device != x.device:
+            raise InputError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+
+
+def _check_linear(x, wt, scale, bias) -> None:
+    if not isinstance(x, torch.Tensor):
+        return  # an FX proxy: shapes unknown
+    def fail(msg: str):
+        raise InputError(f"sparse_input_linear: {msg}")
+
+    xs, ws, ss = x.shape, wt.shape, scale.shape
+    if len(ws) != 2:
+        fail(f"wt must be the (K, N) transposed weight, got shape {tuple(ws)}")
+    K, N = ws
+    if not xs or xs[-1] != K:
+        fail(f"x must be (…, K) with K = {K} (wt's rows), got shape {tuple(xs)}")
+    if ss != (K,):
+        fail(f"scale must be (K,) = ({K},), got shape {tuple(ss)}")
+    if bias is not None and bias.shape != (N,):
+        fail(f"bias must be (N,) = ({N},), got shape {tuple(bias.shape)}")
+    _check_devices("sparse_input_linear", x, (("wt", wt), ("scale", scale), ("bias", bias)))
+
+
+def _check_ffn(x, g, w_up, b_up, w_down_t, coef) -> None:
+    if not isinstance(x, torch.Tensor):
+        return  # an FX proxy: shapes unknown
+    def fail(msg: str):
+        raise InputError(f"neuron_ffn: {msg}")
+
+    xs, gs, ds = x.shape, g.shape, w_down_t.shape
+    if len(ds) != 2:
+        fail(f"w_down_t must be the (F, O) transposed down weight, got shape {tuple(ds)}")
+    F_ = ds[0]
+    if not xs:
+        fail("x must be (…, H), got a scalar")
+    if gs != xs[:-1] + (F_,):
+        fail(f"g must be (…, F) = {tuple(xs[:-1]) + (F_,)} (x's leading shape, F = "
+             f"w_down_t's rows), got shape {tuple(gs)}")
+    if coef.shape != (F_,):
+        fail(f"coef must be (F,) = ({F_},), got shape {tuple(coef.shape)}")
+    if w_up is not None and w_up.shape != (F_, xs[-1]):
+        fail(f"w_up must be (F, H) = ({F_}, {xs[-1]}), got shape {tuple(w_up.shape)}")
+    if b_up is not None:
+        if w_up is None:
+            fail("b_up is the up projection's bias: it needs w_up")
+        if b_up.shape != (F_,):
+            fail(f"b_up must be (F,) = ({F_},), got shape {tuple(b_up.shape)}")
+    _check_devices("neuron_ffn", x, (("g", g), ("w_up", w_up), ("b_up", b_up),
+                                     ("w_down_t", w_down_t), ("coef", coef)))
+
+
+# --------------------------------------------------------------------------- PyTorch paths
+
+
+def _masked_input_linear(x: Tensor, wt: Tensor, scale: Tensor, threshold: float,
+                         bias: Tensor | None) -> Tensor:
+    keep = ~(x.abs() * scale <= threshold)  # (…, K); a NaN score keeps its entry
+    y = torch.where(keep, x, 0.0) @ wt  # (…, N)
+    return y if bias is None else y + bias
+
+
+def _masked_neuron_ffn(x: Tensor, g: Tensor, w_up: Tensor | None, b_up: Tensor | None,
+                       w_down_t: Tensor, coef: Tensor, threshold: float,
+                       act: Activation) -> Tensor:
+    a = act.fn(g)  # (…, F)
+    keep = ~(a.abs() * coef <= threshold)  # a NaN score keeps its neuron
+    if w_up is not None:
+        u = x @ w_up.T  # (…, F)
+        if b_up is not None:
+            u = u + b_up
+        a = a * u
+    return torch.where(keep, a, 0.0) @ w_down_t  # (…, O)

@@ -1,0 +1,366 @@
+"""moefy/runtime/neuron.py: input-channel and single-neuron sparse projections equal a naive
+per-token loop over the selected indices, the C++ kernels and the masked dense path select
+exactly the same entries (strict >), a dropped inf never becomes a NaN, and the PyTorch path
+is differentiable."""
+
+import numpy as np
+import pytest
+import torch
+
+from moefy.activations import get_activation
+from moefy.errors import InputError
+from moefy.runtime import neuron
+from moefy.runtime.kernels import neuron_kernels_available
+from moefy.runtime.neuron import neuron_ffn, sparse_input_linear
+
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "squared_relu", "quick_gelu", "hardswish")
+TOKENS = (1, 2, 3, 7, 16, 40)
+LINEAR_SHAPES = ((37, 53), (64, 48))  # (K, N): tails of the 16-wide loops, and none
+FFN_SHAPES = ((37, 53, 29), (64, 96, 48))  # (H, F, O)
+KEEP = (0.0, 0.5, 1.0)
+UP = ("none", "up", "up+bias")
+IMPLS = ("public", "kernel", "masked")
+
+needs_kernel = pytest.mark.skipif(not neuron_kernels_available(),
+                                  reason="C++ kernels unavailable (MOEFY_NO_EXT=1 or no compiler)")
+
+
+# ----------------------------------------------------------------------------- oracles
+
+
+def naive_sparse_input_linear(x, wt, scale, threshold, bias=None):
+    """One token and one selected channel at a time, in float64; the selection in float32
+    (the threshold rounded to float32), as the op promises."""
+    K, N = wt.shape
+    xs = x.reshape(-1, K).detach().double().numpy()
+    x32 = x.reshape(-1, K).detach().float().numpy()
+    s32, w = scale.detach().float().numpy(), wt.detach().double().numpy()
+    thr = np.float32(threshold)
+    out = np.zeros((xs.shape[0], N))
+    for t in range(xs.shape[0]):
+        for j in range(K):
+            if np.abs(x32[t, j]) * s32[j] > thr:
+                out[t] += xs[t, j] * w[j]
+        if bias is not None:
+            out[t] += bias.detach().double().numpy()
+    return torch.from_numpy(out).reshape(*x.shape[:-1], N)
+
+
+def naive_neuron_ffn(x, g, w_up, b_up, w_down_t, coef, threshold, activation):
+    """One token and one kept neuron at a time, in float64."""
+    F_, O = w_down_t.shape
+    H = x.shape[-1]
+    act = get_activation(activation).fn
+    xs = x.reshape(-1, H).detach().double()
+    a = act(g.reshape(-1, F_).detach().double())
+    c = coef.detach().double()
+    out = torch.zeros(xs.shape[0], O, dtype=torch.float64)
+    for t in range(xs.shape[0]):
+        for i in range(F_):
+            if not abs(float(a[t, i])) * float(c[i]) > threshold:
+                continue
+            u = 1.0
+            if w_up is not None:
+                u = float(w_up[i].double() @ xs[t])
+                if b_up is not None:
+                    u += float(b_up[i])
+            out[t] += float(a[t, i]) * u * w_down_t[i].double()
+    return out.reshape(*x.shape[:-1], O)
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def threshold_keeping(scores: torch.Tensor, keep: float) -> float:
+    """A threshold that keeps about ``keep`` of the scores, halfway between two distinct
+    scores (so that a last-bit difference in an activation cannot flip an entry)."""
+    s = torch.unique(scores.detach().double().flatten())  # ascending
+    if keep >= 1.0:
+        return -1.0
+    if keep <= 0.0:
+        return float(s[-1]) * 2 + 1.0
+    i = min(max(1, int(len(s) * (1 - keep))), len(s) - 1)
+    return float(s[i - 1] + s[i]) / 2
+
+
+def run_linear(impl, monkeypatch, x, wt, scale, threshold, bias=None):
+    if impl == "kernel":
+        if not neuron_kernels_available():
+            pytest.skip("C++ kernels unavailable")
+        y = torch.ops.moefy_cpu.sparse_input_linear(x.reshape(-1, wt.shape[0]), wt, scale,
+                                                    threshold)
+        return (y if bias is None else y + bias).reshape(*x.shape[:-1], wt.shape[1])
+    if impl == "masked":
+        monkeypatch.setattr(neuron, "neuron_kernels_available", lambda: False)
+    return sparse_input_linear(x, wt, scale, threshold, bias)
+
+
+def run_ffn(impl, monkeypatch, x, g, w_up, b_up, w_down_t, coef, threshold, activation):
+    if impl == "kernel":
+        if not neuron_kernels_available():
+            pytest.skip("C++ kernels unavailable")
+        F_, O = w_down_t.shape
+        y = torch.ops.moefy_cpu.neuron_ffn(x.reshape(-1, x.shape[-1]), g.reshape(-1, F_),
+                                           w_up, b_up, w_down_t, coef, threshold,
+                                           activation)
+        return y.reshape(*x.shape[:-1], O)
+    if impl == "masked":
+        monkeypatch.setattr(neuron, "neuron_kernels_available", lambda: False)
+    return neuron_ffn(x, g, w_up, b_up, w_down_t, coef, threshold, activation)
+
+
+def make_linear(T, K, N, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, K, generator=gen)
+    wt = torch.randn(K, N, generator=gen) / K**0.5
+    scale = torch.rand(K, generator=gen) + 0.5
+    bias = torch.randn(N, generator=gen)
+    return x, wt, scale, bias
+
+
+def make_ffn(T, H, F_, O, up, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=gen)
+    g = torch.randn(T, F_, generator=gen) * 2
+    w_up = torch.randn(F_, H, generator=gen) / H**0.5 if up != "none" else None
+    b_up = torch.randn(F_, generator=gen) if up == "up+bias" else None
+    w_down_t = torch.randn(F_, O, generator=gen) / F_**0.5
+    coef = torch.rand(F_, generator=gen) + 0.5
+    return x, g, w_up, b_up, w_down_t, coef
+
+
+def close(actual, expected):
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=1e-5, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- against the loop
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("keep", KEEP)
+@pytest.mark.parametrize("K,N", LINEAR_SHAPES)
+@pytest.mark.parametrize("T", TOKENS)
+def test_sparse_input_linear_equals_the_loop(T, K, N, keep, impl, monkeypatch):
+    x, wt, scale, bias = make_linear(T, K, N)
+    threshold = threshold_keeping(x.abs() * scale, keep)
+    for b in (None, bias):
+        expected = naive_sparse_input_linear(x, wt, scale, threshold, b)
+        close(run_linear(impl, monkeypatch, x, wt, scale, threshold, b), expected)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("up", UP)
+@pytest.mark.parametrize("keep", KEEP)
+@pytest.mark.parametrize("H,F_,O", FFN_SHAPES)
+@pytest.mark.parametrize("T", TOKENS)
+def test_neuron_ffn_equals_the_loop(T, H, F_, O, keep, up, impl, monkeypatch):
+    x, g, w_up, b_up, w_down_t, coef = make_ffn(T, H, F_, O, up)
+    threshold = threshold_keeping(torch.nn.functional.silu(g).abs() * coef, keep)
+    expected = naive_neuron_ffn(x, g, w_up, b_up, w_down_t, coef, threshold, "silu")
+    close(run_ffn(impl, monkeypatch, x, g, w_up, b_up, w_down_t, coef, threshold, "silu"),
+          expected)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("up", UP)
+@pytest.mark.parametrize("T", (1, 3, 16))
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_neuron_ffn_every_activation(activation, T, up, impl, monkeypatch):
+    x, g, w_up, b_up, w_down_t, coef = make_ffn(T, 37, 53, 29, up, seed=1)
+    act = get_activation(activation).fn
+    threshold = threshold_keeping(act(g).abs() * coef, 0.5)
+    expected = naive_neuron_ffn(x, g, w_up, b_up, w_down_t, coef, threshold, activation)
+    close(run_ffn(impl, monkeypatch, x, g, w_up, b_up, w_down_t, coef, threshold, activation),
+          expected)
+
+
+def test_leading_dimensions_and_aliases():
+    x, wt, scale, bias = make_linear(6, 37, 53)
+    x3 = x.reshape(2, 3, 37)
+    y = sparse_input_linear(x3, wt, scale, 0.5, bias)
+    assert y.shape == (2, 3, 53)
+    close(y, naive_sparse_input_linear(x3, wt, scale, 0.5, bias))
+    x, g, w_up, b_up, w_down_t, coef = make_ffn(6, 37, 53, 29, "up+bias")
+    y = neuron_ffn(x.reshape(3, 2, 37), g.reshape(3, 2, 53), w_up, b_up, w_down_t, coef, 0.3,
+                   "swish")  # an alias of silu
+    assert y.shape == (3, 2, 29)
+    close(y, naive_neuron_ffn(x, g, w_up, b_up, w_down_t, coef, 0.3, "silu").reshape(3, 2, 29))
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+@needs_kernel
+@pytest.mark.parametrize("T", (1, 5, 40))
+def test_kernel_and_masked_path_select_the_same_channels(T, monkeypatch):
+    """With wt = I the output is the masked input itself, bit for bit: any entry selected
+    by one path and not the other shows. Thresholds sit exactly on a score (strict >), and
+    0.1 is not a float32 (PyTorch compares in float32: float32(0.1) > 0.1 is False)."""
+    x, _, scale, _ = make_linear(T, 37, 37)
+    x[0, :4] = torch.tensor([0.1, -0.1, 0.5, -0.5])
+    scale[:4] = 1.0
+    eye = torch.eye(37)
+    scores = (x.abs() * scale).flatten()
+    for threshold in (0.1, 0.5, float(scores[7]), float(scores.median()), 0.0, -1.0):
+        kernel = torch.ops.moefy_cpu.sparse_input_linear(x, eye, scale, threshold)
+        expected = torch.where(x.abs() * scale > threshold, x, 0.0)
+        assert torch.equal(kernel, expected), threshold
+        monkeypatch.setattr(neuron, "neuron_kernels_available", lambda: False)
+        assert torch.equal(sparse_input_linear(x, eye, scale, threshold), expected)
+        monkeypatch.undo()
+    assert torch.equal(torch.ops.moefy_cpu.sparse_input_linear(x, eye, scale, 0.1)[0, :2],
+                       torch.zeros(2))
+
+
+@needs_kernel
+@pytest.mark.parametrize("T", (1, 5, 40))
+def test_kernel_and_masked_path_select_the_same_neurons(T):
+    """relu is exact in both, so with w_down_t = I and no up projection the output is the
+    kept activations bit for bit; thresholds sit exactly on a score."""
+    _, g, _, _, _, coef = make_ffn(T, 8, 45, 45, "none")
+    eye = torch.eye(45)
+    scores = (torch.relu(g).abs() * coef).flatten()
+    for threshold in (float(scores[3]), float(scores.max()), float(scores.median()), 0.0, 0.1):
+        kernel = torch.ops.moefy_cpu.neuron_ffn(torch.zeros(T, 8), g, None, None, eye, coef,
+                                                threshold, "relu")
+        masked = neuron._masked_neuron_ffn(torch.zeros(T, 8), g, None, None, eye, coef,
+                                           threshold, get_activation("relu"))
+        assert torch.equal(kernel, masked), threshold
+
+
+# ----------------------------------------------------------------------------- inf, NaN
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("T", (1, 3, 40))
+def test_a_nan_score_keeps_its_channel_as_the_dense_layer_would(T, impl, monkeypatch):
+    x, wt, scale, bias = make_linear(T, 37, 53)
+    scale[[3, 20]] = 0.0  # inf * 0 is a NaN score: kept, so the output shows it (dense: NaN)
+    x[0, 3], x[-1, 20] = float("inf"), float("-inf")
+    y = run_linear(impl, monkeypatch, x, wt, scale, 0.2, bias)
+    assert not torch.isfinite(y[0]).any() and not torch.isfinite(y[-1]).any()
+    x[0, 3] = float("nan")
+    y = run_linear(impl, monkeypatch, x, wt, scale, 0.2, bias)
+    assert torch.isnan(y[0]).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("T", (1, 3, 40))
+def test_an_inf_in_a_dropped_neuron_is_not_a_nan(T, impl, monkeypatch):
+    x, g, w_up, b_up, w_down_t, coef = make_ffn(T, 37, 53, 29, "up+bias")
+    coef[[5, 9]] = 0.0  # scores 0: never kept
+    clean = naive_neuron_ffn(x, g, w_up, b_up, w_down_t, coef, 0.3, "gelu")
+    w_up[9] = float("inf")
+    b_up[5] = float("inf")
+    y = run_ffn(impl, monkeypatch, x, g, w_up, b_up, w_down_t, coef, 0.3, "gelu")
+    assert torch.isfinite(y).all()
+    close(y, clean)
+
+
+# ----------------------------------------------------------------------------- dispatch, grads
+
+
+@needs_kernel
+def test_decode_batches_take_the_kernel_and_others_the_masked_path(monkeypatch):
+    def forbidden(*args):
+        raise AssertionError("the masked path ran")
+
+    monkeypatch.setattr(neuron, "_masked_input_linear", forbidden)
+    monkeypatch.setattr(neuron, "_masked_neuron_ffn", forbidden)
+    x, wt, scale, bias = make_linear(neuron.KERNEL_MAX_TOKENS, 37, 53)
+    sparse_input_linear(x, wt, scale, 0.5, bias)
+    x, g, w_up, b_up, w_down_t, coef = make_ffn(1, 37, 53, 29, "up+bias")
+    neuron_ffn(x, g, w_up, b_up, w_down_t, coef, 0.5, "gelu")
+    with pytest.raises(AssertionError, match="masked path"):  # too many tokens
+        sparse_input_linear(torch.randn(neuron.KERNEL_MAX_TOKENS + 1, 37), wt, scale, 0.5)
+    with pytest.raises(AssertionError, match="masked path"):  # autograd wanted
+        sparse_input_linear(torch.randn(1, 37, requires_grad=True), wt, scale, 0.5)
+    with pytest.raises(AssertionError, match="masked path"):  # float64
+        sparse_input_linear(torch.randn(1, 37).double(), wt.double(), scale.double(), 0.5)
+    with pytest.raises(AssertionError, match="masked path"):  # a weight read in place only
+        sparse_input_linear(torch.randn(1, 53), wt.T, torch.ones(53), 0.5)
+    with pytest.raises(AssertionError, match="masked path"):  # a custom activation
+        neuron_ffn(x, g, w_up, b_up, w_down_t, coef, 0.5, torch.nn.Tanh())
+
+
+def test_without_the_extension_results_are_the_same(monkeypatch):
+    x, wt, scale, bias = make_linear(3, 37, 53)
+    y = sparse_input_linear(x, wt, scale, 0.4, bias)
+    ffn = make_ffn(3, 37, 53, 29, "up")
+    z = neuron_ffn(*ffn, 0.4, "silu")
+    monkeypatch.setattr(neuron, "neuron_kernels_available", lambda: False)
+    close(sparse_input_linear(x, wt, scale, 0.4, bias), y)
+    close(neuron_ffn(*ffn, 0.4, "silu"), z)
+
+
+@pytest.mark.parametrize("up", UP)
+def test_masked_path_gradients(up):
+    torch.manual_seed(0)
+    x, wt, scale, bias = (t.double() for t in make_linear(3, 11, 7))
+    threshold = threshold_keeping(x.abs() * scale, 0.5)
+    x.requires_grad_(), wt.requires_grad_(), bias.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x, wt, bias: sparse_input_linear(x, wt, scale, threshold, bias), (x, wt, bias))
+    ffn = [None if t is None else t.double() for t in make_ffn(3, 11, 13, 7, up)]
+    x, g, w_up, b_up, w_down_t, coef = ffn
+    threshold = threshold_keeping(torch.nn.functional.gelu(g).abs() * coef, 0.5)
+    inputs = [t.requires_grad_() for t in (x, g, w_up, b_up, w_down_t) if t is not None]
+
+    def f(*args):
+        it = iter(args)
+        ts = [next(it) if t is not None else None for t in (x, g, w_up, b_up, w_down_t)]
+        return neuron_ffn(*ts, coef, threshold, "gelu")
+
+    assert torch.autograd.gradcheck(f, tuple(inputs))
+
+
+def test_float32_training_at_decode_size_has_gradients():
+    x, g, w_up, b_up, w_down_t, coef = make_ffn(1, 37, 53, 29, "up+bias")
+    with torch.no_grad():
+        expected = neuron_ffn(x, g, w_up, b_up, w_down_t, coef, 0.3, "silu")
+    w_up.requires_grad_()
+    g.requires_grad_()
+    y = neuron_ffn(x, g * 1, w_up, b_up, w_down_t, coef, 0.3, "silu")
+    close(y, expected)
+    y.sum().backward()
+    assert torch.isfinite(w_up.grad).all() and torch.isfinite(g.grad).all()
+    kept = (torch.nn.functional.silu(g).abs() * coef > 0.3)[0]
+    assert (w_up.grad[~kept] == 0).all() and (w_up.grad[kept] != 0).any()
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_raises_a_readable_error():
+    x, wt, scale, _ = make_linear(2, 37, 53)
+    with pytest.raises(InputError, match="x must be"):
+        sparse_input_linear(torch.randn(2, 36), wt, scale, 0.5)
+    with pytest.raises(InputError, match="scale must be"):
+        sparse_input_linear(x, wt, torch.ones(36), 0.5)
+    with pytest.raises(InputError, match="bias must be"):
+        sparse_input_linear(x, wt, scale, 0.5, torch.ones(3))
+    x, g, w_up, b_up, w_down_t, coef = make_ffn(2, 37, 53, 29, "up+bias")
+    with pytest.raises(InputError, match="g must be"):
+        neuron_ffn(x, g[:, :-1], w_up, b_up, w_down_t, coef, 0.5, "silu")
+    with pytest.raises(InputError, match="w_up must be"):
+        neuron_ffn(x, g, w_up[:, :-1], b_up, w_down_t, coef, 0.5, "silu")
+    with pytest.raises(InputError, match="needs w_up"):
+        neuron_ffn(x, g, None, b_up, w_down_t, coef, 0.5, "silu")
+    with pytest.raises(InputError, match="unknown activation"):
+        neuron_ffn(x, g, w_up, b_up, w_down_t, coef, 0.5, "swiglu")
+
+
+@needs_kernel
+def test_the_kernels_check_their_inputs():
+    x, wt, scale, _ = make_linear(2, 37, 53)
+    with pytest.raises(RuntimeError, match="wt .* must be a contiguous float32"):
+        torch.ops.moefy_cpu.sparse_input_linear(x, torch.randn(53, 37).T, scale, 0.5)
+    with pytest.raises(RuntimeError, match="at most 64 tokens"):
+        torch.ops.moefy_cpu.sparse_input_linear(torch.randn(65, 37), wt, scale, 0.5)
+    with pytest.raises(RuntimeError, match="scale .* must be"):
+        torch.ops.moefy_cpu.sparse_input_linear(x, wt, scale.double(), 0.5)
+    x, g, w_up, b_up, w_down_t, coef = make_ffn(2, 37, 53, 29, "up+bias")
+    with pytest.raises(RuntimeError, match="b_up needs w_up"):
+        torch.ops.moefy_cpu.neuron_ffn(x, g, None, b_up, w_down_t, coef, 0.5, "silu")
+    with pytest.raises(RuntimeError, match="unknown activation"):
+        torch.ops.moefy_cpu.neuron_ffn(x, g, w_up, b_up, w_down_t, coef, 0.5, "tanh")
