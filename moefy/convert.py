@@ -133,6 +133,8 @@ def _fits_with_gradients(config: MoEConfig, calibration_data) -> bool:
         return False
     if config.method == "split":
         return config.fit_steps > 0 or config.router_init in (None, "fit")
+    if config.method == "neuron":  # the allocation's Fisher costs take one backward pass
+        return config.active is not None and config.active < 1
     return config.method == "peer" and config.peer_fit_steps != 0
 
 

@@ -20,8 +20,10 @@ import torch.nn as nn
 
 from moefy.errors import MissingDependencyError, ReportInputError
 from moefy.layers.moe import MoE
+from moefy.layers.neuron import DENSE, NeuronFFN, SparseLinear
 from moefy.layers.peer import PEER
 from moefy.passes.calibrate import token_mask
+from moefy.passes.neuron import kept_shares, knob_weights
 from moefy.passes.trace import batch_inputs
 
 
@@ -92,12 +94,117 @@ def report(model: nn.Module, data=None, *, heatmap: str | Path | None = None) ->
         cols.append("calib skipped")
     if data is not None:
         cols += ["tokens", "usage", "uneven", "max load", "rel err", "dropped"]
+    sparse = [(name, m) for name, m in model.named_modules()
+              if isinstance(m, NeuronFFN | SparseLinear)]
+    neuron_rows = [_neuron_row(name, m) for name, m in sparse]
+    if data is not None and sparse:
+        _measure_reads(model, [m for _, m in sparse], neuron_rows, data)
+    tables = []
+    if layers or not sparse:
+        tables.append(_table(cols, layers))
+    if sparse:
+        ncols = ["name", "method", "kind", "weights", "budget"] + (
+            ["tokens", "read", "rel err"] if data is not None else [])
+        tables.append(_table(ncols, neuron_rows) + "\n" + _neuron_total(neuron_rows, data))
+    text = Report("\n\n".join(tables))
+    text.layers = layers + neuron_rows
+    return text
+
+
+def _table(cols: list[str], layers: list[dict]) -> str:
     rows = [cols] + [[_fmt(row[c], c) for c in cols] for row in layers]
     widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
-    text = Report("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                            for r in rows))
-    text.layers = layers
-    return text
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
+
+
+def _neuron_row(name: str, m: NeuronFFN | SparseLinear) -> dict:
+    """A single-neuron layer: its weights, and the share of them the budget allocated
+    (the conversion's calibrated shares; 100% with thresholds off)."""
+    info = m.conversion
+    weights = knob_weights(m)
+    shares = {"threshold": info.get("share_in", 1.0), "in_threshold": info.get("share_in", 1.0),
+              "h_threshold": info.get("share_h", 1.0)}
+    budget = sum(w * shares[a] for a, w in weights.items()) / sum(weights.values())
+    kind = (f"ffn ({m.selection})" if isinstance(m, NeuronFFN) else "projection")
+    return {"name": info.get("name", name), "method": info.get("method", "—"), "kind": kind,
+            "weights": f"{sum(weights.values()) / 1e6:.2f}M", "budget": f"{budget:.0%}",
+            "budget_share": budget, "weight_count": sum(weights.values()),
+            "tokens": None, "read": None, "read_share": None, "rel err": None}
+
+
+def _neuron_total(rows: list[dict], data) -> str:
+    total = sum(r["weight_count"] for r in rows)
+    planned = sum(r["weight_count"] * r["budget_share"] for r in rows) / total
+    line = f"weights read per token: {planned:.1%} of {total / 1e6:.2f}M planned"
+    if data is not None and all(r["read_share"] is not None for r in rows):
+        read = sum(r["weight_count"] * r["read_share"] for r in rows) / total
+        line += f", {read:.1%} measured on the data"
+    return line
+
+
+def _measure_reads(model: nn.Module, layers: list, rows: list[dict], data) -> None:
+    """Per single-neuron layer on ``data``: the share of its weights the real tokens read,
+    and its relative output error against the same layer with every row kept."""
+    sums = [{"tokens": 0, "read": 0.0, "err": 0.0, "ref": 0.0} for _ in layers]
+    mask: list[torch.Tensor | None] = [None]
+
+    def hook_for(i, m):
+        weights = knob_weights(m)
+        total = sum(weights.values())
+
+        def hook(module, args, out):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            if mask[0] is not None and mask[0].numel() == x.shape[0]:
+                x, y = x[mask[0].to(x.device)], out.reshape(x.shape[0], -1)[mask[0]]
+            else:
+                y = out.reshape(x.shape[0], -1)
+            if not x.shape[0]:
+                return
+            shares = kept_shares(m, x)
+            read = sum(weights[a] * shares[a] for a in weights) / total
+            ref = _all_kept(m, x).float()
+            acc = sums[i]
+            acc["read"] += read * x.shape[0]
+            acc["tokens"] += x.shape[0]
+            acc["err"] += float((y.float() - ref).pow(2).sum())
+            acc["ref"] += float(ref.pow(2).sum())
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(i, m)) for i, m in enumerate(layers)]
+    batches = 0
+    try:
+        with torch.no_grad():
+            for batch in data:
+                args, kwargs = batch_inputs(model, batch, f"report: batch {batches}",
+                                            ReportInputError)
+                mask[0] = token_mask(kwargs)
+                model(*args, **kwargs)
+                batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+    if not batches:
+        raise ReportInputError("report: data yielded no batches")
+    for acc, row in zip(sums, rows, strict=True):
+        seen = acc["tokens"] > 0
+        row.update({"tokens": acc["tokens"],
+                    "read_share": acc["read"] / acc["tokens"] if seen else None,
+                    "read": f"{acc['read'] / acc['tokens']:.0%}" if seen else None,
+                    "rel err": math.sqrt(acc["err"] / acc["ref"]) if acc["ref"] > 0 else None})
+
+
+def _all_kept(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's output on ``x`` with every row kept (the dense projection or FFN)."""
+    names = [n for n in ("threshold", "in_threshold", "h_threshold") if hasattr(m, n)]
+    saved = {n: getattr(m, n).clone() for n in names}
+    try:
+        for n in names:
+            getattr(m, n).fill_(DENSE)
+        return m.forward(x)  # not m(x): that would run this report's hook again
+    finally:
+        for n in names:
+            getattr(m, n).copy_(saved[n])
 
 
 def _fmt(v, col: str = "") -> str:

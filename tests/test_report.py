@@ -1,6 +1,7 @@
 """moefy.report: the static table, and with data: load, usage, unevenness, error, heatmap."""
 
 import math
+import re
 import sys
 
 import pytest
@@ -117,3 +118,28 @@ def test_zero_token_batches_report_no_numbers_rather_than_made_up_ones():
     row = rep.layers[0]
     assert row["tokens"] == 0 and row["usage"] is None and row["rel err"] is None
     assert "—" in rep.splitlines()[1]
+
+
+def test_report_lists_single_neuron_layers_with_their_budget_and_measured_reads():
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64)
+    dense = transformers.LlamaForCausalLM(cfg).eval()
+    data = [{"input_ids": torch.randint(0, 64, (4, 32))} for _ in range(6)]
+    sparse = moefy.convert(dense, moefy.MoEConfig(method="neuron", active=0.5),
+                           calibration_data=data)
+    text = moefy.report(sparse)
+    assert "model.layers.0.mlp" in text and "ffn (input)" in text and "projection" in text
+    assert "weights read per token: " in text and "measured" not in text
+    measured = moefy.report(sparse, data[:2])
+    rows = [r for r in measured.layers if r["method"] == "neuron"]
+    assert len(rows) == 10 and all(r["tokens"] == 256 for r in rows)
+    share = re.search(r"([\d.]+)% measured on the data", measured)
+    assert share and abs(float(share.group(1)) - 50) < 5, measured
+    # a layer that keeps everything reads everything and is exact
+    exact = moefy.convert(dense, moefy.MoEConfig(method="neuron"), example_inputs=data[0])
+    rows = moefy.report(exact, data[:1]).layers
+    assert all(r["read"] == "100%" and r["rel err"] == 0 for r in rows)

@@ -20,6 +20,7 @@ from moefy.convert import convert
 from moefy.distributed.checkpoint import save
 from moefy.evaluate import Fidelity, fidelity
 from moefy.layers import MoE
+from moefy.layers.neuron import NeuronFFN
 from moefy.passes.distill import distill_for
 from moefy.report import report
 
@@ -30,30 +31,43 @@ def cmd_convert(args, console: Console) -> None:
 
     started = time.perf_counter()
     # every setting is checked before the model is loaded (that can take a while)
-    _check_budget_flags(args)
-    settings = {"method": args.method}
-    if args.method == "peer":
-        unused = [f"--{flag}" for flag in ("experts", "shared", "partition", "router")
+    method, chosen_why = _method(args)
+    _check_budget_flags(args, method)
+    settings = {"method": method}
+    if method in ("peer", "neuron"):
+        flags = ("experts", "shared", "partition", "router") + (
+            ("top_k",) if method == "neuron" else ())
+        unused = [f"--{flag.replace('_', '-')}" for flag in flags
                   if getattr(args, flag) is not None]
         if unused:
+            what = ("every neuron becomes an expert, found by product keys): drop it, and set "
+                    "--top-k, the neurons each token uses" if method == "peer" else
+                    "every neuron is an expert chosen by a calibrated threshold): drop it, and "
+                    "set --active, the share of the weights a token reads")
             raise CommandUsageError(
                 f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to "
-                "--method peer (every neuron becomes an expert, found by product keys): "
-                "drop it, and set --top-k, the neurons each token uses")
+                f"--method {method} ({what}")
+    if method != "neuron" and (args.selection is not None or args.ffn_only):
+        raise CommandUsageError(f"--{'selection' if args.selection else 'ffn-only'} applies to "
+                                f"--method neuron only")
     for flag, key in (("experts", "num_experts"), ("top_k", "top_k"),
                       ("shared", "shared_experts"), ("partition", "partition"),
                       ("router", "router"), ("seed", "seed")):
         if getattr(args, flag) is not None:
             settings[key] = getattr(args, flag)
-    if args.partition is None and args.calibration and args.method == "split":
+    if args.partition is None and args.calibration and method == "split":
         settings["partition"] = "coactivation"  # neurons that fire together, from the data
     if args.calibration:
         settings["calibration_tokens"] = args.calibration_tokens
     if args.minutes is not None:
         settings["minutes"] = args.minutes
+    if method == "neuron":
+        settings.update(active=args.active, ffn_only=args.ffn_only,
+                        **({"selection": args.selection} if args.selection else {}))
     try:
-        if args.active is not None:  # the recipe picks the experts; router and seed may stay
-            # --experts 0 is a count (refused), not "not given"
+        if args.active is not None and method == "split":
+            # the recipe picks the experts; router and seed may stay; --experts 0 is a count
+            # (refused), not "not given"
             chosen = MoEConfig.for_budget(args.active, args.minutes, **(
                 {"experts": args.experts} if args.experts is not None else {}))
             config = MoEConfig(**{**vars(chosen), **{
@@ -106,18 +120,26 @@ def cmd_convert(args, console: Console) -> None:
     moe = convert(dense.model, config, calibration_data=batches, progress=console.live)
     convert_s = time.perf_counter() - t
     rep = report(moe)
-    what = (f"{config.num_experts} experts, top-{config.top_k}, router {config.router}"
-            if config.method != "peer" else f"top-{config.top_k} single-neuron experts")
+    what = (f"top-{config.top_k} single-neuron experts" if config.method == "peer" else
+            _neuron_what(config, moe) if config.method == "neuron" else
+            f"{config.num_experts} experts, top-{config.top_k}, router {config.router}")
     if config.method == "split":
         what += f", {config.shared_experts} shared, partition {config.partition}"
     lines.insert(0, f"converted {len(rep.layers)} FFN layers of {type(moe).__name__} "
                     f"({dense.source}) by {config.method}: {what} in {convert_s:.1f} s")
     dense_params = sum(p.numel() for p in dense.model.parameters())
     moe_params = sum(p.numel() for p in moe.parameters())
-    lines.append(f"active FFN work per token: {_ffn_fraction(rep)} of the dense FFNs; "
-                 f"parameters {moe_params / 1e6:.2f}M (dense {dense_params / 1e6:.2f}M)")
+    if config.method == "neuron":
+        lines.append(f"{rep.splitlines()[-1]}; parameters {moe_params / 1e6:.2f}M (dense "
+                     f"{dense_params / 1e6:.2f}M)")
+    else:
+        lines.append(f"active FFN work per token: {_ffn_fraction(rep)} of the dense FFNs; "
+                     f"parameters {moe_params / 1e6:.2f}M (dense {dense_params / 1e6:.2f}M)")
+    if chosen_why:
+        lines.insert(1, chosen_why)
 
-    budget = args.active is not None or config.minutes is not None
+    budget = (args.active is not None or config.minutes is not None) and (
+        config.method == "split")
     if budget:
         lines.insert(1, _budget_choice(config, moe, args))
     if config.minutes is not None:
@@ -143,9 +165,44 @@ def cmd_convert(args, console: Console) -> None:
     print("\n".join(lines))
 
 
-def _check_budget_flags(args) -> None:
+def _method(args) -> tuple[str, str | None]:
+    """The method to convert by, and when moefy chose it (--active without --method), the
+    line that says which and why."""
+    if args.method is not None or args.active is None:
+        return args.method or "split", None
+    from moefy.io.pretrained import is_causal
+
+    causal = is_causal(args.model)
+    if causal:
+        return "neuron", ("method: neuron (chosen for a causal LM: on SmolLM2-135M it kept "
+                          "perplexity closer to the dense model's than the best split at the "
+                          "same share; --method split to override)")
+    return "split", ("method: split (chosen for " + ("an encoder" if causal is False else
+                                                      "a model of unknown kind")
+                     + ": the neuron method was measured on causal LMs; --method neuron to "
+                     "try it)")
+
+
+def _neuron_what(config: MoEConfig, moe) -> str:
+    from moefy.layers.neuron import SparseLinear
+
+    projections = sum(isinstance(m, SparseLinear) for m in moe.modules())
+    budget = ("every weight (exact)" if config.active in (None, 1) else
+              f"{config.active:.0%} of the projection weights per token")
+    return (f"single-neuron experts (selection {config.selection}), {budget}"
+            + ("" if config.ffn_only else f", {projections} attention projections sparse"))
+
+
+def _check_budget_flags(args, method: str) -> None:
     """--active / --minutes: what they need and what they replace, before any work."""
-    if args.active is not None:
+    if args.active is not None and method == "neuron":
+        if not (math.isfinite(args.active) and 0 < args.active <= 1):
+            raise CommandUsageError(f"--active is the share of the projection weights a token "
+                                    f"reads, in (0, 1] (e.g. 0.5), got {args.active}")
+        if args.active < 1 and not args.calibration:
+            raise CommandUsageError("--active needs --calibration FILE.txt|DIR: the thresholds "
+                                    "are calibrated on that text")
+    elif args.active is not None:
         if not (math.isfinite(args.active) and 0 < args.active < 1):
             raise CommandUsageError(f"--active is the share of each FFN's neurons a token "
                                     f"uses, between 0 and 1 (e.g. 0.25), got {args.active}")
@@ -156,19 +213,20 @@ def _check_budget_flags(args) -> None:
                 f"--active picks top-k and shared experts itself; drop {', '.join(picked)} "
                 "(--experts sets how many pieces each FFN is cut into; or drop --active and "
                 "set --experts, --top-k and --shared yourself)")
-        if args.method != "split":
-            raise CommandUsageError(f"--active builds a split (a share of each FFN's neurons); "
-                                    f"it does not apply to --method {args.method}")
+        if method != "split":
+            raise CommandUsageError(f"--active builds a split (a share of each FFN's neurons) "
+                                    f"or a neuron conversion; it does not apply to --method "
+                                    f"{method}")
         if not args.calibration:
             raise CommandUsageError("--active needs --calibration FILE.txt|DIR: the experts, "
                                     "router and compensation are fitted on that text")
     if args.minutes is not None:
-        if args.method != "split":
+        if method not in ("split", "neuron"):
             raise CommandUsageError(
-                f"--minutes distils a split with the time building leaves; --method "
-                f"{args.method} " + ("is exact: there is nothing to distil (use "
-                                     "--distill-minutes to train it further)"
-                                     if args.method == "upcycle" else "does not take it"))
+                f"--minutes distils a split or a neuron conversion with the time building "
+                f"leaves; --method {method} " + (
+                    "is exact: there is nothing to distil (use --distill-minutes to train it "
+                    "further)" if method == "upcycle" else "does not take it"))
         if not (math.isfinite(args.minutes) and args.minutes > 0):
             raise CommandUsageError(f"--minutes must be a finite number > 0, got "
                                     f"{args.minutes}")
@@ -211,7 +269,7 @@ def _budget_choice(config: MoEConfig, moe, args) -> str:
 
 def _distill_info(moe) -> dict | None:
     return next((m.conversion.get("distill") for m in moe.modules()
-                 if isinstance(m, MoE) and hasattr(m, "conversion")), None)
+                 if isinstance(m, MoE | NeuronFFN) and hasattr(m, "conversion")), None)
 
 
 def _budget_result(moe, causal: bool) -> str:

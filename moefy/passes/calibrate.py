@@ -230,6 +230,11 @@ class Calibrate(Pass):
 
     def call(self, r: Request, plans: Plans) -> PassResult:
         if r.calibration_data is None or r.config.method not in ("split", "peer"):
+            if r.config.method == "neuron" and r.calibration_data is not None and (
+                    r.config.minutes is not None):
+                # read once, here: the thresholds are set on them, then distillation cycles
+                kept = _keep_batches(r.calibration_data, r.config.calibration_tokens)
+                return PassResult(False, {"batches": len(kept)}, Statistics(batches=kept))
             return PassResult(False, output=Statistics())
         stats: dict[str, FFNStats] = {}
         kept = []  # distillation (config.minutes) cycles through them after building
@@ -275,6 +280,20 @@ class Calibrate(Pass):
                          "non-finite or an extreme outlier", skipped)
         return PassResult(False, {"batches": batches, "ffns": len(stats), "skipped": skipped},
                           Statistics(stats, tuple(kept)))
+
+
+def _keep_batches(data, tokens: int | None) -> tuple:
+    """The first batches of ``data`` holding ``tokens`` tokens (all of them for None)."""
+    kept, seen = [], 0
+    for batch in data:
+        kept.append(batch)
+        ids = batch.get("input_ids") if isinstance(batch, dict) else None
+        seen += ids.numel() if isinstance(ids, torch.Tensor) else 0
+        if tokens is not None and seen >= tokens:
+            break
+    if not kept:
+        raise ConversionError("calibration_data yielded no batches")
+    return tuple(kept)
 
 
 def _collect(r: Request, plans: Plans, batch, stats: dict) -> None:

@@ -22,6 +22,7 @@ from torch.utils._pytree import tree_leaves
 
 from moefy.errors import NonFiniteLossError, TrainingInputError, first_line
 from moefy.layers.moe import MoE
+from moefy.layers.neuron import NeuronFFN, SparseLinear
 from moefy.layers.shard import refuse_sharded
 from moefy.passes.base import Pass, PassResult
 from moefy.passes.calibrate import Progress
@@ -50,9 +51,12 @@ def _check_number(value, what: str, fn: str, *, positive: bool = False,
         raise TrainingInputError(f"{fn}: {what} must be a finite number {bound}, got {value!r}")
 
 
-def _moes(model: nn.Module, fn: str) -> list[MoE]:
+def _moes(model: nn.Module, fn: str, *, neuron: bool = False) -> list[nn.Module]:
+    """The model's MoE layers (with ``neuron``, also its single-neuron layers: what
+    ``freeze`` and ``distill`` train); raises when there is none."""
     _check_module(model, "model", fn)
-    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    kinds = (MoE, NeuronFFN, SparseLinear) if neuron else (MoE,)
+    moes = [m for m in model.modules() if isinstance(m, kinds)]
     if not moes:
         raise TrainingInputError(f"{fn}: {type(model).__name__} holds no moefy.MoE layer: "
                                  "convert it first (moefy.convert)")
@@ -88,8 +92,9 @@ def aux_loss(model: nn.Module, balance: float = 1e-2, z: float = 1e-3) -> torch.
 def freeze(model: nn.Module, train: str = "moe") -> list[str]:
     """Make only part of the model trainable; returns the names of the trainable parameters.
 
-    ``train``: "experts" (the routed and shared experts of every MoE), "routers" (router
-    weights), "moe" (both), "all" (everything).
+    ``train``: "experts" (the routed and shared experts of every MoE, and the weights of
+    every single-neuron layer), "routers" (router weights), "moe" (both), "all"
+    (everything).
 
     >>> moe = MoE(8, 16, num_experts=4, top_k=2)
     >>> freeze(moe, "routers")
@@ -97,7 +102,7 @@ def freeze(model: nn.Module, train: str = "moe") -> list[str]:
     """
     if not isinstance(train, str) or train not in TRAINABLE:
         raise TrainingInputError(f"freeze: train must be one of {TRAINABLE}, got {train!r}")
-    moes = _moes(model, "freeze")
+    moes = _moes(model, "freeze", neuron=True)
     chosen: set[int] = set()
     for m in moes:
         for name, p in m.named_parameters():
@@ -192,7 +197,7 @@ def _step_loss(model: nn.Module, teacher: nn.Module, loss_fn: Callable, aux: flo
             "distill: the loss does not depend on any trainable parameter: a custom loss "
             "that detaches the student's output, or nothing trainable in what train= names "
             "(a hash router has no trained router weights: use train='experts' or 'moe')")
-    if aux:
+    if aux and any(isinstance(m, MoE) for m in model.modules()):  # routers to balance
         value = value + aux * aux_loss(model)
     return value
 
@@ -230,7 +235,7 @@ def distill(model: nn.Module, teacher: nn.Module, data: Iterable, *, steps: int,
     """
     # every argument is checked before anything changes
     _check_module(teacher, "teacher", "distill")
-    moes = _moes(model, "distill")
+    moes = _moes(model, "distill", neuron=True)
     # its steps would leave the replicated weights apart on every rank
     refuse_sharded(model, "distill", TrainingInputError,
                    "distill trains in one process. Distil before sharding, or write the "
@@ -426,8 +431,11 @@ class DistillForBudget(Pass):
         if config.minutes is None:
             return PassResult(False)
         left = config.minutes * 60.0 - (time.perf_counter() - r.started)
-        moes = [m for m in converted.target.modules() if isinstance(m, MoE)]
-        exact = all(m.top_k >= m.num_experts for m in moes) or config.method == "upcycle"
+        moes = [m for m in converted.target.modules()
+                if isinstance(m, MoE | NeuronFFN | SparseLinear)]
+        exact = (config.method == "upcycle" or (
+            config.active in (None, 1) if config.method == "neuron" else
+            all(m.top_k >= m.num_experts for m in moes if isinstance(m, MoE))))
         if exact or left <= 1.0 or not stats.batches:
             why = ("the conversion is exact: nothing to distil" if exact else
                    "no calibration batch was kept" if not stats.batches else

@@ -39,7 +39,7 @@ from moefy.passes import trace
 from moefy.passes.base import Pass, PassResult
 from moefy.passes.build import DenseWeights
 from moefy.passes.calibrate import token_mask
-from moefy.passes.stages import Converted, Request
+from moefy.passes.stages import Converted, Request, Statistics
 
 _log = logging.getLogger("moefy.convert")
 SAMPLE_TOKENS = 1024  # tokens per knob whose scores set the thresholds
@@ -182,6 +182,31 @@ def knobs_of(model: nn.Module) -> list[Knob]:
     return knobs
 
 
+def knob_weights(layer: nn.Module) -> dict[str, int]:
+    """Per threshold of a neuron layer, the weight elements it gates (read per token when
+    every row is kept)."""
+    return {k.attr: k.weights for k in knobs_of(layer)}
+
+
+@torch.no_grad()
+def kept_shares(layer: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Per threshold of ``layer`` (a ``NeuronFFN`` or ``SparseLinear``), the mean share of
+    its rows that the tokens ``x`` (tokens, width) keep: what they read."""
+    if isinstance(layer, SparseLinear):
+        t = float(layer.threshold)
+        return {"threshold": 1.0 if t < 0 else
+                float((~(layer.scores(x) <= t)).float().mean())}
+    t_in, t_h = float(layer.in_threshold), float(layer.h_threshold)
+    scores_in = x.float().abs() * layer.in_scale
+    out = {"in_threshold": 1.0 if t_in < 0 else float((~(scores_in <= t_in)).float().mean())}
+    if t_h < 0:
+        out["h_threshold"] = 1.0
+    else:
+        h = layer.hidden(x.to(layer.w_in_t.dtype)).float()
+        out["h_threshold"] = float((~(h.abs() * layer.h_scale <= t_h)).float().mean())
+    return out
+
+
 def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     rows = x.detach().reshape(-1, x.shape[-1])
     if mask is not None and mask.numel() == rows.shape[0]:
@@ -194,9 +219,9 @@ class AllocateBudget(Pass):
     of its projection weights per token, spent where the calibration data says it costs
     least (see the module docstring). With ``active`` 1 nothing changes."""
 
-    needs = (Converted,)
+    needs = (Statistics, Converted)
 
-    def call(self, r: Request, converted: Converted) -> PassResult:
+    def call(self, r: Request, stats: Statistics, converted: Converted) -> PassResult:
         config = r.config
         if config.method != "neuron":
             return PassResult(False)
@@ -208,7 +233,8 @@ class AllocateBudget(Pass):
         if r.calibration_data is None:
             raise ConversionError(f"method='neuron' with active={active} calibrates its "
                                   "thresholds on data: pass calibration_data")
-        kept = _sample_inputs(r, model, knobs)
+        # the batches Calibrate kept for distillation (config.minutes), else the stream
+        kept = _sample_inputs(r, model, knobs, stats.batches or r.calibration_data)
         with torch.no_grad():
             for k in knobs:
                 if k.attr == "h_threshold" and k.layer.selection == "gate":
@@ -248,7 +274,7 @@ def _call(r: Request, model: nn.Module, batch, index: int):
                               f"{type(exc).__name__}: {first_line(exc)}") from exc
 
 
-def _sample_inputs(r: Request, model: nn.Module, knobs: list[Knob]) -> list:
+def _sample_inputs(r: Request, model: nn.Module, knobs: list[Knob], data) -> list:
     """Run calibration batches through ``model`` (thresholds off) until every knob has seen
     SAMPLE_TOKENS real tokens, keeping those inputs; returns the batches read."""
     mask = [None]
@@ -269,7 +295,7 @@ def _sample_inputs(r: Request, model: nn.Module, knobs: list[Knob]) -> list:
     kept = []
     try:
         with torch.no_grad():
-            for batch in r.calibration_data:
+            for batch in data:
                 args, kwargs = trace.batch_inputs(model, batch, f"calibration batch "
                                                   f"{len(kept)}", ConversionError)
                 mask[0] = token_mask(kwargs)

@@ -20,6 +20,9 @@ Two implementations, chosen per call:
 
 Both select exactly the same entries (strict ``>``, the score computed in the input's dtype;
 a NaN score keeps its entry, so a NaN input stays visible as in the dense layer).
+A threshold is a Python float, or the layer's 0-d buffer itself (``threshold_of``): under
+tracing its value is unknown, so the masked path compares with the tensor, and the traced
+graph (an ONNX export) holds the threshold as a weight, not a constant baked in.
 A dropped entry contributes nothing: it is set to 0 with ``where`` (never multiplied by 0,
 which would turn an inf there into a NaN).
 """
@@ -45,7 +48,7 @@ KERNEL_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu", "squared_relu", "quic
                       "hardswish")
 
 
-def sparse_input_linear(x: Tensor, wt: Tensor, scale: Tensor, threshold: float,
+def sparse_input_linear(x: Tensor, wt: Tensor, scale: Tensor, threshold: float | Tensor,
                         bias: Tensor | None = None) -> Tensor:
     """A linear layer that skips the input channels whose score is at most ``threshold``.
 
@@ -74,7 +77,7 @@ def sparse_input_linear(x: Tensor, wt: Tensor, scale: Tensor, threshold: float,
 
 
 def neuron_ffn(x: Tensor, g: Tensor, w_up: Tensor | None, b_up: Tensor | None,
-               w_down_t: Tensor, coef: Tensor, threshold: float,
+               w_down_t: Tensor, coef: Tensor, threshold: float | Tensor,
                activation: str | Activation) -> Tensor:
     """An FFN's second half over the neurons whose activation scores above ``threshold``.
 
@@ -107,6 +110,14 @@ def neuron_ffn(x: Tensor, g: Tensor, w_up: Tensor | None, b_up: Tensor | None,
                            float(threshold), act.name)
         return y if len(lead) == 1 else y.reshape(*lead, O)
     return _masked_neuron_ffn(x, g, w_up, b_up, w_down_t, coef, threshold, act)
+
+
+def threshold_of(threshold: Tensor, x: Tensor) -> float | Tensor:
+    """A layer's threshold (a 0-d buffer) as the functions above take it for input ``x``: a
+    Python float eagerly (the kernels take a float, and ``< 0``, "keep everything", can be
+    tested), the buffer itself under tracing (torch.export, torch.compile, FX), where reading
+    its value would be a data-dependent guard; the traced graph then compares with it."""
+    return threshold if _tracing(x) else float(threshold)
 
 
 # --------------------------------------------------------------------------- checks, choice
@@ -210,7 +221,7 @@ def _check_ffn(x, g, w_up, b_up, w_down_t, coef) -> None:
 # --------------------------------------------------------------------------- PyTorch paths
 
 
-def _masked_input_linear(x: Tensor, wt: Tensor, scale: Tensor, threshold: float,
+def _masked_input_linear(x: Tensor, wt: Tensor, scale: Tensor, threshold: float | Tensor,
                          bias: Tensor | None) -> Tensor:
     keep = ~(x.abs() * scale <= threshold)  # (…, K); a NaN score keeps its entry
     y = torch.where(keep, x, 0.0) @ wt  # (…, N)
@@ -218,7 +229,7 @@ def _masked_input_linear(x: Tensor, wt: Tensor, scale: Tensor, threshold: float,
 
 
 def _masked_neuron_ffn(x: Tensor, g: Tensor, w_up: Tensor | None, b_up: Tensor | None,
-                       w_down_t: Tensor, coef: Tensor, threshold: float,
+                       w_down_t: Tensor, coef: Tensor, threshold: float | Tensor,
                        act: Activation) -> Tensor:
     a = act.fn(g)  # (…, F)
     keep = ~(a.abs() * coef <= threshold)  # a NaN score keeps its neuron

@@ -82,7 +82,8 @@ def test_unloadable_models_and_outputs_are_one_clear_line(converted, workspace, 
 
 def test_convert_for_a_budget_says_what_it_chose_and_measured(workspace):
     out = workspace / "tiny-budget"
-    proc = run("convert", str(workspace / "tiny"), "--active", "0.25", "--minutes", "0.4",
+    proc = run("convert", str(workspace / "tiny"), "--method", "split", "--active", "0.25",
+               "--minutes", "0.4",
                "--calibration", str(workspace / "notes.txt"), "--seq-len", "32",
                "--batch-size", "4", "--calibration-tokens", "768", "-o", str(out))
     assert proc.returncode == 0, proc.stderr
@@ -136,3 +137,36 @@ def test_zero_experts_are_refused_with_or_without_active(tmp_path, capsys):
         assert err.startswith("moefy: error: --experts must be ") and err.endswith(
             ", got 0\n") and err.count("\n") == 1, (flags, err)
     assert not (tmp_path / "o").exists()
+
+
+def test_active_without_method_sparsifies_single_neurons_of_a_causal_lm(workspace):
+    """--active alone on a causal LM picks the neuron method and says so; the checkpoint
+    loads back into the same single-neuron layers with the same thresholds."""
+    out = workspace / "tiny-neuron"
+    proc = run("convert", str(workspace / "tiny"), "--active", "0.5",
+               "--calibration", str(workspace / "notes.txt"), "--seq-len", "32",
+               "--batch-size", "4", "--calibration-tokens", "512", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert "method: neuron (chosen for a causal LM" in text
+    assert ("single-neuron experts (selection input), 50% of the projection weights per "
+            "token, 8 attention projections sparse") in text
+    planned = re.search(r"weights read per token: ([\d.]+)% of", text)
+    assert planned and abs(float(planned.group(1)) - 50) < 3, text
+    info = json.loads((out / "moefy.json").read_text())["info"]
+    assert info["config"]["method"] == "neuron" and info["config"]["active"] == 0.5
+
+
+def test_neuron_flags_are_checked_before_loading(tmp_path, capsys):
+    model, cal = str(tmp_path / "absent"), ["--calibration", str(tmp_path)]
+    cases = [(["--method", "neuron", "--top-k", "8", *cal], "--top-k does not apply to "
+                                                            "--method neuron"),
+             (["--method", "neuron", "--active", "0.5"], "--active needs --calibration"),
+             (["--method", "neuron", "--active", "1.5", *cal], "in (0, 1]"),
+             (["--method", "split", "--ffn-only"], "--ffn-only applies to --method neuron"),
+             (["--selection", "gate"], "--selection applies to --method neuron")]
+    for flags, message in cases:
+        assert cli.main(["convert", model, *flags, "-o", str(tmp_path / "o")]) == 2, flags
+        err = capsys.readouterr().err
+        assert err.startswith("moefy: error: ") and message in err and err.count("\n") == 1, (
+            flags, err)

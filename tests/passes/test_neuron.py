@@ -174,3 +174,24 @@ def test_interpolated_errors_are_monotone_between_levels():
     values = [k.error(s) for s in (1.0, 0.975, 0.95, 0.55, 0.1, 0.05, 0.025)]
     assert values == sorted(values)
     assert math.isclose(values[1], 0.05) and math.isclose(values[-1], 0.1 * len(LEVELS) - 0.05)
+
+
+def test_minutes_distil_the_sparse_model_towards_the_dense_one():
+    model, data = tiny_llama(), batches(8)
+    ids = data[0]["input_ids"]  # what it was distilled on (a random model has nothing to learn)
+    plain = convert(model, MoEConfig(method="neuron", active=0.4), calibration_data=data)
+    tuned = convert(model, MoEConfig(method="neuron", active=0.4, minutes=0.15),
+                    calibration_data=data)
+    info = next(m.conversion["distill"] for m in tuned.modules() if isinstance(m, NeuronFFN))
+    assert info["steps"] > 2 and info["loss_last"] < info["loss_first"], info
+
+    def kl(m):
+        with torch.no_grad():
+            p, q = model(ids).logits.log_softmax(-1), m(ids).logits.log_softmax(-1)
+        return float((p.exp() * (p - q)).sum(-1).mean())
+
+    assert kl(tuned) < kl(plain)
+    # distillation trains the weights, not the selection: the thresholds stay as allocated
+    t = [float(m.in_threshold) for m in tuned.modules() if isinstance(m, NeuronFFN)]
+    u = [float(m.in_threshold) for m in plain.modules() if isinstance(m, NeuronFFN)]
+    assert t == u
