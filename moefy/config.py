@@ -132,9 +132,15 @@ class MoEConfig:
 
     @classmethod
     def for_budget(cls, active: float, minutes: float | None = None, *,
-                   experts: int = 64) -> MoEConfig:
+                   experts: int = 64, causal: bool | None = None) -> MoEConfig:
         """Settings for a share of active FFN neurons and a time budget: say what you
         want, not how.
+
+        ``causal=True`` (a decoder LM) picks the method that measured better there:
+        ``method="neuron"`` with ``active`` the share of the decoder layers' projection
+        weights a token reads (on SmolLM2-135M at 50%: perplexity ×1.24 against ×1.39 for
+        the split recipe below, and faster). Otherwise (an encoder, or not said) the split
+        recipe below, which measured best on all-MiniLM-L6-v2.
 
         ``active`` (0 < active < 1): the share of each FFN's neurons a token uses. The FFN is
         cut into ``experts`` equal pieces (fine experts: a token's important neurons are
@@ -149,6 +155,8 @@ class MoEConfig:
         >>> c = MoEConfig.for_budget(0.25, minutes=10)
         >>> (c.shared_experts, c.num_experts, c.top_k, c.minutes)
         (8, 56, 8, 10)
+        >>> MoEConfig.for_budget(0.5, causal=True).method
+        'neuron'
         """
         if not (isinstance(active, (int, float)) and not isinstance(active, bool)
                 and 0 < active < 1):
@@ -157,6 +165,12 @@ class MoEConfig:
         if not isinstance(experts, int) or isinstance(experts, bool) or experts < 2:
             raise ValueError(f"MoEConfig.for_budget: experts must be an int >= 2, got "
                              f"{experts!r}")
+        if causal is not None and not isinstance(causal, bool):
+            raise ValueError(f"MoEConfig.for_budget: causal must be True, False or None, got "
+                             f"{causal!r}")
+        if causal:
+            return cls(method="neuron", active=active, minutes=minutes,
+                       calibration_tokens=1 << 14)
         pieces = round(active * experts)
         if not 1 <= pieces < experts:
             raise ValueError(

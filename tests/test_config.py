@@ -49,3 +49,13 @@ def test_minutes_must_be_a_positive_finite_number(minutes):
 def test_minutes_does_not_apply_to_peer():
     with pytest.raises(ValueError, match="minutes"):
         moefy.MoEConfig(method="peer", top_k=4, minutes=1)
+
+
+def test_for_budget_picks_the_neuron_method_for_a_causal_lm():
+    MoEConfig = moefy.MoEConfig
+    c = MoEConfig.for_budget(0.5, minutes=3, causal=True)
+    assert (c.method, c.active, c.minutes) == ("neuron", 0.5, 3)
+    assert MoEConfig.for_budget(0.5, causal=False).method == "split"
+    assert MoEConfig.for_budget(0.5).method == "split"
+    with pytest.raises(ValueError, match="causal must be"):
+        MoEConfig.for_budget(0.5, causal="yes")

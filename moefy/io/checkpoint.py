@@ -4,7 +4,7 @@
       moefy.safetensors   every tensor of the model's state dict (a tied tensor once); not
                           named model.safetensors, so that transformers' from_pretrained
                           does not half-load it as the dense model
-      moefy.json          the plan (``moefy.io.plan``): where each MoE / PEER layer sits, how
+      moefy.json          the plan (``moefy.io.plan``): where each moefy layer sits, how
                           to build it, the wrappers and identities conversion put around it,
                           tied names, frozen parameters
       config.json         the base model's Hugging Face config (when it has one)
@@ -34,16 +34,17 @@ from moefy.errors import LoadError, SaveError
 from moefy.io.atomic import as_path, check_writable, replace_files
 from moefy.io.hf_rebuild import build_hf_model, check_config, hf_config
 from moefy.io.plan import (
+    LAYER_TYPES,
     PLAN_FILE,
     WEIGHTS_FILE,
     also_at,
     describe_model,
     read_plan,
     skeletons,
+    unwrap,
 )
 from moefy.io.safetensors_range import is_floating, read_header, read_rows
-from moefy.layers.moe import MoE
-from moefy.layers.peer import PEER
+from moefy.layers.neuron import NeuronFFN, SparseLinear
 from moefy.layers.shard import refuse_sharded
 from moefy.layers.tokens import install_token_hooks
 
@@ -141,7 +142,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
     no dense weights, no calibration, no tracing. ``load(directory, model)`` applies the plan
     to ``model`` itself — a freshly built dense model of the saved class (any
     ``nn.Module``, also one that is not from Hugging Face; a ``torch.compile`` wrapper of one
-    too) — and returns it. A saved bare ``MoE`` / ``PEER`` comes back as a new layer (the one
+    too) — and returns it. A saved bare moefy layer comes back as a new layer (the one
     given only says which class is expected). Parameters frozen when saved stay frozen; a
     layer registered at several paths comes back as one layer at all of them.
 
@@ -153,6 +154,7 @@ def load(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Mod
     its layer.
 
     >>> import tempfile, torch
+    >>> from moefy.layers.moe import MoE
     >>> moe = MoE(8, 16, num_experts=4, top_k=2)
     >>> with tempfile.TemporaryDirectory() as d:
     ...     back = load(save(moe, d), MoE(8, 16, num_experts=4, top_k=2))
@@ -187,8 +189,8 @@ def load_with(directory, model: nn.Module | None, shard=None) -> nn.Module:
                 f"{type(model).__name__}: pass a fresh {base['class']} built like the one "
                 "that was converted")
         check_config(directory, model)
-    converted = [n for n, m in model.named_modules() if isinstance(m, (MoE, PEER))]
-    if converted and plan["layers"] and not isinstance(model, (MoE, PEER)):
+    converted = [n for n, m in model.named_modules() if isinstance(m, LAYER_TYPES)]
+    if converted and plan["layers"] and not isinstance(model, LAYER_TYPES):
         raise LoadError(f"the model given already holds moefy layers ({converted[0]}, ...): "
                         "pass a fresh dense model")
     layers = skeletons(plan, model)  # meta device: names and shapes only
@@ -327,8 +329,12 @@ def _check_one_dtype(file: str, path: str, layer: nn.Module, header: dict,
     rest of its layer (a file edited or written by hand) would fail in its forward, so it
     fails here instead, naming the tensor."""
     prefix = f"{path}." if path else ""  # (its wrappers hold no tensors)
+    # a neuron layer's thresholds and score scales are float32 beside weights of any dtype:
+    # they are compared with, never multiplied into a matmul
+    free = ({n for n, _ in layer.named_buffers()}
+            if isinstance(unwrap(layer), NeuronFFN | SparseLinear) else set())
     dtypes = {prefix + k: header[aliases.get(prefix + k, prefix + k)][1]
-              for k, v in layer.state_dict().items() if v.is_floating_point()}
+              for k, v in layer.state_dict().items() if v.is_floating_point() and k not in free}
     if len(set(dtypes.values())) > 1:
         expected = Counter(dtypes.values()).most_common(1)[0][0]
         name = next(n for n, d in dtypes.items() if d != expected)

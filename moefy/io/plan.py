@@ -5,11 +5,16 @@ it — on the meta device, so that names and shapes can be checked before anythi
     model ⇒ plan: {"format", "format_version", "base": the model's class and config kind,
                    "layers": [{"path", "also", "wrappers", "kind", "args", "state"}],
                    "identities", "aliases", "frozen", "hash_routing", "info", "id", "files"}
-    plan entry ⇒ layer: MoE / PEER built from "args", wrapped in "wrappers" (outside in),
-                   its settings set from "state"
+    plan entry ⇒ layer: MoE / PEER / NeuronFFN / SparseLinear built from "args", wrapped in
+                   "wrappers" (outside in), its settings set from "state"
 
 "path" is where the outermost wrapper sits; "also" lists further paths where the very same
 module sits (one layer registered twice): it comes back as one module at all of them.
+A neuron layer's thresholds and score scales are buffers: they travel in the weights file.
+
+"format_version" is the oldest plan format that reads the plan: 1; 2 where a layer has
+"also"; 3 where a layer is a NeuronFFN or SparseLinear (a moefy that reads format 2 or older
+then says "upgrade" instead of "unknown layer kind").
 """
 
 from __future__ import annotations
@@ -26,16 +31,22 @@ from moefy.errors import LoadError, SaveError
 from moefy.io.atomic import as_path
 from moefy.io.hf_rebuild import attention_implementation, hf_config
 from moefy.layers.moe import MoE
+from moefy.layers.neuron import NeuronFFN, SparseLinear
 from moefy.layers.peer import PEER
 from moefy.layers.record import ConversionRecord, jsonable
 from moefy.layers.tokens import has_token_hooks
 from moefy.passes.rewrite import ChannelsLast
 
 FORMAT = "moefy"
-FORMAT_VERSION = 2  # the newest this moefy reads; a plan says the oldest that reads it
+FORMAT_VERSION = 3  # the newest this moefy reads; a plan says the oldest that reads it
 PLAN_FILE = "moefy.json"
 WEIGHTS_FILE = "moefy.safetensors"
-_LAYERS = {"MoE": MoE, "PEER": PEER}
+_LAYERS = {"MoE": MoE, "PEER": PEER, "NeuronFFN": NeuronFFN, "SparseLinear": SparseLinear}
+LAYER_TYPES = tuple(_LAYERS.values())  # the moefy layers a plan describes
+_NEURON_KINDS = ("NeuronFFN", "SparseLinear")  # plan format 3
+_NEURON_ARGS = {"NeuronFFN": ("hidden_size", "ffn_size", "output_size", "activation", "gated",
+                              "bias", "selection"),
+                "SparseLinear": ("in_features", "out_features", "bias")}
 
 
 # ------------------------------------------------------------------ save
@@ -52,7 +63,7 @@ def describe_model(model: nn.Module) -> dict:
 
     graph = [n for n, m in model.named_modules()
              if isinstance(m, torch.fx.GraphModule) and any(
-                 isinstance(c, (MoE, PEER)) for c in m.modules())]
+                 isinstance(c, LAYER_TYPES) for c in m.modules())]
     if graph:
         raise SaveError(
             f"{graph[0] or 'the model'} was converted in graph mode (its FFN runs inline in a "
@@ -62,7 +73,7 @@ def describe_model(model: nn.Module) -> dict:
     modules = list(model.named_modules(remove_duplicate=False))
     layers, inside, first = [], [], {}  # first: id(layer) → (its entry, the module at its site)
     for path, module in modules:
-        if not isinstance(module, (MoE, PEER)):
+        if not isinstance(module, LAYER_TYPES):
             continue
         inside.append(path)
         entry = _describe(model, path, module)
@@ -80,7 +91,8 @@ def describe_model(model: nn.Module) -> dict:
     identities = [n for n, m in modules if isinstance(m, nn.Identity) and n
                   and not any(n.startswith(p + ".") for p in inside)]
     shared = any(e.get("also") for e in layers)
-    return {"format": FORMAT, "format_version": 2 if shared else 1,
+    neuron = any(e["kind"] in _NEURON_KINDS for e in layers)
+    return {"format": FORMAT, "format_version": 3 if neuron else 2 if shared else 1,
             "moefy_version": __version__,
             "base": {"class": type(model).__name__, "module": type(model).__module__,
                      "hf": hf_config(model) is not None,
@@ -111,9 +123,14 @@ def _describe(model: nn.Module, path: str, layer: nn.Module) -> dict:
                 "pickling code; export it with moefy.export_onnx instead")
         entry = {"path": site, "wrappers": wrappers, "kind": "MoE",
                  "args": _moe_args(layer), "state": _moe_state(layer)}
-    else:
+    elif isinstance(layer, PEER):
         entry = {"path": site, "wrappers": wrappers, "kind": "PEER",
                  "args": _peer_args(layer), "state": _peer_state(layer)}
+    else:
+        entry = {"path": site, "wrappers": wrappers, "kind": type(layer).__name__,
+                 "args": _neuron_args(layer),
+                 "state": {"conversion": ConversionRecord.of(layer.conversion).to_json()
+                           or None}}
     rebuilt = build_layer(entry)
     want = {k: tuple(v.shape) for k, v in unwrap(rebuilt).state_dict().items()}
     have = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
@@ -153,6 +170,15 @@ def _peer_args(p: PEER) -> dict:
             "top_k": p.top_k, "key_dim": p.key_dim, "activation": p.activation,
             "query_norm": "batch" if p.query_norm is not None else None, "score": p.score,
             "bias": p.down_bias is not None, "gated": p.gate is not None, "sparse": p.sparse}
+
+
+def _neuron_args(m: NeuronFFN | SparseLinear) -> dict:
+    if isinstance(m, SparseLinear):
+        return {"in_features": m.in_features, "out_features": m.out_features,
+                "bias": m.bias is not None}
+    return {"hidden_size": m.hidden_size, "ffn_size": m.ffn_size,
+            "output_size": m.output_size, "activation": m.activation, "gated": m.gated,
+            "bias": m.b_in is not None, "selection": m.selection}
 
 
 def _peer_state(p: PEER) -> dict:
@@ -278,10 +304,10 @@ def build_layer(entry: dict) -> nn.Module:
     args = dict(entry["args"])
     with torch.device("meta"):
         try:
-            if kind == "PEER":
-                args["num_experts"] = tuple(args["num_experts"])
-            hidden = args.pop("hidden_size")
-            if kind == "MoE":
+            if kind in _NEURON_KINDS:
+                layer = _neuron_layer(kind, args)
+            elif kind == "MoE":
+                hidden = args.pop("hidden_size")
                 layer = MoE(hidden, args.pop("expert_size"), args.pop("num_experts"),
                             args.pop("top_k"), **args)
                 state = entry["state"]
@@ -295,7 +321,7 @@ def build_layer(entry: dict) -> nn.Module:
                     layer.shared.set_compensation(torch.empty(rank, hidden),
                                                   torch.empty(out, rank), torch.empty(out))
             else:
-                layer = PEER(hidden, args.pop("num_experts"), **args)
+                layer = PEER(args.pop("hidden_size"), tuple(args.pop("num_experts")), **args)
         except (TypeError, ValueError, KeyError, RuntimeError) as exc:
             raise LoadError(f"the plan's {entry.get('path') or 'layer'} cannot be built: "
                             f"{exc}") from exc
@@ -313,9 +339,23 @@ def build_layer(entry: dict) -> nn.Module:
     return layer
 
 
+def _neuron_layer(kind: str, args: dict) -> NeuronFFN | SparseLinear:
+    """A NeuronFFN / SparseLinear from its plan args (its constructor checks the sizes,
+    activation and selection; the flags are checked here: a truthy string is no bool)."""
+    known = _NEURON_ARGS[kind]
+    stray = sorted(set(args) - set(known))  # e.g. "device": the skeleton stays on meta
+    if stray:
+        raise ValueError(f"unknown argument {stray[0]!r} (a {kind} takes {', '.join(known)})")
+    flags = ("bias", "gated") if kind == "NeuronFFN" else ("bias",)
+    odd = [f for f in flags if not isinstance(args.get(f), bool)]
+    if odd:
+        raise ValueError(f"{odd[0]} must be true or false, got {args.get(odd[0])!r}")
+    return _LAYERS[kind](**args)
+
+
 def unwrap(layer: nn.Module) -> nn.Module:
-    """The MoE / PEER inside a layer's wrappers."""
-    while not isinstance(layer, (MoE, PEER)):
+    """The moefy layer (MoE, PEER, NeuronFFN, SparseLinear) inside a layer's wrappers."""
+    while not isinstance(layer, LAYER_TYPES):
         layer = layer[0] if isinstance(layer, nn.Sequential) else layer.moe
     return layer
 
@@ -348,7 +388,7 @@ def _restore_state(layer: nn.Module, entry: dict) -> None:
         layer.expert_neurons = neurons("expert_neurons")
         layer.shared_neurons = neurons("shared_neurons")
         layer.shared.use_compensation = flag("use_compensation")
-    else:
+    elif isinstance(layer, PEER):
         if state.get("expert_neurons") is not None:
             layer.expert_neurons = neurons("expert_neurons")
         if layer.query_norm is not None:

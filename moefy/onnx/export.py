@@ -3,10 +3,13 @@
     model, example inputs ──checked, run once eagerly──▶ (a typed error before any export)
           ──torch.export under no_grad (batch / sequence dims dynamic)──▶ ExportedProgram
           ──torch.onnx (dynamo) + moefy::expert_ffn lowered per target──▶ ONNX model
-            (a PEER layer needs no lowering: its retrieval and experts trace to standard ops)
+            (a PEER layer needs no lowering: its retrieval and experts trace to standard ops;
+            nor do NeuronFFN / SparseLinear: their threshold selection traces as masked dense
+            standard ops, the thresholds as initializers)
           ──declared input / output dims fixed where the program has a static size──▶
           ──onnx.checker (full) → shape inference → ONNX Runtime vs PyTorch, token by token
-            (near-tie routing excused, counted), on the example inputs and on inputs of another
+            (near-tie routing and scores at a threshold excused, counted), on the example
+            inputs and on inputs of another
             token count──▶ file (written only when it passed)
 
 All work happens in a hidden ``.moefy-export-<pid>-*`` folder beside the target, removed on
@@ -38,6 +41,7 @@ from moefy.errors import (
     first_line,
 )
 from moefy.layers.moe import MoE
+from moefy.layers.neuron import NeuronFFN, SparseLinear
 from moefy.layers.peer import PEER
 from moefy.layers.shard import refuse_sharded
 from moefy.onnx.lowering import moe_op_expressible, ort_expressible, translation_table
@@ -67,13 +71,15 @@ class ExportResult:
 
     path: Path
     target: str
-    moe_layers: int  # layers of experts: moefy.MoE and moefy.PEER
+    moe_layers: int  # layers of experts: moefy.MoE, moefy.PEER and NeuronFFN
     opset: int
     kernel: str  # how MoE experts run; PEER layers are standard ops under every kernel
     max_diff: list[float] = field(default_factory=list)  # per validation input, relative
     tolerance: float | None = None
     notes: list[str] = field(default_factory=list)
     peer_layers: int = 0  # how many of moe_layers are PEER
+    neuron_layers: int = 0  # how many of moe_layers are NeuronFFN (method="neuron")
+    sparse_projections: int = 0  # SparseLinear layers beside them (not in moe_layers)
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, *,
@@ -92,7 +98,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
             (``Where``); the tables are initializers. The model is exported in eval mode (its
             training flags are restored afterwards): a PEER's query BatchNorm with its
             running statistics, folded into plain ops (a note says so for a layer that was
-            training).
+            training). ``method="neuron"``'s NeuronFFN / SparseLinear layers export as their
+            masked dense expression under every target and kernel: ``Abs``, ``Mul``,
+            ``LessOrEqual``, ``Not``, ``Where``, ``MatMul``, thresholds as initializers.
         path: the .onnx file to write; nothing is left there when export or validation fails.
         example_inputs: a tuple of positional tensors or a dict of keyword tensors
             (optional for Hugging Face models).
@@ -119,9 +127,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
             ``ExportToleranceError`` with the largest difference when outside the target's
             tolerance (``ExportShapeError`` when outputs differ in number or shape). Compared
             token by token: a token whose top-k router scores tie within float error in some
-            MoE layer may go to other experts in ONNX Runtime, so where an output keeps one
-            row per token (e.g. (batch, sequence, hidden)) such a token's row is excused and
-            counted in ``notes``; nothing else is.
+            MoE layer may go to other experts in ONNX Runtime, and one with a score within
+            float error of a neuron layer's threshold may keep or drop that entry otherwise,
+            so where an output keeps one row per token (e.g. (batch, sequence, hidden)) such
+            a token's row is excused and counted in ``notes``; nothing else is.
 
     Errors (``moefy.errors``, all ``ExportError``; nothing is written when one is raised):
     ``ExportInputError`` for bad arguments or example inputs, or a model that does not run on
@@ -161,10 +170,13 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
     parent = check_target(path)
     moes = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
     peers = [(name, m) for name, m in model.named_modules() if isinstance(m, PEER)]
-    notes = _check_lowerable(moes, target, kernel) + _check_peers(peers, kernel)
-    if not moes and not peers:
-        warnings.warn(f"{type(model).__name__} holds no moefy.MoE or moefy.PEER layer: "
-                      "exporting it as plain torch.onnx would", stacklevel=2)
+    neurons = [(name, m) for name, m in model.named_modules()
+               if isinstance(m, NeuronFFN | SparseLinear)]
+    notes = (_check_lowerable(moes, target, kernel) + _check_peers(peers, kernel)
+             + _check_neurons(neurons, kernel))
+    if not moes and not peers and not neurons:
+        warnings.warn(f"{type(model).__name__} holds no moefy.MoE, moefy.PEER or neuron "
+                      "layer: exporting it as plain torch.onnx would", stacklevel=2)
     try:
         args, kwargs = split_inputs(model, example_inputs)
     except MoefyError as exc:  # the tracer's wording, under export's own error type
@@ -183,9 +195,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
             _runs_eagerly(model, args, kwargs)
             with workdir(parent) as folder:
                 result = _export(model, path, folder, args, kwargs, moes, notes, target,
-                                 kernel, opsets, dynamic, validate)
-                result.moe_layers += len(peers)
-                result.peer_layers = len(peers)
+                                 kernel, opsets, dynamic, validate, [m for _, m in neurons])
+                ffns = sum(isinstance(m, NeuronFFN) for _, m in neurons)
+                result.moe_layers += len(peers) + ffns
+                result.peer_layers, result.neuron_layers = len(peers), ffns
+                result.sparse_projections = len(neurons) - ffns
                 publish(folder, parent)
         return result
     finally:
@@ -194,7 +208,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs=None, 
 
 
 def _export(model, path, folder, args, kwargs, moes, notes, target, kernel, opsets, dynamic,
-            validate) -> ExportResult:
+            validate, neurons) -> ExportResult:
     """Export into ``folder`` and validate there; nothing is written beside it. ``opsets``:
     the opset to export at, then fallbacks tried when the exporter fails at it."""
     tmp = folder / path.name
@@ -233,7 +247,7 @@ def _export(model, path, folder, args, kwargs, moes, notes, target, kernel, opse
         _check_onnx(tmp)
         result.max_diff, validation_notes = validate_in_onnxruntime(
             model, tmp, ep, args, kwargs, [m for _, m in moes], kernel=kernel,
-            tolerance=result.tolerance, dynamic=dynamic)
+            tolerance=result.tolerance, dynamic=dynamic, neurons=neurons)
         result.notes += validation_notes
     return result
 
@@ -375,6 +389,28 @@ def _check_peers(peers: list[tuple[str, PEER]], kernel: str) -> list[str]:
               "BatchNorm with its running statistics, folded into plain ops)"
               for name, m in peers if m.training and m.query_norm is not None]
     return notes
+
+
+def _check_neurons(neurons: list[tuple[str, NeuronFFN | SparseLinear]],
+                   kernel: str) -> list[str]:
+    """Refuse, before anything is traced, neuron layers the export cannot validate; return a
+    note saying how they export. Their selection is a threshold per score, not a top-k over
+    experts, which ONNX Runtime's MoE op cannot express: under every kernel they are the
+    masked dense expression of ``moefy.runtime.neuron`` in standard ops."""
+    if not neurons:
+        return []
+    for name, m in neurons:
+        weight = m.weight_t if isinstance(m, SparseLinear) else m.w_in_t
+        if weight.dtype != torch.float32:
+            raise ExportInputError(f"{name or type(m).__name__}: export_onnx exports float32 "
+                                   f"neuron layers, this one is {weight.dtype}; export "
+                                   "model.float()")
+    ffns = sum(isinstance(m, NeuronFFN) for _, m in neurons)
+    return [f"{ffns} NeuronFFN and {len(neurons) - ffns} SparseLinear layer(s): threshold "
+            "selection exported as standard ONNX ops (Abs, Mul, LessOrEqual, Not, Where, "
+            "MatMul; the thresholds are initializers), which read every weight"
+            + ("; kernel 'moe_op' (com.microsoft.MoE) applies to moefy.MoE layers only"
+               if kernel == "moe_op" else "")]
 
 
 def _opset(path: Path) -> int:

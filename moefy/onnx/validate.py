@@ -2,13 +2,16 @@
 
     model, exported program, example inputs, .onnx file
           ──inputs of another token count (every dynamic dim grown by a few entries)──▶ cases
-          ──ONNX Runtime and PyTorch per case; each MoE layer's routing margin per token──▶
+          ──ONNX Runtime and PyTorch per case; each MoE layer's routing margin per token,
+            each neuron layer's nearest score to its threshold per token──▶
           ──|ORT − PyTorch| relative to the largest output; a near-tie token's row excused──▶
             (largest difference per case, notes) or ExportToleranceError / ExportShapeError
 
 A token whose top-k router scores tie within float error (``NEAR_TIE``) may go to other experts
-in ONNX Runtime than in PyTorch; where an output keeps one row per token such a row is excused
-and counted in the notes. Nothing else is.
+in ONNX Runtime than in PyTorch; so may a token with a score of a neuron layer (``NeuronFFN``,
+``SparseLinear``) within float error of its threshold (``NEAR_THRESHOLD``) keep or drop that
+entry otherwise. Where an output keeps one row per token such a row is excused and counted in
+the notes. Nothing else is.
 """
 
 from __future__ import annotations
@@ -28,22 +31,34 @@ from moefy.errors import (
     SessionError,
 )
 from moefy.layers.moe import MoE
+from moefy.layers.neuron import NeuronFFN, SparseLinear
 from moefy.runtime.session import Session
 
 # A token whose top-k router scores tie within this (relative to its largest |score|) may be
 # routed to other experts by ONNX Runtime than by PyTorch through float rounding alone
 NEAR_TIE = 1e-4
+# A score within this of its threshold (relative to the threshold) may be kept by one runtime
+# and dropped by the other: the score itself is computed alike (Abs, Mul in float32), from an
+# input that earlier layers' rounding moved by ~1e-7 of its scale. Exact ties are common, not
+# rare: a threshold is a quantile of calibration scores, so a token seen there (e.g. at the
+# first layer, whose input is its embedding alone) scores exactly the threshold again. Tight,
+# because a wide model has thousands of scores per token: a loose margin would excuse them all.
+NEAR_THRESHOLD = 1e-5
 
 
 def validate_in_onnxruntime(model: nn.Module, path, ep: torch.export.ExportedProgram,
                             args: tuple, kwargs: dict, moes: list[MoE], *, kernel: str,
-                            tolerance: float, dynamic: bool) -> tuple[list[float], list[str]]:
+                            tolerance: float, dynamic: bool,
+                            neurons: list[NeuronFFN | SparseLinear] = ()
+                            ) -> tuple[list[float], list[str]]:
     """Run the graph at ``path`` in ONNX Runtime against ``model`` on the example inputs and,
     with ``dynamic``, on inputs of another size: the largest difference per input (relative
     to the largest output) and notes. Raises ``ExportToleranceError`` above ``tolerance``,
     ``ExportShapeError`` on outputs that differ in number or shape, ``ExportValidationError``
     when ONNX Runtime cannot load or run the graph. ``moes``: the model's MoE layers, whose
-    near-tie tokens are excused; ``kernel``: the one they were lowered with.
+    near-tie tokens are excused; ``kernel``: the one they were lowered with; ``neurons``: the
+    model's NeuronFFN / SparseLinear layers, whose tokens with a score at a threshold are
+    excused.
 
     >>> import os, tempfile
     >>> from moefy.onnx.export import export_onnx
@@ -66,9 +81,10 @@ def validate_in_onnxruntime(model: nn.Module, path, ep: torch.export.ExportedPro
         session = Session(path, device="cpu")
         names = _input_names(ep)
         with _activation(tanh, "gelu_tanh"):
-            max_diff, notes = _compare(model, session, names, cases, tolerance, moes)
+            max_diff, notes = _compare(model, session, names, cases, tolerance, moes,
+                                       neurons)
         if tanh:
-            drift, _ = _compare(model, session, names, cases, float("inf"), moes)
+            drift, _ = _compare(model, session, names, cases, float("inf"), moes, neurons)
             notes.append(f"drift from the erf-GELU model on the validation inputs: "
                          f"{max(drift):.1e} relative to the largest output")
     except SessionError as exc:  # ONNX Runtime cannot load or run what was exported
@@ -131,18 +147,19 @@ def _input_names(ep: torch.export.ExportedProgram) -> list[str]:
 
 
 def _compare(model: nn.Module, session: Session, names: list[str],
-             cases: list[tuple[tuple, dict]], tol: float,
-             moes: list[MoE]) -> tuple[list[float], list[str]]:
+             cases: list[tuple[tuple, dict]], tol: float, moes: list[MoE],
+             neurons=()) -> tuple[list[float], list[str]]:
     """ONNX Runtime vs PyTorch on each (args, kwargs), token by token: per case the largest
     difference relative to the largest output, and notes; ``ExportToleranceError`` above
-    ``tol``. A token above ``tol`` whose routing nearly tied in an MoE layer it passed
-    (``_near_ties``) is excused and counted in the notes instead: float rounding alone can
-    send it to other experts in ONNX Runtime. Nothing else is excused."""
+    ``tol``. A token above ``tol`` whose routing nearly tied in an MoE layer it passed, or
+    with a score at a neuron layer's threshold (``_near_ties``), is excused and counted in
+    the notes instead: float rounding alone can send it to other experts (keep or drop that
+    entry) in ONNX Runtime. Nothing else is excused."""
     diffs, excused, excused_diff = [], 0, 0.0
     for a, k in cases:
-        with torch.no_grad(), _routing_margins(moes) as margins:
+        with torch.no_grad(), _near_tie_tokens(moes, neurons) as near:
             ref = [t for t in tree_leaves(model(*a, **k)) if isinstance(t, torch.Tensor)]
-        near_tie = _near_ties(margins)  # (token grid) bool, or None
+        near_tie = _near_ties(near)  # (token grid) bool, or None
         tensors = [t for t in tree_leaves((a, k)) if isinstance(t, torch.Tensor)]
         # by name: an input the graph dropped (unused by the model) must not shift the others
         feeds = dict(zip(names, tensors, strict=True)) if len(names) == len(tensors) else dict(
@@ -177,14 +194,18 @@ def _compare(model: nn.Module, session: Session, names: list[str],
             raise ExportToleranceError(
                 f"ONNX Runtime differs from PyTorch by {worst:.2e} (relative to the largest "
                 f"output), above the tolerance {tol:.0e}; inputs {shapes}. Tokens whose top-k "
-                "router scores nearly tie are excused only in outputs with one row per token; "
-                "this difference is elsewhere: report it")
+                "router scores nearly tie (or with a score at a threshold) are excused only in "
+                "outputs with one row per token; this difference is elsewhere: report it")
         excused += 0 if skipped is None else int(skipped.sum())
         diffs.append(worst)
-    notes = [f"validation excused {excused} token(s) whose top-k router scores tie within "
-             f"{NEAR_TIE:.0e} of their scale (float rounding can route such a token to other "
-             f"experts in ONNX Runtime than in PyTorch): they differ by up to {excused_diff:.1e}; "
-             "every other token is within the tolerance"] if excused else []
+    what = " or ".join(
+        ([f"whose top-k router scores tie within {NEAR_TIE:.0e} of their scale"] if moes
+         else []) + ([f"with a score within {NEAR_THRESHOLD:.0e} of a neuron layer's "
+                      "threshold"] if neurons else []))
+    notes = [f"validation excused {excused} token(s) {what} (float rounding can route such a "
+             "token to other experts, or keep an entry the other drops, in ONNX Runtime than "
+             f"in PyTorch): they differ by up to {excused_diff:.1e}; every other token is "
+             "within the tolerance"] if excused else []
     return diffs, notes
 
 
@@ -200,21 +221,45 @@ def _relative_diff(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _routing_margins(moes: list[MoE]):
-    """Within the block, every forward of a layer in ``moes`` appends (its token grid: the
-    input's shape without the hidden dim, its ``_routing_margin`` per token) to the yielded
-    list. The hooks are removed on exit."""
+def _near_tie_tokens(moes: list[MoE], neurons=()):
+    """Within the block, every forward of a layer in ``moes`` or ``neurons`` appends (its
+    token grid: the input's shape without the hidden dim, per token whether it came near
+    another choice: ``_routing_margin`` <= ``NEAR_TIE``, ``_threshold_margin`` <=
+    ``NEAR_THRESHOLD``) to the yielded list. The hooks are removed on exit."""
     calls = []
 
-    def record(moe, args, kwargs, output):
+    def record(layer, args, kwargs, output):
         x = args[0] if args else kwargs["x"]
-        calls.append((tuple(x.shape[:-1]), _routing_margin(moe, x.reshape(-1, x.shape[-1]))))
-    hooks = [m.register_forward_hook(record, with_kwargs=True) for m in moes]
+        flat = x.reshape(-1, x.shape[-1])
+        near = (_routing_margin(layer, flat) <= NEAR_TIE if isinstance(layer, MoE)
+                else _threshold_margin(layer, flat) <= NEAR_THRESHOLD)
+        calls.append((tuple(x.shape[:-1]), near))
+    hooks = [m.register_forward_hook(record, with_kwargs=True) for m in [*moes, *neurons]]
     try:
         yield calls
     finally:
         for h in hooks:
             h.remove()
+
+
+def _threshold_margin(layer: NeuronFFN | SparseLinear, x: torch.Tensor) -> torch.Tensor:
+    """How near each token (x: (T, H)) came to keeping or dropping an entry otherwise, (T,):
+    the smallest |score − threshold| over the layer's selections, relative to the threshold
+    (the scores as the layer computes them: ``|x_j|·scale_j``; a NeuronFFN's second selection
+    on its neurons as computed from the kept inputs). inf where a threshold keeps everything
+    (< 0); NaN scores are kept by both runtimes, so they count as far."""
+    def margin(scores: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+        t = float(threshold)
+        if t < 0 or not scores.numel():
+            return torch.full(scores.shape[:1], math.inf)
+        gap = (scores.float() - t).abs().nan_to_num(nan=math.inf)
+        return gap.amin(-1) / max(t, torch.finfo(torch.float32).tiny)
+
+    if isinstance(layer, SparseLinear):
+        return margin(layer.scores(x), layer.threshold)
+    first = margin(x.abs() * layer.in_scale, layer.in_threshold)
+    a = layer.hidden(x)  # (T, F): h (selection "input") or act(g) ("gate")
+    return torch.minimum(first, margin(a.abs() * layer.h_scale, layer.h_threshold))
 
 
 def _routing_margin(moe: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -246,10 +291,10 @@ def _routing_margin(moe: MoE, x: torch.Tensor) -> torch.Tensor:
 
 
 def _near_ties(calls: list[tuple[tuple, torch.Tensor]]) -> np.ndarray | None:
-    """Which tokens' routing nearly tied (margin <= NEAR_TIE) in any MoE layer, on the token
-    grid every layer saw ((batch, sequence) in a transformer); None without MoE layers, or
-    when layers saw different grids (which token is which is unknown then)."""
+    """Which tokens came near another choice in any layer (``_near_tie_tokens``), on the
+    token grid every layer saw ((batch, sequence) in a transformer); None without such
+    layers, or when layers saw different grids (which token is which is unknown then)."""
     if not calls or len({grid for grid, _ in calls}) != 1:
         return None
-    margin = torch.stack([m for _, m in calls]).amin(0)  # (T,), the closest over layers
-    return (margin <= NEAR_TIE).reshape(calls[0][0]).numpy()
+    near = torch.stack([n for _, n in calls]).any(0)  # (T,), near in some layer
+    return near.reshape(calls[0][0]).numpy()

@@ -147,7 +147,13 @@ class Knob:
         drop = int(round((1.0 - share) * n))
         if drop <= 0 or n == 0:
             return DENSE
-        return float(self.scores[min(drop, n) - 1])
+        if drop >= n:
+            return float(self.scores[-1])
+        # halfway between the last dropped and the first kept score: a token that scores
+        # exactly as a calibration token did is not on the edge (ONNX validation would
+        # otherwise see float-error flips)
+        low, high = float(self.scores[drop - 1]), float(self.scores[drop])
+        return low + (high - low) / 2 if math.isfinite(high) else low
 
     def set(self, share: float) -> None:
         getattr(self.layer, self.attr).fill_(self.threshold(share))

@@ -7,6 +7,7 @@ import torch.nn as nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import moefy
+from moefy.layers.neuron import NeuronFFN, SparseLinear
 
 LLAMA = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
@@ -97,7 +98,8 @@ def untouched(model: nn.Module, state: dict) -> bool:
     """``model`` holds exactly ``state`` and no moefy layer: a refused load changed nothing."""
     now = model.state_dict()
     return now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state) \
-        and not any(isinstance(m, (moefy.MoE, moefy.PEER)) for m in model.modules())
+        and not any(isinstance(m, (moefy.MoE, moefy.PEER, NeuronFFN, SparseLinear))
+                    for m in model.modules())
 
 
 def snapshot(model: nn.Module) -> dict:
