@@ -10,6 +10,7 @@ import pytest
 
 import moefy
 from moefy import cli
+from moefy.layers.neuron import NeuronFFN
 from tests.cli.helpers import run
 
 pytest.importorskip("transformers")
@@ -155,6 +156,9 @@ def test_active_without_method_sparsifies_single_neurons_of_a_causal_lm(workspac
     assert planned and abs(float(planned.group(1)) - 50) < 3, text
     info = json.loads((out / "moefy.json").read_text())["info"]
     assert info["config"]["method"] == "neuron" and info["config"]["active"] == 0.5
+    model = moefy.load(out)
+    ffns = [m for m in model.modules() if isinstance(m, NeuronFFN)]
+    assert len(ffns) == 2 and all(float(m.in_threshold) > 0 for m in ffns)
 
 
 def test_neuron_flags_are_checked_before_loading(tmp_path, capsys):
