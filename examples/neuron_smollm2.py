@@ -12,6 +12,7 @@ docstrings), then measures on the standard library's docstrings (disjoint):
   alternately in the same run (medians of ``--rounds``).
 
     python examples/neuron_smollm2.py [--active 0.75 0.5 0.35] [--selection input gate]
+                                      [--ffn-only] [--minutes M]
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def main() -> None:
     parser.add_argument("--active", type=float, nargs="+", default=[0.75, 0.5, 0.35])
     parser.add_argument("--selection", nargs="+", default=["input", "gate"])
     parser.add_argument("--ffn-only", action="store_true")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="conversion budget: what building leaves distils (default none)")
     parser.add_argument("--tokens", type=int, default=4096, help="held-out tokens (4096)")
     parser.add_argument("--calibration", type=int, default=4096, help="calibration tokens")
     parser.add_argument("--new", type=int, default=32, help="decoded tokens per timing")
@@ -96,7 +99,8 @@ def main() -> None:
         for active in args.active:
             c0 = time.perf_counter()
             model = convert(dense, MoEConfig(method="neuron", active=active,
-                                             selection=selection, ffn_only=args.ffn_only),
+                                             selection=selection, ffn_only=args.ffn_only,
+                                             minutes=args.minutes),
                             calibration_data=batches)
             took = time.perf_counter() - c0
             ratio = perplexity(model, held) / base

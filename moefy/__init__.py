@@ -11,7 +11,8 @@ import types
 
 from moefy.version import __version__
 
-__all__ = ["MoE", "MoEConfig", "PEER", "aux_loss", "convert", "distill", "distributed", "errors",
+__all__ = ["MoE", "MoEConfig", "NeuronFFN", "PEER", "SparseLinear",
+           "aux_loss", "convert", "distill", "distributed", "errors",
            "export_hf", "export_onnx", "freeze", "load", "onnx", "report", "runtime", "save",
            "__version__"]
 
@@ -19,6 +20,7 @@ _SUBPACKAGES = ("distributed", "errors", "onnx", "runtime")
 # each public function or class → the module that defines it
 _DEFINED_IN = {
     "MoE": "moefy.layers", "MoEConfig": "moefy.config", "PEER": "moefy.layers",
+    "NeuronFFN": "moefy.layers", "SparseLinear": "moefy.layers",
     "aux_loss": "moefy.passes.distill", "convert": "moefy.convert",
     "distill": "moefy.passes.distill", "export_hf": "moefy.io.hf", "export_onnx": "moefy.onnx",
     "freeze": "moefy.passes.distill", "load": "moefy.io.checkpoint", "report": "moefy.report",

@@ -3,7 +3,8 @@ import moefy
 
 def test_public_surface_is_pinned():
     assert sorted(moefy.__all__) == [
-        "MoE", "MoEConfig", "PEER", "__version__", "aux_loss", "convert", "distill",
+        "MoE", "MoEConfig", "NeuronFFN", "PEER", "SparseLinear",
+        "__version__", "aux_loss", "convert", "distill",
         "distributed", "errors", "export_hf", "export_onnx", "freeze", "load", "onnx", "report",
         "runtime", "save"]
     assert sorted(moefy.runtime.__all__) == ["ExpertWeights", "Session", "expert_ffn",

@@ -1,4 +1,5 @@
-"""nn.Modules: the MoE layer, its always-on part, and the PEER layer; routers (pure
+"""nn.Modules: the MoE layer, its always-on part, the PEER layer and the single-neuron
+layers (NeuronFFN, SparseLinear); routers (pure
 functions), each layer's ConversionRecord, the shard a layer declares under expert
 parallelism, and hash routing's token-id hooks.
 
@@ -6,6 +7,7 @@ May import: ``moefy.runtime`` (which chooses the kernels) and the ground floor o
 """
 
 from moefy.layers.moe import MoE, SharedExperts
+from moefy.layers.neuron import NeuronFFN, SparseLinear
 from moefy.layers.peer import PEER, PEERRoute
 
-__all__ = ["MoE", "PEER", "PEERRoute", "SharedExperts"]
+__all__ = ["MoE", "NeuronFFN", "PEER", "PEERRoute", "SharedExperts", "SparseLinear"]
