@@ -13,6 +13,9 @@ Rows:
   a dense SwiGLU FFN of width 2 × 14336; the ratio dispatch / dense GEMM;
 - decode at 1 and 8 tokens: time, and the bandwidth reached on the expert weights actually
   read (the distinct experts the tokens chose), as a fraction of the measured copy bandwidth.
+- method="neuron": a NeuronFFN (H × I SwiGLU) at 50% kept on CUDA against the same layer in
+  float32 on the CPU, and its bf16 decode time at 1 and 8 tokens (the masked path: no CUDA
+  kernel that reads only the kept rows yet) against what its bytes take at copy bandwidth;
 - PEER (``benchmarks/bench_peer.py --device cuda --dtype bfloat16``, issue 12's size): its
   whole table printed first, then forward and forward+backward against the ideal time of the
   unavoidable FLOPs at this GPU's bf16 GEMM rate, and the speed-up over the straightforward
@@ -162,6 +165,43 @@ def bench_decode(rows: list[tuple[str, str]], ew, bandwidth: float) -> None:
                      f"{reached / bandwidth:.0%} of copy bandwidth"))
 
 
+def bench_neuron(rows: list[tuple[str, str]], bandwidth: float) -> None:
+    """method="neuron" on CUDA: a NeuronFFN of H × I SwiGLU (bf16) with half of its inputs
+    and neurons kept runs the masked dense path (no CUDA kernel reads only the kept rows yet):
+    it must match the same layer in float32 on the CPU, and its decode time is what a kernel
+    reading half the rows would have to beat."""
+    from moefy.layers.neuron import NeuronFFN
+
+    g = torch.Generator().manual_seed(0)
+    w = [torch.randn(I, H, generator=g) * H**-0.5, torch.randn(H, I, generator=g) * I**-0.5,
+         torch.randn(I, H, generator=g) * H**-0.5]
+    cpu = NeuronFFN(H, I, activation="silu", gated=True).load_dense(*w)
+    x = torch.randn(8, H, generator=g)
+    with torch.no_grad():
+        cpu.in_threshold.fill_(float((x.abs() * cpu.in_scale).median()))
+        cpu.h_threshold.fill_(float((cpu.hidden(x).abs() * cpu.h_scale).median()))
+        want = cpu(x)
+        layer = NeuronFFN(H, I, activation="silu", gated=True).to("cuda")
+        layer.load_state_dict(cpu.state_dict())
+        got = layer(x.cuda()).cpu()
+    err = float((got - want).norm() / want.norm())
+    rows.append(("neuron FFN on CUDA (masked path, float32) vs CPU, 50% kept",
+                 f"relative error {err:.1e}" + ("" if err < 1e-4 else "  FAILED")))
+    layer = layer.to(torch.bfloat16)
+    dense_bytes = 3 * H * I * 2
+    for tokens in (1, 8):
+        xb = torch.randn(tokens, H, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            seconds = timed(lambda: layer(xb), iters=50)  # noqa: B023
+        rows.append((f"neuron FFN bf16, {tokens} token{'s' if tokens > 1 else ''}, 50% kept "
+                     "(masked: reads every row)",
+                     f"{seconds * 1e6:.0f} µs; every weight at copy bandwidth would take "
+                     f"{dense_bytes / bandwidth * 1e6:.0f} µs, half of them "
+                     f"{dense_bytes / 2 / bandwidth * 1e6:.0f} µs"))
+    if err >= 1e-4:
+        raise ValueError(f"neuron FFN on CUDA differs from the CPU by {err:.1e}")
+
+
 def bench_peer(rows: list[tuple[str, str]]) -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_peer as peer
@@ -224,6 +264,11 @@ def main() -> int:
             bench_decode(rows, ew, bandwidth)
         except RuntimeError as exc:
             rows.append(("decode", f"failed: {str(exc).splitlines()[0]}"))
+            ok = False
+        try:
+            bench_neuron(rows, bandwidth)
+        except (RuntimeError, ValueError) as exc:
+            rows.append(("neuron FFN", f"failed: {str(exc).splitlines()[0]}"))
             ok = False
         try:
             bench_peer(rows)
