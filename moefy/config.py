@@ -270,30 +270,28 @@ class MoEConfig:
 
     def _check_neuron(self) -> None:
         """Settings of the routed methods that single-neuron selection does not have."""
-        unused = [("shared_experts", 0), ("capacity_factor", None), ("router", "softmax"),
-                  ("router_init", None), ("compensate", None), ("compensate_rank", None),
-                  ("fit_steps", 0), ("partition", "kmeans"), ("num_experts", 16),
-                  ("top_k", 4), ("top_p", 0.5), ("granularity", 1)]
+        self._check_unused("neuron", [
+            ("shared_experts", 0), ("capacity_factor", None), ("router", "softmax"),
+            ("router_init", None), ("compensate", None), ("compensate_rank", None),
+            ("fit_steps", 0), ("partition", "kmeans"), ("num_experts", 16), ("top_k", 4),
+            ("top_p", 0.5), ("granularity", 1)],
+            "every neuron is an expert chosen by a calibrated threshold; its settings are "
+            "active, selection, ffn_only (and minutes, calibration_tokens, only/skip)")
+
+    def _check_peer(self) -> None:
+        """Settings of the other methods that a PEER conversion cannot honour."""
+        self._check_unused("peer", [
+            ("shared_experts", 0), ("capacity_factor", None), ("router", "softmax"),
+            ("router_init", None), ("compensate", None), ("compensate_rank", None),
+            ("fit_steps", 0), ("partition", "kmeans"), ("num_experts", 16), ("top_p", 0.5),
+            ("granularity", 1), ("minutes", None)],
+            "PEER retrieves single-neuron experts with fitted product keys; its settings are "
+            "top_k, peer_heads, peer_key_dim, peer_fit_steps")
+
+    def _check_unused(self, method: str, unused: list[tuple[str, object]], why: str) -> None:
         for name, default in unused:
             if getattr(self, name) != default and not (name == "compensate" and
                                                        self.compensate is False):
                 raise ValueError(
                     f"MoEConfig.{name}={getattr(self, name)!r} does not apply to "
-                    f"method='neuron' (leave it at {default!r}): every neuron is an expert "
-                    "chosen by a calibrated threshold; its settings are active, selection, "
-                    "ffn_only (and minutes, calibration_tokens, only/skip)")
-
-    def _check_peer(self) -> None:
-        """Settings of the other methods that a PEER conversion cannot honour."""
-        unused = [("shared_experts", 0), ("capacity_factor", None), ("router", "softmax"),
-                  ("router_init", None), ("compensate", None), ("compensate_rank", None),
-                  ("fit_steps", 0), ("partition", "kmeans"), ("num_experts", 16),
-                  ("top_p", 0.5), ("granularity", 1), ("minutes", None)]
-        for name, default in unused:
-            if getattr(self, name) != default and not (name == "compensate" and
-                                                       self.compensate is False):
-                raise ValueError(
-                    f"MoEConfig.{name}={getattr(self, name)!r} does not apply to method='peer' "
-                    f"(leave it at {default!r}): PEER retrieves single-neuron experts with "
-                    "fitted product keys; its settings are top_k, peer_heads, peer_key_dim, "
-                    "peer_fit_steps")
+                    f"method={method!r} (leave it at {default!r}): {why}")

@@ -172,20 +172,12 @@ def _measure_reads(model: nn.Module, layers: list, rows: list[dict], data) -> No
         return hook
 
     handles = [m.register_forward_hook(hook_for(i, m)) for i, m in enumerate(layers)]
-    batches = 0
     try:
         with torch.no_grad():
-            for batch in data:
-                args, kwargs = batch_inputs(model, batch, f"report: batch {batches}",
-                                            ReportInputError)
-                mask[0] = token_mask(kwargs)
-                model(*args, **kwargs)
-                batches += 1
+            _run(model, data, mask)
     finally:
         for h in handles:
             h.remove()
-    if not batches:
-        raise ReportInputError("report: data yielded no batches")
     for acc, row in zip(sums, rows, strict=True):
         seen = acc["tokens"] > 0
         row.update({"tokens": acc["tokens"],
@@ -326,22 +318,14 @@ def _measure(model: nn.Module, moes: list[MoE | PEER], layers: list[dict], data)
     handles = [m.register_forward_hook((peer_hook_for if isinstance(m, PEER) else hook_for)(
         i, m), with_kwargs=True) for i, m in enumerate(moes)]
     modes = [(m, m.training) for m in model.modules()]
-    batches = 0
     try:
         model.eval()
-        for batch in data:
-            args, kwargs = batch_inputs(model, batch, f"report: batch {batches}",
-                                        ReportInputError)
-            mask[0] = token_mask(kwargs)
-            model(*args, **kwargs)
-            batches += 1
+        _run(model, data, mask)
     finally:
         for h in handles:
             h.remove()
         for m, training in modes:
             m.training = training
-    if not batches:
-        raise ReportInputError("report: data yielded no batches")
     for i, row in enumerate(layers):
         peer = isinstance(moes[i], PEER)
         # Table 2 over the real experts only (padding is not an expert); load stays by id
@@ -364,6 +348,19 @@ def _measure(model: nn.Module, moes: list[MoE | PEER], layers: list[dict], data)
             "dropped": dropped[i],
             "load": z,
         })
+
+
+def _run(model: nn.Module, data, mask: list) -> None:
+    """Run ``model`` on every batch of ``data``, ``mask[0]`` holding each batch's token mask
+    for the hooks; raises when there is no batch."""
+    batches = 0
+    for batch in data:
+        args, kwargs = batch_inputs(model, batch, f"report: batch {batches}", ReportInputError)
+        mask[0] = token_mask(kwargs)
+        model(*args, **kwargs)
+        batches += 1
+    if not batches:
+        raise ReportInputError("report: data yielded no batches")
 
 
 def _all_experts(m: MoE, x: torch.Tensor) -> torch.Tensor:
