@@ -9,7 +9,9 @@ docstrings), then measures on the standard library's docstrings (disjoint):
 
 - perplexity as a multiple of the dense model's (window perplexity over 256-token chunks);
 - greedy decode tokens/s at batch 1 (after a 64-token prompt), as a ratio to dense measured
-  alternately in the same run (medians of ``--rounds``).
+  alternately in the same run (medians of ``--rounds``);
+- prefill: one forward over a 256-token prompt, as a ratio to dense (the masked path: it
+  must not be slower than dense).
 
     python examples/neuron_smollm2.py [--active 0.75 0.5 0.35] [--selection input gate]
                                       [--ffn-only] [--minutes M]
@@ -57,6 +59,14 @@ def decode_seconds(model, prompt: torch.Tensor, new: int) -> float:
     return (time.perf_counter() - t0) / new
 
 
+@torch.no_grad()
+def prefill_seconds(model, ids: torch.Tensor) -> float:
+    """Seconds for one forward over a whole prompt (no cache): the prefill."""
+    t0 = time.perf_counter()
+    model(input_ids=ids, use_cache=False)
+    return time.perf_counter() - t0
+
+
 def shares(model) -> str:
     """Per matrix kind, the mean share kept that the allocation chose."""
     kinds: dict[str, list[float]] = {}
@@ -93,8 +103,8 @@ def main() -> None:
     base = perplexity(dense, held)
     print(f"SmolLM2-135M-Instruct: {held.numel()} held-out tokens, dense perplexity {base:.3f}; "
           f"{calib.numel()} calibration tokens; {torch.get_num_threads()} threads", flush=True)
-    print(f"{'selection':9s} {'active':>6s} {'ppl x':>7s} {'decode x':>8s} {'convert s':>9s}  "
-          "mean share kept per matrix")
+    print(f"{'selection':9s} {'active':>6s} {'ppl x':>7s} {'decode x':>8s} {'prefill x':>9s} "
+          f"{'convert s':>9s}  mean share kept per matrix")
     for selection in args.selection:
         for active in args.active:
             c0 = time.perf_counter()
@@ -109,8 +119,13 @@ def main() -> None:
                 d.append(decode_seconds(dense, prompt, args.new))
                 s.append(decode_seconds(model, prompt, args.new))
             speed = statistics.median(d) / statistics.median(s)
-            print(f"{selection:9s} {active:6.2f} {ratio:7.3f} {speed:7.2f}x {took:9.0f}  "
-                  f"{shares(model)}", flush=True)
+            pd, ps = [], []
+            for _ in range(args.rounds):
+                pd.append(prefill_seconds(dense, held[:1]))
+                ps.append(prefill_seconds(model, held[:1]))
+            prefill = statistics.median(pd) / statistics.median(ps)
+            print(f"{selection:9s} {active:6.2f} {ratio:7.3f} {speed:7.2f}x {prefill:8.2f}x "
+                  f"{took:9.0f}  {shares(model)}", flush=True)
             del model
     print(f"dense decode {1 / statistics.median(d):.1f} tokens/s; "
           f"{time.perf_counter() - t0:.0f} s in all")
