@@ -299,6 +299,8 @@ def _sample_inputs(r: Request, model: nn.Module, knobs: list[Knob], data) -> lis
     for layer, mine in _layers_to_knobs(knobs).items():
         hooks.append(layer.register_forward_pre_hook(take_input(mine)))
     kept = []
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()  # the scores of the model as it will run, not of dropout's noise
     try:
         with torch.no_grad():
             for batch in data:
@@ -312,6 +314,8 @@ def _sample_inputs(r: Request, model: nn.Module, knobs: list[Knob], data) -> lis
     finally:
         for h in hooks:
             h.remove()
+        for m, training in modes:
+            m.training = training
     if not kept:
         raise ConversionError("calibration_data yielded no batches")
     for k in knobs:
@@ -358,6 +362,8 @@ def _sensitivities(r: Request, model: nn.Module, knobs: list[Knob], batches: lis
         hooks.append(layer.register_forward_pre_hook(pre))
         hooks.append(layer.register_forward_hook(post_for(layer)))
     tokens = 0
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()  # dropout would make the gradients noise
     try:
         with torch.enable_grad():
             for i, batch in enumerate(batches):
@@ -373,6 +379,8 @@ def _sensitivities(r: Request, model: nn.Module, knobs: list[Knob], batches: lis
             h.remove()
         for p in frozen:
             p.requires_grad_(True)
+        for m, training in modes:
+            m.training = training
     out = {}
     for layer, entries in calls.items():
         xs = [x.reshape(-1, x.shape[-1]) for x, g in entries]

@@ -206,3 +206,18 @@ def test_minutes_record_what_distillation_did():
     assert len(infos) == 3 and infos[0] == infos[-1]
     # how many steps fit depends on how fast this machine built it; the record says either
     assert infos[0]["steps"] > 0 or "building took" in infos[0]["why"], infos[0]
+
+
+def test_a_model_in_training_mode_is_calibrated_without_its_dropout():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=176,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, attention_dropout=0.5)
+    model = transformers.LlamaForCausalLM(cfg).train()
+    data = batches(4)
+    first, second = (convert(model, MoEConfig(method="neuron", active=0.5),
+                             calibration_data=data) for _ in range(2))
+    thresholds = [[float(t) for n, t in m.named_buffers() if n.endswith("threshold")]
+                  for m in (first, second)]
+    assert thresholds[0] == thresholds[1]
+    assert model.training and first.training  # modes are the caller's again

@@ -364,3 +364,35 @@ def test_the_kernels_check_their_inputs():
         torch.ops.moefy_cpu.neuron_ffn(x, g, None, b_up, w_down_t, coef, 0.5, "silu")
     with pytest.raises(RuntimeError, match="unknown activation"):
         torch.ops.moefy_cpu.neuron_ffn(x, g, w_up, b_up, w_down_t, coef, 0.5, "tanh")
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(1, 37), (40, 37), (3, 7, 64)])
+def test_the_prefill_mask_selects_what_the_masked_expression_selects(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(*shape, generator=g)
+    scale = torch.rand(shape[-1], generator=g) * 2
+    scale[0] = 0.0
+    x.view(-1, shape[-1])[0, 0] = float("inf")  # a NaN score: kept
+    x.view(-1, shape[-1])[-1, 1] = float("nan")  # kept, stays NaN
+    t = float((x.abs() * scale).nan_to_num(0).flatten()[5])  # exactly a score: strict >
+    got = torch.ops.moefy_cpu.mask_inputs.default(x, scale, t)
+    want = torch.where(~(x.abs() * scale <= t), x, 0.0)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(0, 1, -1), want.nan_to_num(0, 1, -1))
+
+
+@needs_kernel
+def test_prefill_batches_take_the_one_pass_mask(monkeypatch):
+    calls = []
+    real = torch.ops.moefy_cpu.mask_inputs.default
+    monkeypatch.setattr(neuron, "_prefill_mask", lambda *a: calls.append(1) or real(*a))
+    x, wt, scale, bias = make_linear(40, 37, 53)
+    with torch.no_grad():
+        y = neuron.sparse_input_linear(x, wt, scale, 0.3, bias)
+    want = torch.where(~(x.abs() * scale <= 0.3), x, 0.0) @ wt + bias
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    assert calls == [1]
+    x.requires_grad_()  # training takes the differentiable expression
+    neuron.sparse_input_linear(x, wt, scale, 0.3, bias).sum().backward()
+    assert calls == [1] and x.grad is not None

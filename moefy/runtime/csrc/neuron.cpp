@@ -299,9 +299,40 @@ Tensor neuron_ffn(const Tensor& x, const Tensor& g, const c10::optional<Tensor>&
   return y;
 }
 
+// The selection of sparse_input_linear as one pass over x, for batches too large for it
+// (prefill): xs[t, j] = x[t, j] where |x[t, j]| * scale[j] > threshold, else 0 (a NaN score
+// keeps its entry). The caller multiplies xs by the weights with one GEMM.
+at::Tensor mask_inputs(const at::Tensor& x, const at::Tensor& scale, double threshold) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && scale.scalar_type() == at::kFloat,
+              "mask_inputs: x and scale must be float32");
+  TORCH_CHECK(x.is_contiguous() && scale.is_contiguous() && x.dim() >= 1,
+              "mask_inputs: x and scale must be contiguous, x at least 1-d");
+  const int64_t K = scale.numel();
+  TORCH_CHECK(x.size(-1) == K, "mask_inputs: x's last dimension (", x.size(-1),
+              ") must equal scale's length (", K, ")");
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  const int64_t rows = K ? x.numel() / K : 0;
+  const float thr = static_cast<float>(threshold);  // as PyTorch compares float32 tensors
+  const float* xp = x.data_ptr<float>();
+  const float* sp = scale.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* xr = xp + r * K;
+      float* orow = op + r * K;
+      for (int64_t j = 0; j < K; ++j) {
+        const float v = xr[j];
+        orow[j] = std::fabs(v) * sp[j] <= thr ? 0.f : v;
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(moefy_cpu, m) {
+  m.def("mask_inputs(Tensor x, Tensor scale, float threshold) -> Tensor");
   m.def("sparse_input_linear(Tensor x, Tensor wt, Tensor scale, float threshold) -> Tensor");
   m.def(
       "neuron_ffn(Tensor x, Tensor g, Tensor? w_up, Tensor? b_up, Tensor w_down_t, "
@@ -309,6 +340,7 @@ TORCH_LIBRARY_FRAGMENT(moefy_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(moefy_cpu, CPU, m) {
+  m.impl("mask_inputs", mask_inputs);
   m.impl("sparse_input_linear", sparse_input_linear);
   m.impl("neuron_ffn", neuron_ffn);
 }
