@@ -194,3 +194,20 @@ def test_thresholds_travel_with_the_state_dict():
     with torch.no_grad():
         torch.testing.assert_close(twin(x), layer(x), atol=0, rtol=0)
     assert float(twin.in_threshold) == float(layer.in_threshold) > DENSE
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "grad"])
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_every_grad_mode_gives_the_same_output(mode, tokens):
+    w = ffn_weights(bias=True)
+    layer = layer_for(w, "input", "silu")
+    x = torch.randn(tokens, 24, generator=torch.Generator().manual_seed(2))
+    layer.in_threshold.fill_(float((x.abs() * layer.in_scale).median()))
+    with torch.no_grad():
+        layer.h_threshold.fill_(float((layer.hidden(x).abs() * layer.h_scale).median()))
+    want = reference_ffn(layer, w, x, F.silu)
+    ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode,
+           "grad": torch.enable_grad}[mode]
+    with ctx():
+        got = layer(x)
+    torch.testing.assert_close(got.detach().double(), want, atol=1e-5, rtol=1e-4)
