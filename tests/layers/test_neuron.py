@@ -202,9 +202,11 @@ def test_every_grad_mode_gives_the_same_output(mode, tokens):
     w = ffn_weights(bias=True)
     layer = layer_for(w, "input", "silu")
     x = torch.randn(tokens, 24, generator=torch.Generator().manual_seed(2))
-    layer.in_threshold.fill_(float((x.abs() * layer.in_scale).median()))
+    # quantiles interpolate between scores: no score sits exactly on a threshold, where
+    # the float64 reference could round the other way
+    layer.in_threshold.fill_(float((x.abs() * layer.in_scale).quantile(0.5)))
     with torch.no_grad():
-        layer.h_threshold.fill_(float((layer.hidden(x).abs() * layer.h_scale).median()))
+        layer.h_threshold.fill_(float((layer.hidden(x).abs() * layer.h_scale).quantile(0.5)))
     want = reference_ffn(layer, w, x, F.silu)
     ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode,
            "grad": torch.enable_grad}[mode]
