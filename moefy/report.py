@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from moefy.errors import MissingDependencyError, ReportInputError
 from moefy.layers.moe import MoE
-from moefy.layers.neuron import DENSE, NeuronFFN, SparseLinear
+from moefy.layers.neuron import NeuronFFN, SparseLinear, every_row_kept
 from moefy.layers.peer import PEER
 from moefy.passes.calibrate import token_mask
 from moefy.passes.neuron import kept_shares, knob_weights
@@ -188,15 +188,8 @@ def _measure_reads(model: nn.Module, layers: list, rows: list[dict], data) -> No
 
 def _all_kept(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's output on ``x`` with every row kept (the dense projection or FFN)."""
-    names = [n for n in ("threshold", "in_threshold", "h_threshold") if hasattr(m, n)]
-    saved = {n: getattr(m, n).clone() for n in names}
-    try:
-        for n in names:
-            getattr(m, n).fill_(DENSE)
+    with every_row_kept([m]):
         return m.forward(x)  # not m(x): that would run this report's hook again
-    finally:
-        for n in names:
-            getattr(m, n).copy_(saved[n])
 
 
 def _fmt(v, col: str = "") -> str:

@@ -24,6 +24,8 @@ score keeps its entry (a NaN input stays visible in the output, as in the dense 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -35,6 +37,22 @@ from moefy.runtime import neuron as kernels
 
 SELECTIONS = ("input", "gate")
 DENSE = -1.0  # a threshold that keeps every entry
+
+
+@contextlib.contextmanager
+def every_row_kept(layers):
+    """Every input channel and neuron of ``layers`` (NeuronFFN / SparseLinear) kept for the
+    duration: each is then exactly the dense projection it was built from."""
+    names = ("threshold", "in_threshold", "h_threshold")
+    saved = [(getattr(m, n), getattr(m, n).clone()) for m in layers for n in names
+             if hasattr(m, n)]
+    try:
+        for t, _ in saved:
+            t.fill_(DENSE)
+        yield
+    finally:
+        for t, value in saved:
+            t.copy_(value)
 
 
 def _threshold_buffer() -> torch.Tensor:

@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_leaves
 from moefy.config import MoEConfig
 from moefy.errors import ConversionError, VerificationError, first_line
 from moefy.layers.moe import MoE
-from moefy.layers.neuron import DENSE, NeuronFFN, SparseLinear
+from moefy.layers.neuron import NeuronFFN, SparseLinear, every_row_kept
 from moefy.layers.peer import PEER
 from moefy.layers.tokens import token_ids
 from moefy.passes.base import Pass, PassResult
@@ -97,7 +97,7 @@ class Verify(Pass):
         refitted = s.config.fit_steps > 0 and s.config.method == "split" and bool(stats.stats)
         if not refitted:  # a layer fit (fit_steps) retrains the experts: no longer a carve
             with (_every_expert_active(moes), _every_peer_expert_active(peers),
-                  _every_neuron_kept(sparse)):
+                  every_row_kept(sparse)):
                 _compare(reference.outputs, outputs(target, s.args, s.kwargs),
                          "with every expert active")
         why_not = _not_preserving(s.config) or _peer_not_preserving(peers)
@@ -170,22 +170,6 @@ def _every_peer_expert_active(peers: list[PEER]):
     finally:
         for m in peers:
             m.__dict__.pop("forward", None)
-
-
-@contextlib.contextmanager
-def _every_neuron_kept(layers: list):
-    """Every neuron and input channel temporarily kept (thresholds off): a NeuronFFN or
-    SparseLinear is then exactly the dense projection it was built from."""
-    names = ("threshold", "in_threshold", "h_threshold")
-    saved = [(getattr(m, n), getattr(m, n).clone()) for m in layers for n in names
-             if hasattr(m, n)]
-    try:
-        for t, _ in saved:
-            t.fill_(DENSE)
-        yield
-    finally:
-        for t, value in saved:
-            t.copy_(value)
 
 
 @contextlib.contextmanager
