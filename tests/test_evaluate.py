@@ -1,5 +1,6 @@
 """``moefy.evaluate``: perplexity against a per-token oracle, embeddings that ignore padding,
-fidelity of a model to itself, and bad batches refused with a typed, readable error."""
+fidelity of a model to itself, decode perplexity against the full forward and by the calls it
+makes, and bad batches refused with a typed, readable error."""
 
 import math
 
@@ -8,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from moefy.errors import InputError
-from moefy.evaluate import embeddings, fidelity, perplexity
+from moefy.evaluate import decode_perplexity, embeddings, fidelity, perplexity
 
 VOCAB, WIDTH = 32, 8
 OUTPUTS = ("tensor", "hugging-face")  # what the model returns: logits / states, or an output
@@ -130,3 +131,82 @@ BAD_BATCHES = ([torch.zeros(2, 3, dtype=torch.long)], [{"ids": torch.zeros(2, 3)
 def test_bad_batches_are_refused_readably(batches):
     with pytest.raises(InputError, match="batch 0 is a|batches are empty"):
         embeddings(TinyLM(), batches)
+
+
+def tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def scored_second_halves(model, batches, prefill=0.5) -> float:
+    """The same tokens scored from one full forward per sequence (exact for a dense model)."""
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for b in batches:
+            mask = b.get("attention_mask", torch.ones_like(b["input_ids"]))
+            for row in range(b["input_ids"].shape[0]):
+                seq = b["input_ids"][row][mask[row].bool()].view(1, -1)
+                first = max(1, int(seq.shape[1] * prefill))
+                logp = torch.log_softmax(model(input_ids=seq).logits[0].double(), -1)
+                for t in range(first, seq.shape[1]):
+                    nll -= float(logp[t - 1, seq[0, t]])
+                    count += 1
+    return math.exp(nll / count)
+
+
+@pytest.mark.parametrize("prefill", (0.5, 0.25))
+def test_decode_perplexity_of_a_dense_model_is_its_full_forward_on_the_same_tokens(prefill):
+    model, batches = tiny_llama(), batches_with_padding()
+    assert decode_perplexity(model, batches, prefill=prefill) == pytest.approx(
+        scored_second_halves(model, batches, prefill), rel=1e-4)
+
+
+def test_decode_perplexity_prefills_once_then_feeds_one_token_per_call():
+    model, seen = tiny_llama(), []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(
+        (tuple(kw["input_ids"].shape),
+         (kw.get("cache") if "cache" in kw else kw.get("past_key_values")) is not None)),
+        with_kwargs=True)
+    ids = torch.randint(0, VOCAB, (1, 9))
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0  # 7 real tokens: prefill 3, then tokens 3..5 fed (6 is only scored)
+    decode_perplexity(model, [{"input_ids": ids, "attention_mask": mask}])
+    assert seen == [((1, 3), False), ((1, 1), True), ((1, 1), True), ((1, 1), True)]
+
+
+def test_fidelity_with_decode_reports_both_measures():
+    model, other, batches = tiny_llama(), tiny_llama(), batches_with_padding()
+    with torch.no_grad():
+        other.model.layers[0].mlp.down_proj.weight.mul_(3.0)
+    result = fidelity(other, model, batches, causal=True, decode=True)
+    assert result.decode_ratio == pytest.approx(
+        decode_perplexity(other, batches) / decode_perplexity(model, batches))
+    assert result.decode_ratio != 1.0
+    assert fidelity(model, model, batches, causal=True).decode_ratio is None  # not asked
+
+
+@pytest.mark.parametrize("prefill", (0, 1, 1.5, -0.1, True, "half"))
+def test_decode_perplexity_refuses_a_prefill_outside_0_1(prefill):
+    with pytest.raises(InputError, match="prefill is the share"):
+        decode_perplexity(tiny_llama(), batches_with_padding(), prefill=prefill)
+
+
+def test_decode_perplexity_needs_a_model_with_a_cache():
+    with pytest.raises(InputError, match="cannot be called with use_cache"):
+        decode_perplexity(TinyLM("hugging-face"), batches_with_padding())
+
+    class NoCache(TinyLM):  # takes use_cache, returns no cache
+        def forward(self, input_ids, attention_mask=None, use_cache=None, cache=None):
+            return super().forward(input_ids)
+
+    with pytest.raises(InputError, match="without logits and a KV cache"):
+        decode_perplexity(NoCache("hugging-face"), batches_with_padding())
+
+
+def test_decode_perplexity_needs_a_token_after_the_prefill():
+    with pytest.raises(InputError, match="no sequence has a token after its prefill"):
+        decode_perplexity(tiny_llama(), [{"input_ids": torch.randint(0, VOCAB, (3, 1))}])

@@ -2,7 +2,8 @@
 
 Checks every setting before the model loads, then converts (``moefy.convert``), distils when
 asked (``distill_for``), saves (``moefy.save``) and prints what it did; with ``--minutes`` it
-also measures the result on the held-out last batch (``moefy.evaluate.fidelity``).
+also measures the result on the held-out last batch (``moefy.evaluate.fidelity``; a causal
+LM's perplexity both over whole windows and decoding, ``moefy.evaluate.decode_perplexity``).
 """
 
 from __future__ import annotations
@@ -160,7 +161,7 @@ def cmd_convert(args, console: Console) -> None:
     lines.append(f"wrote {out} ({size_of(out)}) in {time.perf_counter() - started:.1f} s in all")
     if held:  # after saving: the result is kept whatever the measurement meets
         console.status("measuring on the held-out text")
-        result = fidelity(moe, dense.model, held, causal=dense.causal)
+        result = fidelity(moe, dense.model, held, causal=dense.causal, decode=dense.causal)
         lines.append(_fidelity_line(result))
     print("\n".join(lines))
 
@@ -288,8 +289,13 @@ def _fidelity_line(result: Fidelity) -> str:
     if result.causal:
         if result.perplexity is None:
             return "held-out perplexity: none (chunks of one token predict nothing)"
-        return (f"held-out perplexity: dense {result.reference_perplexity:.2f}, moefy "
+        line = (f"held-out perplexity: dense {result.reference_perplexity:.2f}, moefy "
                 f"{result.perplexity:.2f} ({result.ratio:.3f}x)")
+        if result.decode_ratio is not None:  # generation as it runs: half prefilled, then
+            # one token per call through the KV cache
+            line += (f"; decode perplexity: dense {result.reference_decode_perplexity:.2f}, "
+                     f"moefy {result.decode_perplexity:.2f} ({result.decode_ratio:.3f}x)")
+        return line
     cos = result.cosine
     return (f"held-out embedding cosine to the dense model (mean-pooled): mean "
             f"{float(cos.mean()):.4f}, min {float(cos.min()):.4f}")

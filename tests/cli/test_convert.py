@@ -97,6 +97,7 @@ def test_convert_for_a_budget_says_what_it_chose_and_measured(workspace):
     assert re.search(r"distillation: (\d+ steps in|none \(building took)", text), text
     ppl = [line for line in text.splitlines() if line.startswith("held-out perplexity")]
     assert len(ppl) == 1 and ppl[0].endswith("x)")
+    assert "; decode perplexity: dense " in ppl[0]  # generation through the KV cache too
     info = json.loads((out / "moefy.json").read_text())["info"]
     assert info["config"]["minutes"] == 0.4 and info["config"]["shared_experts"] == 8
     model = moefy.load(out)
