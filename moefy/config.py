@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 METHODS = ("upcycle", "split", "peer", "neuron")
-SELECTIONS = ("input", "gate")
+SELECTIONS = ("input", "gate", "sequence")
 PARTITIONS = ("contiguous", "random", "kmeans", "coactivation")
 ROUTERS = ("softmax", "noisy", "sigmoid", "topp", "expert_choice", "hash")
 ROUTER_INITS = ("similarity", "representative", "fit")
@@ -91,7 +91,10 @@ class MoEConfig:
         selection: neuron only — how an FFN picks its neurons: "input" (TEAL/WINA: the input
             channels of gate/up by |x_j|·‖W[:, j]‖, then the neurons h_i by
             |h_i|·‖W_down[:, i]‖) or "gate" (the gate computed on its selected inputs, then
-            neurons by |act(g_i)|·c_i with c_i calibrated; up and down read only for them).
+            neurons by |act(g_i)|·c_i with c_i calibrated; up and down read only for them)
+            or "sequence" (GRIFFIN: the prompt runs dense and picks, per sequence, the
+            neurons its tokens used most; each decoded token then reads only those: see
+            ``moefy.NeuronFFN``). The attention projections stay per-token input-sparse.
         ffn_only: neuron only — leave the attention projections dense; ``active`` is then the
             share of the FFN weights read.
         calibration_tokens: read ``calibration_data`` until each FFN has seen this many

@@ -188,4 +188,8 @@ def _convert(model, config, example_inputs, calibration_data, inplace, verify, e
     if explain:
         for name, result in results:
             print(f"moefy: {name}: {result.describe()}")
-    return stages[Converted].target
+    target = stages[Converted].target
+    for m in target.modules():  # a neuron set picked from calibration text is not the
+        if isinstance(m, NeuronFFN):  # caller's: the first prompt picks its own
+            m.forget()
+    return target

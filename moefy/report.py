@@ -124,7 +124,7 @@ def _neuron_row(name: str, m: NeuronFFN | SparseLinear) -> dict:
     info = m.conversion
     weights = knob_weights(m)
     shares = {"threshold": info.get("share_in", 1.0), "in_threshold": info.get("share_in", 1.0),
-              "h_threshold": info.get("share_h", 1.0)}
+              "h_threshold": info.get("share_h", 1.0), "keep": info.get("share_keep", 1.0)}
     budget = sum(w * shares[a] for a, w in weights.items()) / sum(weights.values())
     kind = (f"ffn ({m.selection})" if isinstance(m, NeuronFFN) else "projection")
     return {"name": info.get("name", name), "method": info.get("method", "—"), "kind": kind,
@@ -163,10 +163,18 @@ def _measure_reads(model: nn.Module, layers: list, rows: list[dict], data) -> No
                 return
             shares = kept_shares(m, x)
             read = sum(weights[a] * shares[a] for a in weights) / total
-            ref = _all_kept(m, x).float()
             acc = sums[i]
             acc["read"] += read * x.shape[0]
             acc["tokens"] += x.shape[0]
+            if isinstance(m, NeuronFFN) and m.selection == "sequence":
+                # the prompt runs dense: the error is the continuation's, decoded through
+                # the set its first half picked
+                pair = m.prompt_then_decode(args[0])
+                if pair is not None:
+                    acc["err"] += float((pair[0] - pair[1]).float().pow(2).sum())
+                    acc["ref"] += float(pair[1].float().pow(2).sum())
+                return
+            ref = _all_kept(m, x).float()
             acc["err"] += float((y.float() - ref).pow(2).sum())
             acc["ref"] += float(ref.pow(2).sum())
         return hook

@@ -143,3 +143,39 @@ def test_report_lists_single_neuron_layers_with_their_budget_and_measured_reads(
     exact = moefy.convert(dense, moefy.MoEConfig(method="neuron"), example_inputs=data[0])
     rows = moefy.report(exact, data[:1]).layers
     assert all(r["read"] == "100%" and r["rel err"] == 0 for r in rows)
+
+
+def test_report_measures_a_sequence_selection_as_it_decodes():
+    """The prompt runs dense, so the error that matters is the continuation's: report measures
+    each data sequence's second half through the set its first half picked."""
+    import transformers
+
+    from moefy.layers.neuron import NeuronFFN
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64)
+    dense = transformers.LlamaForCausalLM(cfg).eval()
+    data = [{"input_ids": torch.randint(0, 64, (4, 32))} for _ in range(6)]
+    sparse = moefy.convert(dense, moefy.MoEConfig(method="neuron", active=0.5,
+                                                  selection="sequence", ffn_only=True),
+                           calibration_data=data)
+    measured = moefy.report(sparse, data[:2])
+    rows = measured.layers
+    ffns = [m for m in sparse.modules() if isinstance(m, NeuronFFN)]
+    assert [r["kind"] for r in rows] == ["ffn (sequence)"] * 2
+    for row, m in zip(rows, ffns, strict=True):
+        assert row["read_share"] == pytest.approx(m.kept_neurons() / m.ffn_size)
+        errors = []  # the same measure by hand: prompt_then_decode on each batch
+        for b in data[:2]:
+            states = {}
+            hook = m.register_forward_pre_hook(
+                lambda mod, a, states=states: states.setdefault("x", a[0]))
+            with torch.no_grad():
+                sparse(**b)
+            hook.remove()
+            errors.append(m.prompt_then_decode(states["x"]))
+        err = sum(float((s - d).pow(2).sum()) for s, d in errors)
+        ref = sum(float(d.pow(2).sum()) for _, d in errors)
+        assert 0 < row["rel err"] == pytest.approx(math.sqrt(err / ref), rel=1e-4)

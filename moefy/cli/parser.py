@@ -163,8 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "method that measured better for the model's kind)")
     p.add_argument("--selection", choices=SELECTIONS,
                    help="neuron: how an FFN picks its neurons: input (its input channels, "
-                        "then its neurons by |h|; default) or gate (the gate, then neurons "
-                        "by a calibrated |act(gate)|)")
+                        "then its neurons by |h|; default), gate (the gate, then neurons "
+                        "by a calibrated |act(gate)|) or sequence (one set per sequence, "
+                        "picked from the prompt, which runs dense; for generation)")
     p.add_argument("--ffn-only", action="store_true",
                    help="neuron: leave the attention projections dense (--active is then "
                         "the share of the FFN weights read)")

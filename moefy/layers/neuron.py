@@ -9,6 +9,11 @@ need (``MoEConfig(method="neuron")``).
           ──keep h_i: |h_i|·‖W_down[:, i]‖ > t_h──▶ down
     NeuronFFN, selection="gate" (two-stage, CATS-like: each neuron is an expert the gate routes):
         x ──keep x_j: |x_j|·s_j > t_in──▶ gate g ──keep i: |act(g_i)|·c_i > t_h──▶ up_i, down_i only
+    NeuronFFN, selection="sequence" (GRIFFIN: one set of neurons per sequence, from its prompt):
+        a call of S > 1 tokens (the prompt) ──dense, exact──▶ y, and per sequence the
+            ⌈keep·I⌉ neurons of largest ‖h_:,i / ‖h_t,:‖‖ over its tokens, their gate/up rows
+            and down columns copied out contiguous
+        a call of one token per sequence (decoding) ──▶ the dense FFN of those neurons only
 
 Every neuron is an expert and the selection is its router: the signals are ones the layer
 computes anyway, so routing reads nothing extra. Thresholds, not a fixed k: a token with a
@@ -20,22 +25,34 @@ Weights are stored so that what is read together is contiguous: the input-sparse
 transposed (row j = input channel j's weights), the gate-routed up projection as rows.
 A dropped entry is skipped, never multiplied by 0 (an inf there does not become a NaN); a NaN
 score keeps its entry (a NaN input stays visible in the output, as in the dense layer).
+
+Selection "sequence" keeps state between calls, as generation does: a call with more than one
+token per sequence picks the set (and is exact), a call with one token per sequence and the
+same number of sequences decodes with it. A new sequence therefore starts with a call of more
+than one token, or after ``NeuronFFN.forget()``: a one-token prompt that follows another
+sequence of the same batch size would decode with the old sequence's set. Padding tokens of a
+prompt count in the set's statistic (the layer does not see the attention mask). In training
+mode a call of S > 1 tokens runs as generation would, statelessly: each sequence's first half
+dense, the rest through the set the first half picks (distillation then trains what decoding
+computes).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from moefy.activations import get_activation
+from moefy.errors import InputError
 from moefy.layers.inputs import check_layer_input
 from moefy.layers.record import ConversionRecord
 from moefy.runtime import neuron as kernels
 
-SELECTIONS = ("input", "gate")
+SELECTIONS = ("input", "gate", "sequence")
 DENSE = -1.0  # a threshold that keeps every entry
 
 
@@ -43,7 +60,8 @@ DENSE = -1.0  # a threshold that keeps every entry
 def every_row_kept(layers):
     """Every input channel and neuron of ``layers`` (NeuronFFN / SparseLinear) kept for the
     duration: each is then exactly the dense projection it was built from."""
-    names = ("threshold", "in_threshold", "h_threshold")
+    names = ("threshold", "in_threshold", "h_threshold", "keep")
+    layers = list(layers)
     saved = [(getattr(m, n), getattr(m, n).clone()) for m in layers for n in names
              if hasattr(m, n)]
     try:
@@ -53,6 +71,9 @@ def every_row_kept(layers):
     finally:
         for t, value in saved:
             t.copy_(value)
+        for m in layers:  # a set picked meanwhile belongs to text the caller never sent
+            if isinstance(m, NeuronFFN):
+                m.forget()
 
 
 def _threshold_buffer() -> torch.Tensor:
@@ -137,7 +158,9 @@ class NeuronFFN(nn.Module):
     Knobs: ``in_threshold`` on the input channels (scores ``|x_j|·in_scale_j``) and
     ``h_threshold`` on the neurons (selection "input": ``|h_i|·h_scale_i`` with
     ``h_scale_i = ‖W_down[:, i]‖``; "gate": ``|act(g_i)|·coef_i``, ``coef`` calibrated as the
-    neuron's mean ``|u_i|`` times ``‖W_down[:, i]‖``). Below 0 a knob keeps everything.
+    neuron's mean ``|u_i|`` times ``‖W_down[:, i]‖``). Selection "sequence" has one knob,
+    ``keep``: the share of neurons a sequence's set holds (its gate/up rows and down columns
+    are what a decoded token reads). Below 0 a knob keeps everything.
     """
 
     def __init__(self, hidden_size: int, ffn_size: int, output_size: int | None = None, *,
@@ -164,7 +187,7 @@ class NeuronFFN(nn.Module):
         def param(*shape):
             return nn.Parameter(torch.zeros(*shape, **kw))
 
-        first = 2 * I if gated and selection == "input" else I
+        first = 2 * I if gated and selection != "gate" else I
         # the input-sparse first projection: [gate; up] (selection "input") or the gate alone
         self.w_in_t = param(H, first)
         self.b_in = param(first) if bias else None
@@ -177,6 +200,9 @@ class NeuronFFN(nn.Module):
         self.register_buffer("h_scale", torch.ones(I, **f32))  # ‖W_down[:, i]‖ or coef_i
         self.register_buffer("in_threshold", _threshold_buffer().to(device))
         self.register_buffer("h_threshold", _threshold_buffer().to(device))
+        if selection == "sequence":
+            self.register_buffer("keep", _threshold_buffer().to(device))
+        self._set: _NeuronSet | None = None  # selection "sequence": the current sequences'
         self.conversion = ConversionRecord()
 
     @torch.no_grad()
@@ -193,7 +219,7 @@ class NeuronFFN(nn.Module):
         def zeros_if_none(b, n):
             return w_in.new_zeros(n) if b is None else b
 
-        if self.selection == "input":
+        if self.selection != "gate":
             first = torch.cat([w_gate, w_in]) if self.gated else w_in
             self.w_in_t.copy_(first.t())
             if self.b_in is not None:
@@ -224,8 +250,12 @@ class NeuronFFN(nn.Module):
         g = self._first(x)
         if self.selection == "gate":
             return self._act(g)
+        return self._gated(g)
+
+    def _gated(self, g: torch.Tensor) -> torch.Tensor:
+        """``act(g)·u`` from ``[g; u]`` (any number of neurons: all, or a sequence's set)."""
         if self.gated:
-            g, u = g.split(self.ffn_size, dim=-1)
+            g, u = g.chunk(2, dim=-1)
             return self._act(g) * u
         return self._act(g)
 
@@ -238,6 +268,8 @@ class NeuronFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_layer_input(x, self.hidden_size, self.w_in_t, "NeuronFFN", "layer")
+        if self.selection == "sequence":
+            return self._sequence_forward(x)
         t = kernels.threshold_of(self.h_threshold, x)  # a tensor under tracing
         dense = isinstance(t, float) and t < 0
         if self.selection == "input":
@@ -258,9 +290,149 @@ class NeuronFFN(nn.Module):
                                    self.activation)
         return y if self.b_out is None else y + self.b_out
 
+    # ------------------------------------------------------------- selection "sequence"
+
+    def kept_neurons(self) -> int | None:
+        """Selection "sequence": how many neurons a sequence's set holds (None: every one,
+        the dense FFN)."""
+        share = float(self.keep)
+        if not share >= 0 or share >= 1:  # DENSE, or NaN: everything
+            return None
+        return min(self.ffn_size, max(1, math.ceil(share * self.ffn_size - 1e-6)))
+
+    def forget(self) -> None:
+        """Drop the neuron set picked from the last prompt: the next call picks a new one
+        (selection "sequence"; a no-op otherwise)."""
+        self._set = None
+
+    def pick(self, h: torch.Tensor, k: int) -> torch.Tensor:
+        """GRIFFIN's set for each sequence of ``h`` (rows, S, I): the ``k`` neurons of largest
+        ``‖h_:,i‖`` over the sequence's tokens, each token's row first scaled to unit norm (a
+        token with large activations everywhere does not decide alone). (rows, k), sorted; a
+        neuron with a NaN or inf ranks first (it stays visible)."""
+        h = h.float()
+        # the norm over finite entries: a NaN or inf neuron ranks itself first, not all
+        finite = torch.where(torch.isfinite(h), h, 0.0)
+        unit = h / finite.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        stat = unit.norm(dim=-2)  # (rows, I)
+        stat = torch.where(torch.isnan(stat), torch.full_like(stat, math.inf), stat)
+        return stat.topk(k, dim=-1).indices.sort(dim=-1).values
+
+    @torch.no_grad()
+    def prompt_then_decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Selection "sequence", as generation runs it: each sequence of ``x`` (rows, S, H)
+        picks its set from its first S // 2 tokens; returns the outputs on the other tokens
+        through that set and through every neuron, (rows, S - S // 2, O) each. None when
+        S < 2 (no prompt and continuation to split). Leaves no set behind."""
+        if x.dim() < 2 or x.shape[-2] < 2:
+            return None
+        S = x.shape[-2]
+        x3 = x.reshape(-1, S, self.hidden_size)
+        half = S // 2
+        rest = self.hidden(x3[:, half:])
+        dense = rest @ self.w_out_t
+        k = self.kept_neurons()
+        if k is None:
+            return dense, dense
+        chosen = self.pick(self.hidden(x3[:, :half]), k)
+        kept = torch.zeros_like(rest).scatter_(
+            -1, chosen.unsqueeze(1).expand(-1, rest.shape[1], -1), 1.0)
+        return torch.where(kept.bool(), rest, 0.0) @ self.w_out_t, dense
+
+    @torch.compiler.disable  # stateful: torch.compile runs it eagerly between its graphs
+    def _sequence_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(kernels.threshold_of(self.keep, x), float):  # exported, traced
+            raise InputError("NeuronFFN(selection='sequence') keeps its neuron set between "
+                             "calls, which a traced or exported graph cannot; export a "
+                             "conversion with selection='input' or 'gate'")
+        k = self.kept_neurons()
+        if k is None:
+            return self._dense(x)
+        lead, S = x.shape[:-2], (x.shape[-2] if x.dim() >= 2 else 1)
+        rows = lead.numel() if x.dim() >= 2 else 1
+        x3 = x.reshape(rows, S, self.hidden_size)
+        if not x3.numel():
+            return self._dense(x)
+        if self.training and S >= 2:
+            return self._as_generation(x3).reshape(*x.shape[:-1], self.output_size)
+        current = self._set
+        if S == 1 and current is not None and current.rows == rows and current.k == k:
+            return self._decode(x3, current).reshape(*x.shape[:-1], self.output_size)
+        h = self._gated(self._first(x3))  # the prompt: exact
+        y = h @ self.w_out_t
+        if self.b_out is not None:
+            y = y + self.b_out
+        self._set = _NeuronSet(self.pick(h.detach(), k), rows, k)
+        return y.reshape(*x.shape[:-1], self.output_size)
+
+    def _as_generation(self, x3: torch.Tensor) -> torch.Tensor:
+        """Training: each sequence's first half dense, the rest through the set the first
+        half picks (what decoding computes, differentiable through the kept neurons); no set
+        is kept."""
+        half = x3.shape[1] // 2
+        h = self._gated(self._first(x3))
+        chosen = self.pick(h[:, :half].detach(), self.kept_neurons())
+        kept = torch.zeros(h.shape[0], 1, h.shape[2], dtype=torch.bool, device=h.device)
+        kept.scatter_(-1, chosen.unsqueeze(1), True)
+        rest = torch.where(kept, h[:, half:], 0.0)
+        y = torch.cat([h[:, :half], rest], dim=1) @ self.w_out_t
+        return y if self.b_out is None else y + self.b_out
+
+    def _dense(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._gated(self._first(x)) @ self.w_out_t
+        return y if self.b_out is None else y + self.b_out
+
+    def _decode(self, x3: torch.Tensor, chosen: _NeuronSet) -> torch.Tensor:
+        """One token per sequence through its set's neurons only: (rows, 1, H) → (rows, 1, O)."""
+        w_in, b_in, w_out = chosen.weights(self)
+        if x3.shape[0] == 1:
+            g = F.linear(x3[0], w_in[0], None if b_in is None else b_in[0])  # (1, k or 2k)
+            y = (self._gated(g) @ w_out[0]).unsqueeze(0)
+        else:
+            g = torch.bmm(x3, w_in.transpose(1, 2))
+            if b_in is not None:
+                g = g + b_in.unsqueeze(1)
+            y = torch.bmm(self._gated(g), w_out)
+        return y if self.b_out is None else y + self.b_out
+
     def extra_repr(self) -> str:
+        if self.selection == "sequence":
+            return (f"hidden_size={self.hidden_size}, ffn_size={self.ffn_size}, "
+                    f"output_size={self.output_size}, activation={self.activation!r}, "
+                    f"gated={self.gated}, selection='sequence', keep={float(self.keep):.4g}")
         return (f"hidden_size={self.hidden_size}, ffn_size={self.ffn_size}, "
                 f"output_size={self.output_size}, activation={self.activation!r}, "
                 f"gated={self.gated}, selection={self.selection!r}, "
                 f"in_threshold={float(self.in_threshold):.4g}, "
                 f"h_threshold={float(self.h_threshold):.4g}")
+
+
+class _NeuronSet:
+    """The neurons a sequence decodes with (selection "sequence"): their indices (rows, k)
+    and, outside autograd, their weights copied out contiguous once (the gate and up rows as
+    one (rows, k·(1+gated), H) matrix, the down columns as (rows, k, O)), re-copied when the
+    layer's weights change (their version, dtype or device)."""
+
+    def __init__(self, index: torch.Tensor, rows: int, k: int):
+        self.index, self.rows, self.k = index, rows, k
+        self._copy, self._key = None, None
+
+    def _gather(self, layer: NeuronFFN):
+        idx = self.index.to(layer.w_in_t.device)
+        if idx.is_inference() and not torch.is_inference_mode_enabled():
+            idx = idx.clone()  # autograd may save it (index_select's backward)
+        cols = torch.cat([idx, idx + layer.ffn_size], dim=-1) if layer.gated else idx
+        w_in = layer.w_in_t.t()[cols]  # (rows, k·(1+gated), H)
+        b_in = None if layer.b_in is None else layer.b_in[cols]
+        return w_in.contiguous(), b_in, layer.w_out_t[idx]  # (rows, k, O)
+
+    def weights(self, layer: NeuronFFN):
+        params = [t for t in (layer.w_in_t, layer.b_in, layer.w_out_t) if t is not None]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in params):
+            return self._gather(layer)  # differentiable: gathered afresh each call
+        key = tuple((None if t.is_inference() else t._version, t.data_ptr(), t.dtype, t.device)
+                    for t in params)
+        if self._copy is None or key != self._key:
+            with torch.no_grad():
+                self._copy, self._key = self._gather(layer), key
+        return self._copy

@@ -400,6 +400,12 @@ def _check_neurons(neurons: list[tuple[str, NeuronFFN | SparseLinear]],
     if not neurons:
         return []
     for name, m in neurons:
+        if isinstance(m, NeuronFFN) and m.selection == "sequence":
+            raise ExportInputError(
+                f"{name or 'NeuronFFN'}: selection='sequence' picks its neurons from the "
+                "prompt and keeps them between calls (the decoding steps read that set), "
+                "which one stateless ONNX graph cannot express; export a conversion with "
+                "selection='input' or 'gate'")
         weight = m.weight_t if isinstance(m, SparseLinear) else m.w_in_t
         if weight.dtype != torch.float32:
             raise ExportInputError(f"{name or type(m).__name__}: export_onnx exports float32 "

@@ -18,9 +18,14 @@ their blocks, and spending the budget where it costs least.
 
 A knob's share ρ is the mean share of its rows read per token on the calibration data; its
 weights are those rows (e.g. the attention projection's whole (in × out) matrix, or a
-NeuronFFN's gate and up for its input knob). ``active`` counts the decoder layers'
-projection weights (the converted FFNs plus, unless ``ffn_only``, the projections beside them
-in each block); embeddings and the LM head are not in it.
+NeuronFFN's gate and up for its input knob). A ``selection="sequence"`` FFN has one knob,
+``keep``, the share of its neurons a sequence's set holds (what each decoded token reads of
+its gate, up and down); its cost at each level is measured as it runs: each calibration
+sequence's set picked from its first half, applied to the second.
+
+``active`` counts the decoder layers' projection weights (the converted FFNs plus, unless
+``ffn_only``, the projections beside them in each block); embeddings and the LM head are not
+in it.
 """
 
 from __future__ import annotations
@@ -74,8 +79,9 @@ def build_neuron(dense: DenseWeights, selection: str, name: str) -> NeuronFFN:
     with torch.no_grad():
         for t in [*layer.parameters(), *layer.buffers()]:
             t.zero_()
-        layer.in_threshold.fill_(DENSE)
-        layer.h_threshold.fill_(DENSE)
+        for name in ("in_threshold", "h_threshold", "keep"):
+            if hasattr(layer, name):
+                getattr(layer, name).fill_(DENSE)
     return layer.load_dense(dense.w_in, dense.w_out, dense.w_gate, dense.b_in, dense.b_gate,
                             dense.b_out)
 
@@ -142,7 +148,10 @@ class Knob:
         return f"{self.path}.{self.attr}"
 
     def threshold(self, share: float) -> float:
-        """The threshold that keeps ``share`` of the sampled scores (DENSE for 1)."""
+        """The threshold that keeps ``share`` of the sampled scores (DENSE for 1); for a
+        ``keep`` knob, the share itself."""
+        if self.attr == "keep":
+            return DENSE if share >= 1 - 1e-9 else share
         n = self.scores.numel()
         drop = int(round((1.0 - share) * n))
         if drop <= 0 or n == 0:
@@ -179,6 +188,8 @@ def knobs_of(model: nn.Module) -> list[Knob]:
     for path, m in model.named_modules():
         if isinstance(m, SparseLinear):
             knobs.append(Knob(path, m, "threshold", m.in_features * m.out_features))
+        elif isinstance(m, NeuronFFN) and m.selection == "sequence":
+            knobs.append(Knob(path, m, "keep", m.w_in_t.numel() + m.w_out_t.numel()))
         elif isinstance(m, NeuronFFN):
             # selection "input": [gate; up] by x, down by h; "gate": the gate by x, then the
             # neurons' up and down rows
@@ -202,6 +213,9 @@ def kept_shares(layer: nn.Module, x: torch.Tensor) -> dict[str, float]:
         t = float(layer.threshold)
         return {"threshold": 1.0 if t < 0 else
                 float((~(layer.scores(x) <= t)).float().mean())}
+    if layer.selection == "sequence":  # what a decoded token reads: its sequence's set
+        k = layer.kept_neurons()
+        return {"keep": 1.0 if k is None else k / layer.ffn_size}
     t_in, t_h = float(layer.in_threshold), float(layer.h_threshold)
     scores_in = x.float().abs() * layer.in_scale
     out = {"in_threshold": 1.0 if t_in < 0 else float((~(scores_in <= t_in)).float().mean())}
@@ -246,11 +260,12 @@ class AllocateBudget(Pass):
                 if k.attr == "h_threshold" and k.layer.selection == "gate":
                     _set_coefficients(k)
             for k in knobs:
-                k.scores = _scores(k)
+                k.scores = None if k.attr == "keep" else _scores(k)
         sites = _sensitivities(r, model, knobs, kept)
         with torch.no_grad():
             for k in knobs:
-                k.errors = _costs(k, *sites[k.layer])
+                k.errors = (_sequence_costs(k, sites[k.layer][2]) if k.attr == "keep" else
+                            _costs(k, *sites[k.layer][:2]))
         total = sum(k.weights for k in knobs)
         allocate(knobs, active * total)
         read = sum(k.weights * k.share for k in knobs)
@@ -258,7 +273,10 @@ class AllocateBudget(Pass):
             for k in knobs:
                 k.set(k.share)
         for layer, mine in _layers_to_knobs(knobs).items():
-            short = {k.attr: ("h" if k.attr == "h_threshold" else "in") for k in mine}
+            if isinstance(layer, NeuronFFN):
+                layer.forget()  # a set picked from calibration text is not the caller's
+            short = {k.attr: {"h_threshold": "h", "keep": "keep"}.get(k.attr, "in")
+                     for k in mine}
             layer.conversion = ConversionRecord.of(layer.conversion).with_(
                 name=layer.conversion.get("name", mine[0].path), method="neuron",
                 **{f"share_{short[k.attr]}": round(k.share, 4) for k in mine},
@@ -326,10 +344,11 @@ def _sample_inputs(r: Request, model: nn.Module, knobs: list[Knob], data) -> lis
 
 
 def _sensitivities(r: Request, model: nn.Module, knobs: list[Knob], batches: list
-                   ) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
-    """Per neuron layer, (inputs x, gradients g of a sampled loss at its output) on the first
-    FISHER_TOKENS tokens of ``batches``: ``(g · Δy)²`` then estimates twice the divergence a
-    change Δy of the layer's output causes (the Fisher information, from one backward pass).
+                   ) -> dict[nn.Module, tuple[torch.Tensor, torch.Tensor, list]]:
+    """Per neuron layer, (inputs x, gradients g of a sampled loss at its output, and the
+    same per call in the call's shape) on the first FISHER_TOKENS tokens of ``batches``:
+    ``(g · Δy)²`` then estimates twice the divergence a change Δy of the layer's output
+    causes (the Fisher information, from one backward pass).
 
     A causal LM's loss is the negative log-likelihood of next tokens *sampled from the model
     itself* (so that the gradient's outer product is the Fisher of its output distribution);
@@ -387,8 +406,8 @@ def _sensitivities(r: Request, model: nn.Module, knobs: list[Knob], batches: lis
         gs = [(torch.zeros(*x.shape[:-1], _width(layer), dtype=x.dtype) if g is None else g)
               .reshape(-1, _width(layer)) for x, g in entries]
         x, g = torch.cat(xs)[:FISHER_TOKENS], torch.cat(gs)[:FISHER_TOKENS]
-        out[layer] = (x, g.float())
-    if all(float(g.abs().sum()) == 0 for _, g in out.values()):
+        out[layer] = (x, g.float(), entries)
+    if all(float(g.abs().sum()) == 0 for _, g, _ in out.values()):
         raise ConversionError("method='neuron': no gradient reached the converted layers "
                               "from the model's output on the calibration data, so their "
                               "effect on it cannot be measured")
@@ -432,6 +451,43 @@ def _costs(k: Knob, x: torch.Tensor, g: torch.Tensor) -> list[float]:
         costs.append(float(((delta * g.to(delta.device)).sum(-1)).square().mean()))
     k.set(1.0)
     # more kept never costs more: a noisy bump would stall the greedy search
+    for i in range(len(costs) - 2, -1, -1):
+        costs[i] = min(costs[i], costs[i + 1])
+    return [c if math.isfinite(c) else math.inf for c in costs]
+
+
+def _sequence_costs(k: Knob, entries: list) -> list[float]:
+    """A ``keep`` knob's estimated divergence at each of LEVELS, as the layer decodes: each
+    calibration sequence's set picked from its first half (the prompt) and applied to its
+    second half, the mean over those tokens of (g · Δy)²."""
+    layer = k.layer
+    parts = []
+    for x, g in entries:
+        if g is None or x.dim() < 2 or x.shape[-2] < 2:
+            continue
+        S = x.shape[-2]
+        x3 = x.reshape(-1, S, x.shape[-1])
+        half = S // 2
+        parts.append((layer.hidden(x3[:, :half]), layer.hidden(x3[:, half:]),
+                      g.reshape(x3.shape[0], S, -1)[:, half:].float()))
+    if not parts:
+        raise ConversionError(f"{k.path}: selection='sequence' picks each sequence's neurons "
+                              "from its prompt, so its cost is measured on calibration "
+                              "sequences of at least 2 tokens; these had none")
+    costs = [0.0]
+    for share in LEVELS[1:]:
+        k.set(share)
+        n = layer.kept_neurons()
+        total = count = 0.0
+        for prompt, rest, g in parts:
+            chosen = layer.pick(prompt, n)  # (rows, n)
+            dropped = torch.ones_like(rest).scatter_(
+                -1, chosen.unsqueeze(1).expand(-1, rest.shape[1], -1), 0.0)
+            delta = -((rest * dropped) @ layer.w_out_t).float()  # sparse − dense output
+            total += float((delta * g).sum(-1).square().sum())
+            count += delta.shape[0] * delta.shape[1]
+        costs.append(total / count)
+    k.set(1.0)
     for i in range(len(costs) - 2, -1, -1):
         costs[i] = min(costs[i], costs[i + 1])
     return [c if math.isfinite(c) else math.inf for c in costs]

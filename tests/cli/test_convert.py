@@ -162,6 +162,27 @@ def test_active_without_method_sparsifies_single_neurons_of_a_causal_lm(workspac
     assert len(ffns) == 2 and all(float(m.in_threshold) > 0 for m in ffns)
 
 
+def test_sequence_selection_converts_and_reports_its_decode_perplexity(workspace):
+    """--selection sequence (one neuron set per sequence, from its prompt): the decode
+    perplexity is printed beside the window one; the checkpoint loads back with each FFN's
+    share kept."""
+    out = workspace / "tiny-sequence"
+    proc = run("convert", str(workspace / "tiny"), "--method", "neuron", "--selection",
+               "sequence", "--ffn-only", "--active", "0.5", "--minutes", "0.1",
+               "--calibration", str(workspace / "notes.txt"), "--seq-len", "32",
+               "--batch-size", "4", "--calibration-tokens", "768", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert "single-neuron experts (selection sequence), 50% of the projection weights" in text
+    line = next(x for x in text.splitlines() if x.startswith("held-out perplexity"))
+    assert re.search(r"^held-out perplexity: dense [\d.]+, moefy [\d.]+ \([\d.]+x\);", line)
+    assert re.search(r"decode perplexity: dense [\d.]+, moefy [\d.]+ \([\d.]+x\)$", line)
+    model = moefy.load(out)
+    ffns = [m for m in model.modules() if isinstance(m, NeuronFFN)]
+    assert len(ffns) == 2 and all(m.selection == "sequence" and 0 < float(m.keep) < 1
+                                  for m in ffns)
+
+
 def test_neuron_flags_are_checked_before_loading(tmp_path, capsys):
     model, cal = str(tmp_path / "absent"), ["--calibration", str(tmp_path)]
     cases = [(["--method", "neuron", "--top-k", "8", *cal], "--top-k does not apply to "

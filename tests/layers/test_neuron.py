@@ -213,3 +213,163 @@ def test_every_grad_mode_gives_the_same_output(mode, tokens):
     with ctx():
         got = layer(x)
     torch.testing.assert_close(got.detach().double(), want, atol=1e-5, rtol=1e-4)
+
+
+# --------------------------------------------------------------- selection "sequence" (GRIFFIN)
+
+
+def griffin_set(h_prompt, k):
+    """A sequence's set spelled out: per neuron, ‖h_:,i / ‖h_t,:‖‖ over the prompt's tokens,
+    the k largest, in float64."""
+    h = h_prompt.double()
+    stat = torch.stack([sum((h[t, i] / h[t].norm()) ** 2 for t in range(h.shape[0])).sqrt()
+                        for i in range(h.shape[1])])
+    return sorted(stat.argsort(descending=True)[:k].tolist())
+
+
+def hidden_of(w, x, act=F.silu):
+    return (act(F.linear(x, w["w_gate"], w.get("b_gate"))) * F.linear(x, w["w_in"], w.get("b_in"))
+            if w["w_gate"] is not None else act(F.linear(x, w["w_in"], w.get("b_in"))))
+
+
+@pytest.mark.parametrize("gated,bias", [(True, False), (True, True), (False, True)])
+def test_sequence_selection_with_keep_off_is_the_dense_ffn_in_prefill_and_decode(gated, bias):
+    w = ffn_weights(gated=gated, bias=bias)
+    layer = layer_for(w, "sequence").eval()
+    assert float(layer.keep) == DENSE and layer.kept_neurons() is None
+    for x in (torch.randn(2, 7, 24), torch.randn(2, 1, 24), torch.randn(5, 24)):
+        torch.testing.assert_close(layer(x), dense_ffn(x, w["w_in"], w["w_gate"], w["w_out"],
+                                                       w.get("b_in"), w.get("b_gate"),
+                                                       w.get("b_out")))
+    assert layer._set is None  # nothing picked, nothing kept
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("gated,bias", [(True, False), (True, True), (False, True)])
+def test_the_prompt_is_exact_and_picks_each_sequence_s_set_then_decoding_reads_only_it(
+        rows, gated, bias):
+    w = ffn_weights(gated=gated, bias=bias)
+    layer = layer_for(w, "sequence").eval()
+    layer.keep.fill_(0.3)
+    k = layer.kept_neurons()
+    assert k == 12  # ⌈0.3 · 40⌉
+    prompt = torch.randn(rows, 9, 24)
+    dense = dense_ffn(prompt, w["w_in"], w["w_gate"], w["w_out"], w.get("b_in"),
+                      w.get("b_gate"), w.get("b_out"))
+    torch.testing.assert_close(layer(prompt), dense)  # the prompt runs dense
+    sets = [griffin_set(hidden_of(w, prompt[r]), k) for r in range(rows)]
+    assert layer._set.index.tolist() == sets
+    for _ in range(3):  # decoding steps: the same set each time
+        token = torch.randn(rows, 1, 24)
+        h = hidden_of(w, token).double()
+        kept = torch.zeros_like(h)
+        for r in range(rows):
+            kept[r, 0, sets[r]] = 1
+        want = F.linear(h * kept, w["w_out"].double(),
+                        None if w.get("b_out") is None else w["b_out"].double())
+        torch.testing.assert_close(layer(token).double(), want, atol=1e-5, rtol=1e-5)
+    assert layer._set.index.tolist() == sets
+
+
+def test_a_new_prompt_a_new_batch_size_or_forget_picks_a_new_set():
+    w = ffn_weights()
+    layer = layer_for(w, "sequence").eval()
+    layer.keep.fill_(0.25)
+    layer(torch.randn(1, 6, 24))
+    first = layer._set.index.clone()
+    layer(torch.randn(1, 6, 24) * 3 + 1)  # another prompt
+    assert not torch.equal(layer._set.index, first)
+    token = torch.randn(2, 1, 24)  # two sequences where one was: a new pair of prompts,
+    dense = dense_ffn(token, w["w_in"], w["w_gate"], w["w_out"])  # run dense
+    torch.testing.assert_close(layer(token), dense)
+    assert layer._set.rows == 2
+    layer.forget()
+    assert layer._set is None
+    torch.testing.assert_close(layer(token), dense)  # a one-token prompt after forget
+
+
+def test_decoding_follows_weights_changed_after_the_prompt():
+    w = ffn_weights()
+    layer = layer_for(w, "sequence").eval()
+    layer.keep.fill_(0.5)
+    layer(torch.randn(1, 8, 24))
+    token = torch.randn(1, 1, 24)
+    before = layer(token)
+    with torch.no_grad():
+        layer.w_out_t.mul_(2.0)  # an optimizer step, in place
+    torch.testing.assert_close(layer(token), 2 * before)
+
+
+def test_gradients_reach_only_the_set_s_weights_when_decoding():
+    w = ffn_weights()
+    layer = layer_for(w, "sequence").eval()
+    layer.keep.fill_(0.25)
+    with torch.no_grad():
+        layer(torch.randn(1, 8, 24))
+    chosen = layer._set.index[0]
+    layer(torch.randn(1, 1, 24)).sum().backward()
+    grad = layer.w_out_t.grad.abs().sum(-1)
+    assert (grad[chosen] > 0).all()
+    others = torch.ones(40, dtype=torch.bool)
+    others[chosen] = False
+    assert (grad[others] == 0).all()
+
+
+@pytest.mark.parametrize("then", ["no_grad", "grad"])
+def test_a_prompt_under_inference_mode_decodes_in_other_modes(then):
+    layer = layer_for(ffn_weights(), "sequence").eval()
+    layer.keep.fill_(0.5)
+    token = torch.randn(1, 1, 24)
+    with torch.inference_mode():
+        layer(torch.randn(1, 8, 24))
+        want = layer(token)
+    with torch.no_grad() if then == "no_grad" else torch.enable_grad():
+        got = layer(token)
+    torch.testing.assert_close(got, want)
+
+
+def test_a_nan_in_the_prompt_keeps_its_neurons_visible():
+    w = ffn_weights()
+    layer = layer_for(w, "sequence").eval()
+    layer.keep.fill_(0.1)
+    prompt = torch.randn(1, 5, 24)
+    with torch.no_grad():
+        layer.w_in_t[:, 7] = float("nan")  # neuron 7's gate: NaN for every token
+    assert torch.isnan(layer(prompt)).all()
+    assert 7 in layer._set.index[0].tolist()
+    assert torch.isnan(layer(torch.randn(1, 1, 24))).all()  # still visible when decoding
+
+
+def test_exporting_a_sequence_layer_is_refused_with_the_reason():
+    layer = layer_for(ffn_weights(), "sequence").eval()
+    layer.keep.fill_(0.5)
+    with pytest.raises(Exception, match="keeps its neuron set between calls"):
+        torch.export.export(layer, (torch.randn(2, 4, 24),))
+
+
+def test_prompt_then_decode_is_what_generation_computes():
+    w = ffn_weights()
+    layer = layer_for(w, "sequence").eval()
+    layer.keep.fill_(0.4)
+    x = torch.randn(2, 10, 24)
+    sparse, dense = layer.prompt_then_decode(x)
+    layer(x[:, :5])
+    steps = torch.cat([layer(x[:, t:t + 1]) for t in range(5, 10)], dim=1)
+    torch.testing.assert_close(sparse, steps)
+    torch.testing.assert_close(dense, dense_ffn(x[:, 5:], w["w_in"], w["w_gate"], w["w_out"]))
+    assert layer.prompt_then_decode(x[:, :1]) is None
+
+
+def test_training_runs_a_sequence_as_generation_would_and_keeps_no_set():
+    w = ffn_weights()
+    layer = layer_for(w, "sequence").eval()
+    layer.keep.fill_(0.3)
+    x = torch.randn(2, 10, 24)
+    sparse, _ = layer.prompt_then_decode(x)
+    layer.train()
+    y = layer(x)
+    assert layer._set is None
+    torch.testing.assert_close(y[:, 5:], sparse)
+    torch.testing.assert_close(y[:, :5], dense_ffn(x[:, :5], w["w_in"], w["w_gate"], w["w_out"]))
+    y[:, 5:].sum().backward()
+    assert layer.w_out_t.grad.abs().sum(-1).gt(0).sum() <= 2 * layer.kept_neurons()

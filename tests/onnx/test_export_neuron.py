@@ -128,3 +128,14 @@ def test_a_graph_with_other_weights_still_fails(tmp_path, monkeypatch):
     with pytest.raises(ExportToleranceError, match="differs from PyTorch"):
         moefy.export_onnx(model, tmp_path / "m.onnx", x)
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_a_sequence_selection_is_refused_before_anything_is_written(tmp_path):
+    from moefy.errors import ExportInputError
+
+    model = neuron_llama("sequence", ffn_only=True)
+    with pytest.raises(ExportInputError, match="selection='sequence' picks its neurons from "
+                                               "the prompt"):
+        moefy.export_onnx(model, tmp_path / "m.onnx",
+                          example_inputs={"input_ids": torch.randint(0, 96, (1, 8))})
+    assert not any(tmp_path.iterdir())

@@ -55,9 +55,10 @@ def test_budget_one_is_exactly_the_dense_model(selection):
     assert not any(isinstance(m, (NeuronFFN, SparseLinear)) for m in model.modules())
 
 
-def share_read(model, data) -> float:
-    """The share of the knobs' weights read per token on ``data``, measured by hooks."""
-    knobs = knobs_of(model)
+def share_read(model, data, only=None):
+    """The share of the knobs' weights read per token on ``data``, measured by hooks (with
+    ``only``: per knob of those, by name)."""
+    knobs = knobs_of(model) if only is None else only
     kept = {k.name: [] for k in knobs}
 
     def hook_for(layer, mine):
@@ -84,8 +85,11 @@ def share_read(model, data) -> float:
             model(**b)
     for h in hooks:
         h.remove()
+    mean = {k.name: sum(kept[k.name]) / len(kept[k.name]) for k in knobs}
+    if only is not None:
+        return mean
     total = sum(k.weights for k in knobs)
-    return sum(k.weights * sum(kept[k.name]) / len(kept[k.name]) for k in knobs) / total
+    return sum(k.weights * mean[k.name] for k in knobs) / total
 
 
 @pytest.mark.parametrize("selection", ["input", "gate"])
@@ -221,3 +225,52 @@ def test_a_model_in_training_mode_is_calibrated_without_its_dropout():
                   for m in (first, second)]
     assert thresholds[0] == thresholds[1]
     assert model.training and first.training  # modes are the caller's again
+
+
+# --------------------------------------------------------------- selection "sequence" (GRIFFIN)
+
+
+def test_sequence_budget_one_is_exactly_the_dense_model_also_when_decoding():
+    from moefy.evaluate import decode_perplexity
+
+    model, data = tiny_llama(), batches(2)
+    moe = convert(model, MoEConfig(method="neuron", selection="sequence"), calibration_data=data)
+    ffns = [m for m in moe.modules() if isinstance(m, NeuronFFN)]
+    assert len(ffns) == 3 and all(m.kept_neurons() is None for m in ffns)
+    assert decode_perplexity(moe, data) == pytest.approx(decode_perplexity(model, data),
+                                                         rel=1e-5)
+
+
+@pytest.mark.parametrize("ffn_only", [True, False])
+def test_sequence_selection_meets_the_budget_and_keeps_the_prompt_exact(ffn_only):
+    from moefy.evaluate import decode_perplexity
+
+    model, data = tiny_llama(), batches()
+    moe = convert(model, MoEConfig(method="neuron", active=0.5, selection="sequence",
+                                   ffn_only=ffn_only), calibration_data=data)
+    ffns = [m for m in moe.modules() if isinstance(m, NeuronFFN)]
+    assert all(m._set is None for m in ffns)  # nothing picked from calibration text is left
+    assert all(m.conversion["share_keep"] == pytest.approx(float(m.keep)) for m in ffns)
+    # what a decoded token reads: each FFN's set, each projection's kept inputs
+    knobs = knobs_of(moe)
+    read = {k.name: (k.layer.kept_neurons() or k.layer.ffn_size) / k.layer.ffn_size
+            for k in knobs if k.attr == "keep"}
+    if not ffn_only:
+        shares = share_read(moe, data[:2], only=[k for k in knobs if k.attr != "keep"])
+        read.update(shares)
+    total = sum(k.weights for k in knobs)
+    assert sum(k.weights * read[k.name] for k in knobs) / total == pytest.approx(0.5, abs=0.03)
+    ids = torch.randint(0, 128, (2, 20))
+    with torch.no_grad():
+        dense, sparse = model(ids).logits, moe(ids).logits
+    if ffn_only:  # the prompt runs dense
+        torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=1e-5)
+    assert decode_perplexity(moe, data[:2]) != decode_perplexity(model, data[:2])
+
+
+def test_sequence_selection_needs_calibration_sequences_of_two_tokens():
+    model = tiny_llama()
+    one = [{"input_ids": torch.randint(0, 128, (16, 1))} for _ in range(4)]
+    with pytest.raises(ConversionError, match="at least 2 tokens"):
+        convert(model, MoEConfig(method="neuron", active=0.5, selection="sequence",
+                                 ffn_only=True), calibration_data=one)
