@@ -3,17 +3,22 @@
 
 For each selection ("input": TEAL/WINA input channels of every projection and the FFN's
 neurons by |h|; "gate": the gate computed on its selected inputs, then neurons by a
-calibrated |act(g)|·c) and each ``active`` (the share of the decoder layers' projection
-weights a token reads), it converts the dense model (calibration: installed packages'
-docstrings), then measures on the standard library's docstrings (disjoint):
+calibrated |act(g)|·c; "sequence": GRIFFIN, one FFN neuron set per sequence picked by its
+prompt, the attention projections input-sparse per token) and each ``active`` (the share
+of the decoder layers' projection weights a token reads), it converts the dense model
+(calibration: installed packages' docstrings), then measures on the standard library's
+docstrings (disjoint):
 
-- perplexity as a multiple of the dense model's (window perplexity over 256-token chunks);
+- perplexity as a multiple of the dense model's: over whole 256-token windows in one call
+  ("ppl x"), and decoding (``moefy.evaluate.decode_perplexity``: each window's first half
+  prefilled, the rest fed one token at a time through the KV cache and scored: "decode ppl x",
+  the regime generation runs in, where a per-sequence set cannot hide behind an exact prefill);
 - greedy decode tokens/s at batch 1 (after a 64-token prompt), as a ratio to dense measured
   alternately in the same run (medians of ``--rounds``);
 - prefill: one forward over a 256-token prompt, as a ratio to dense (the masked path: it
   must not be slower than dense).
 
-    python examples/neuron_smollm2.py [--active 0.75 0.5 0.35] [--selection input gate]
+    python examples/neuron_smollm2.py [--active 0.75 0.5 0.35] [--selection input gate sequence]
                                       [--ffn-only] [--minutes M]
 """
 
@@ -47,15 +52,20 @@ def perplexity(model, seqs: torch.Tensor) -> float:
     return evaluate.perplexity(model, [{"input_ids": b} for b in seqs.split(4)])
 
 
+def decode_perplexity(model, seqs: torch.Tensor) -> float:
+    return evaluate.decode_perplexity(model, [{"input_ids": seqs}])
+
+
 @torch.no_grad()
 def decode_seconds(model, prompt: torch.Tensor, new: int) -> float:
     """Seconds per generated token: greedy, batch 1, KV cache, prompt not counted."""
+    name = evaluate.cache_argument(model)
     out = model(input_ids=prompt, use_cache=True)
-    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    cache, token = evaluate.cache_of(out), out.logits[:, -1:].argmax(-1)
     t0 = time.perf_counter()
     for _ in range(new):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=token, use_cache=True, **{name: cache})
+        cache, token = evaluate.cache_of(out), out.logits[:, -1:].argmax(-1)
     return (time.perf_counter() - t0) / new
 
 
@@ -74,6 +84,8 @@ def shares(model) -> str:
         rec = getattr(m, "conversion", None)
         if isinstance(m, SparseLinear) and rec is not None and "share_in" in rec:
             kinds.setdefault(name.rsplit(".", 1)[-1], []).append(rec["share_in"])
+        elif isinstance(m, NeuronFFN) and rec is not None and "share_keep" in rec:
+            kinds.setdefault("ffn set", []).append(rec["share_keep"])
         elif isinstance(m, NeuronFFN) and rec is not None and "share_in" in rec:
             kinds.setdefault("ffn in", []).append(rec["share_in"])
             kinds.setdefault("ffn h", []).append(rec["share_h"])
@@ -83,7 +95,7 @@ def shares(model) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--active", type=float, nargs="+", default=[0.75, 0.5, 0.35])
-    parser.add_argument("--selection", nargs="+", default=["input", "gate"])
+    parser.add_argument("--selection", nargs="+", default=["input", "gate", "sequence"])
     parser.add_argument("--ffn-only", action="store_true")
     parser.add_argument("--minutes", type=float, default=None,
                         help="conversion budget: what building leaves distils (default none)")
@@ -100,11 +112,12 @@ def main() -> None:
     calib = chunks(tok, " ".join(sentences("packages", 1500)), args.calibration)
     batches = [{"input_ids": b} for b in calib.split(4)]
     prompt = held[0:1, :64]
-    base = perplexity(dense, held)
-    print(f"SmolLM2-135M-Instruct: {held.numel()} held-out tokens, dense perplexity {base:.3f}; "
-          f"{calib.numel()} calibration tokens; {torch.get_num_threads()} threads", flush=True)
-    print(f"{'selection':9s} {'active':>6s} {'ppl x':>7s} {'decode x':>8s} {'prefill x':>9s} "
-          f"{'convert s':>9s}  mean share kept per matrix")
+    base, dbase = perplexity(dense, held), decode_perplexity(dense, held)
+    print(f"SmolLM2-135M-Instruct: {held.numel()} held-out tokens, dense perplexity {base:.3f} "
+          f"(decoding: {dbase:.3f}); {calib.numel()} calibration tokens; "
+          f"{torch.get_num_threads()} threads", flush=True)
+    print(f"{'selection':9s} {'active':>6s} {'ppl x':>7s} {'decode ppl x':>12s} {'decode x':>8s} "
+          f"{'prefill x':>9s} {'convert s':>9s}  mean share kept per matrix")
     for selection in args.selection:
         for active in args.active:
             c0 = time.perf_counter()
@@ -114,6 +127,7 @@ def main() -> None:
                             calibration_data=batches)
             took = time.perf_counter() - c0
             ratio = perplexity(model, held) / base
+            dratio = decode_perplexity(model, held) / dbase
             d, s = [], []
             for _ in range(args.rounds):
                 d.append(decode_seconds(dense, prompt, args.new))
@@ -124,7 +138,8 @@ def main() -> None:
                 pd.append(prefill_seconds(dense, held[:1]))
                 ps.append(prefill_seconds(model, held[:1]))
             prefill = statistics.median(pd) / statistics.median(ps)
-            print(f"{selection:9s} {active:6.2f} {ratio:7.3f} {speed:7.2f}x {prefill:8.2f}x "
+            print(f"{selection:9s} {active:6.2f} {ratio:7.3f} {dratio:12.3f} {speed:7.2f}x "
+                  f"{prefill:8.2f}x "
                   f"{took:9.0f}  {shares(model)}", flush=True)
             del model
     print(f"dense decode {1 / statistics.median(d):.1f} tokens/s; "
