@@ -381,7 +381,7 @@ def draw(rows: list[Row], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = [m for m in MODELS if any(r.model == m for r in rows)]
-    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 5), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 7.5), squeeze=False)
     for ax, name in zip(axes[0], models, strict=True):
         mine = [r for r in rows if r.model == name]
         colours = {1.0: "black", 0.75: "tab:orange", 0.6: "tab:green", 0.5: "tab:blue",
@@ -430,7 +430,7 @@ def _panel_minilm(ax, rows, colours) -> None:
     ax.plot([], [], "s", mfc="none", color="gray", label="eager PyTorch")
     ax.set_xlim(min(0.5, *(min(r.ort, r.eager) - 0.1 for r in rows)), high)
     ax.set_ylim(low, 1.005)
-    ax.legend(loc="best", fontsize=7)
+    _legend_below(ax)
 
 
 def _panel_smollm2(ax, rows, colours) -> None:
@@ -462,11 +462,23 @@ def _panel_smollm2(ax, rows, colours) -> None:
         ax.plot([], [], "D", color="gray", label="single neurons (decode perplexity)")
     top = max(points)
     if top > 2:  # an uncalibrated split's ×77 would flatten the rest
+        from matplotlib.ticker import NullFormatter, ScalarFormatter
+
         ax.set_yscale("log")
+        ax.set_yticks([t for t in (1, 1.05, 1.15, 1.25, 1.5, 2, 3, 5, 10, 30, 100)
+                       if t <= top * 1.2])
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
     else:  # room above the highest point for its label
         ax.set_ylim(0.98, max(top + 0.1, 1.25))
     ax.set_xlim(low_x, high_x)
-    ax.legend(loc="best", fontsize=7)
+    _legend_below(ax)
+
+
+def _legend_below(ax) -> None:
+    """The legend under the panel, off the points."""
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=7,
+              frameon=False)
 
 
 def kept_rows(raw: Path, models, methods) -> list[Row]:
@@ -486,6 +498,8 @@ def main() -> None:
                         help="comma-separated, of: " + ", ".join(MODELS))
     parser.add_argument("--methods", default=",".join(METHODS),
                         help="comma-separated, of: " + ", ".join(METHODS))
+    parser.add_argument("--redraw", action="store_true",
+                        help="measure nothing: draw the figure again from the JSON at --out")
     parser.add_argument("--keep-rows", action="store_true",
                         help="keep the rows this run does not measure from the JSON at --out "
                              "and draw them too")
@@ -508,6 +522,11 @@ def main() -> None:
                      f"got {args.methods!r}")
     if args.rounds is not None and args.rounds < 1:
         parser.error(f"--rounds must be a positive int, got {args.rounds}")
+    raw = args.out.with_suffix(".json")
+    if args.redraw:
+        draw(kept_rows(raw, [], []), args.out)
+        print(f"drew {args.out} from {raw}")
+        return
     sizes = QUICK if args.quick else FULL
     if args.rounds is not None:
         sizes = replace(sizes, rounds=args.rounds, decode_rounds=args.rounds)
@@ -522,7 +541,6 @@ def main() -> None:
         gc.collect()
     if "smollm2" in models:
         rows += smollm2(sizes, methods)
-    raw = args.out.with_suffix(".json")
     if args.keep_rows:
         kept = kept_rows(raw, models, methods)
         print(f"\nkept {len(kept)} rows of {raw} (an earlier run's; each against that run's "
