@@ -120,7 +120,7 @@ def test_zero_token_batches_report_no_numbers_rather_than_made_up_ones():
     assert "—" in rep.splitlines()[1]
 
 
-def test_report_lists_single_neuron_layers_with_their_budget_and_measured_reads():
+def tiny_llama_and_data():
     import transformers
 
     torch.manual_seed(0)
@@ -128,7 +128,11 @@ def test_report_lists_single_neuron_layers_with_their_budget_and_measured_reads(
                                    num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, max_position_embeddings=64)
     dense = transformers.LlamaForCausalLM(cfg).eval()
-    data = [{"input_ids": torch.randint(0, 64, (4, 32))} for _ in range(6)]
+    return dense, [{"input_ids": torch.randint(0, 64, (4, 32))} for _ in range(6)]
+
+
+def test_report_lists_single_neuron_layers_with_their_budget_and_measured_reads():
+    dense, data = tiny_llama_and_data()
     sparse = moefy.convert(dense, moefy.MoEConfig(method="neuron", active=0.5),
                            calibration_data=data)
     text = moefy.report(sparse)
@@ -148,16 +152,9 @@ def test_report_lists_single_neuron_layers_with_their_budget_and_measured_reads(
 def test_report_measures_a_sequence_selection_as_it_decodes():
     """The prompt runs dense, so the error that matters is the continuation's: report measures
     each data sequence's second half through the set its first half picked."""
-    import transformers
-
     from moefy.layers.neuron import NeuronFFN
 
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=96,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=64)
-    dense = transformers.LlamaForCausalLM(cfg).eval()
-    data = [{"input_ids": torch.randint(0, 64, (4, 32))} for _ in range(6)]
+    dense, data = tiny_llama_and_data()
     sparse = moefy.convert(dense, moefy.MoEConfig(method="neuron", active=0.5,
                                                   selection="sequence", ffn_only=True),
                            calibration_data=data)

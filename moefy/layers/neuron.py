@@ -31,7 +31,9 @@ token per sequence picks the set (and is exact), a call with one token per seque
 same number of sequences decodes with it. A new sequence therefore starts with a call of more
 than one token, or after ``NeuronFFN.forget()``: a one-token prompt that follows another
 sequence of the same batch size would decode with the old sequence's set. Padding tokens of a
-prompt count in the set's statistic (the layer does not see the attention mask). In training
+prompt count in the set's statistic (the layer does not see the attention mask). The set is
+the model's state, as a KV cache held inside it would be: one generation at a time per model
+(two threads decoding different sequences through one model would share it). In training
 mode a call of S > 1 tokens runs as generation would, statelessly: each sequence's first half
 dense, the rest through the set the first half picks (distillation then trains what decoding
 computes).
