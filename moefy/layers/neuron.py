@@ -204,7 +204,7 @@ class NeuronFFN(nn.Module):
         self.register_buffer("h_threshold", _threshold_buffer().to(device))
         if selection == "sequence":
             self.register_buffer("keep", _threshold_buffer().to(device))
-        self._set: _NeuronSet | None = None  # selection "sequence": the current sequences'
+        self._set: _NeuronSet | None = None  # selection "sequence": the current neuron set
         self.conversion = ConversionRecord()
 
     @torch.no_grad()
@@ -324,7 +324,8 @@ class NeuronFFN(nn.Module):
     def prompt_then_decode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Selection "sequence", as generation runs it: each sequence of ``x`` (rows, S, H)
         picks its set from its first S // 2 tokens; returns the outputs on the other tokens
-        through that set and through every neuron, (rows, S - S // 2, O) each. None when
+        through that set and through every neuron, (rows, S - S // 2, O) each, both without
+        the output bias (their difference is the set's error). None when
         S < 2 (no prompt and continuation to split). Leaves no set behind."""
         if x.dim() < 2 or x.shape[-2] < 2:
             return None
