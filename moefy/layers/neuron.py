@@ -78,6 +78,14 @@ def every_row_kept(layers):
                 m.forget()
 
 
+def only_set(h: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """``h`` (rows, S, I) with every neuron outside each row's set ``chosen`` (rows, k) zeroed:
+    what a sequence's tokens compute through its set (selection "sequence")."""
+    kept = torch.zeros(h.shape[0], 1, h.shape[2], dtype=torch.bool, device=h.device)
+    kept.scatter_(-1, chosen.unsqueeze(1), True)
+    return torch.where(kept, h, 0.0)
+
+
 def _threshold_buffer() -> torch.Tensor:
     return torch.tensor(DENSE, dtype=torch.float32)
 
@@ -338,9 +346,7 @@ class NeuronFFN(nn.Module):
         if k is None:
             return dense, dense
         chosen = self.pick(self.hidden(x3[:, :half]), k)
-        kept = torch.zeros_like(rest).scatter_(
-            -1, chosen.unsqueeze(1).expand(-1, rest.shape[1], -1), 1.0)
-        return torch.where(kept.bool(), rest, 0.0) @ self.w_out_t, dense
+        return only_set(rest, chosen) @ self.w_out_t, dense
 
     @torch.compiler.disable  # stateful: torch.compile runs it eagerly between its graphs
     def _sequence_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -375,10 +381,7 @@ class NeuronFFN(nn.Module):
         half = x3.shape[1] // 2
         h = self._gated(self._first(x3))
         chosen = self.pick(h[:, :half].detach(), self.kept_neurons())
-        kept = torch.zeros(h.shape[0], 1, h.shape[2], dtype=torch.bool, device=h.device)
-        kept.scatter_(-1, chosen.unsqueeze(1), True)
-        rest = torch.where(kept, h[:, half:], 0.0)
-        y = torch.cat([h[:, :half], rest], dim=1) @ self.w_out_t
+        y = torch.cat([h[:, :half], only_set(h[:, half:], chosen)], dim=1) @ self.w_out_t
         return y if self.b_out is None else y + self.b_out
 
     def _dense(self, x: torch.Tensor) -> torch.Tensor:

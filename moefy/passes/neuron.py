@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from moefy.errors import ConversionError, first_line
-from moefy.layers.neuron import DENSE, NeuronFFN, SparseLinear
+from moefy.layers.neuron import DENSE, NeuronFFN, SparseLinear, only_set
 from moefy.layers.record import ConversionRecord
 from moefy.passes import trace
 from moefy.passes.base import Pass, PassResult
@@ -481,9 +481,8 @@ def _sequence_costs(k: Knob, entries: list) -> list[float]:
         total = count = 0.0
         for prompt, rest, g in parts:
             chosen = layer.pick(prompt, n)  # (rows, n)
-            dropped = torch.ones_like(rest).scatter_(
-                -1, chosen.unsqueeze(1).expand(-1, rest.shape[1], -1), 0.0)
-            delta = -((rest * dropped) @ layer.w_out_t).float()  # sparse − dense output
+            # sparse − dense output: minus what the neurons outside the set contribute
+            delta = ((only_set(rest, chosen) - rest) @ layer.w_out_t).float()
             total += float((delta * g).sum(-1).square().sum())
             count += delta.shape[0] * delta.shape[1]
         costs.append(total / count)

@@ -373,3 +373,13 @@ def test_training_runs_a_sequence_as_generation_would_and_keeps_no_set():
     torch.testing.assert_close(y[:, :5], dense_ffn(x[:, :5], w["w_in"], w["w_gate"], w["w_out"]))
     y[:, 5:].sum().backward()
     assert layer.w_out_t.grad.abs().sum(-1).gt(0).sum() <= 2 * layer.kept_neurons()
+
+
+def test_empty_input_to_a_sequence_layer_gives_empty_output_and_keeps_the_set():
+    layer = layer_for(ffn_weights(), "sequence").eval()
+    layer.keep.fill_(0.5)
+    layer(torch.randn(1, 6, 24))
+    before = layer._set
+    for x in (torch.randn(0, 1, 24), torch.randn(1, 0, 24), torch.randn(0, 24)):
+        assert layer(x).shape == (*x.shape[:-1], 24)
+    assert layer._set is before
