@@ -22,7 +22,7 @@ from moefy.layers.peer import PEER
 from moefy.passes import trace
 from moefy.passes.calibrate import Calibrate
 from moefy.passes.distill import DistillForBudget
-from moefy.passes.neuron import AllocateBudget, SparsifyProjections
+from moefy.passes.neuron import AllocateBudget, ReadHeadByRows, SparsifyProjections
 from moefy.passes.plan import (
     CheckBeforeChange,
     FindFFNs,
@@ -169,6 +169,7 @@ def _convert(model, config, example_inputs, calibration_data, inplace, verify, e
         Calibrate(),  # statistics the split builder reads
         BuildAndRewrite(),  # one FFN at a time: peak memory is the result plus one FFN
         SparsifyProjections(),  # neuron: the other projections of the FFNs' blocks
+        ReadHeadByRows(),  # neuron: a causal LM's head, dense, read by moefy's row kernel
         AllocateBudget(),  # neuron: thresholds that spend config.active where it costs least
         Verify(enabled=verify),  # compares the finished model with the dense one
         DistillForBudget(),  # last: spends what is left of config.minutes

@@ -44,7 +44,7 @@ from moefy.io.plan import (
     unwrap,
 )
 from moefy.io.safetensors_range import is_floating, read_header, read_rows
-from moefy.layers.neuron import NeuronFFN, SparseLinear
+from moefy.layers.neuron import DecodeLinear, NeuronFFN, SparseLinear
 from moefy.layers.shard import refuse_sharded
 from moefy.layers.tokens import install_token_hooks
 
@@ -222,6 +222,8 @@ def load_with(directory, model: nn.Module | None, shard=None) -> nn.Module:
         model.set_submodule(path, layers[site])
     model.load_state_dict(state, strict=True, assign=True)
     _tie(model, plan["aliases"])
+    for path in plan["decode_linear"]:  # its weights are the model's own, loaded above
+        model.set_submodule(path, DecodeLinear.from_linear(model.get_submodule(path)))
     for name in plan["frozen"]:
         model.get_parameter(name).requires_grad_(False)
     if plan.get("hash_routing") and "" not in layers:

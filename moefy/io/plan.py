@@ -4,13 +4,18 @@ it — on the meta device, so that names and shapes can be checked before anythi
 
     model ⇒ plan: {"format", "format_version", "base": the model's class and config kind,
                    "layers": [{"path", "also", "wrappers", "kind", "args", "state"}],
-                   "identities", "aliases", "frozen", "hash_routing", "info", "id", "files"}
+                   "identities", "aliases", "frozen", "hash_routing", "decode_linear", "info",
+                   "id", "files"}
     plan entry ⇒ layer: MoE / PEER / NeuronFFN / SparseLinear built from "args", wrapped in
                    "wrappers" (outside in), its settings set from "state"
 
 "path" is where the outermost wrapper sits; "also" lists further paths where the very same
 module sits (one layer registered twice): it comes back as one module at all of them.
 A neuron layer's thresholds and score scales are buffers: they travel in the weights file.
+"decode_linear" lists the ``nn.Linear`` modules (a causal LM's head) that the conversion reads
+with moefy's row kernel (``DecodeLinear``): dense and unchanged, so their weights are the
+model's own; on load the module there is wrapped again (a moefy that predates the key loads
+a plain ``nn.Linear``, the same function).
 
 "format_version" is the oldest plan format that reads the plan: 1; 2 where a layer has
 "also"; 3 where a layer is a NeuronFFN or SparseLinear (a moefy that reads format 2 or older
@@ -31,7 +36,7 @@ from moefy.errors import LoadError, SaveError
 from moefy.io.atomic import as_path
 from moefy.io.hf_rebuild import attention_implementation, hf_config
 from moefy.layers.moe import MoE
-from moefy.layers.neuron import NeuronFFN, SparseLinear
+from moefy.layers.neuron import DecodeLinear, NeuronFFN, SparseLinear
 from moefy.layers.peer import PEER
 from moefy.layers.record import ConversionRecord, jsonable
 from moefy.layers.tokens import has_token_hooks
@@ -97,7 +102,8 @@ def describe_model(model: nn.Module) -> dict:
             "base": {"class": type(model).__name__, "module": type(model).__module__,
                      "hf": hf_config(model) is not None,
                      "attn_implementation": attention_implementation(model)},
-            "layers": layers, "identities": identities, "hash_routing": has_token_hooks(model)}
+            "layers": layers, "identities": identities, "hash_routing": has_token_hooks(model),
+            "decode_linear": [n for n, m in modules if isinstance(m, DecodeLinear)]}
 
 
 def _describe(model: nn.Module, path: str, layer: nn.Module) -> dict:
@@ -223,8 +229,10 @@ def read_plan(directory: str | os.PathLike) -> dict:
             f"{version}; this moefy ({__version__}) reads format {FORMAT_VERSION} and older: "
             "upgrade moefy to load it")
     plan.setdefault("frozen", [])  # plans of older moefy versions have none
+    plan.setdefault("decode_linear", [])
     for key, kind in (("base", dict), ("layers", list), ("identities", list),
-                      ("aliases", dict), ("info", dict), ("frozen", list)):
+                      ("aliases", dict), ("info", dict), ("frozen", list),
+                      ("decode_linear", list)):
         if not isinstance(plan.get(key), kind):
             raise LoadError(f"{path} is damaged: '{key}' is missing or not a {kind.__name__} "
                             f"(got {type(plan.get(key)).__name__}); save the model again")
@@ -233,6 +241,7 @@ def read_plan(directory: str | os.PathLike) -> dict:
     if not all(isinstance(e, dict) for e in plan["layers"]):
         raise LoadError(f"{path} is damaged: a layer entry is not an object")
     names = {"identities": plan["identities"], "frozen": plan["frozen"],
+             "decode_linear": plan["decode_linear"],
              "aliases": [*plan["aliases"], *plan["aliases"].values()],
              "also": [p for e in plan["layers"] for p in _listed(e.get("also", []), path)]}
     for key, values in names.items():
@@ -290,6 +299,15 @@ def skeletons(plan: dict, model: nn.Module) -> dict[str, nn.Module]:
         except AttributeError as exc:
             raise LoadError(f"the model has no module {path!r}, which the conversion replaced: "
                             "it is not the architecture that was converted") from exc
+    for path in plan["decode_linear"]:
+        try:
+            head = model.get_submodule(path)
+        except AttributeError:
+            head = None
+        if not isinstance(head, nn.Linear):
+            raise LoadError(f"the model has no nn.Linear at {path!r}, which the conversion reads "
+                            "with moefy's row kernel: it is not the architecture that was "
+                            "converted")
     return layers
 
 

@@ -160,6 +160,43 @@ class SparseLinear(nn.Module):
                 f"bias={self.bias is not None}, threshold={float(self.threshold):.4g}")
 
 
+class DecodeLinear(nn.Linear):
+    """An ``nn.Linear`` whose decode calls (at most ``KERNEL_MAX_TOKENS`` tokens, CPU float32,
+    no grad) read its weight with moefy's row kernel (``moefy.runtime.neuron.rows_linear``:
+    every row, in place, at close to the memory's bandwidth, where a batch-1 ``F.linear``
+    reaches about half of it); every other call is ``F.linear``. The same function, sums in
+    another order. ``method="neuron"`` puts it on a causal LM's head, which every decoded
+    token reads whole (it is not in the budget).
+
+    ``from_linear`` shares the linear's parameters (not copies): a head tied to the input
+    embedding stays tied, and the state dict keeps its names.
+
+    >>> lin = nn.Linear(8, 32)
+    >>> head = DecodeLinear.from_linear(lin)
+    >>> head.weight is lin.weight
+    True
+    >>> x = torch.randn(1, 8)
+    >>> bool(torch.allclose(head(x), lin(x), atol=1e-6))
+    True
+    """
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> DecodeLinear:
+        """A DecodeLinear over ``linear``'s own parameters, in its train / eval mode."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"DecodeLinear.from_linear takes an nn.Linear, got "
+                            f"{type(linear).__name__}")
+        out = cls.__new__(cls)
+        nn.Module.__init__(out)
+        out.in_features, out.out_features = linear.in_features, linear.out_features
+        out.weight, out.bias = linear.weight, linear.bias
+        out.train(linear.training)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.rows_linear(x, self.weight, self.bias)
+
+
 class NeuronFFN(nn.Module):
     """A dense FFN ``W_down · act(W_gate x) ⊙ (W_up x)`` (plain: ``W_down · act(W_up x)``),
     ``hidden_size → output_size``, whose ``ffn_size`` neurons are single-neuron experts chosen

@@ -3,6 +3,7 @@ their blocks, and spending the budget where it costs least.
 
     dense FFN ──build_neuron──▶ NeuronFFN (thresholds off: exactly the dense FFN)
     its block's other nn.Linear (attention q/k/v/o) ──SparsifyProjections──▶ SparseLinear
+    a causal LM's head ──ReadHeadByRows──▶ DecodeLinear (dense, exact, read by rows at decode)
     calibration batches ──AllocateBudget──▶ per knob (one threshold each):
         a sample of its scores                   (share kept ρ ⇒ threshold: a quantile)
         its cost at ρ = 0.95 … 0.05              (the others dense): the mean over tokens of
@@ -38,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from moefy.errors import ConversionError, first_line
-from moefy.layers.neuron import DENSE, NeuronFFN, SparseLinear, only_set
+from moefy.layers.neuron import DENSE, DecodeLinear, NeuronFFN, SparseLinear, only_set
 from moefy.layers.record import ConversionRecord
 from moefy.passes import trace
 from moefy.passes.base import Pass, PassResult
@@ -127,6 +128,32 @@ class SparsifyProjections(Pass):
                       "are sparse")
         return PassResult(bool(swapped), {"projections": swapped},
                           Converted(target, originals))
+
+
+class ReadHeadByRows(Pass):
+    """method="neuron": a causal LM's head (``get_output_embeddings()``, an ``nn.Linear``)
+    becomes a ``DecodeLinear`` over the same parameters: the same function, read at decode
+    by moefy's row kernel. Every decoded token reads the head whole (it is not in the
+    budget: 21% of SmolLM2-135M's bytes per token), and a batch-1 ``F.linear`` reads it at
+    about half the memory's bandwidth."""
+
+    needs = (Converted,)
+
+    def call(self, r: Request, converted: Converted) -> PassResult:
+        target = converted.target
+        if r.config.method != "neuron" or not any(isinstance(m, NeuronFFN)
+                                                   for m in target.modules()):
+            return PassResult(False)
+        heads = getattr(target, "get_output_embeddings", None)
+        head = heads() if callable(heads) else None
+        if type(head) is not nn.Linear:
+            return PassResult(False)
+        path = next(p for p, m in target.named_modules() if m is head)
+        originals = dict(converted.originals)
+        if r.inplace:
+            originals.setdefault(path, head)
+        target.set_submodule(path, DecodeLinear.from_linear(head))
+        return PassResult(True, {"head": path}, Converted(target, originals))
 
 
 @dataclass

@@ -11,8 +11,8 @@ contiguous once): a row is then one input channel's (one neuron's) weights, and 
 channel skips a contiguous row.
 
 Two implementations, chosen per call:
-- the C++ kernels ``torch.ops.moefy_cpu.sparse_input_linear`` / ``neuron_ffn``
-  (csrc/neuron.cpp): eager CPU float32, no autograd, at most ``KERNEL_MAX_TOKENS`` tokens —
+- the C++ kernels ``torch.ops.moefy_cpu.sparse_input_linear`` / ``neuron_ffn`` /
+  ``rows_linear`` (csrc/neuron.cpp; the last a dense projection read in place): eager CPU float32, no autograd, at most ``KERNEL_MAX_TOKENS`` tokens —
   decode, where a projection costs what reading its weights costs and only the selected
   rows are read;
 - the masked dense PyTorch expression: any device, dtype and batch, differentiable,
@@ -30,6 +30,7 @@ which would turn an inf there into a NaN).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from moefy.activations import ACTIVATIONS, Activation, get_activation
 from moefy.errors import InputError
@@ -112,6 +113,31 @@ def neuron_ffn(x: Tensor, g: Tensor, w_up: Tensor | None, b_up: Tensor | None,
     return _masked_neuron_ffn(x, g, w_up, b_up, w_down_t, coef, threshold, act)
 
 
+def rows_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` (``weight`` (N, K) in ``nn.Linear``'s layout, read in
+    place), computed at decode sizes by the C++ kernel ``torch.ops.moefy_cpu.rows_linear``:
+    each output a dot product with one contiguous row, the rows split evenly over the threads
+    and read 8 at a time. The same function as ``F.linear`` (the sums in another order:
+    float32 rounding apart); everything else (more than ``KERNEL_MAX_TOKENS`` tokens, grad,
+    another device or dtype, tracing) takes ``F.linear`` itself.
+
+    >>> w, x = torch.randn(16, 8), torch.randn(2, 8)
+    >>> torch.allclose(rows_linear(x, w), x @ w.T, atol=1e-5)
+    True
+    """
+    K = weight.shape[-1]
+    if (x.dim() >= 1 and x.shape[-1] == K and weight.dim() == 2
+            and _kernel_applies(x, x.numel() // K if K else 0, (weight,))
+            and (bias is None or (bias.is_cpu and bias.dtype == torch.float32))
+            and not _needs_grad(x, weight, bias)):
+        flat = x if x.dim() == 2 else x.reshape(-1, K)
+        y = _rows_linear_op(flat.contiguous(), weight)
+        if bias is not None:
+            y += bias
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight, bias)
+
+
 def threshold_of(threshold: Tensor, x: Tensor) -> float | Tensor:
     """A layer's threshold (a 0-d buffer) as the functions above take it for input ``x``: a
     Python float eagerly (the kernels take a float, and ``< 0``, "keep everything", can be
@@ -125,6 +151,10 @@ def threshold_of(threshold: Tensor, x: Tensor) -> float | Tensor:
 
 def _sparse_input_linear_op(*args):
     return torch.ops.moefy_cpu.sparse_input_linear.default(*args)
+
+
+def _rows_linear_op(*args):
+    return torch.ops.moefy_cpu.rows_linear.default(*args)
 
 
 def _prefill_mask(*args):

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import moefy
 from moefy.errors import LoadError
 from moefy.io import plan as plan_mod
-from moefy.layers.neuron import NeuronFFN, SparseLinear
+from moefy.layers.neuron import DecodeLinear, NeuronFFN, SparseLinear
 from moefy.runtime import neuron as kernels
 from moefy.runtime.kernels import neuron_kernels_available
 from tests.io.models import LLAMA, calibration, convert, snapshot, token_ids, untouched
@@ -75,6 +75,7 @@ def test_round_trip_is_bit_exact_in_prefill_and_decode(selection, ffn_only, tmp_
                            "activation": "silu", "gated": True, "bias": False,
                            "selection": selection}
     assert ffn["state"]["conversion"]["method"] == "neuron"
+    assert plan["decode_linear"] == ["lm_head"]  # the head: dense, read by rows
 
     for back in (moefy.load(tmp_path), moefy.load(tmp_path, LlamaForCausalLM(LLAMA))):
         loaded = neuron_buffers(back)
@@ -87,6 +88,8 @@ def test_round_trip_is_bit_exact_in_prefill_and_decode(selection, ffn_only, tmp_
             assert len(counted_kernel_calls) > calls  # the decode step ran the kernels
         layers = [m for m in back.modules() if isinstance(m, NeuronFFN | SparseLinear)]
         assert len(layers) == (2 if ffn_only else 10)
+        assert type(back.lm_head) is DecodeLinear
+        assert back.lm_head.weight is back.model.embed_tokens.weight  # still tied
         assert all(m.conversion["method"] == "neuron" for m in layers)
         assert dict(layers[0].conversion) == dict(next(
             m for m in model.modules() if isinstance(m, type(layers[0]))).conversion)
@@ -181,3 +184,29 @@ def test_plans_without_neuron_layers_keep_their_format():
     [entry] = plan_mod.describe_model(SparseLinear(8, 4))["layers"]
     assert entry["kind"] == "SparseLinear" and entry["args"] == {
         "in_features": 8, "out_features": 4, "bias": True}
+
+
+@pytest.mark.parametrize("value, message", (
+    (["model.nowhere"], "no nn.Linear at 'model.nowhere'"),
+    (["model.embed_tokens"], "no nn.Linear at 'model.embed_tokens'"),
+    ("lm_head", "'decode_linear' is missing or not a list"),
+    ([""], "'decode_linear' holds ''"),
+))
+def test_a_hand_edited_decode_linear_is_refused_before_any_change(saved_neuron, value,
+                                                                   message):
+    plan = json.loads((saved_neuron / "moefy.json").read_text())
+    plan["decode_linear"] = value
+    (saved_neuron / "moefy.json").write_text(json.dumps(plan))
+    fresh = LlamaForCausalLM(LLAMA)
+    before = snapshot(fresh)
+    with pytest.raises(LoadError, match=message):
+        moefy.load(saved_neuron, fresh)
+    assert untouched(fresh, before)
+
+
+def test_a_plan_without_decode_linear_loads_a_plain_head(saved_neuron):
+    """A plan written before the key existed: the head comes back as the nn.Linear it was."""
+    plan = json.loads((saved_neuron / "moefy.json").read_text())
+    del plan["decode_linear"]
+    (saved_neuron / "moefy.json").write_text(json.dumps(plan))
+    assert type(moefy.load(saved_neuron).lm_head) is torch.nn.Linear

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moefy.errors import InputError
-from moefy.layers.neuron import DENSE, NeuronFFN, SparseLinear
+from moefy.layers.neuron import DENSE, DecodeLinear, NeuronFFN, SparseLinear
 
 
 def naive_sparse_linear(x, w, b, scale, t):
@@ -383,3 +383,38 @@ def test_empty_input_to_a_sequence_layer_gives_empty_output_and_keeps_the_set():
     for x in (torch.randn(0, 1, 24), torch.randn(1, 0, 24), torch.randn(0, 24)):
         assert layer(x).shape == (*x.shape[:-1], 24)
     assert layer._set is before
+
+
+# ----------------------------------------------------------------------------- DecodeLinear
+
+
+@pytest.mark.parametrize("tokens", (1, 3, 40))
+@pytest.mark.parametrize("bias", (False, True))
+def test_decode_linear_is_the_linear_over_the_same_parameters(tokens, bias):
+    torch.manual_seed(tokens)
+    lin = nn.Linear(24, 50, bias=bias)
+    head = DecodeLinear.from_linear(lin)
+    assert head.weight is lin.weight and head.bias is lin.bias  # shared, not copied
+    assert isinstance(head, nn.Linear) and head.state_dict().keys() == lin.state_dict().keys()
+    x = torch.randn(2, tokens, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(head(x), lin(x), atol=1e-5, rtol=1e-5)
+    y = head(x)  # grad mode: F.linear itself, differentiable
+    assert torch.equal(y, lin(x))
+    y.sum().backward()
+    assert lin.weight.grad is not None and lin.weight.grad.shape == (50, 24)
+
+
+def test_decode_linear_keeps_a_tie_and_refuses_what_is_no_linear():
+    emb = nn.Embedding(50, 24)
+    lin = nn.Linear(24, 50, bias=False)
+    lin.weight = emb.weight  # tied, as a causal LM's head
+    head = DecodeLinear.from_linear(lin.eval())
+    assert head.weight is emb.weight and not head.training
+    with torch.no_grad():
+        emb.weight[3].fill_(1.0)  # a change to the embedding is the head's
+        torch.testing.assert_close(head(torch.ones(1, 24))[0, 3], torch.tensor(24.0))
+    with pytest.raises(TypeError, match="takes an nn.Linear"):
+        DecodeLinear.from_linear(emb)
+    with pytest.raises(RuntimeError):  # as nn.Linear itself refuses a wrong width
+        head(torch.randn(1, 23))

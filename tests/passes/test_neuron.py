@@ -12,7 +12,7 @@ import transformers
 
 from moefy import MoEConfig, convert, distill
 from moefy.errors import ConversionError
-from moefy.layers.neuron import NeuronFFN, SparseLinear
+from moefy.layers.neuron import DecodeLinear, NeuronFFN, SparseLinear
 from moefy.passes.neuron import LEVELS, Knob, allocate, knobs_of
 
 
@@ -53,6 +53,34 @@ def test_budget_one_is_exactly_the_dense_model(selection):
     assert sum(isinstance(m, SparseLinear) for m in layers) == 12  # q, k, v, o per layer
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any(isinstance(m, (NeuronFFN, SparseLinear)) for m in model.modules())
+
+
+@pytest.mark.parametrize("ffn_only", (False, True))
+def test_a_causal_lm_s_head_is_read_by_rows_and_stays_tied(ffn_only):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=176,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    moe = convert(model, MoEConfig(method="neuron", active=0.6, ffn_only=ffn_only),
+                  calibration_data=batches(2))
+    assert type(model.lm_head) is nn.Linear  # the caller's model is untouched
+    assert type(moe.lm_head) is DecodeLinear
+    assert moe.lm_head.weight is moe.model.embed_tokens.weight  # still tied
+    assert moe.lm_head.weight is not model.lm_head.weight
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        out = moe(input_ids=ids, use_cache=True)
+        step = moe(input_ids=ids[:, :1], cache=out.past_key_values, use_cache=True)
+        hidden = moe.model(input_ids=ids[:, :1], cache=moe(input_ids=ids, use_cache=True)
+                           .past_key_values, use_cache=True).last_hidden_state
+    # the decode step's logits are its hidden state through the (dense) head
+    torch.testing.assert_close(step.logits, hidden @ moe.model.embed_tokens.weight.T,
+                               atol=1e-5, rtol=1e-5)
+    inplace = copy.deepcopy(model)
+    convert(inplace, MoEConfig(method="neuron", active=0.6), calibration_data=batches(2),
+            inplace=True)
+    assert type(inplace.lm_head) is DecodeLinear
 
 
 def share_read(model, data, only=None):

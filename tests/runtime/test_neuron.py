@@ -396,3 +396,72 @@ def test_prefill_batches_take_the_one_pass_mask(monkeypatch):
     x.requires_grad_()  # training takes the differentiable expression
     neuron.sparse_input_linear(x, wt, scale, 0.3, bias).sum().backward()
     assert calls == [1] and x.grad is not None
+
+
+# ----------------------------------------------------------------------------- rows_linear
+
+
+def counting(monkeypatch, name):
+    calls = []
+    real = getattr(neuron, name)
+    monkeypatch.setattr(neuron, name, lambda *a: calls.append(a[0].shape) or real(*a))
+    return calls
+
+
+@needs_kernel
+@pytest.mark.parametrize("T", (1, 2, 5, 16))
+@pytest.mark.parametrize("N, K", ((37, 53), (64, 48), (1, 1), (9, 8)))
+@pytest.mark.parametrize("bias", (False, True))
+def test_rows_linear_equals_the_loop_and_runs_the_kernel(T, N, K, bias, monkeypatch):
+    calls = counting(monkeypatch, "_rows_linear_op")
+    torch.manual_seed(T * N + K)
+    w, x = torch.randn(N, K), torch.randn(T, K)
+    b = torch.randn(N) if bias else None
+    want = x.double() @ w.double().T + (0 if b is None else b.double())
+    got = neuron.rows_linear(x, w, b)
+    assert calls == [(T, K)]  # the C++ kernel, not F.linear
+    assert got.dtype == torch.float32 and got.shape == (T, N)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_rows_linear_leading_dimensions_nan_and_inf(monkeypatch):
+    calls = counting(monkeypatch, "_rows_linear_op")
+    w, x = torch.randn(20, 12), torch.randn(2, 1, 12)
+    torch.testing.assert_close(neuron.rows_linear(x, w), x @ w.T, atol=1e-5, rtol=1e-5)
+    x[0, 0, 3] = float("nan")
+    x[1, 0, 4] = float("inf")
+    got, want = neuron.rows_linear(x, w), torch.nn.functional.linear(x, w)
+    assert len(calls) == 2
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+
+
+@pytest.mark.parametrize("case", ("many tokens", "grad", "bfloat16", "strided weight"))
+def test_rows_linear_falls_back_to_f_linear(case, monkeypatch):
+    calls = counting(monkeypatch, "_rows_linear_op") if neuron_kernels_available() else []
+    w, x = torch.randn(24, 16), torch.randn(1, 16)
+    if case == "many tokens":
+        x = torch.randn(neuron.KERNEL_MAX_TOKENS + 1, 16)
+    elif case == "grad":
+        w.requires_grad_(True)
+    elif case == "bfloat16":
+        w, x = w.bfloat16(), x.bfloat16()
+    else:
+        w = torch.randn(16, 24).T
+    y = neuron.rows_linear(x, w)
+    assert torch.equal(y, torch.nn.functional.linear(x, w))
+    assert not calls
+    if case == "grad":
+        y.sum().backward()
+        torch.testing.assert_close(w.grad, x.expand(24, 16))
+
+
+@needs_kernel
+def test_rows_linear_checks_its_inputs():
+    op = torch.ops.moefy_cpu.rows_linear.default
+    with pytest.raises(RuntimeError, match="w \\(N, K\\)"):
+        op(torch.randn(1, 8), torch.randn(4, 7))
+    with pytest.raises(RuntimeError, match="at most 64 tokens"):
+        op(torch.randn(65, 8), torch.randn(4, 8))
+    with pytest.raises(RuntimeError, match="float32"):
+        op(torch.randn(1, 8).double(), torch.randn(4, 8).double())

@@ -9,6 +9,9 @@
 //     a = act(g);  kept (t, i): |a[t, i]| * coef[i] > threshold
 //     y[t] = sum over kept i of a[t, i] * u[t, i] * w_down_t[i, :],
 //     u[t, i] = w_up[i]·x[t] + b_up[i] (gated), or 1
+//   rows_linear(x (T, K), w (N, K)) -> y (T, N) = x · wᵀ
+//     a dense projection in nn.Linear's layout (a tied LM head, whose weight is also the
+//     embedding table), read in place: each output is a dot product with one contiguous row
 //
 // At a few tokens such a projection costs what reading its weights costs, so the work is laid
 // out for the memory system: the selected rows (union over the tokens) are listed once, split
@@ -299,6 +302,40 @@ Tensor neuron_ffn(const Tensor& x, const Tensor& g, const c10::optional<Tensor>&
   return y;
 }
 
+Tensor rows_linear(const Tensor& x, const Tensor& w) {
+  constexpr const char* op = "rows_linear";
+  check_matrix(x, -1, -1, op, "x (T, K)");
+  const int64_t T = x.size(0), K = x.size(1);
+  check_tokens(T, op);
+  check_matrix(w, -1, K, op, "w (N, K)");
+  const int64_t N = w.size(0);
+  Tensor y = at::empty({T, N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* W = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const std::vector<float> zero(K, 0.f);
+  // the rows in equal runs of whole groups, one per thread; each group of kGroup rows is read
+  // once (concurrent streams) and dotted with every token while it is in L1
+  const int64_t groups = (N + kGroup - 1) / kGroup;
+  const int64_t by_bytes = std::max<int64_t>(1, N * K * 4 / kMinBytesPerTask);
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), by_bytes));
+  at::parallel_for(0, tasks, 1, [&](int64_t p0, int64_t p1) {
+    const float* r[kGroup];
+    float out[kGroup];
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t gi = groups * p / tasks; gi < groups * (p + 1) / tasks; ++gi) {
+        const int64_t n0 = gi * kGroup, n = std::min<int64_t>(kGroup, N - n0);
+        for (int g = 0; g < kGroup; ++g) r[g] = g < n ? W + (n0 + g) * K : zero.data();
+        for (int64_t t = 0; t < T; ++t) {
+          group_dots(r, xp + t * K, K, out);
+          for (int64_t g = 0; g < n; ++g) yp[t * N + n0 + g] = out[g];
+        }
+      }
+    }
+  });
+  return y;
+}
+
 // The selection of sparse_input_linear as one pass over x, for batches too large for it
 // (prefill): xs[t, j] = x[t, j] where |x[t, j]| * scale[j] > threshold, else 0 (a NaN score
 // keeps its entry). The caller multiplies xs by the weights with one GEMM.
@@ -334,6 +371,7 @@ at::Tensor mask_inputs(const at::Tensor& x, const at::Tensor& scale, double thre
 TORCH_LIBRARY_FRAGMENT(moefy_cpu, m) {
   m.def("mask_inputs(Tensor x, Tensor scale, float threshold) -> Tensor");
   m.def("sparse_input_linear(Tensor x, Tensor wt, Tensor scale, float threshold) -> Tensor");
+  m.def("rows_linear(Tensor x, Tensor w) -> Tensor");
   m.def(
       "neuron_ffn(Tensor x, Tensor g, Tensor? w_up, Tensor? b_up, Tensor w_down_t, "
       "Tensor coef, float threshold, str activation) -> Tensor");
@@ -343,4 +381,5 @@ TORCH_LIBRARY_IMPL(moefy_cpu, CPU, m) {
   m.impl("mask_inputs", mask_inputs);
   m.impl("sparse_input_linear", sparse_input_linear);
   m.impl("neuron_ffn", neuron_ffn);
+  m.impl("rows_linear", rows_linear);
 }
