@@ -3,9 +3,11 @@
 Prints, from one run:
 - the machine's read bandwidth: the median time of ``torch.sum`` over a 512 MB float32
   tensor (all threads), the roof every row below is held against;
-- SmolLM2-135M shapes (hidden 576, FFN 1536; attention 576 → 576), one token, keeping 100%,
-  50% and 25% of the input channels / neurons: dense ``F.linear`` (T = 1), moefy's
-  ``sparse_input_linear`` and ``neuron_ffn`` (the public functions, as a layer calls them):
+- SmolLM2-135M shapes (hidden 576, FFN 1536; attention 576 → 576; the LM head 576 → 49152),
+  one token, keeping 100%, 50% and 25% of the input channels / neurons: dense ``F.linear``
+  (T = 1), the same weight read in place by moefy's ``rows_linear``, moefy's
+  ``sparse_input_linear``, ``neuron_ffn`` and ``input_sparse_ffn`` (a whole FFN of selection
+  "input" in one call) (the public functions, as a layer calls them):
   median time, the weight bytes each reads, the GB/s achieved, that as a share of the
   measured bandwidth, and the speed-up over dense. The weights cycle through copies that
   together exceed the last-level cache (``--pool-mb``), so every call reads from memory as a
@@ -15,9 +17,9 @@ Prints, from one run:
 - the token sweep that sets ``KERNEL_MAX_TOKENS``: the C++ kernel against the masked dense
   path at 50% kept, 1 to 32 tokens;
 - a whole decoder's projections per token: ``--layers`` layers of 4 attention-size linears
-  and one gated FFN (gate dense, as the caller computes it; up and down through
-  ``neuron_ffn``), dense against 50% kept, to show what the per-call overhead leaves of the
-  bytes saved.
+  and one gated FFN, dense (``F.linear``, and ``rows_linear``) against 50% kept
+  (``sparse_input_linear`` and one ``input_sparse_ffn`` per layer), to show what the per-call
+  overhead leaves of the bytes saved.
 
     python benchmarks/bench_neuron.py              # about a minute on 2 cores
     python benchmarks/bench_neuron.py --threads 1 --repeats 100
@@ -43,7 +45,7 @@ from moefy.activations import get_activation  # noqa: E402
 from moefy.runtime import neuron  # noqa: E402
 from moefy.runtime.kernels import neuron_kernels_available  # noqa: E402
 
-H, FFN = 576, 1536  # SmolLM2-135M
+H, FFN, VOCAB = 576, 1536, 49152  # SmolLM2-135M
 KEEPS = (1.0, 0.5, 0.25)
 SWEEP_TOKENS = (1, 2, 4, 8, 16, 32)
 
@@ -125,16 +127,22 @@ HEADER = (f"{'op (T = 1)':<34} {'kept':>5} {'time µs':>9} {'MB read':>8} {'GB/s
           f"{'of BW':>7} {'vs dense':>8}")
 
 
-def linear_rows(name: str, K: int, N: int, args, bandwidth: float) -> list[str]:
-    """Dense ``F.linear`` and ``sparse_input_linear`` (scale = ones) for K → N."""
+def linear_rows(name: str, K: int, N: int, args, bandwidth: float,
+                keeps=KEEPS) -> list[str]:
+    """Dense ``F.linear``, dense ``rows_linear`` (the same weight read in place by moefy's
+    row kernel) and ``sparse_input_linear`` (scale = ones) for K → N."""
     pool_bytes = args.pool_mb << 20
     weight = Pool(lambda: torch.randn(N, K) / K**0.5, K * N * 4, pool_bytes)  # (N, K)
     wt = Pool(lambda: torch.randn(K, N) / K**0.5, K * N * 4, pool_bytes)  # (K, N)
     x, scale = torch.randn(1, K), torch.ones(K)
     dense_s = median_s(lambda: F.linear(x, weight()), args.repeats)
+    rows_s = median_s(lambda: neuron.rows_linear(x, weight()), args.repeats)
     op = functools.partial(call_with_next, neuron.sparse_input_linear)
-    lines = [row(f"{name}: dense F.linear", 1.0, dense_s, K * N * 4, bandwidth, dense_s)]
-    for keep in KEEPS:
+    lines = [row(f"{name}: dense F.linear", 1.0, dense_s, K * N * 4, bandwidth, dense_s),
+             row(f"{name}: dense rows_linear", 1.0, rows_s, K * N * 4, bandwidth, dense_s)]
+    if not keeps:
+        return lines
+    for keep in keeps:
         thr = threshold_keeping(x.abs() * scale, keep)
         kept = int((x.abs() * scale > thr).sum())
         s = median_s(functools.partial(op, x, wt, scale, thr), args.repeats)
@@ -167,6 +175,39 @@ def ffn_rows(args, bandwidth: float) -> list[str]:
                                  coef, thr, args.activation)
         s = median_s(call, args.repeats)
         lines.append(row("FFN up+down: neuron_ffn", kept / FFN, s, kept * 2 * H * 4,
+                         bandwidth, dense_s))
+    return lines
+
+
+def input_ffn_rows(args, bandwidth: float) -> list[str]:
+    """A whole gated FFN of selection "input" (gate, up and down; as a NeuronFFN runs it):
+    dense against ``input_sparse_ffn`` (one call), the same share kept of x and of h."""
+    pool_bytes = args.pool_mb << 20
+    one = 3 * FFN * H * 4
+    w_in = Pool(lambda: torch.randn(2 * FFN, H) / H**0.5, 2 * FFN * H * 4, pool_bytes // 2)
+    down = Pool(lambda: torch.randn(H, FFN) / FFN**0.5, FFN * H * 4, pool_bytes // 2)
+    w_in_t = Pool(lambda: torch.randn(H, 2 * FFN) / H**0.5, 2 * FFN * H * 4, pool_bytes // 2)
+    down_t = Pool(lambda: torch.randn(FFN, H) / FFN**0.5, FFN * H * 4, pool_bytes // 2)
+    act = get_activation(args.activation).fn
+    x, in_scale, h_scale = torch.randn(1, H), torch.ones(H), torch.ones(FFN)
+
+    def dense():
+        g, u = F.linear(x, w_in()).chunk(2, dim=-1)
+        return F.linear(act(g) * u, down())
+
+    dense_s = median_s(dense, args.repeats)
+    lines = [row("FFN gate+up+down: dense", 1.0, dense_s, one, bandwidth, dense_s)]
+    probe = w_in_t()
+    g, u = (x @ probe).chunk(2, dim=-1)
+    h = act(g) * u
+    for keep in KEEPS:
+        t_in = threshold_keeping(x.abs(), keep)
+        t_h = threshold_keeping(h.abs(), keep)
+        kept = int((x.abs() > t_in).sum()) * 2 * FFN + int((h.abs() > t_h).sum()) * H
+        call = functools.partial(call_with_next, neuron.input_sparse_ffn, x, w_in_t, in_scale,
+                                 t_in, None, down_t, h_scale, t_h, args.activation, True)
+        s = median_s(call, args.repeats)
+        lines.append(row("FFN: input_sparse_ffn (1 call)", kept / (3 * FFN * H), s, kept * 4,
                          bandwidth, dense_s))
     return lines
 
@@ -228,7 +269,10 @@ def sweep_line(name: str, T: int, kernel_s: float, masked_s: float) -> str:
 
 
 def decoder_rows(args, bandwidth: float) -> list[str]:
-    """``--layers`` layers: 4 attention linears (H → H) and a gated FFN, one token."""
+    """``--layers`` layers: 4 attention linears (H → H) and a gated FFN, one token, as a
+    converted decoder runs them: dense ``F.linear``; the same weights through moefy's row
+    kernel (``rows_linear``, the same function); half of each input kept
+    (``sparse_input_linear`` for attention, one ``input_sparse_ffn`` per FFN)."""
     L = args.layers
 
     def w(*shape):
@@ -236,43 +280,51 @@ def decoder_rows(args, bandwidth: float) -> list[str]:
 
     attn = [[w(H, H) for _ in range(4)] for _ in range(L)]  # (out, in), F.linear's
     attn_t = [[m.T.contiguous() for m in layer] for layer in attn]  # (in, out)
-    gate, up, down = [w(FFN, H) for _ in range(L)], [w(FFN, H) for _ in range(L)], \
-        [w(H, FFN) for _ in range(L)]
-    down_t = [m.T.contiguous() for m in down]
+    w_in, down = [w(2 * FFN, H) for _ in range(L)], [w(H, FFN) for _ in range(L)]
+    w_in_t, down_t = [m.T.contiguous() for m in w_in], [m.T.contiguous() for m in down]
     act = get_activation(args.activation).fn
-    x, scale, coef = torch.randn(1, H), torch.ones(H), torch.ones(FFN)
-    thr_attn = threshold_keeping(x.abs(), 0.5)
-    thr_ffn = threshold_keeping(act(F.linear(x, gate[0])).abs(), 0.5)
+    x, scale, h_scale = torch.randn(1, H), torch.ones(H), torch.ones(FFN)
+    thr_x = threshold_keeping(x.abs(), 0.5)
+    g, u = F.linear(x, w_in[0]).chunk(2, dim=-1)
+    thr_h = threshold_keeping((act(g) * u).abs(), 0.5)
 
-    def dense():
-        for i in range(L):
-            for m in attn[i]:
-                F.linear(x, m)
-            F.linear(act(F.linear(x, gate[i])) * F.linear(x, up[i]), down[i])
+    def through(linear):
+        def run():
+            for i in range(L):
+                for m in attn[i]:
+                    linear(x, m)
+                g, u = linear(x, w_in[i]).chunk(2, dim=-1)
+                linear(act(g) * u, down[i])
+        return run
 
     def sparse():
         for i in range(L):
             for m in attn_t[i]:
-                neuron.sparse_input_linear(x, m, scale, thr_attn)
-            g = F.linear(x, gate[i])
-            neuron.neuron_ffn(x, g, up[i], None, down_t[i], coef, thr_ffn, args.activation)
+                neuron.sparse_input_linear(x, m, scale, thr_x)
+            neuron.input_sparse_ffn(x, w_in_t[i], scale, thr_x, None, down_t[i], h_scale,
+                                    thr_h, args.activation, True)
 
     repeats = max(5, args.repeats // 10)
-    dense_s, sparse_s = median_s(dense, repeats, 3), median_s(sparse, repeats, 3)
+    dense_s = median_s(through(F.linear), repeats, 3)
+    rows_s = median_s(through(neuron.rows_linear), repeats, 3)
+    sparse_s = median_s(sparse, repeats, 3)
     dense_bytes = L * (4 * H * H + 3 * FFN * H) * 4
-    sparse_bytes = L * (4 * H * H * 0.5 + FFN * H + 2 * FFN * H * 0.5) * 4
+    sparse_bytes = dense_bytes * 0.5
     calls = L * 5
+
+    def line(name, seconds, nbytes):
+        return (f"{name:<34} {seconds * 1e3:>9.2f} {nbytes / 1e6:>8.1f} "
+                f"{nbytes / seconds / 1e9:>7.1f} {nbytes / seconds / bandwidth:>7.0%} "
+                f"{dense_s / seconds:>7.2f}x")
+
     return [
         f"{'decoder, T = 1':<34} {'time ms':>9} {'MB read':>8} {'GB/s':>7} {'of BW':>7} "
         f"{'vs dense':>8}",
-        f"{'dense (' + str(L * 7) + ' F.linear)':<34} {dense_s * 1e3:>9.2f} "
-        f"{dense_bytes / 1e6:>8.1f} {dense_bytes / dense_s / 1e9:>7.1f} "
-        f"{dense_bytes / dense_s / bandwidth:>7.0%} {1:>7.2f}x",
-        f"{'50% kept (' + str(calls) + ' moefy calls + gates)':<34} {sparse_s * 1e3:>9.2f} "
-        f"{sparse_bytes / 1e6:>8.1f} {sparse_bytes / sparse_s / 1e9:>7.1f} "
-        f"{sparse_bytes / sparse_s / bandwidth:>7.0%} {dense_s / sparse_s:>7.2f}x",
-        f"ideal at 50% kept (bytes only): {dense_bytes / sparse_bytes:.2f}x; "
-        f"time above the bytes at full bandwidth, per moefy call: "
+        line(f"dense ({L * 6} F.linear)", dense_s, dense_bytes),
+        line(f"dense ({L * 6} rows_linear)", rows_s, dense_bytes),
+        line(f"50% kept ({calls} moefy calls)", sparse_s, sparse_bytes),
+        f"50% kept against dense through rows_linear: {rows_s / sparse_s:.2f}x (the bytes "
+        f"allow 2.00x); time above the bytes at full bandwidth, per moefy call: "
         f"{(sparse_s - sparse_bytes / bandwidth) / calls * 1e6:.1f} µs",
     ]
 
@@ -300,7 +352,11 @@ def run(args: argparse.Namespace) -> None:
                        ("down 1536→576", FFN, H)):
         for line in linear_rows(name, K, N, args, bandwidth):
             print(line, flush=True)
+    for line in linear_rows("LM head 576→49152", H, VOCAB, args, bandwidth, keeps=()):
+        print(line, flush=True)
     for line in ffn_rows(args, bandwidth):
+        print(line, flush=True)
+    for line in input_ffn_rows(args, bandwidth):
         print(line, flush=True)
     print("\nper-call cost with nothing kept (median)")
     for line in overhead_rows(args):

@@ -13,9 +13,10 @@ Rows:
   a dense SwiGLU FFN of width 2 × 14336; the ratio dispatch / dense GEMM;
 - decode at 1 and 8 tokens: time, and the bandwidth reached on the expert weights actually
   read (the distinct experts the tokens chose), as a fraction of the measured copy bandwidth.
-- method="neuron": a NeuronFFN (H × I SwiGLU) at 50% kept on CUDA against the same layer in
-  float32 on the CPU, and its bf16 decode time at 1 and 8 tokens (the masked path: no CUDA
-  kernel that reads only the kept rows yet) against what its bytes take at copy bandwidth;
+- method="neuron": a NeuronFFN (H × I SwiGLU) at 50% kept on CUDA (Triton kernels) against
+  the same layer in float32 on the CPU, and its bf16 decode time at 1 and 8 tokens: the
+  share of copy bandwidth reached on the kept rows' bytes, against the masked dense path
+  and a dense FFN;
 - PEER (``benchmarks/bench_peer.py --device cuda --dtype bfloat16``, issue 12's size): its
   whole table printed first, then forward and forward+backward against the ideal time of the
   unavoidable FLOPs at this GPU's bf16 GEMM rate, and the speed-up over the straightforward
@@ -28,6 +29,7 @@ exits with status 1.
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import statistics
 import subprocess
@@ -165,11 +167,17 @@ def bench_decode(rows: list[tuple[str, str]], ew, bandwidth: float) -> None:
                      f"{reached / bandwidth:.0%} of copy bandwidth"))
 
 
+def dense_ffn(x, w_up, w_down, w_gate):
+    return F.linear(F.silu(F.linear(x, w_gate)) * F.linear(x, w_up), w_down)
+
+
 def bench_neuron(rows: list[tuple[str, str]], bandwidth: float) -> None:
-    """method="neuron" on CUDA: a NeuronFFN of H × I SwiGLU (bf16) with half of its inputs
-    and neurons kept runs the masked dense path (no CUDA kernel reads only the kept rows yet):
-    it must match the same layer in float32 on the CPU, and its decode time is what a kernel
-    reading half the rows would have to beat."""
+    """method="neuron" on CUDA: a NeuronFFN of H × I SwiGLU with half of its inputs and
+    neurons kept. Decode batches take the Triton kernels (moefy/runtime/neuron_triton.py),
+    which read only the kept rows: float32 against the same layer on the CPU (C++ kernels),
+    then bf16 at 1 and 8 tokens against the masked dense path (every row read) and a dense
+    FFN, with the bandwidth reached on the bytes the kept rows hold."""
+    import moefy.runtime.neuron as neuron_runtime
     from moefy.layers.neuron import NeuronFFN
 
     g = torch.Generator().manual_seed(0)
@@ -185,19 +193,32 @@ def bench_neuron(rows: list[tuple[str, str]], bandwidth: float) -> None:
         layer.load_state_dict(cpu.state_dict())
         got = layer(x.cuda()).cpu()
     err = float((got - want).norm() / want.norm())
-    rows.append(("neuron FFN on CUDA (masked path, float32) vs CPU, 50% kept",
+    rows.append(("neuron FFN on CUDA (Triton, float32) vs CPU (C++), 50% kept",
                  f"relative error {err:.1e}" + ("" if err < 1e-4 else "  FAILED")))
     layer = layer.to(torch.bfloat16)
-    dense_bytes = 3 * H * I * 2
+    dense = [t.to("cuda", torch.bfloat16) for t in w]
+    real = neuron_runtime._cuda_kernel_applies
     for tokens in (1, 8):
         xb = torch.randn(tokens, H, device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
-            seconds = timed(lambda: layer(xb), iters=50)  # noqa: B023
-        rows.append((f"neuron FFN bf16, {tokens} token{'s' if tokens > 1 else ''}, 50% kept "
-                     "(masked: reads every row)",
-                     f"{seconds * 1e6:.0f} µs; every weight at copy bandwidth would take "
-                     f"{dense_bytes / bandwidth * 1e6:.0f} µs, half of them "
-                     f"{dense_bytes / 2 / bandwidth * 1e6:.0f} µs"))
+            kept_in = int(((xb.float().abs() * layer.in_scale) > layer.in_threshold)
+                          .any(0).sum())
+            h = layer.hidden(xb).float()
+            kept_h = int(((h.abs() * layer.h_scale) > layer.h_threshold).any(0).sum())
+            kernel_s = timed(lambda: layer(xb), iters=50)  # noqa: B023
+            neuron_runtime._cuda_kernel_applies = lambda *a: False
+            try:
+                masked_s = timed(lambda: layer(xb), iters=50)  # noqa: B023
+            finally:
+                neuron_runtime._cuda_kernel_applies = real
+            dense_s = timed(functools.partial(dense_ffn, xb, *dense), iters=50)
+        read = (kept_in * 2 * I + kept_h * H) * 2
+        rows.append((f"neuron FFN bf16, {tokens} token{'s' if tokens > 1 else ''}, ~50% kept "
+                     "(Triton)",
+                     f"{kernel_s * 1e6:.0f} µs, {read / 1e6:.0f} MB of kept rows at "
+                     f"{read / kernel_s / bandwidth:.0%} of copy bandwidth; masked path "
+                     f"{masked_s * 1e6:.0f} µs ({masked_s / kernel_s:.2f}x), dense FFN "
+                     f"{dense_s * 1e6:.0f} µs ({dense_s / kernel_s:.2f}x)"))
     if err >= 1e-4:
         raise ValueError(f"neuron FFN on CUDA differs from the CPU by {err:.1e}")
 

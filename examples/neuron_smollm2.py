@@ -13,6 +13,9 @@ docstrings (disjoint):
   ("ppl x"), and decoding (``moefy.evaluate.decode_perplexity``: each window's first half
   prefilled, the rest fed one token at a time through the KV cache and scored: "decode ppl x",
   the regime generation runs in, where a per-sequence set cannot hide behind an exact prefill);
+- first, the dense model with every projection and the head read by moefy's row kernel
+  (the same function): the share of a speed-up that is the kernel's rather than the
+  sparsity's;
 - greedy decode tokens/s at batch 1 (after a 64-token prompt), as a ratio to dense measured
   alternately in the same run (medians of ``--rounds``);
 - prefill: one forward over a 256-token prompt, as a ratio to dense (the masked path: it
@@ -25,6 +28,7 @@ docstrings (disjoint):
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -37,7 +41,7 @@ from corpus import sentences  # noqa: E402
 
 from moefy import MoEConfig, convert, evaluate  # noqa: E402
 from moefy.io.pretrained import load_pretrained  # noqa: E402
-from moefy.layers.neuron import NeuronFFN, SparseLinear  # noqa: E402
+from moefy.layers.neuron import DecodeLinear, NeuronFFN, SparseLinear  # noqa: E402
 
 SEQ = 256
 
@@ -92,6 +96,17 @@ def shares(model) -> str:
     return " ".join(f"{k}:{sum(v) / len(v):.2f}" for k, v in kinds.items())
 
 
+def rows_reference(dense):
+    """The dense model with every projection and the head read by moefy's row kernel
+    (``DecodeLinear``, the same function): how much of a speed-up is the kernel's, not the
+    sparsity's."""
+    model = copy.deepcopy(dense)
+    for name, m in list(model.named_modules()):
+        if type(m) is torch.nn.Linear:
+            model.set_submodule(name, DecodeLinear.from_linear(m))
+    return model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--active", type=float, nargs="+", default=[0.75, 0.5, 0.35])
@@ -116,6 +131,13 @@ def main() -> None:
     print(f"SmolLM2-135M-Instruct: {held.numel()} held-out tokens, dense perplexity {base:.3f} "
           f"(decoding: {dbase:.3f}); {calib.numel()} calibration tokens; "
           f"{torch.get_num_threads()} threads", flush=True)
+    rows, d, r = rows_reference(dense), [], []
+    for _ in range(args.rounds):
+        d.append(decode_seconds(dense, prompt, args.new))
+        r.append(decode_seconds(rows, prompt, args.new))
+    print(f"dense through moefy's row kernel (every projection and the head, the same "
+          f"function): decode {statistics.median(d) / statistics.median(r):.2f}x dense")
+    del rows
     print(f"{'selection':9s} {'active':>6s} {'ppl x':>7s} {'decode ppl x':>12s} {'decode x':>8s} "
           f"{'prefill x':>9s} {'convert s':>9s}  mean share kept per matrix")
     for selection in args.selection:

@@ -320,11 +320,15 @@ class NeuronFFN(nn.Module):
         t = kernels.threshold_of(self.h_threshold, x)  # a tensor under tracing
         dense = isinstance(t, float) and t < 0
         if self.selection == "input":
-            h = self.hidden(x)
-            if dense:
-                y = h @ self.w_out_t
-                return y if self.b_out is None else y + self.b_out
-            return kernels.sparse_input_linear(h, self.w_out_t, self.h_scale, t, self.b_out)
+            t_in = kernels.threshold_of(self.in_threshold, x)
+            if dense and isinstance(t_in, float) and t_in < 0:  # every weight: exactly dense
+                y = self._gated(x @ self.w_in_t if self.b_in is None
+                                else x @ self.w_in_t + self.b_in) @ self.w_out_t
+            else:
+                y = kernels.input_sparse_ffn(x, self.w_in_t, self.in_scale, t_in, self.b_in,
+                                             self.w_out_t, self.h_scale, t, self.activation,
+                                             self.gated)
+            return y if self.b_out is None else y + self.b_out
         g = self._first(x)
         if dense:  # every neuron: the dense FFN
             a = self._act(g)

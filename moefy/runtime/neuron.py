@@ -10,13 +10,18 @@ Weights are passed transposed (``wt = linear.weight.T``, ``w_down_t = down.weigh
 contiguous once): a row is then one input channel's (one neuron's) weights, and skipping a
 channel skips a contiguous row.
 
-Two implementations, chosen per call:
+Three implementations, chosen per call:
 - the C++ kernels ``torch.ops.moefy_cpu.sparse_input_linear`` / ``neuron_ffn`` /
-  ``rows_linear`` (csrc/neuron.cpp; the last a dense projection read in place): eager CPU float32, no autograd, at most ``KERNEL_MAX_TOKENS`` tokens —
-  decode, where a projection costs what reading its weights costs and only the selected
-  rows are read;
+  ``input_sparse_ffn`` (a whole FFN of selection "input" in one call) / ``rows_linear`` (a
+  dense projection read in place) (csrc/neuron.cpp): eager CPU float32, no autograd, at
+  most ``KERNEL_MAX_TOKENS`` tokens — decode, where a projection costs what reading its
+  weights costs and only the selected rows are read;
+- their CUDA counterparts for ``sparse_input_linear`` and ``neuron_ffn``, in Triton
+  (moefy/runtime/neuron_triton.py, imported only for CUDA tensors, where triton is
+  installed): float32 / bfloat16 / float16, no autograd, at most ``KERNEL_MAX_TOKENS``
+  tokens (``input_sparse_ffn`` on CUDA runs as its three steps, two of them these);
 - the masked dense PyTorch expression: any device, dtype and batch, differentiable,
-  traceable (prefill, training, CUDA, export). It reads every weight.
+  traceable (prefill, training, export). It reads every weight.
 
 Both select exactly the same entries (strict ``>``, the score computed in the input's dtype;
 a NaN score keeps its entry, so a NaN input stays visible as in the dense layer).
@@ -28,6 +33,8 @@ which would turn an inf there into a NaN).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +75,12 @@ def sparse_input_linear(x: Tensor, wt: Tensor, scale: Tensor, threshold: float |
     K, N = wt.shape
     tokens = x.numel() // K if K else 0
     weights = (wt, scale) if bias is None else (wt, scale, bias)
+    if x.is_cuda and _cuda_kernel_applies(x, tokens, (wt,), (scale,), threshold):
+        flat = x if x.dim() == 2 else x.reshape(tokens, K)
+        y = _triton().sparse_input_linear(flat.contiguous(), wt, scale, float(threshold))
+        if bias is not None:
+            y += bias
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
     if _kernel_applies(x, tokens, weights) and not _needs_grad(x, *weights):
         flat = x if x.dim() == 2 else x.reshape(tokens, K)
         y = _sparse_input_linear_op(flat.contiguous(), wt, scale, float(threshold))
@@ -102,15 +115,76 @@ def neuron_ffn(x: Tensor, g: Tensor, w_up: Tensor | None, b_up: Tensor | None,
     lead = x.shape[:-1]
     tokens = g.numel() // F_ if F_ else 0
     weights = tuple(t for t in (w_up, b_up, w_down_t, coef) if t is not None)
-    if (act.name in KERNEL_ACTIVATIONS and ACTIVATIONS.get(act.name) is act
-            and _kernel_applies(x, tokens, weights) and g.is_cpu and g.dtype == torch.float32
-            and not _needs_grad(x, g, *weights)):
+    known = act.name in KERNEL_ACTIVATIONS and ACTIVATIONS.get(act.name) is act
+    if (known and x.is_cuda and not _needs_grad(g) and _cuda_kernel_applies(
+            x, tokens, tuple(t for t in (g, w_up, b_up, w_down_t) if t is not None), (coef,),
+            threshold)):
+        if x.dim() != 2:
+            x, g = x.reshape(tokens, x.shape[-1]), g.reshape(tokens, F_)
+        y = _triton().neuron_ffn(x.contiguous(), g.contiguous(), w_up, b_up, w_down_t, coef,
+                                 float(threshold), act.name)
+        return y if len(lead) == 1 else y.reshape(*lead, O)
+    if (known and _kernel_applies(x, tokens, weights) and g.is_cpu
+            and g.dtype == torch.float32 and not _needs_grad(x, g, *weights)):
         if x.dim() != 2:
             x, g = x.reshape(tokens, x.shape[-1]), g.reshape(tokens, F_)
         y = _neuron_ffn_op(x.contiguous(), g.contiguous(), w_up, b_up, w_down_t, coef,
                            float(threshold), act.name)
         return y if len(lead) == 1 else y.reshape(*lead, O)
     return _masked_neuron_ffn(x, g, w_up, b_up, w_down_t, coef, threshold, act)
+
+
+def input_sparse_ffn(x: Tensor, w_in_t: Tensor, in_scale: Tensor,
+                     in_threshold: float | Tensor, b_in: Tensor | None, w_out_t: Tensor,
+                     h_scale: Tensor, h_threshold: float | Tensor,
+                     activation: str | Activation, gated: bool) -> Tensor:
+    """A whole input-sparse FFN (selection "input"), its output bias left to the caller:
+
+        g = sparse_input_linear(x, w_in_t, in_scale, in_threshold, b_in)   (…, G)
+        h = act(g[…, :I]) · g[…, I:]  (gated: G = 2I, ``w_in_t`` = [gate; up]ᵀ)  or act(g)
+        y = sparse_input_linear(h, w_out_t, h_scale, h_threshold)          (…, O)
+
+    At decode sizes one C++ call (``torch.ops.moefy_cpu.input_sparse_ffn``) does all three:
+    a decoded token pays one call's overhead per FFN instead of five. Otherwise the three
+    steps as written (each with its own choice of path).
+
+    >>> H, I = 8, 16
+    >>> w_in_t, w_out_t = torch.randn(H, 2 * I), torch.randn(I, H)
+    >>> x = torch.randn(1, H)
+    >>> y = input_sparse_ffn(x, w_in_t, torch.ones(H), -1.0, None, w_out_t, torch.ones(I),
+    ...                      -1.0, "silu", True)
+    >>> g, u = (x @ w_in_t).chunk(2, dim=-1)
+    >>> torch.allclose(y, (torch.nn.functional.silu(g) * u) @ w_out_t, atol=1e-4)
+    True
+    """
+    act = _activation(activation)
+    if isinstance(x, torch.Tensor):
+        _check_linear(x, w_in_t, in_scale, b_in)
+        G, I = w_in_t.shape[1], w_out_t.shape[0]
+        if G != (2 * I if gated else I):
+            raise InputError(f"input_sparse_ffn: w_in_t has {G} columns; a "
+                             f"{'gated' if gated else 'plain'} FFN of {I} neurons (w_out_t's "
+                             f"rows) needs {2 * I if gated else I}")
+        _check_linear(x.new_empty(0, I), w_out_t, h_scale, None)
+        K = w_in_t.shape[0]
+        tokens = x.numel() // K if K else 0
+        weights = tuple(t for t in (w_in_t, in_scale, b_in, w_out_t, h_scale) if t is not None)
+        if (act.name in KERNEL_ACTIVATIONS and ACTIVATIONS.get(act.name) is act
+                and not isinstance(in_threshold, torch.Tensor)
+                and not isinstance(h_threshold, torch.Tensor)
+                and _kernel_applies(x, tokens, weights) and not _needs_grad(x, *weights)):
+            flat = x if x.dim() == 2 else x.reshape(tokens, K)
+            y = _input_sparse_ffn_op(flat.contiguous(), w_in_t, in_scale, float(in_threshold),
+                                     b_in, w_out_t, h_scale, float(h_threshold), act.name,
+                                     gated)
+            return y if x.dim() == 2 else y.reshape(*x.shape[:-1], w_out_t.shape[1])
+    g = sparse_input_linear(x, w_in_t, in_scale, in_threshold, b_in)
+    if gated:
+        g, u = g.chunk(2, dim=-1)
+        h = act.fn(g) * u
+    else:
+        h = act.fn(g)
+    return sparse_input_linear(h, w_out_t, h_scale, h_threshold)
 
 
 def rows_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -153,6 +227,10 @@ def _sparse_input_linear_op(*args):
     return torch.ops.moefy_cpu.sparse_input_linear.default(*args)
 
 
+def _input_sparse_ffn_op(*args):
+    return torch.ops.moefy_cpu.input_sparse_ffn.default(*args)
+
+
 def _rows_linear_op(*args):
     return torch.ops.moefy_cpu.rows_linear.default(*args)
 
@@ -187,6 +265,35 @@ def _kernel_applies(x: Tensor, tokens: int, tensors: tuple[Tensor, ...]) -> bool
         return False
     return (all(t.is_cpu and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
             and neuron_kernels_available())
+
+
+def _cuda_kernel_applies(x: Tensor, tokens: int, weights: tuple[Tensor, ...],
+                         scales: tuple[Tensor, ...], threshold) -> bool:
+    """The Triton kernels (moefy/runtime/neuron_triton.py) run CUDA decode batches of
+    float32 / bfloat16 / float16 whose weights share ``x``'s dtype and device and are
+    contiguous, with float32 scales, a Python float threshold and nothing to differentiate."""
+    if (tokens > KERNEL_MAX_TOKENS or x.dtype not in _CUDA_DTYPES or _tracing(x)
+            or not isinstance(threshold, float)):
+        return False
+    return (all(t.device == x.device and t.dtype == x.dtype and t.is_contiguous()
+                for t in weights)
+            and all(t.device == x.device and t.dtype == torch.float32 and t.is_contiguous()
+                    for t in scales)
+            and not _needs_grad(x, *weights, *scales) and _triton() is not None)
+
+
+_CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def _triton():
+    """moefy.runtime.neuron_triton, or None where triton is not installed (the masked dense
+    path then runs on CUDA)."""
+    try:
+        from moefy.runtime import neuron_triton
+    except ImportError:
+        return None
+    return neuron_triton
 
 
 def _needs_grad(*tensors: Tensor | None) -> bool:

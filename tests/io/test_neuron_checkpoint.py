@@ -50,7 +50,7 @@ def prefill_then_decode(model, ids):
 @pytest.fixture
 def counted_kernel_calls(monkeypatch):
     calls = []
-    for name in ("_sparse_input_linear_op", "_neuron_ffn_op"):
+    for name in ("_sparse_input_linear_op", "_neuron_ffn_op", "_input_sparse_ffn_op"):
         real = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, real=real: calls.append(1) or real(*a))
     return calls

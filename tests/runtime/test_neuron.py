@@ -465,3 +465,97 @@ def test_rows_linear_checks_its_inputs():
         op(torch.randn(65, 8), torch.randn(4, 8))
     with pytest.raises(RuntimeError, match="float32"):
         op(torch.randn(1, 8).double(), torch.randn(4, 8).double())
+
+
+# ----------------------------------------------------------------------------- input_sparse_ffn
+
+
+def naive_input_sparse_ffn(x, w_in_t, in_scale, t_in, b_in, w_out_t, h_scale, t_h,
+                           activation, gated):
+    """The definition, step by step: the input selection (the loop above), act(gate) · up in
+    float32, the neuron selection (the loop above)."""
+    g = naive_sparse_input_linear(x, w_in_t, in_scale, t_in, b_in).float()
+    act = get_activation(activation).fn
+    h = act(g[..., :g.shape[-1] // 2]) * g[..., g.shape[-1] // 2:] if gated else act(g)
+    return naive_sparse_input_linear(h, w_out_t, h_scale, t_h)
+
+
+def make_input_ffn(T, H, I, O, gated, bias, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    G = 2 * I if gated else I
+    x = torch.randn(T, H, generator=gen)
+    w_in_t = torch.randn(H, G, generator=gen) / H**0.5
+    b_in = torch.randn(G, generator=gen) if bias else None
+    w_out_t = torch.randn(I, O, generator=gen) / I**0.5
+    in_scale, h_scale = torch.rand(H, generator=gen) + 0.5, torch.rand(I, generator=gen) + 0.5
+    return x, w_in_t, in_scale, b_in, w_out_t, h_scale
+
+
+@pytest.mark.parametrize("impl", ("public", "masked"))
+@pytest.mark.parametrize("keep_in, keep_h", ((1.0, 1.0), (0.5, 0.5), (1.0, 0.3), (0.0, 0.5),
+                                             (0.6, 0.0)))
+@pytest.mark.parametrize("gated, bias", ((True, False), (False, True), (True, True)))
+@pytest.mark.parametrize("T", (1, 3, 16, 40))
+def test_input_sparse_ffn_equals_its_definition(T, gated, bias, keep_in, keep_h, impl,
+                                                monkeypatch):
+    H, I, O = 37, 53, 29
+    x, w_in_t, in_scale, b_in, w_out_t, h_scale = make_input_ffn(T, H, I, O, gated, bias, T)
+    t_in = threshold_keeping(x.abs() * in_scale, keep_in)
+    g = naive_sparse_input_linear(x, w_in_t, in_scale, t_in, b_in).float()
+    h = F_silu(g, gated)
+    t_h = threshold_keeping(h.abs() * h_scale, keep_h)
+    want = naive_input_sparse_ffn(x, w_in_t, in_scale, t_in, b_in, w_out_t, h_scale, t_h,
+                                  "silu", gated)
+    calls = counting(monkeypatch, "_input_sparse_ffn_op") if neuron_kernels_available() else []
+    if impl == "masked":
+        monkeypatch.setattr(neuron, "neuron_kernels_available", lambda: False)
+    got = neuron.input_sparse_ffn(x, w_in_t, in_scale, t_in, b_in, w_out_t, h_scale, t_h,
+                                  "silu", gated)
+    close(got, want)
+    assert len(calls) == (impl == "public" and T <= neuron.KERNEL_MAX_TOKENS
+                          and neuron_kernels_available())
+
+
+def F_silu(g, gated):
+    a = torch.nn.functional.silu
+    return a(g[..., :g.shape[-1] // 2]) * g[..., g.shape[-1] // 2:] if gated else a(g)
+
+
+@needs_kernel
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_input_sparse_ffn_every_activation(activation):
+    x, w_in_t, in_scale, b_in, w_out_t, h_scale = make_input_ffn(4, 24, 40, 24, True, True)
+    x = x * 3  # reach every piece of the piecewise activations
+    args = (x, w_in_t, in_scale, 0.3, b_in, w_out_t, h_scale, 0.05, activation, True)
+    want = naive_input_sparse_ffn(*args)  # outputs up to ~100 here: float32's error grows
+    torch.testing.assert_close(torch.ops.moefy_cpu.input_sparse_ffn(*args).double(), want,
+                               rtol=1e-4, atol=1e-3)
+
+
+@needs_kernel
+def test_input_sparse_ffn_a_nan_or_inf_input_stays_visible_as_in_the_masked_path(monkeypatch):
+    x, w_in_t, in_scale, b_in, w_out_t, h_scale = make_input_ffn(3, 24, 40, 24, True, False)
+    x[0, 5] = float("nan")
+    x[1, 7] = float("inf")
+    in_scale[7] = 0.0  # inf · 0 = NaN: a NaN score keeps the channel
+    x[2, 9] = float("-inf")
+    args = (x, w_in_t, in_scale, 0.5, None, w_out_t, h_scale, 0.1, "silu", True)
+    got = neuron.input_sparse_ffn(*args)
+    monkeypatch.setattr(neuron, "neuron_kernels_available", lambda: False)
+    masked = neuron.input_sparse_ffn(*args)
+    for row in range(3):
+        assert not got[row].isfinite().all()  # never silently dropped
+    assert torch.equal(got.isnan(), masked.isnan()) and torch.equal(got.isinf(), masked.isinf())
+
+
+def test_input_sparse_ffn_refuses_mismatched_shapes():
+    x, w_in_t, in_scale, b_in, w_out_t, h_scale = make_input_ffn(2, 24, 40, 24, True, False)
+    with pytest.raises(InputError, match="w_in_t has 80 columns.*needs 40"):
+        neuron.input_sparse_ffn(x, w_in_t, in_scale, 0.1, None, w_out_t, h_scale, 0.1,
+                                "silu", False)
+    with pytest.raises(InputError, match="scale must be"):
+        neuron.input_sparse_ffn(x, w_in_t, in_scale, 0.1, None, w_out_t, h_scale[:3], 0.1,
+                                "silu", True)
+    with pytest.raises(InputError, match="x must be"):
+        neuron.input_sparse_ffn(x[:, :5], w_in_t, in_scale, 0.1, None, w_out_t, h_scale, 0.1,
+                                "silu", True)

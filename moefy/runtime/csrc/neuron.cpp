@@ -9,6 +9,11 @@
 //     a = act(g);  kept (t, i): |a[t, i]| * coef[i] > threshold
 //     y[t] = sum over kept i of a[t, i] * u[t, i] * w_down_t[i, :],
 //     u[t, i] = w_up[i]·x[t] + b_up[i] (gated), or 1
+//   input_sparse_ffn(x (T, H), w_in_t (H, G), in_scale (H), in_threshold, b_in (G)?,
+//                    w_out_t (I, O), h_scale (I), h_threshold, activation, gated) -> y (T, O)
+//     a whole FFN of selection "input" in one call: g = sparse_input_linear(x, w_in_t,
+//     in_scale, in_threshold) + b_in; h = act(g[:, :I]) * g[:, I:] (gated; G = 2I) or act(g);
+//     y = sparse_input_linear(h, w_out_t, h_scale, h_threshold)
 //   rows_linear(x (T, K), w (N, K)) -> y (T, N) = x · wᵀ
 //     a dense projection in nn.Linear's layout (a tied LM head, whose weight is also the
 //     embedding table), read in place: each output is a dot product with one contiguous row
@@ -199,19 +204,10 @@ void check_tokens(int64_t T, const char* op) {
               "; larger batches take the PyTorch path");
 }
 
-Tensor sparse_input_linear(const Tensor& x, const Tensor& wt, const Tensor& scale,
-                           double threshold) {
-  constexpr const char* op = "sparse_input_linear";
-  check_matrix(x, -1, -1, op, "x (T, K)");
-  const int64_t T = x.size(0), K = x.size(1);
-  check_tokens(T, op);
-  check_matrix(wt, K, -1, op, "wt (K, N), the transposed weight,");
-  check_vector(scale, K, op, "scale (K)");
-  const int64_t N = wt.size(1);
-  const float thr = static_cast<float>(threshold);  // as PyTorch compares float32 tensors
-
-  const float* xp = x.data_ptr<float>();
-  const float* sp = scale.data_ptr<float>();
+// y (T, N) = sum over the channels j of x (T, K) with |x[t, j]| * scale[j] > thr of
+// x[t, j] * W[j, :]; only the rows some token selected are read.
+void sparse_rows(const float* xp, int64_t T, int64_t K, const float* W, int64_t N,
+                 const float* sp, float thr, float* y) {
   Selection sel;
   std::vector<float> c(T);
   for (int64_t j = 0; j < K; ++j) {
@@ -227,13 +223,85 @@ Tensor sparse_input_linear(const Tensor& x, const Tensor& wt, const Tensor& scal
     sel.rows.push_back(j);
     sel.coefs.insert(sel.coefs.end(), c.begin(), c.end());
   }
-  Tensor y = at::empty({T, N}, x.options());
-  const float* W = wt.data_ptr<float>();
   const std::vector<float> zero(N, 0.f);
-  over_row_runs(static_cast<int64_t>(sel.rows.size()), N * 4, T, N, y.data_ptr<float>(),
+  over_row_runs(static_cast<int64_t>(sel.rows.size()), N * 4, T, N, y,
                 [&](int64_t u0, int64_t u1, float* acc) {
     add_rows(W, N, sel.rows.data(), sel.coefs.data(), T, u0, u1, zero.data(), acc);
   });
+}
+
+Tensor sparse_input_linear(const Tensor& x, const Tensor& wt, const Tensor& scale,
+                           double threshold) {
+  constexpr const char* op = "sparse_input_linear";
+  check_matrix(x, -1, -1, op, "x (T, K)");
+  const int64_t T = x.size(0), K = x.size(1);
+  check_tokens(T, op);
+  check_matrix(wt, K, -1, op, "wt (K, N), the transposed weight,");
+  check_vector(scale, K, op, "scale (K)");
+  const int64_t N = wt.size(1);
+  Tensor y = at::empty({T, N}, x.options());
+  // the threshold rounded to float32, as PyTorch compares float32 tensors
+  sparse_rows(x.data_ptr<float>(), T, K, wt.data_ptr<float>(), N, scale.data_ptr<float>(),
+              static_cast<float>(threshold), y.data_ptr<float>());
+  return y;
+}
+
+template <Act A>
+void gate_times_up(const float* __restrict g, int64_t T, int64_t I, bool gated,
+                   float* __restrict h) {
+  const int64_t G = gated ? 2 * I : I;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t i = 0; i < I; ++i)
+      h[t * I + i] = activate(A, g[t * G + i]) * (gated ? g[t * G + I + i] : 1.f);
+}
+
+// h = act(g[:, :I]) * g[:, I:] (gated) or act(g), one instance per activation
+void gate_times_up(Act act, const float* g, int64_t T, int64_t I, bool gated, float* h) {
+  switch (act) {
+    case Act::relu: return gate_times_up<Act::relu>(g, T, I, gated, h);
+    case Act::gelu: return gate_times_up<Act::gelu>(g, T, I, gated, h);
+    case Act::gelu_tanh: return gate_times_up<Act::gelu_tanh>(g, T, I, gated, h);
+    case Act::silu: return gate_times_up<Act::silu>(g, T, I, gated, h);
+    case Act::squared_relu: return gate_times_up<Act::squared_relu>(g, T, I, gated, h);
+    case Act::quick_gelu: return gate_times_up<Act::quick_gelu>(g, T, I, gated, h);
+    case Act::hardswish: return gate_times_up<Act::hardswish>(g, T, I, gated, h);
+  }
+}
+
+// A whole input-sparse FFN in one call (selection "input"): the selected input channels' rows
+// of [gate; up] (bias added), h = act(gate) * up, then the selected neurons' rows of down.
+Tensor input_sparse_ffn(const Tensor& x, const Tensor& w_in_t, const Tensor& in_scale,
+                        double in_threshold, const c10::optional<Tensor>& b_in,
+                        const Tensor& w_out_t, const Tensor& h_scale, double h_threshold,
+                        const std::string& activation, bool gated) {
+  constexpr const char* op = "input_sparse_ffn";
+  check_matrix(x, -1, -1, op, "x (T, H)");
+  const int64_t T = x.size(0), H = x.size(1);
+  check_tokens(T, op);
+  check_matrix(w_in_t, H, -1, op, "w_in_t (H, G), the transposed [gate; up],");
+  const int64_t G = w_in_t.size(1);
+  TORCH_CHECK(!gated || G % 2 == 0, "moefy ", op, ": a gated FFN's w_in_t has an even number "
+              "of columns ([gate; up]), got ", G);
+  const int64_t I = gated ? G / 2 : G;
+  check_vector(in_scale, H, op, "in_scale (H)");
+  if (b_in.has_value()) check_vector(*b_in, G, op, "b_in (G)");
+  check_matrix(w_out_t, I, -1, op, "w_out_t (I, O), the transposed down projection,");
+  const int64_t O = w_out_t.size(1);
+  check_vector(h_scale, I, op, "h_scale (I)");
+  const Act act = parse_activation(activation);
+
+  std::vector<float> g(T * G), h(T * I);
+  sparse_rows(x.data_ptr<float>(), T, H, w_in_t.data_ptr<float>(), G,
+              in_scale.data_ptr<float>(), static_cast<float>(in_threshold), g.data());
+  if (b_in.has_value()) {
+    const float* b = b_in->data_ptr<float>();
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t k = 0; k < G; ++k) g[t * G + k] += b[k];
+  }
+  gate_times_up(act, g.data(), T, I, gated, h.data());
+  Tensor y = at::empty({T, O}, x.options());
+  sparse_rows(h.data(), T, I, w_out_t.data_ptr<float>(), O, h_scale.data_ptr<float>(),
+              static_cast<float>(h_threshold), y.data_ptr<float>());
   return y;
 }
 
@@ -373,6 +441,10 @@ TORCH_LIBRARY_FRAGMENT(moefy_cpu, m) {
   m.def("sparse_input_linear(Tensor x, Tensor wt, Tensor scale, float threshold) -> Tensor");
   m.def("rows_linear(Tensor x, Tensor w) -> Tensor");
   m.def(
+      "input_sparse_ffn(Tensor x, Tensor w_in_t, Tensor in_scale, float in_threshold, "
+      "Tensor? b_in, Tensor w_out_t, Tensor h_scale, float h_threshold, str activation, "
+      "bool gated) -> Tensor");
+  m.def(
       "neuron_ffn(Tensor x, Tensor g, Tensor? w_up, Tensor? b_up, Tensor w_down_t, "
       "Tensor coef, float threshold, str activation) -> Tensor");
 }
@@ -382,4 +454,5 @@ TORCH_LIBRARY_IMPL(moefy_cpu, CPU, m) {
   m.impl("sparse_input_linear", sparse_input_linear);
   m.impl("neuron_ffn", neuron_ffn);
   m.impl("rows_linear", rows_linear);
+  m.impl("input_sparse_ffn", input_sparse_ffn);
 }
