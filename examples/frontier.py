@@ -18,8 +18,10 @@ against the dense model, then freed:
   batch-1 greedy decoding with ``generate`` (32 new tokens, eager PyTorch); whether the first
   16 greedy tokens after "The capital of France is" are the dense model's. A reference line:
   the neuron oracle (each FFN keeps, per token, the half of its neurons with the largest
-  |h|; a quality ceiling, computed densely, not a speed). (No ONNX: one SmolLM2 export takes
-  about 90 s.)
+  |h|; a quality ceiling, computed densely, not a speed); and a reference speed: the dense
+  model with every projection and the head read by moefy's row kernel (the same function,
+  ``moefy.layers.neuron.linears_by_rows``): the share of a speed-up that is the kernel's
+  rather than the sparsity's. (No ONNX: one SmolLM2 export takes about 90 s.)
 
 Speed-ups are dense time / converted time, medians of ``--rounds`` calls with dense and
 converted calls interleaved (the machine's drift hits both alike); > 1 is faster than dense.
@@ -73,6 +75,7 @@ from smollm2_levers import chunks, perplexity  # noqa: E402
 import moefy  # noqa: E402
 from moefy import evaluate  # noqa: E402
 from moefy.io.pretrained import load_pretrained  # noqa: E402
+from moefy.layers.neuron import linears_by_rows  # noqa: E402
 
 MODELS = ("minilm", "smollm2")
 METHODS = ("routed", "neuron")
@@ -133,7 +136,9 @@ class Row:
     convert_s: float | None
     greedy_match: bool | None = None  # SmolLM2: first 16 greedy tokens equal dense's
     minutes: float | None = None  # the recipe's budget
-    method: str = "routed"  # "routed" | "neuron" | "oracle" (a reference, not a conversion)
+    # "routed" | "neuron" | "oracle" (a reference, not a conversion) | "rows" (dense, every
+    # projection read by moefy's row kernel: a reference, the same function)
+    method: str = "routed"
     decode_fidelity: float | None = None  # SmolLM2 neuron rows: decode perplexity / dense's
 
     @property
@@ -142,7 +147,7 @@ class Row:
         conversion took longer than the target allows) or "" (missed; dense: no target).
         Routed rows: issue 22's targets; neuron rows on SmolLM2: issue 23's (decode
         perplexity and decode speed at 0.6 and 0.5 of the weights read)."""
-        if self.active >= 1 or self.method == "oracle":
+        if self.active >= 1 or self.method in ("oracle", "rows"):
             return ""
         if self.method == "neuron" and self.model == "smollm2":
             fid, speed = self.decode_fidelity or math.inf, self.eager or 0
@@ -336,6 +341,13 @@ def smollm2(sizes: Sizes, methods) -> list[Row]:
                         ORACLE_SHARE, ratio, None, None, None, method="oracle",
                         decode_fidelity=dratio))
         print_row(rows[-1], ".3f", f"  decode ppl ×{dratio:.3f} (a ceiling, not a speed)")
+        by_rows = linears_by_rows(dense)
+        decode = speedup(Eager(dense, sizes.new_tokens), Eager(by_rows, sizes.new_tokens),
+                         prompt, sizes.decode_rounds)
+        del by_rows
+        rows.append(Row("smollm2", "dense, moefy's row kernel", 1.0, 1.0, None, decode, None,
+                        method="rows", decode_fidelity=1.0))
+        print_row(rows[-1], ".3f", "  the same function: the kernel's share of a speed-up")
         runs += [(*s, "neuron") for s in neuron_settings(sizes.smollm2_neuron)]
     for label, active, cfg, method in runs:
         model, seconds = convert(dense, cfg, calibration)
@@ -453,6 +465,10 @@ def _panel_smollm2(ax, rows, colours) -> None:
             ax.axhline(y, color="gray", ls="--", lw=0.8,
                        label=f"{r.setting} (per-token ceiling, not a speed): ×{y:.3f}")
             continue
+        if r.method == "rows":
+            ax.axvline(r.eager, color="gray", ls=":", lw=0.8,
+                       label=f"{r.setting} (dense, the same function): {r.eager:.2f}x")
+            continue
         points.append(y)
         ax.plot(r.eager, y, "D" if r.method == "neuron" else "o", color=c)
         _label(ax, r.eager, y, r.setting + ("" if r.greedy_match in (None, True)
@@ -488,8 +504,11 @@ def kept_rows(raw: Path, models, methods) -> list[Row]:
     fields = set(Row.__dataclass_fields__)
     rows = [Row(**{k: v for k, v in r.items() if k in fields})
             for r in json.loads(raw.read_text())["rows"]]
+    def run_by(r: Row) -> str:  # the references are measured with the neuron rows
+        return "neuron" if r.method in ("oracle", "rows") else r.method
+
     return [r for r in rows if r.model not in models
-            or (r.method not in methods and r.setting != "dense")]
+            or (run_by(r) not in methods and r.setting != "dense")]
 
 
 def main() -> None:

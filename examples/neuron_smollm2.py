@@ -28,7 +28,6 @@ docstrings (disjoint):
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 import time
@@ -41,7 +40,7 @@ from corpus import sentences  # noqa: E402
 
 from moefy import MoEConfig, convert, evaluate  # noqa: E402
 from moefy.io.pretrained import load_pretrained  # noqa: E402
-from moefy.layers.neuron import DecodeLinear, NeuronFFN, SparseLinear  # noqa: E402
+from moefy.layers.neuron import NeuronFFN, SparseLinear, linears_by_rows  # noqa: E402
 
 SEQ = 256
 
@@ -96,17 +95,6 @@ def shares(model) -> str:
     return " ".join(f"{k}:{sum(v) / len(v):.2f}" for k, v in kinds.items())
 
 
-def rows_reference(dense):
-    """The dense model with every projection and the head read by moefy's row kernel
-    (``DecodeLinear``, the same function): how much of a speed-up is the kernel's, not the
-    sparsity's."""
-    model = copy.deepcopy(dense)
-    for name, m in list(model.named_modules()):
-        if type(m) is torch.nn.Linear:
-            model.set_submodule(name, DecodeLinear.from_linear(m))
-    return model
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--active", type=float, nargs="+", default=[0.75, 0.5, 0.35])
@@ -131,7 +119,7 @@ def main() -> None:
     print(f"SmolLM2-135M-Instruct: {held.numel()} held-out tokens, dense perplexity {base:.3f} "
           f"(decoding: {dbase:.3f}); {calib.numel()} calibration tokens; "
           f"{torch.get_num_threads()} threads", flush=True)
-    rows, d, r = rows_reference(dense), [], []
+    rows, d, r = linears_by_rows(dense), [], []
     for _ in range(args.rounds):
         d.append(decode_seconds(dense, prompt, args.new))
         r.append(decode_seconds(rows, prompt, args.new))

@@ -197,6 +197,20 @@ class DecodeLinear(nn.Linear):
         return kernels.rows_linear(x, self.weight, self.bias)
 
 
+def linears_by_rows(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every plain ``nn.Linear`` a ``DecodeLinear`` (the same
+    function, read at decode by moefy's row kernel): the reference that says how much of a
+    sparse model's decode speed-up is the kernel's rather than the sparsity's. The model
+    given is not changed; weights tied inside it stay tied in the copy."""
+    import copy
+
+    out = copy.deepcopy(model)
+    for name, m in list(out.named_modules()):
+        if type(m) is nn.Linear:
+            out.set_submodule(name, DecodeLinear.from_linear(m))
+    return out
+
+
 class NeuronFFN(nn.Module):
     """A dense FFN ``W_down · act(W_gate x) ⊙ (W_up x)`` (plain: ``W_down · act(W_up x)``),
     ``hidden_size → output_size``, whose ``ffn_size`` neurons are single-neuron experts chosen

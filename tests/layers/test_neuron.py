@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moefy.errors import InputError
-from moefy.layers.neuron import DENSE, DecodeLinear, NeuronFFN, SparseLinear
+from moefy.layers.neuron import DENSE, DecodeLinear, NeuronFFN, SparseLinear, linears_by_rows
 
 
 def naive_sparse_linear(x, w, b, scale, t):
@@ -418,3 +418,22 @@ def test_decode_linear_keeps_a_tie_and_refuses_what_is_no_linear():
         DecodeLinear.from_linear(emb)
     with pytest.raises(RuntimeError):  # as nn.Linear itself refuses a wrong width
         head(torch.randn(1, 23))
+
+
+def test_linears_by_rows_copies_keeps_ties_and_computes_the_same():
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    fast = linears_by_rows(model)
+    assert not any(isinstance(m, DecodeLinear) for m in model.modules())  # untouched
+    linears = [m for m in fast.modules() if isinstance(m, nn.Linear)]
+    assert len(linears) == 8 and all(type(m) is DecodeLinear for m in linears)
+    assert fast.lm_head.weight is fast.model.embed_tokens.weight
+    assert fast.lm_head.weight is not model.lm_head.weight
+    ids = torch.randint(0, 64, (1, 3))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
