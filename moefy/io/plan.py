@@ -103,7 +103,7 @@ def describe_model(model: nn.Module) -> dict:
                      "hf": hf_config(model) is not None,
                      "attn_implementation": attention_implementation(model)},
             "layers": layers, "identities": identities, "hash_routing": has_token_hooks(model),
-            "decode_linear": [n for n, m in modules if isinstance(m, DecodeLinear)]}
+            "decode_linear": [n for n, m in modules if isinstance(m, DecodeLinear) and n]}
 
 
 def _describe(model: nn.Module, path: str, layer: nn.Module) -> dict:
@@ -299,11 +299,18 @@ def skeletons(plan: dict, model: nn.Module) -> dict[str, nn.Module]:
         except AttributeError as exc:
             raise LoadError(f"the model has no module {path!r}, which the conversion replaced: "
                             "it is not the architecture that was converted") from exc
+    replaced = [*layers, *also_at(plan), *plan["identities"]]
     for path in plan["decode_linear"]:
         try:
             head = model.get_submodule(path)
         except AttributeError:
             head = None
+        inside = [p for p in replaced if path == p or path.startswith(p + ".") or not p]
+        if inside:
+            raise LoadError(f"the plan is damaged: {path!r} is both a module to read by rows "
+                            f"and {'under ' if path != inside[0] else ''}a layer the plan "
+                            f"replaces ({inside[0] or 'the model itself'!r}); save the model "
+                            "again")
         if not isinstance(head, nn.Linear):
             raise LoadError(f"the model has no nn.Linear at {path!r}, which the conversion reads "
                             "with moefy's row kernel: it is not the architecture that was "

@@ -189,7 +189,8 @@ class DecodeLinear(nn.Linear):
         out = cls.__new__(cls)
         nn.Module.__init__(out)
         out.in_features, out.out_features = linear.in_features, linear.out_features
-        out.weight, out.bias = linear.weight, linear.bias
+        out.register_parameter("weight", linear.weight)
+        out.register_parameter("bias", linear.bias)  # None: registered as absent, as nn.Linear
         out.train(linear.training)
         return out
 
@@ -205,6 +206,8 @@ def linears_by_rows(model: nn.Module) -> nn.Module:
     import copy
 
     out = copy.deepcopy(model)
+    if type(out) is nn.Linear:
+        return DecodeLinear.from_linear(out)
     for name, m in list(out.named_modules()):
         if type(m) is nn.Linear:
             out.set_submodule(name, DecodeLinear.from_linear(m))

@@ -35,12 +35,14 @@ which would turn an inf there into a NaN).
 from __future__ import annotations
 
 import functools
+import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 
 from moefy.activations import ACTIVATIONS, Activation, get_activation
-from moefy.errors import InputError
+from moefy.errors import InputError, first_line
 from moefy.runtime.kernels import neuron_kernels_available
 
 Tensor = torch.Tensor
@@ -73,14 +75,17 @@ def sparse_input_linear(x: Tensor, wt: Tensor, scale: Tensor, threshold: float |
     """
     _check_linear(x, wt, scale, bias)
     K, N = wt.shape
-    tokens = x.numel() // K if K else 0
+    tokens = math.prod(x.shape[:-1])
     weights = (wt, scale) if bias is None else (wt, scale, bias)
-    if x.is_cuda and _cuda_kernel_applies(x, tokens, (wt,), (scale,), threshold):
+    if x.is_cuda and _cuda_kernel_applies(x, tokens, weights[:1] + weights[2:], (scale,),
+                                          threshold):
         flat = x if x.dim() == 2 else x.reshape(tokens, K)
-        y = _triton().sparse_input_linear(flat.contiguous(), wt, scale, float(threshold))
-        if bias is not None:
-            y += bias
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
+        y = _on_cuda(_triton().sparse_input_linear, flat.contiguous(), wt, scale,
+                     float(threshold))
+        if y is not None:
+            if bias is not None:
+                y += bias
+            return y if x.dim() == 2 else y.reshape(*x.shape[:-1], N)
     if _kernel_applies(x, tokens, weights) and not _needs_grad(x, *weights):
         flat = x if x.dim() == 2 else x.reshape(tokens, K)
         y = _sparse_input_linear_op(flat.contiguous(), wt, scale, float(threshold))
@@ -113,17 +118,18 @@ def neuron_ffn(x: Tensor, g: Tensor, w_up: Tensor | None, b_up: Tensor | None,
     _check_ffn(x, g, w_up, b_up, w_down_t, coef)
     F_, O = w_down_t.shape
     lead = x.shape[:-1]
-    tokens = g.numel() // F_ if F_ else 0
+    tokens = math.prod(g.shape[:-1])
     weights = tuple(t for t in (w_up, b_up, w_down_t, coef) if t is not None)
     known = act.name in KERNEL_ACTIVATIONS and ACTIVATIONS.get(act.name) is act
     if (known and x.is_cuda and not _needs_grad(g) and _cuda_kernel_applies(
             x, tokens, tuple(t for t in (g, w_up, b_up, w_down_t) if t is not None), (coef,),
             threshold)):
-        if x.dim() != 2:
-            x, g = x.reshape(tokens, x.shape[-1]), g.reshape(tokens, F_)
-        y = _triton().neuron_ffn(x.contiguous(), g.contiguous(), w_up, b_up, w_down_t, coef,
-                                 float(threshold), act.name)
-        return y if len(lead) == 1 else y.reshape(*lead, O)
+        x2, g2 = ((x, g) if x.dim() == 2
+                  else (x.reshape(tokens, x.shape[-1]), g.reshape(tokens, F_)))
+        y = _on_cuda(_triton().neuron_ffn, x2.contiguous(), g2.contiguous(), w_up, b_up,
+                     w_down_t, coef, float(threshold), act.name)
+        if y is not None:
+            return y if len(lead) == 1 else y.reshape(*lead, O)
     if (known and _kernel_applies(x, tokens, weights) and g.is_cpu
             and g.dtype == torch.float32 and not _needs_grad(x, g, *weights)):
         if x.dim() != 2:
@@ -167,7 +173,7 @@ def input_sparse_ffn(x: Tensor, w_in_t: Tensor, in_scale: Tensor,
                              f"rows) needs {2 * I if gated else I}")
         _check_linear(x.new_empty(0, I), w_out_t, h_scale, None)
         K = w_in_t.shape[0]
-        tokens = x.numel() // K if K else 0
+        tokens = math.prod(x.shape[:-1])
         weights = tuple(t for t in (w_in_t, in_scale, b_in, w_out_t, h_scale) if t is not None)
         if (act.name in KERNEL_ACTIVATIONS and ACTIVATIONS.get(act.name) is act
                 and not isinstance(in_threshold, torch.Tensor)
@@ -199,12 +205,14 @@ def rows_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor
     >>> torch.allclose(rows_linear(x, w), x @ w.T, atol=1e-5)
     True
     """
-    K = weight.shape[-1]
-    if (x.dim() >= 1 and x.shape[-1] == K and weight.dim() == 2
-            and _kernel_applies(x, x.numel() // K if K else 0, (weight,))
-            and (bias is None or (bias.is_cpu and bias.dtype == torch.float32))
+    if (isinstance(x, torch.Tensor) and x.dim() >= 1 and weight.dim() == 2
+            and x.shape[-1] == weight.shape[1]
+            and _kernel_applies(x, math.prod(x.shape[:-1]), (weight,))
+            and (bias is None or (bias.is_cpu and bias.dtype == torch.float32
+                                  and bias.shape == weight.shape[:1]))
             and not _needs_grad(x, weight, bias)):
-        flat = x if x.dim() == 2 else x.reshape(-1, K)
+        K = weight.shape[1]
+        flat = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), K)
         y = _rows_linear_op(flat.contiguous(), weight)
         if bias is not None:
             y += bias
@@ -258,10 +266,11 @@ def _tracing(x) -> bool:
 
 def _kernel_applies(x: Tensor, tokens: int, tensors: tuple[Tensor, ...]) -> bool:
     """The C++ kernels run eager CPU float32 decode batches on weights read in place (a
-    non-contiguous weight would be copied whole on every call: the dense path reads it as is).
-    Cheap checks first: this runs on every decode call."""
+    non-contiguous weight would be copied whole on every call: the dense path reads it as is),
+    outside autocast (which would make the dense path compute in another dtype) and with at
+    least one input feature. Cheap checks first: this runs on every decode call."""
     if (tokens > KERNEL_MAX_TOKENS or not x.is_cpu or x.dtype != torch.float32
-            or _tracing(x)):
+            or not x.shape[-1] or _tracing(x) or torch.is_autocast_enabled("cpu")):
         return False
     return (all(t.is_cpu and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
             and neuron_kernels_available())
@@ -270,19 +279,40 @@ def _kernel_applies(x: Tensor, tokens: int, tensors: tuple[Tensor, ...]) -> bool
 def _cuda_kernel_applies(x: Tensor, tokens: int, weights: tuple[Tensor, ...],
                          scales: tuple[Tensor, ...], threshold) -> bool:
     """The Triton kernels (moefy/runtime/neuron_triton.py) run CUDA decode batches of
-    float32 / bfloat16 / float16 whose weights share ``x``'s dtype and device and are
-    contiguous, with float32 scales, a Python float threshold and nothing to differentiate."""
-    if (tokens > KERNEL_MAX_TOKENS or x.dtype not in _CUDA_DTYPES or _tracing(x)
-            or not isinstance(threshold, float)):
+    float32 / bfloat16 / float16 whose weights (and bias) share ``x``'s dtype and device and
+    are contiguous, with floating-point scales (a layer cast with ``.to(dtype)`` casts them
+    too; the kernels read them as float32), a Python float threshold, nothing to
+    differentiate and no autocast — unless a launch has failed in this process."""
+    if (tokens > KERNEL_MAX_TOKENS or x.dtype not in _CUDA_DTYPES or not x.shape[-1]
+            or _tracing(x) or not isinstance(threshold, float) or _TRITON_FAILED
+            or torch.is_autocast_enabled("cuda")):
         return False
     return (all(t.device == x.device and t.dtype == x.dtype and t.is_contiguous()
                 for t in weights)
-            and all(t.device == x.device and t.dtype == torch.float32 and t.is_contiguous()
+            and all(t.device == x.device and t.is_floating_point() and t.is_contiguous()
                     for t in scales)
             and not _needs_grad(x, *weights, *scales) and _triton() is not None)
 
 
 _CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_TRITON_FAILED = False  # set by the first launch that fails: the masked path from then on
+
+
+def _on_cuda(kernel, *args):
+    """``kernel(*args)`` (a Triton kernel's wrapper), or None after warning once where Triton
+    cannot launch here (no compiler for its launcher, a driver it does not support): the
+    caller then takes the masked path, as without triton."""
+    global _TRITON_FAILED
+    try:
+        return kernel(*args)
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any launch failure: fall back, say so once
+        _TRITON_FAILED = True
+        warnings.warn(f"moefy: the Triton decode kernels failed to launch here "
+                      f"({type(exc).__name__}: {first_line(exc)}); CUDA decode takes the "
+                      "masked dense path from now on", RuntimeWarning, stacklevel=3)
+        return None
 
 
 @functools.cache
@@ -364,13 +394,16 @@ def _check_ffn(x, g, w_up, b_up, w_down_t, coef) -> None:
 
 def _masked_input_linear(x: Tensor, wt: Tensor, scale: Tensor, threshold: float | Tensor,
                          bias: Tensor | None) -> Tensor:
+    if isinstance(threshold, float) and threshold < 0:  # every channel kept: no mask to apply
+        y = x @ wt
+        return y if bias is None else y + bias
     if (isinstance(threshold, float) and x.is_cpu and x.dtype == torch.float32
             and scale.dtype == torch.float32 and x.is_contiguous() and not _tracing(x)
             and not _needs_grad(x, wt, scale, bias) and neuron_kernels_available()):
         # prefill: the selection in one pass (four elementwise ops in eager PyTorch cost a
         # prefill ~15% over dense on SmolLM2), then one GEMM, the bias fused into it
         xs = _prefill_mask(x, scale, threshold)
-        flat = xs.reshape(-1, wt.shape[0])
+        flat = xs.reshape(math.prod(x.shape[:-1]), wt.shape[0])
         y = torch.mm(flat, wt) if bias is None else torch.addmm(bias, flat, wt)
         return y.reshape(*x.shape[:-1], wt.shape[1])
     keep = ~(x.abs() * scale <= threshold)  # (…, K); a NaN score keeps its entry

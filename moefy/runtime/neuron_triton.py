@@ -13,10 +13,12 @@ Layout: a program owns one token and one tile of rows (input channels, or neuron
 over the output columns; a row it does not keep is never loaded (its loads are masked off, so
 no memory transaction is issued for it), and a kept row is read as contiguous segments. Each
 program writes its partial sums to its own slice of a float32 buffer (rows tiles, T, N),
-which one ``sum`` reduces: no atomics, so results are reproducible. Accumulation is float32
-for float32, bfloat16 and float16 weights; the selection is computed in float32 as PyTorch's
-``x.abs() * scale <= threshold`` is for those dtypes (the threshold rounded to float32), and a
-NaN score keeps its entry.
+which one ``sum`` reduces: no atomics, so results are reproducible (the buffer is T/16 of
+the weight's bf16 bytes per row tile of 32: small at decode sizes). Accumulation is float32
+for float32, bfloat16 and float16 weights. The selection is PyTorch's: the activation rounded
+to g's dtype, the score ``|v|·scale`` computed in the dtype PyTorch computes it in (float32
+unless both are half precision) and compared with the threshold rounded to it; a NaN score
+keeps its entry.
 
 Importing this module needs ``triton``; ``moefy.runtime.neuron`` imports it only for CUDA
 tensors (``available()``). On a machine without a GPU the kernels run under Triton's
@@ -25,6 +27,8 @@ check them against the definition.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import triton
@@ -63,15 +67,19 @@ def _act(v, ACT: tl.constexpr):
 
 @triton.jit
 def _sparse_input_linear_kernel(x_ptr, wt_ptr, scale_ptr, out_ptr, K, N, threshold,
-                                ROWS_: tl.constexpr, COLS_: tl.constexpr):
+                                ROUND: tl.constexpr, ROWS_: tl.constexpr,
+                                COLS_: tl.constexpr):
     tile = tl.program_id(0)
     t = tl.program_id(1)
     T = tl.num_programs(1)
     rows = tile * ROWS_ + tl.arange(0, ROWS_)
     inside = rows < K
     xv = tl.load(x_ptr + t * K + rows, mask=inside, other=0.0).to(tl.float32)
-    s = tl.load(scale_ptr + rows, mask=inside, other=0.0)
-    keep = inside & ~(tl.abs(xv) * s <= threshold)  # a NaN score keeps its channel
+    s = tl.load(scale_ptr + rows, mask=inside, other=0.0).to(tl.float32)
+    score = tl.abs(xv) * s
+    if ROUND:  # PyTorch computes the score in x's (half-precision) dtype: round as it does
+        score = score.to(x_ptr.dtype.element_ty).to(tl.float32)
+    keep = inside & ~(score <= threshold)  # a NaN score keeps its channel
     coef = tl.where(keep, xv, 0.0)
     for c0 in range(0, N, COLS_):
         cols = c0 + tl.arange(0, COLS_)
@@ -84,15 +92,21 @@ def _sparse_input_linear_kernel(x_ptr, wt_ptr, scale_ptr, out_ptr, K, N, thresho
 @triton.jit
 def _neuron_ffn_kernel(x_ptr, g_ptr, w_up_ptr, b_up_ptr, w_down_ptr, coef_ptr, out_ptr,
                        H, F, O, threshold, ACT: tl.constexpr, HAS_UP: tl.constexpr,
-                       HAS_B_UP: tl.constexpr, ROWS_: tl.constexpr, COLS_: tl.constexpr):
+                       HAS_B_UP: tl.constexpr, ROUND: tl.constexpr, ROWS_: tl.constexpr,
+                       COLS_: tl.constexpr):
     tile = tl.program_id(0)
     t = tl.program_id(1)
     T = tl.num_programs(1)
     rows = tile * ROWS_ + tl.arange(0, ROWS_)
     inside = rows < F
     a = _act(tl.load(g_ptr + t * F + rows, mask=inside, other=0.0).to(tl.float32), ACT)
-    c = tl.load(coef_ptr + rows, mask=inside, other=0.0)
-    keep = inside & ~(tl.abs(a) * c <= threshold)  # a NaN score keeps its neuron
+    # as PyTorch's act(g) in g's dtype: rounded to it (a no-op in float32)
+    a = a.to(g_ptr.dtype.element_ty).to(tl.float32)
+    c = tl.load(coef_ptr + rows, mask=inside, other=0.0).to(tl.float32)
+    score = tl.abs(a) * c
+    if ROUND:
+        score = score.to(g_ptr.dtype.element_ty).to(tl.float32)
+    keep = inside & ~(score <= threshold)  # a NaN score keeps its neuron
     coef = a
     if HAS_UP:
         u = tl.zeros((ROWS_,), dtype=tl.float32)
@@ -121,9 +135,11 @@ def sparse_input_linear(x: Tensor, wt: Tensor, scale: Tensor, threshold: float) 
     N = wt.shape[1]
     tiles = triton.cdiv(K, ROWS)
     part = torch.empty(tiles, T, N, dtype=torch.float32, device=x.device)
+    round_, threshold = _score_dtype(x.dtype, scale.dtype, threshold)
     if T and tiles and N:
-        _sparse_input_linear_kernel[(tiles, T)](x, wt, scale, part, K, N, float(threshold),
-                                                ROWS_=ROWS, COLS_=COLS)
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            _sparse_input_linear_kernel[(tiles, T)](x, wt, scale, part, K, N, threshold,
+                                                    ROUND=round_, ROWS_=ROWS, COLS_=COLS)
     return part.sum(0).to(x.dtype)
 
 
@@ -135,9 +151,22 @@ def neuron_ffn(x: Tensor, g: Tensor, w_up: Tensor | None, b_up: Tensor | None,
     F_, O = w_down_t.shape
     tiles = triton.cdiv(F_, ROWS)
     part = torch.empty(tiles, T, O, dtype=torch.float32, device=x.device)
+    round_, threshold = _score_dtype(g.dtype, coef.dtype, threshold)
     if T and tiles and O:
-        _neuron_ffn_kernel[(tiles, T)](
-            x, g, w_up if w_up is not None else x, b_up if b_up is not None else x, w_down_t,
-            coef, part, H, F_, O, float(threshold), ACT=ACTIVATION_CODES[activation],
-            HAS_UP=w_up is not None, HAS_B_UP=b_up is not None, ROWS_=ROWS, COLS_=COLS)
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            _neuron_ffn_kernel[(tiles, T)](
+                x, g, w_up if w_up is not None else x, b_up if b_up is not None else x,
+                w_down_t, coef, part, H, F_, O, threshold, ACT=ACTIVATION_CODES[activation],
+                HAS_UP=w_up is not None, HAS_B_UP=b_up is not None, ROUND=round_, ROWS_=ROWS,
+                COLS_=COLS)
     return part.sum(0).to(x.dtype)
+
+
+def _score_dtype(values: torch.dtype, scales: torch.dtype,
+                 threshold: float) -> tuple[bool, float]:
+    """Where PyTorch's ``values.abs() * scale <= threshold`` computes in a half-precision
+    dtype (values and scales both half precision), the kernels round the score, and the
+    threshold, to it as PyTorch does; with a float32 scale it computes in float32 and the
+    threshold is rounded to float32. Returns (round the score?, the threshold to compare)."""
+    dtype = torch.promote_types(values, scales)
+    return dtype != torch.float32, float(torch.tensor(threshold, dtype=dtype))

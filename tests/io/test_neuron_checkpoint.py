@@ -191,6 +191,8 @@ def test_plans_without_neuron_layers_keep_their_format():
     (["model.embed_tokens"], "no nn.Linear at 'model.embed_tokens'"),
     ("lm_head", "'decode_linear' is missing or not a list"),
     ([""], "'decode_linear' holds ''"),
+    (["model.layers.0.self_attn.q_proj"], "both a module to read by rows and a layer"),
+    (["model.layers.0.mlp.up_proj"], "both a module to read by rows and under a layer"),
 ))
 def test_a_hand_edited_decode_linear_is_refused_before_any_change(saved_neuron, value,
                                                                    message):

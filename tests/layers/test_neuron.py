@@ -434,6 +434,10 @@ def test_linears_by_rows_copies_keeps_ties_and_computes_the_same():
     assert len(linears) == 8 and all(type(m) is DecodeLinear for m in linears)
     assert fast.lm_head.weight is fast.model.embed_tokens.weight
     assert fast.lm_head.weight is not model.lm_head.weight
+    bare = nn.Linear(4, 3, bias=False)
+    alone = linears_by_rows(bare)
+    assert type(alone) is DecodeLinear and alone.weight is not bare.weight
+    assert alone.state_dict().keys() == bare.state_dict().keys() == {"weight"}
     ids = torch.randint(0, 64, (1, 3))
     with torch.no_grad():
         torch.testing.assert_close(fast(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)

@@ -69,6 +69,18 @@ def test_a_causal_lm_s_head_is_read_by_rows_and_stays_tied(ffn_only):
     assert moe.lm_head.weight is moe.model.embed_tokens.weight  # still tied
     assert moe.lm_head.weight is not model.lm_head.weight
     ids = torch.randint(0, 128, (1, 12))
+    from moefy.runtime import neuron as runtime
+    from moefy.runtime.kernels import neuron_kernels_available
+
+    calls = []
+    real = runtime._rows_linear_op
+    runtime._rows_linear_op = lambda *a: calls.append(a[0].shape) or real(*a)
+    try:
+        with torch.no_grad():
+            moe(input_ids=ids[:, :1])
+    finally:
+        runtime._rows_linear_op = real
+    assert calls == ([(1, 64)] if neuron_kernels_available() else [])  # the head, by rows
     with torch.no_grad():
         out = moe(input_ids=ids, use_cache=True)
         step = moe(input_ids=ids[:, :1], cache=out.past_key_values, use_cache=True)

@@ -559,3 +559,70 @@ def test_input_sparse_ffn_refuses_mismatched_shapes():
     with pytest.raises(InputError, match="x must be"):
         neuron.input_sparse_ffn(x[:, :5], w_in_t, in_scale, 0.1, None, w_out_t, h_scale, 0.1,
                                 "silu", True)
+
+
+def test_rows_linear_zero_features_and_autocast_take_f_linear(monkeypatch):
+    calls = counting(monkeypatch, "_rows_linear_op") if neuron_kernels_available() else []
+    for x in (torch.randn(2, 3, 0), torch.randn(100, 0)):
+        w = torch.randn(5, 0)
+        assert torch.equal(neuron.rows_linear(x, w), torch.zeros(*x.shape[:-1], 5))
+    w, x = torch.randn(6, 4), torch.randn(1, 4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = neuron.rows_linear(x, w)
+        assert y.dtype == torch.nn.functional.linear(x, w).dtype == torch.bfloat16
+    assert not calls
+
+
+def test_sparse_input_linear_zero_features_gives_zeros():
+    x, wt = torch.randn(100, 0), torch.randn(0, 7)
+    y = sparse_input_linear(x, wt, torch.ones(0), 0.5, torch.ones(7))
+    assert torch.equal(y, torch.ones(100, 7))
+
+
+class _FakeTriton:
+    pass
+
+
+@pytest.mark.parametrize("case, applies", (
+    ("decode", True), ("bf16 scales (a layer cast with .to)", True), ("17 tokens", False),
+    ("grad", False), ("weight of another dtype", False), ("strided weight", False),
+    ("tensor threshold", False), ("float64", False), ("autocast", False),
+))
+def test_which_cuda_calls_take_the_triton_kernels(case, applies, monkeypatch):
+    """The choice made for CUDA tensors, checked on CPU tensors (the device test is the
+    caller's: it asks only for x.is_cuda)."""
+    monkeypatch.setattr(neuron, "_triton", lambda: _FakeTriton)
+    dtype = torch.float64 if case == "float64" else torch.bfloat16
+    x, wt = torch.randn(1, 8, dtype=dtype), torch.randn(8, 6, dtype=dtype)
+    scale, threshold = torch.ones(8), 0.5
+    if case == "bf16 scales (a layer cast with .to)":
+        scale = scale.bfloat16()
+    elif case == "17 tokens":
+        x = torch.randn(17, 8, dtype=dtype)
+    elif case == "grad":
+        wt.requires_grad_(True)
+    elif case == "weight of another dtype":
+        wt = wt.float()
+    elif case == "strided weight":
+        wt = torch.randn(6, 8, dtype=dtype).T
+    elif case == "tensor threshold":
+        threshold = torch.tensor(0.5)
+    tokens = x.shape[:-1].numel()
+    if case == "autocast":  # CUDA autocast cannot be entered without CUDA: as if inside it
+        real = torch.is_autocast_enabled
+        monkeypatch.setattr(torch, "is_autocast_enabled",
+                            lambda device="cuda": device == "cuda" or real(device))
+    got = neuron._cuda_kernel_applies(x, tokens, (wt,), (scale,), threshold)
+    assert got is applies
+
+
+def test_a_failing_triton_launch_warns_once_and_falls_back(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no compiler for the launcher\nsecond line")
+
+    monkeypatch.setattr(neuron, "_TRITON_FAILED", False)
+    with pytest.warns(RuntimeWarning, match="failed to launch.*no compiler"):
+        assert neuron._on_cuda(broken, 1) is None
+    assert neuron._TRITON_FAILED
+    x = torch.randn(1, 8, dtype=torch.bfloat16)
+    assert not neuron._cuda_kernel_applies(x, 1, (x,), (torch.ones(8),), 0.5)
