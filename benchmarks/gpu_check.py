@@ -205,7 +205,15 @@ def bench_neuron(rows: list[tuple[str, str]], bandwidth: float) -> None:
                           .any(0).sum())
             h = layer.hidden(xb).float()
             kept_h = int(((h.abs() * layer.h_scale) > layer.h_threshold).any(0).sum())
-            kernel_s = timed(lambda: layer(xb), iters=50)  # noqa: B023
+            launches = []
+            real_launch = neuron_runtime._on_cuda
+            neuron_runtime._on_cuda = lambda *a: launches.append(1) or real_launch(*a)  # noqa: B023
+            try:
+                kernel_s = timed(lambda: layer(xb), iters=50)  # noqa: B023
+            finally:
+                neuron_runtime._on_cuda = real_launch
+            if not launches:
+                raise ValueError("the bf16 NeuronFFN on CUDA did not take the Triton kernels")
             neuron_runtime._cuda_kernel_applies = lambda *a: False
             try:
                 masked_s = timed(lambda: layer(xb), iters=50)  # noqa: B023
