@@ -143,11 +143,17 @@ HOSTILE_ARGS = (  # (entry kind, arg, value, what the refusal says)
 def test_hand_edited_neuron_args(saved_neuron, kind, arg, value, message):
     plan = json.loads((saved_neuron / "moefy.json").read_text())
     next(e for e in plan["layers"] if e["kind"] == kind)["args"][arg] = value
-    (saved_neuron / "moefy.json").write_text(json.dumps(plan))
+    refused_before_any_change(saved_neuron, plan, message)
+
+
+def refused_before_any_change(saved, plan: dict, message: str) -> None:
+    """``plan`` written over the saved one: loading it into a fresh model raises LoadError
+    (``message``) and leaves the model as it was."""
+    (saved / "moefy.json").write_text(json.dumps(plan))
     fresh = LlamaForCausalLM(LLAMA)
     before = snapshot(fresh)
     with pytest.raises(LoadError, match=message):
-        moefy.load(saved_neuron, fresh)
+        moefy.load(saved, fresh)
     assert untouched(fresh, before)
 
 
@@ -198,12 +204,7 @@ def test_a_hand_edited_decode_linear_is_refused_before_any_change(saved_neuron, 
                                                                    message):
     plan = json.loads((saved_neuron / "moefy.json").read_text())
     plan["decode_linear"] = value
-    (saved_neuron / "moefy.json").write_text(json.dumps(plan))
-    fresh = LlamaForCausalLM(LLAMA)
-    before = snapshot(fresh)
-    with pytest.raises(LoadError, match=message):
-        moefy.load(saved_neuron, fresh)
-    assert untouched(fresh, before)
+    refused_before_any_change(saved_neuron, plan, message)
 
 
 def test_a_plan_without_decode_linear_loads_a_plain_head(saved_neuron):
