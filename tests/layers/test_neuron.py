@@ -441,3 +441,33 @@ def test_linears_by_rows_copies_keeps_ties_and_computes_the_same():
     ids = torch.randint(0, 64, (1, 3))
     with torch.no_grad():
         torch.testing.assert_close(fast(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_linear_in_every_mode_and_from_two_threads():
+    import threading
+
+    torch.manual_seed(3)
+    lin = nn.Linear(40, 300)
+    head = DecodeLinear.from_linear(lin)
+    x = torch.randn(1, 2, 40)
+    with torch.no_grad():
+        want = lin(x)
+        no_grad = head(x)
+    with torch.inference_mode():
+        inference = head(x)
+    grad = head(x)
+    assert grad.requires_grad and not no_grad.requires_grad and inference.is_inference()
+    for y in (no_grad, inference, grad.detach()):
+        torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    outs = [None, None]
+
+    def run(i):
+        with torch.no_grad():
+            outs[i] = [head(x) for _ in range(20)]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(y, no_grad) for ys in outs for y in ys)  # reproducible, no races
