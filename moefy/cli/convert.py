@@ -126,7 +126,9 @@ def cmd_convert(args, console: Console) -> None:
             f"{config.num_experts} experts, top-{config.top_k}, router {config.router}")
     if config.method == "split":
         what += f", {config.shared_experts} shared, partition {config.partition}"
-    lines.insert(0, f"converted {len(rep.layers)} FFN layers of {type(moe).__name__} "
+    ffns = (sum(isinstance(m, NeuronFFN) for m in moe.modules()) if config.method == "neuron"
+            else len(rep.layers))  # the report lists a neuron model's projections too
+    lines.insert(0, f"converted {ffns} FFN layers of {type(moe).__name__} "
                     f"({dense.source}) by {config.method}: {what} in {convert_s:.1f} s")
     dense_params = sum(p.numel() for p in dense.model.parameters())
     moe_params = sum(p.numel() for p in moe.parameters())

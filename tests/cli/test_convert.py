@@ -151,6 +151,8 @@ def test_active_without_method_sparsifies_single_neurons_of_a_causal_lm(workspac
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
     assert "method: neuron (chosen for a causal LM" in text
+    # the FFNs, not the FFNs and the projections beside them
+    assert re.search(r"^converted 2 FFN layers of LlamaForCausalLM", text, re.M), text
     assert ("single-neuron experts (selection input), 50% of the projection weights per "
             "token, 8 attention projections sparse") in text
     planned = re.search(r"weights read per token: ([\d.]+)% of", text)
