@@ -2,6 +2,8 @@
 exactly the dense layer with thresholds off, exactly the masked computation with them on, on
 the decode path (a few tokens: the C++ kernels where built) and the prefill path alike."""
 
+import threading
+
 import pytest
 import torch
 import torch.nn as nn
@@ -444,8 +446,6 @@ def test_linears_by_rows_copies_keeps_ties_and_computes_the_same():
 
 
 def test_decode_linear_in_every_mode_and_from_two_threads():
-    import threading
-
     torch.manual_seed(3)
     lin = nn.Linear(40, 300)
     head = DecodeLinear.from_linear(lin)
