@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 METHODS = ("upcycle", "split", "peer", "neuron")
-SELECTIONS = ("input", "gate", "sequence")
+SELECTIONS = ("input", "gate", "sequence", "static")
 PARTITIONS = ("contiguous", "random", "kmeans", "coactivation")
 ROUTERS = ("softmax", "noisy", "sigmoid", "topp", "expert_choice", "hash")
 ROUTER_INITS = ("similarity", "representative", "fit")
@@ -95,6 +95,12 @@ class MoEConfig:
             or "sequence" (GRIFFIN: the prompt runs dense and picks, per sequence, the
             neurons its tokens used most; each decoded token then reads only those: see
             ``moefy.NeuronFFN``). The attention projections stay per-token input-sparse.
+            Or "static": one set of neurons for every token, the ``active`` share of each
+            FFN's neurons with the largest variance × ‖W_down[:, i]‖² on the calibration
+            data, the dropped neurons' mean and linear part refit into down by least
+            squares; the attention projections stay dense (``active`` counts the FFNs only).
+            The converted FFNs are smaller dense ones: what an encoder, which only
+            prefills, runs faster in ONNX Runtime.
         ffn_only: neuron only — leave the attention projections dense; ``active`` is then the
             share of the FFN weights read.
         calibration_tokens: read ``calibration_data`` until each FFN has seen this many

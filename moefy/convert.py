@@ -22,7 +22,8 @@ from moefy.layers.peer import PEER
 from moefy.passes import trace
 from moefy.passes.calibrate import Calibrate
 from moefy.passes.distill import DistillForBudget
-from moefy.passes.neuron import AllocateBudget, ReadHeadByRows, SparsifyProjections
+from moefy.passes.neuron import (AllocateBudget, PruneStatic, ReadHeadByRows,
+                                  SparsifyProjections)
 from moefy.passes.plan import (
     CheckBeforeChange,
     FindFFNs,
@@ -168,6 +169,7 @@ def _convert(model, config, example_inputs, calibration_data, inplace, verify, e
         CheckBeforeChange(),  # every failure that input can cause, before anything changes
         Calibrate(),  # statistics the split builder reads
         BuildAndRewrite(),  # one FFN at a time: peak memory is the result plus one FFN
+        PruneStatic(),  # neuron, selection "static": one neuron set per FFN, down refit
         SparsifyProjections(),  # neuron: the other projections of the FFNs' blocks
         ReadHeadByRows(),  # neuron: a causal LM's head, dense, read by moefy's row kernel
         AllocateBudget(),  # neuron: thresholds that spend config.active where it costs least

@@ -124,7 +124,8 @@ def _neuron_row(name: str, m: NeuronFFN | SparseLinear) -> dict:
     info = m.conversion
     weights = knob_weights(m)
     shares = {"threshold": info.get("share_in", 1.0), "in_threshold": info.get("share_in", 1.0),
-              "h_threshold": info.get("share_h", 1.0), "keep": info.get("share_keep", 1.0)}
+              "h_threshold": info.get("share_h", 1.0), "keep": info.get("share_keep", 1.0),
+              "static": info.get("share_keep", 1.0)}
     budget = sum(w * shares[a] for a, w in weights.items()) / sum(weights.values())
     kind = (f"ffn ({m.selection})" if isinstance(m, NeuronFFN) else "projection")
     return {"name": info.get("name", name), "method": info.get("method", "—"), "kind": kind,
@@ -166,6 +167,8 @@ def _measure_reads(model: nn.Module, layers: list, rows: list[dict], data) -> No
             acc = sums[i]
             acc["read"] += read * x.shape[0]
             acc["tokens"] += x.shape[0]
+            if isinstance(m, NeuronFFN) and m.selection == "static":
+                return  # no per-token choice: its dense FFN is gone, no error to measure
             if isinstance(m, NeuronFFN) and m.selection == "sequence":
                 # the prompt runs dense: the error is the continuation's, decoded through
                 # the set its first half picked

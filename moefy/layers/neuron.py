@@ -14,6 +14,9 @@ need (``MoEConfig(method="neuron")``).
             ⌈keep·I⌉ neurons of largest ‖h_:,i / ‖h_t,:‖‖ over its tokens, their gate/up rows
             and down columns copied out contiguous
         a call of one token per sequence (decoding) ──▶ the dense FFN of those neurons only
+    NeuronFFN, selection="static" (one set for every token, picked on calibration data):
+        x ──▶ the dense FFN of its ffn_size neurons (the dense FFN's others dropped and their
+            mean and linear part refit into down: ``moefy.passes.neuron.PruneStatic``)
 
 Every neuron is an expert and the selection is its router: the signals are ones the layer
 computes anyway, so routing reads nothing extra. Thresholds, not a fixed k: a token with a
@@ -54,7 +57,7 @@ from moefy.layers.inputs import check_layer_input
 from moefy.layers.record import ConversionRecord
 from moefy.runtime import neuron as kernels
 
-SELECTIONS = ("input", "gate", "sequence")
+SELECTIONS = ("input", "gate", "sequence", "static")
 DENSE = -1.0  # a threshold that keeps every entry
 
 
@@ -217,14 +220,15 @@ def linears_by_rows(model: nn.Module) -> nn.Module:
 class NeuronFFN(nn.Module):
     """A dense FFN ``W_down · act(W_gate x) ⊙ (W_up x)`` (plain: ``W_down · act(W_up x)``),
     ``hidden_size → output_size``, whose ``ffn_size`` neurons are single-neuron experts chosen
-    per token (see the module docstring for the two selections).
+    per token (see the module docstring for the selections).
 
     Knobs: ``in_threshold`` on the input channels (scores ``|x_j|·in_scale_j``) and
     ``h_threshold`` on the neurons (selection "input": ``|h_i|·h_scale_i`` with
     ``h_scale_i = ‖W_down[:, i]‖``; "gate": ``|act(g_i)|·coef_i``, ``coef`` calibrated as the
     neuron's mean ``|u_i|`` times ``‖W_down[:, i]‖``). Selection "sequence" has one knob,
     ``keep``: the share of neurons a sequence's set holds (its gate/up rows and down columns
-    are what a decoded token reads). Below 0 a knob keeps everything.
+    are what a decoded token reads). Below 0 a knob keeps everything. Selection "static" has
+    no knob: it is the dense FFN of its ``ffn_size`` neurons.
     """
 
     def __init__(self, hidden_size: int, ffn_size: int, output_size: int | None = None, *,
@@ -334,6 +338,10 @@ class NeuronFFN(nn.Module):
         check_layer_input(x, self.hidden_size, self.w_in_t, "NeuronFFN", "layer")
         if self.selection == "sequence":
             return self._sequence_forward(x)
+        if self.selection == "static":  # no per-token choice: plain matrix products (ONNX too)
+            g = x @ self.w_in_t
+            y = self._gated(g if self.b_in is None else g + self.b_in) @ self.w_out_t
+            return y if self.b_out is None else y + self.b_out
         t = kernels.threshold_of(self.h_threshold, x)  # a tensor under tracing
         dense = isinstance(t, float) and t < 0
         if self.selection == "input":
@@ -464,6 +472,10 @@ class NeuronFFN(nn.Module):
             return (f"hidden_size={self.hidden_size}, ffn_size={self.ffn_size}, "
                     f"output_size={self.output_size}, activation={self.activation!r}, "
                     f"gated={self.gated}, selection='sequence', keep={float(self.keep):.4g}")
+        if self.selection == "static":
+            return (f"hidden_size={self.hidden_size}, ffn_size={self.ffn_size}, "
+                    f"output_size={self.output_size}, activation={self.activation!r}, "
+                    f"gated={self.gated}, selection='static'")
         return (f"hidden_size={self.hidden_size}, ffn_size={self.ffn_size}, "
                 f"output_size={self.output_size}, activation={self.activation!r}, "
                 f"gated={self.gated}, selection={self.selection!r}, "

@@ -94,8 +94,12 @@ class Verify(Pass):
         moes = [m for m in target.modules() if isinstance(m, MoE)]
         peers = [m for m in target.modules() if isinstance(m, PEER)]
         sparse = [m for m in target.modules() if isinstance(m, (NeuronFFN, SparseLinear))]
-        refitted = s.config.fit_steps > 0 and s.config.method == "split" and bool(stats.stats)
-        if not refitted:  # a layer fit (fit_steps) retrains the experts: no longer a carve
+        refitted = (s.config.fit_steps > 0 and s.config.method == "split" and bool(stats.stats)
+                    or any(isinstance(m, NeuronFFN) and m.selection == "static"
+                           and m.conversion.get("share_keep", 1.0) < 1 for m in sparse))
+        # a layer fit (fit_steps) retrains the experts, a static neuron set drops neurons and
+        # refits down: no longer a carve
+        if not refitted:
             with (_every_expert_active(moes), _every_peer_expert_active(peers),
                   every_row_kept(sparse)):
                 _compare(reference.outputs, outputs(target, s.args, s.kwargs),

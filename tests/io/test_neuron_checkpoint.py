@@ -213,3 +213,25 @@ def test_a_plan_without_decode_linear_loads_a_plain_head(saved_neuron):
     del plan["decode_linear"]
     (saved_neuron / "moefy.json").write_text(json.dumps(plan))
     assert type(moefy.load(saved_neuron).lm_head) is torch.nn.Linear
+
+
+def test_a_static_set_round_trips_bit_exact_with_its_smaller_shapes(tmp_path):
+    model = neuron_model("static")
+    sizes = [m.ffn_size for m in model.modules() if isinstance(m, NeuronFFN)]
+    assert sum(sizes) < 2 * 64  # the FFNs shrank (by a share the allocation chose)
+    ids = token_ids(length=24)
+    ref_prefill, ref_decode = prefill_then_decode(model, ids)
+    moefy.save(model, tmp_path)
+    plan = json.loads((tmp_path / "moefy.json").read_text())
+    ffn = next(e for e in plan["layers"] if e["kind"] == "NeuronFFN")
+    assert ffn["args"] == {"hidden_size": 32, "ffn_size": sizes[0], "output_size": 32,
+                           "activation": "silu", "gated": True, "bias": True,
+                           "selection": "static"}
+    assert {e["kind"] for e in plan["layers"]} == {"NeuronFFN"}  # attention stays dense
+    for back in (moefy.load(tmp_path), moefy.load(tmp_path, LlamaForCausalLM(LLAMA))):
+        prefill, decode = prefill_then_decode(back, ids)
+        assert torch.equal(prefill, ref_prefill) and torch.equal(decode, ref_decode)
+        layers = [m for m in back.modules() if isinstance(m, NeuronFFN)]
+        assert [m.ffn_size for m in layers] == sizes
+        assert all(m.conversion["share_keep"] == round(n / 64, 4)
+                   for m, n in zip(layers, sizes, strict=True))

@@ -139,3 +139,21 @@ def test_a_sequence_selection_is_refused_before_anything_is_written(tmp_path):
         moefy.export_onnx(model, tmp_path / "m.onnx",
                           example_inputs={"input_ids": torch.randint(0, 96, (1, 8))})
     assert not any(tmp_path.iterdir())
+
+
+def test_a_static_set_exports_as_plain_smaller_matrix_products(tmp_path):
+    model = neuron_llama("static")
+    ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(2))
+    out = moefy.export_onnx(model, tmp_path / "m.onnx", {"input_ids": ids}, target="standard")
+    assert max(out.max_diff) <= out.tolerance and out.neuron_layers == 2
+    graph = onnx.load(str(out.path)).graph
+    # no selection: no threshold reaches the graph, no comparison or select touches an FFN
+    assert not any("threshold" in i.name for i in graph.initializer)
+    uses = sorted(n.op_type for n in graph.node for i in n.input if ".mlp." in i)
+    assert uses == ["Add"] * 4 + ["MatMul"] * 4  # per FFN: [gate; up] and down, two biases
+    x = torch.randint(0, 96, (3, 28), generator=torch.Generator().manual_seed(3))
+    session = moefy.runtime.Session(out.path)
+    got = next(iter(session.run({"input_ids": x}, ignore_extra=True).values()))
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+    assert float((got - ref).abs().max() / ref.abs().max()) <= out.tolerance
