@@ -190,6 +190,11 @@ def _neuron_what(config: MoEConfig, moe) -> str:
     from moefy.layers.neuron import SparseLinear
 
     projections = sum(isinstance(m, SparseLinear) for m in moe.modules())
+    if config.selection == "static":
+        kept = ("every neuron (exact)" if config.active in (None, 1) else
+                f"{config.active:.0%} of each FFN's neurons for every token, down refit")
+        return (f"single-neuron experts (selection static: one set per FFN), {kept}; "
+                "attention dense")
     budget = ("every weight (exact)" if config.active in (None, 1) else
               f"{config.active:.0%} of the projection weights per token")
     return (f"single-neuron experts (selection {config.selection}), {budget}"

@@ -164,8 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--selection", choices=SELECTIONS,
                    help="neuron: how an FFN picks its neurons: input (its input channels, "
                         "then its neurons by |h|; default), gate (the gate, then neurons "
-                        "by a calibrated |act(gate)|) or sequence (one set per sequence, "
-                        "picked from the prompt, which runs dense; for generation)")
+                        "by a calibrated |act(gate)|), sequence (one set per sequence, "
+                        "picked from the prompt, which runs dense; for generation) or static "
+                        "(one set for every token, down refit on the calibration data: "
+                        "smaller dense FFNs, attention left dense; for encoders)")
     p.add_argument("--ffn-only", action="store_true",
                    help="neuron: leave the attention projections dense (--active is then "
                         "the share of the FFN weights read)")

@@ -198,3 +198,20 @@ def test_neuron_flags_are_checked_before_loading(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("moefy: error: ") and message in err and err.count("\n") == 1, (
             flags, err)
+
+
+def test_static_selection_shrinks_every_ffn_and_says_so(workspace):
+    """--selection static: one neuron set per FFN, down refit; the checkpoint loads back
+    with the smaller FFNs."""
+    out = workspace / "tiny-static"
+    proc = run("convert", str(workspace / "tiny"), "--method", "neuron", "--selection",
+               "static", "--active", "0.5", "--calibration", str(workspace / "notes.txt"),
+               "--seq-len", "32", "--batch-size", "4", "--calibration-tokens", "512",
+               "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert ("single-neuron experts (selection static: one set per FFN), 50% of each FFN's "
+            "neurons for every token, down refit; attention dense") in proc.stdout
+    model = moefy.load(out)
+    ffns = [m for m in model.modules() if isinstance(m, NeuronFFN)]
+    assert len(ffns) == 2 and all(m.selection == "static" for m in ffns)
+    assert all(m.conversion["share_keep"] == 0.5 for m in ffns)
