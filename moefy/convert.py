@@ -22,8 +22,7 @@ from moefy.layers.peer import PEER
 from moefy.passes import trace
 from moefy.passes.calibrate import Calibrate
 from moefy.passes.distill import DistillForBudget
-from moefy.passes.neuron import (AllocateBudget, PruneStatic, ReadHeadByRows,
-                                  SparsifyProjections)
+from moefy.passes.neuron import AllocateBudget, PruneStatic, ReadHeadByRows, SparsifyProjections
 from moefy.passes.plan import (
     CheckBeforeChange,
     FindFFNs,

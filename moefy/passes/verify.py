@@ -138,8 +138,11 @@ def _not_preserving(config: MoEConfig) -> str | None:
         return None  # per layer: _peer_not_preserving
     if config.method == "neuron":
         active = 1.0 if config.active is None else config.active
-        return None if active >= 1 else (f"active={active}: calibrated thresholds read that "
-                                         "share of the projection weights")
+        if active >= 1:
+            return None
+        if config.selection == "static":
+            return f"active={active}: each FFN keeps that share of its neurons, down refit"
+        return f"active={active}: calibrated thresholds read that share of the projection weights"
     if config.method == "split":
         if config.top_k < config.num_experts:
             return f"top_k={config.top_k} of {config.num_experts} experts"
