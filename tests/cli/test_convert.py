@@ -200,17 +200,18 @@ def test_neuron_flags_are_checked_before_loading(tmp_path, capsys):
             flags, err)
 
 
-def test_static_selection_shrinks_every_ffn_and_says_so(workspace):
+def test_static_selection_shrinks_every_ffn_and_says_so(workspace, capsys):
     """--selection static: one neuron set per FFN, down refit; the checkpoint loads back
-    with the smaller FFNs."""
+    with the smaller FFNs (in process: the subprocess runs above cover the entry point)."""
     out = workspace / "tiny-static"
-    proc = run("convert", str(workspace / "tiny"), "--method", "neuron", "--selection",
-               "static", "--active", "0.5", "--calibration", str(workspace / "notes.txt"),
-               "--seq-len", "32", "--batch-size", "4", "--calibration-tokens", "512",
-               "-o", str(out))
-    assert proc.returncode == 0, proc.stderr
+    code = cli.main(["convert", str(workspace / "tiny"), "--method", "neuron", "--selection",
+                     "static", "--active", "0.5", "--calibration", str(workspace / "notes.txt"),
+                     "--seq-len", "32", "--batch-size", "4", "--calibration-tokens", "512",
+                     "-o", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0
     assert ("single-neuron experts (selection static: one set per FFN), 50% of each FFN's "
-            "neurons for every token, down refit; attention dense") in proc.stdout
+            "neurons for every token, down refit; attention dense") in text
     model = moefy.load(out)
     ffns = [m for m in model.modules() if isinstance(m, NeuronFFN)]
     assert len(ffns) == 2 and all(m.selection == "static" for m in ffns)

@@ -44,6 +44,17 @@ def neuron_llama(selection="input", ffn_only=False):
                          calibration_data=data)
 
 
+def assert_session_matches(model, out) -> None:
+    """A prefill batch of another size than the export's, through an ONNX Runtime session:
+    it equals PyTorch within the export's tolerance."""
+    x = torch.randint(0, 96, (3, 28), generator=torch.Generator().manual_seed(3))
+    session = moefy.runtime.Session(out.path)
+    got = next(iter(session.run({"input_ids": x}, ignore_extra=True).values()))
+    with torch.no_grad():
+        ref = model(input_ids=x).logits
+    assert float((got - ref).abs().max() / ref.abs().max()) <= out.tolerance
+
+
 def excused(out) -> int:
     counts = [int(m[1]) for n in out.notes if (m := re.search(r"excused (\d+) token", n))]
     assert len(counts) <= 1, out.notes
@@ -69,13 +80,7 @@ def test_a_neuron_llama_exports_validates_and_matches_a_prefill(tmp_path, target
     assert any(i.name.endswith("mlp.h_threshold") for i in graph.initializer)
     if target == "standard":
         assert check_tensorrt_ops(out.path) == []
-    # a prefill batch of another size, through the session: ORT equals PyTorch
-    x = torch.randint(0, 96, (3, 28), generator=torch.Generator().manual_seed(3))
-    session = moefy.runtime.Session(out.path)
-    got = next(iter(session.run({"input_ids": x}, ignore_extra=True).values()))
-    with torch.no_grad():
-        ref = model(input_ids=x).logits
-    assert float((got - ref).abs().max() / ref.abs().max()) <= out.tolerance
+    assert_session_matches(model, out)
 
 
 def at_a_threshold():
@@ -151,9 +156,4 @@ def test_a_static_set_exports_as_plain_smaller_matrix_products(tmp_path):
     assert not any("threshold" in i.name for i in graph.initializer)
     uses = sorted(n.op_type for n in graph.node for i in n.input if ".mlp." in i)
     assert uses == ["Add"] * 4 + ["MatMul"] * 4  # per FFN: [gate; up] and down, two biases
-    x = torch.randint(0, 96, (3, 28), generator=torch.Generator().manual_seed(3))
-    session = moefy.runtime.Session(out.path)
-    got = next(iter(session.run({"input_ids": x}, ignore_extra=True).values()))
-    with torch.no_grad():
-        ref = model(input_ids=x).logits
-    assert float((got - ref).abs().max() / ref.abs().max()) <= out.tolerance
+    assert_session_matches(model, out)
