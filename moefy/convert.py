@@ -22,7 +22,8 @@ from moefy.layers.peer import PEER
 from moefy.passes import trace
 from moefy.passes.calibrate import Calibrate
 from moefy.passes.distill import DistillForBudget
-from moefy.passes.neuron import AllocateBudget, PruneStatic, ReadHeadByRows, SparsifyProjections
+from moefy.passes.neuron import AllocateBudget, ReadHeadByRows, SparsifyProjections
+from moefy.passes.neuron_static import PruneStatic
 from moefy.passes.plan import (
     CheckBeforeChange,
     FindFFNs,

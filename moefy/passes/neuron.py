@@ -3,8 +3,8 @@ their blocks, and spending the budget where it costs least.
 
     dense FFN ──build_neuron──▶ NeuronFFN (thresholds off: exactly the dense FFN)
     its block's other nn.Linear (attention q/k/v/o) ──SparsifyProjections──▶ SparseLinear
-    selection "static" ──PruneStatic──▶ the dense FFN of the active share of its neurons
-        (largest Var(h_i)·‖W_down[:, i]‖² on calibration data), down refit by least squares
+    selection "static" ──PruneStatic (moefy/passes/neuron_static.py)──▶ the dense FFN of the
+        active share of its neurons, down refit by least squares
     a causal LM's head ──ReadHeadByRows──▶ DecodeLinear (dense, exact, read by rows at decode)
     calibration batches ──AllocateBudget──▶ per knob (one threshold each):
         a sample of its scores                   (share kept ρ ⇒ threshold: a quantile)
@@ -53,8 +53,6 @@ _log = logging.getLogger("moefy.convert")
 SAMPLE_TOKENS = 1024  # tokens per knob whose scores set the thresholds
 FISHER_TOKENS = 512  # tokens on which each knob's cost is measured
 LEVELS = tuple(round(1 - 0.05 * i, 2) for i in range(20))  # shares kept: 1.0, 0.95 … 0.05
-STATIC_TOKENS = 16384  # tokens per FFN that pick and refit a static set
-RIDGE = 1e-4  # the static refit's ridge, relative to the mean diagonal of its Gram matrix
 STEP = 0.025  # the allocation moves in these steps (costs interpolated between LEVELS)
 
 
@@ -221,7 +219,7 @@ def knobs_of(model: nn.Module) -> list[Knob]:
         if isinstance(m, SparseLinear):
             knobs.append(Knob(path, m, "threshold", m.in_features * m.out_features))
         elif isinstance(m, NeuronFFN) and m.selection == "static":
-            continue  # no per-token choice: PruneStatic picked its neurons once
+            continue  # no per-token choice: PruneStatic (neuron_static.py) picked them once
         elif isinstance(m, NeuronFFN) and m.selection == "sequence":
             knobs.append(Knob(path, m, "keep", m.w_in_t.numel() + m.w_out_t.numel()))
         elif isinstance(m, NeuronFFN):
@@ -293,7 +291,7 @@ class AllocateBudget(Pass):
             raise ConversionError(f"method='neuron' with active={active} calibrates its "
                                   "thresholds on data: pass calibration_data")
         # the batches Calibrate kept for distillation (config.minutes), else the stream
-        kept = _sample_inputs(r, model, knobs, stats.batches or r.calibration_data)
+        kept = sample_inputs(r, model, knobs, stats.batches or r.calibration_data)
         with torch.no_grad():
             for k in knobs:
                 if k.attr == "h_threshold" and k.layer.selection == "gate":
@@ -327,113 +325,6 @@ class AllocateBudget(Pass):
         return PassResult(True, {"knobs": len(knobs), "share_read": round(read / total, 4)})
 
 
-class PruneStatic(Pass):
-    """selection="static": every FFN keeps, for every token, ``config.active`` of its neurons:
-    those with the largest ``Var(h_i)·‖W_down[:, i]‖²`` on the calibration data (what
-    dropping one moves the output, its mean aside); down and its bias are then refit by
-    ridge least squares so that the kept neurons reproduce the dense FFN's output on that
-    data (the dropped neurons' mean, and the part of them the kept ones span). The layer
-    becomes the dense FFN of its kept neurons: smaller matrices, no per-token choice, faster
-    wherever a dense FFN runs (ONNX Runtime included). Every FFN is fit on the dense model's
-    inputs (one calibration pass serves them all).
-
-    The same share in every FFN: on all-MiniLM-L6-v2 at 50%, shares allocated by the
-    Fisher costs the per-token knobs use (an encoder's output change under a random
-    projection) gave an embedding cosine of 0.924 against 0.939 for the uniform share."""
-
-    needs = (Statistics, Converted)
-
-    def call(self, r: Request, stats: Statistics, converted: Converted) -> PassResult:
-        config = r.config
-        if config.method != "neuron" or config.selection != "static":
-            return PassResult(False)
-        target = converted.target
-        knobs = [Knob(p, m, "static", m.w_in_t.numel() + m.w_out_t.numel())
-                 for p, m in target.named_modules()
-                 if isinstance(m, NeuronFFN) and m.selection == "static"]
-        active = 1.0 if config.active is None else config.active
-        if active >= 1.0 or not knobs:
-            return PassResult(False, {"ffns": len(knobs)})
-        if r.calibration_data is None:
-            raise ConversionError(f"method='neuron' with selection='static' and active="
-                                  f"{active} picks each FFN's neurons on data: pass "
-                                  "calibration_data")
-        _sample_inputs(r, target, knobs, stats.batches or r.calibration_data, STATIC_TOKENS)
-        read = 0.0
-        for k in knobs:  # one FFN's statistics at a time
-            small = _StaticFit(k.layer, _inputs(k), k.path).layer_for(active)
-            k.samples.clear()
-            share = small.ffn_size / k.layer.ffn_size
-            read += share * k.weights
-            small.conversion = ConversionRecord.of(k.layer.conversion).with_(
-                name=k.layer.conversion.get("name", k.path), method="neuron",
-                share_keep=round(share, 4), calibration_tokens=k.sampled)
-            target.set_submodule(k.path, small)
-        total = sum(k.weights for k in knobs)
-        _log.info("neuron: static neuron sets, %.1f%% of %.3gM FFN weights (asked %.1f%%), "
-                  "down refit on %d calibration tokens per FFN; attention left dense",
-                  100 * read / total, total / 1e6, 100 * active, max(k.sampled for k in knobs))
-        return PassResult(True, {"ffns": len(knobs), "share_read": round(read / total, 4)},
-                          Converted(target, dict(converted.originals)))
-
-
-class _StaticFit:
-    """One FFN's static sets: the neurons ranked by ``Var(h_i)·‖W_down[:, i]‖²`` on the
-    inputs ``x`` (tokens, hidden), and for any share the ridge least-squares down and bias
-    that make the first ``round(share · ffn_size)`` of them reproduce the FFN's output."""
-
-    @torch.no_grad()
-    def __init__(self, layer: NeuronFFN, x: torch.Tensor, name: str):
-        self.layer = layer
-        h = layer.hidden(x.to(layer.w_in_t.device, layer.w_in_t.dtype)).double().cpu()
-        if not bool(torch.isfinite(h).all()):
-            raise ConversionError(f"{name}: the calibration data gives it non-finite "
-                                  "activations (NaN or inf), so no neuron set can be fitted: "
-                                  "check the data")
-        w_out = layer.w_out_t.detach().double().cpu()  # (I, O)
-        importance = h.var(0, unbiased=False) * w_out.square().sum(1)
-        self.order = importance.argsort(descending=True)
-        self.h_mean = h.mean(0)
-        hc = h - self.h_mean
-        self.gram = hc.T @ hc  # (I, I): every set's normal equations are a block of it
-        self.cross = hc.T @ (hc @ w_out)  # hcᵀ (centred dense output)
-        self.w_out = w_out  # (the statistics of one FFN, ``ffn_size``² float64)
-
-    def kept(self, share: float) -> torch.Tensor:
-        I = self.layer.ffn_size
-        n = min(I, max(1, round(share * I)))
-        return self.order[:n].sort().values
-
-    def solve(self, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(down (n, O), bias (O,)) for the neurons ``keep``, float64."""
-        gram = self.gram[keep][:, keep].clone()
-        gram.diagonal().add_(RIDGE * float(gram.diagonal().mean().clamp_min(1e-30)))
-        down = torch.linalg.solve(gram, self.cross[keep])
-        return down, self.h_mean @ self.w_out - self.h_mean[keep] @ down
-
-    @torch.no_grad()
-    def layer_for(self, share: float) -> NeuronFFN:
-        """The dense FFN of the ``share`` of neurons kept, down and its bias refit."""
-        layer, I = self.layer, self.layer.ffn_size
-        keep = self.kept(share)
-        down, bias = self.solve(keep)
-        dev, dt = layer.w_in_t.device, layer.w_in_t.dtype
-        small = NeuronFFN(layer.hidden_size, keep.numel(), layer.output_size,
-                          activation=layer.activation, gated=layer.gated, bias=True,
-                          selection="static", dtype=dt, device=dev)
-        cols = (torch.cat([keep, keep + I]) if layer.gated else keep).to(dev)
-        small.w_in_t.copy_(layer.w_in_t[:, cols])
-        if layer.b_in is not None:
-            small.b_in.copy_(layer.b_in[cols])
-        small.w_out_t.copy_(down.to(dev, dt))
-        if layer.b_out is not None:
-            bias = bias + layer.b_out.detach().double().cpu()
-        small.b_out.copy_(bias.to(dev, dt))
-        small.in_scale.copy_(small.w_in_t.float().norm(dim=1))
-        small.h_scale.copy_(small.w_out_t.float().norm(dim=1))
-        return small
-
-
 def _call(r: Request, model: nn.Module, batch, index: int):
     args, kwargs = trace.batch_inputs(model, batch, f"calibration batch {index}",
                                       ConversionError)
@@ -444,7 +335,7 @@ def _call(r: Request, model: nn.Module, batch, index: int):
                               f"{type(exc).__name__}: {first_line(exc)}") from exc
 
 
-def _sample_inputs(r: Request, model: nn.Module, knobs: list[Knob], data,
+def sample_inputs(r: Request, model: nn.Module, knobs: list[Knob], data,
                    tokens: int = SAMPLE_TOKENS) -> list:
     """Run calibration batches through ``model`` (thresholds off) until every knob has seen
     ``tokens`` real tokens, keeping those inputs; returns the batches read."""
@@ -646,7 +537,7 @@ def _layers_to_knobs(knobs: list[Knob]) -> dict[nn.Module, list[Knob]]:
     return out
 
 
-def _inputs(k: Knob) -> torch.Tensor:
+def knob_inputs(k: Knob) -> torch.Tensor:
     return torch.cat(k.samples) if k.samples else torch.empty(0)
 
 
@@ -656,7 +547,7 @@ def _set_coefficients(k: Knob) -> None:
     layer = k.layer
     norms = layer.w_out_t.detach().float().norm(dim=1)
     if layer.w_up is not None:
-        x = _inputs(k).to(layer.w_up.device, layer.w_up.dtype)
+        x = knob_inputs(k).to(layer.w_up.device, layer.w_up.dtype)
         u = torch.nn.functional.linear(x, layer.w_up, layer.b_up).float()
         norms = norms * u.abs().mean(0).cpu().to(norms.device)
     layer.h_scale.copy_(norms)
@@ -664,7 +555,7 @@ def _set_coefficients(k: Knob) -> None:
 
 def _scores(k: Knob) -> torch.Tensor:
     """Every sampled (token, row) score of the knob, sorted."""
-    layer, x = k.layer, _inputs(k)
+    layer, x = k.layer, knob_inputs(k)
     if isinstance(layer, SparseLinear):
         s = layer.scores(x.to(layer.scale.device))
     elif k.attr == "in_threshold":
