@@ -95,7 +95,7 @@ class _StaticFit:
         hc = h - self.h_mean
         self.gram = hc.T @ hc  # (I, I): every set's normal equations are a block of it
         self.cross = hc.T @ (hc @ w_out)  # hcᵀ (centred dense output)
-        self.w_out = w_out  # (the statistics of one FFN, ``ffn_size``² float64)
+        self.w_out = w_out  # one FFN at a time: the Gram is ffn_size² float64
 
     def kept(self, share: float) -> torch.Tensor:
         I = self.layer.ffn_size

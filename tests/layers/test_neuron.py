@@ -471,3 +471,26 @@ def test_decode_linear_in_every_mode_and_from_two_threads():
     for t in threads:
         t.join()
     assert all(torch.equal(y, no_grad) for ys in outs for y in ys)  # reproducible, no races
+
+
+@pytest.mark.parametrize("mode", ["grad", "no_grad", "inference_mode", "train"])
+def test_a_static_ffn_is_the_dense_ffn_of_its_neurons_in_every_mode(mode):
+    torch.manual_seed(0)
+    layer = NeuronFFN(16, 24, activation="silu", gated=True, bias=True, selection="static")
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    layer.train(mode == "train")
+    x = torch.randn(3, 5, 16)
+    gate, up = layer.w_in_t[:, :24], layer.w_in_t[:, 24:]
+    ref = ((F.silu(x @ gate + layer.b_in[:24]) * (x @ up + layer.b_in[24:])) @ layer.w_out_t
+           + layer.b_out)
+    ctx = {"no_grad": torch.no_grad(), "inference_mode": torch.inference_mode()}.get(
+        mode, torch.enable_grad())
+    with ctx:
+        y = layer(x)
+    torch.testing.assert_close(y, ref.detach() if mode != "grad" else ref)
+    assert y.requires_grad == (mode in ("grad", "train"))
+    assert "selection='static'" in repr(layer) and "threshold" not in repr(layer)
+    with pytest.raises(InputError):
+        layer(torch.randn(3, 15))  # the wrong width: a clear moefy error
